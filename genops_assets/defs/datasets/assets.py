@@ -1,0 +1,104 @@
+"""Raw task examples into DuckDB, then the dbt marts (staging -> golden / SFT / few-shot)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
+
+from genops_assets.lib.hashing import sha256_file, sha256_json
+from genops_assets.lib.tasks import read_raw_file
+from resources import DBT_PROJECT_DIR
+from resources.task import TaskResource
+from resources.warehouse import DuckDBWarehouse
+
+RAW_ASSET = dg.AssetKey("raw_task_examples")
+MART_SCHEMA = "main"
+MARTS = ("golden_eval_dataset", "sft_dataset", "few_shot_examples")
+
+dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+
+
+@dg.asset(group_name="datasets", kinds={"duckdb"})
+def raw_task_examples(
+    context: dg.AssetExecutionContext, task: TaskResource, warehouse: DuckDBWarehouse
+) -> dg.MaterializeResult:
+    """Every example of the active task (its data files plus ``incoming/``), one row each,
+    loaded into ``raw.task_examples``. Files are all read before anything is written, and the
+    task's rows are replaced in one transaction. Cost: seconds.
+    """
+    spec = task.load()
+    rows: list[tuple] = []
+    files: dict[str, Any] = {}
+    for path in spec.raw_files():
+        before = len(rows)
+        for ex in read_raw_file(path, spec):
+            rows.append((ex.source_file, ex.source_row, ex.input_text, json.dumps(ex.output, ensure_ascii=False)))
+        rel = path.relative_to(spec.root).as_posix()
+        files[rel] = {"rows": len(rows) - before, "sha256": sha256_file(path)}
+    if not rows:
+        raise ValueError(f"task '{spec.name}': no examples in {[str(p) for p in spec.raw_files()]}")
+    warehouse.replace_raw_examples(spec.name, rows)
+    context.log.info(f"loaded {len(rows)} raw examples of task '{spec.name}' from {len(files)} file(s)")
+    return dg.MaterializeResult(
+        metadata={
+            "task": spec.name,
+            "rows": len(rows),
+            "files": dg.MetadataValue.json(files),
+            "digest": sha256_json(files),
+            "table": "raw.task_examples",
+        },
+        data_version=dg.DataVersion(sha256_json(files)[:16]),
+    )
+
+
+class GenopsDbtTranslator(DagsterDbtTranslator):
+    """Models keep their names as asset keys; the raw source is the ``raw_task_examples`` asset."""
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project):
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        props = self.get_resource_props(manifest, unique_id)
+        if props["resource_type"] == "source" and props["name"] == "task_examples":
+            return spec.replace_attributes(key=RAW_ASSET)
+        if props["resource_type"] == "model":
+            return spec.replace_attributes(key=dg.AssetKey(props["name"]), group_name="datasets")
+        return spec
+
+
+def _manifest_path() -> Path:
+    path = dbt_project.manifest_path
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the dbt manifest is built by `make dbt-manifest` "
+            "(part of `make install`); run it once after changing the dbt project"
+        )
+    return Path(path)
+
+
+def dbt_vars(spec) -> dict[str, Any]:
+    s = spec.splits
+    return {
+        "task": spec.name,
+        "golden_fraction": s.golden_fraction,
+        "validation_fraction": s.validation_fraction,
+        "near_duplicate_jaccard": s.near_duplicate_jaccard,
+        "few_shot_per_label": s.few_shot_per_label,
+        "few_shot_label_field": s.few_shot_label_field,
+    }
+
+
+@dbt_assets(manifest=_manifest_path(), dagster_dbt_translator=GenopsDbtTranslator(), project=dbt_project)
+def dbt_marts(
+    context: dg.AssetExecutionContext, dbt: DbtCliResource, task: TaskResource, warehouse: DuckDBWarehouse
+):
+    """dbt-duckdb staging and marts: dedup (exact and near), stable ids, held-out golden set,
+    train/validation split, few-shot pool. Cost: seconds."""
+    spec = task.load()
+    # The dbt profile reads the warehouse path from the environment of the dbt process.
+    os.environ["GENOPS_DUCKDB_PATH"] = warehouse.path
+    yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(spec))], context=context).stream()

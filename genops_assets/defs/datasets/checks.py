@@ -1,0 +1,84 @@
+"""Great Expectations validations of the marts, as blocking asset checks.
+
+A failing check stops tuning in the same run; its metadata names the failing rows.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from genops_assets.defs.datasets.assets import MART_SCHEMA
+from genops_assets.lib.tasks import TaskSpec
+from resources.task import TaskResource
+from resources.warehouse import DuckDBWarehouse
+
+BASE_COLUMNS = ("example_id", "content_hash", "input_text", "output_json", "source_file", "source_row")
+EXTRA_COLUMNS = {"sft_dataset": ("split",), "few_shot_examples": ("label",), "golden_eval_dataset": ()}
+
+
+def mart_rules(spec: TaskSpec, mart: str, golden=None):
+    """Expectations for one mart; training-side marts must not overlap the golden set."""
+    from genops_assets.lib.validation import MartRules, normalise_text
+
+    forbidden_hashes: frozenset[str] = frozenset()
+    forbidden_texts: list[str] = []
+    if golden is not None and mart != "golden_eval_dataset":
+        forbidden_hashes = frozenset(golden["content_hash"].tolist())
+        forbidden_texts = [normalise_text(t) for t in golden["input_text"].tolist()]
+    columns = BASE_COLUMNS + EXTRA_COLUMNS[mart]
+    return MartRules(
+        required_columns=list(columns),
+        non_null_columns=list(columns),
+        unique_column="example_id",
+        input_column="input_text",
+        input_length=spec.input_length,
+        label_allowed=spec.allowed_values(),
+        text_length={f: spec.text_length for f in spec.text_fields},
+        forbidden_hashes=forbidden_hashes,
+        forbidden_texts=forbidden_texts,
+        near_duplicate_jaccard=spec.splits.near_duplicate_jaccard,
+    )
+
+
+def _make_check(mart: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=dg.AssetKey(mart),
+        name=f"gx_{mart}",
+        blocking=True,
+        description=(
+            f"Great Expectations suite on {mart}: columns, non-null, unique ids, length bounds, "
+            "labels allowed by the task schema"
+            + ("" if mart == "golden_eval_dataset" else ", no overlap (exact or near) with the golden set")
+        ),
+    )
+    def _check(task: TaskResource, warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
+        from genops_assets.lib.validation import validate_mart
+
+        spec = task.load()
+        df = warehouse.query_df(f"select * from {MART_SCHEMA}.{mart} order by example_id")
+        golden = None
+        if mart != "golden_eval_dataset":
+            golden = warehouse.query_df(f"select content_hash, input_text from {MART_SCHEMA}.golden_eval_dataset")
+        report = validate_mart(mart, df, mart_rules(spec, mart, golden))
+        failed = [o for o in report.outcomes if not o.success]
+        metadata: dict[str, dg.RawMetadataValue] = {
+            "rows": report.row_count,
+            "expectations": len(report.outcomes),
+            "failed_expectations": len(failed),
+        }
+        for o in failed:
+            label = o.name + (f"[{o.column}]" if o.column else "")
+            metadata[f"failed: {label}"] = dg.MetadataValue.json(
+                {"failing_count": o.failing_count, "failing_rows": o.failing_rows, "details": o.details}
+            )
+        return dg.AssetCheckResult(
+            passed=report.success,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata=metadata,
+            description=report.summary(),
+        )
+
+    return _check
+
+
+mart_checks = [_make_check(m) for m in ("golden_eval_dataset", "sft_dataset", "few_shot_examples")]

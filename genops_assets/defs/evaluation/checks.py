@@ -1,0 +1,25 @@
+"""The promotion gate as a blocking check: no deployment unless the candidate wins."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+
+@dg.asset_check(asset=dg.AssetKey("eval_report"), blocking=True,
+                description="The tuned adapter beats the champion (or the base model when there is none) "
+                            "by the configured margin on the task's primary metric.")
+def beats_champion(eval_report: dict) -> dg.AssetCheckResult:
+    gate = eval_report["gate"]
+    return dg.AssetCheckResult(
+        passed=bool(gate["passed"]),
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=gate["reason"],
+        metadata={
+            "primary_metric": gate["primary_metric"],
+            "candidate": float(gate["candidate"]),
+            "baseline": float(gate["baseline"]),
+            "baseline_name": gate["baseline_name"],
+            "margin": float(gate["margin"]),
+            "delta": float(gate["candidate"]) - float(gate["baseline"]),
+        },
+    )

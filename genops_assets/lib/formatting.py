@@ -1,0 +1,61 @@
+"""Turn task examples into chat messages and targets, and model text back into fields.
+
+Training, offline evaluation and serving all build prompts here, so the three agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from genops_assets.lib.tasks import TaskSpec
+
+Message = dict[str, str]
+
+
+def format_target(output: Mapping[str, Any], fields: Sequence[str]) -> str:
+    """The canonical assistant answer: one JSON object, keys in schema order."""
+    return json.dumps({f: output.get(f) for f in fields}, ensure_ascii=False)
+
+
+def format_few_shot(task: TaskSpec, shots: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Render worked examples for the ``{few_shot}`` slot; empty when there are none."""
+    if not shots:
+        return ""
+    blocks = [
+        f"Message: {text}\nAnswer: {format_target(out, task.output_fields)}" for text, out in shots
+    ]
+    return "Examples:\n" + "\n\n".join(blocks) + "\n\n"
+
+
+def build_messages(
+    task: TaskSpec, input_text: str, shots: Sequence[tuple[str, Mapping[str, Any]]] = ()
+) -> list[Message]:
+    variables = {task.input_field: input_text, "few_shot": format_few_shot(task, shots)}
+    return [
+        {"role": "system", "content": task.system_template.format(**variables)},
+        {"role": "user", "content": task.user_template.format(**variables)},
+    ]
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
+
+
+def parse_prediction(text: str, fields: Sequence[str]) -> dict[str, Any] | None:
+    """Parse a model answer into a dict of the task's fields, or None if it is not valid JSON.
+
+    Tolerates a code fence and text after the object (small models often add some), but
+    the answer must start with the object: prose before it makes the prediction invalid.
+    """
+    cleaned = _FENCE.sub("", text.strip()).strip()
+    if not cleaned.startswith("{"):
+        return None
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(cleaned)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return {f: obj.get(f) for f in fields} | {"_extra_keys": sorted(set(obj) - set(fields))}

@@ -1,0 +1,95 @@
+"""Computation metrics for structured generation: validity, exact match, ROUGE-L, BLEU."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from genops_assets.lib.formatting import parse_prediction
+
+PRIMARY_METRICS = ("mean_field_exact_match", "overall_exact_match", "valid_json_rate")
+
+
+@dataclass(frozen=True)
+class ExampleScore:
+    example_id: str
+    valid_json: bool
+    field_match: dict[str, bool]
+    rouge_l: dict[str, float]
+    bleu: dict[str, float]
+
+    @property
+    def all_labels_match(self) -> bool:
+        return self.valid_json and all(self.field_match.values())
+
+
+def _norm_label(value: Any) -> str | None:
+    return None if value is None else str(value).strip().lower()
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (rouge-score's implementation, stemmed tokens)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(scorer.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def sentence_bleu(prediction: str, reference: str) -> float:
+    """Sentence BLEU in [0, 1] (sacrebleu, exponential smoothing)."""
+    import sacrebleu
+
+    return float(sacrebleu.sentence_bleu(prediction, [reference]).score) / 100.0
+
+
+def score_example(
+    example_id: str,
+    prediction_text: str,
+    reference: Mapping[str, Any],
+    label_fields: Sequence[str],
+    text_fields: Sequence[str],
+    output_fields: Sequence[str],
+) -> ExampleScore:
+    parsed = parse_prediction(prediction_text, output_fields)
+    valid = parsed is not None
+    parsed = parsed or {}
+    field_match = {
+        f: valid and _norm_label(parsed.get(f)) is not None
+        and _norm_label(parsed.get(f)) == _norm_label(reference.get(f))
+        for f in label_fields
+    }
+    rouge: dict[str, float] = {}
+    bleu: dict[str, float] = {}
+    for f in text_fields:
+        pred = parsed.get(f) if isinstance(parsed.get(f), str) else ""
+        ref = str(reference.get(f) or "")
+        rouge[f] = rouge_l_f1(pred, ref) if pred and ref else 0.0
+        bleu[f] = sentence_bleu(pred, ref) if pred and ref else 0.0
+    return ExampleScore(example_id, valid, field_match, rouge, bleu)
+
+
+def aggregate(scores: Sequence[ExampleScore], latencies_s: Sequence[float] = ()) -> dict[str, float]:
+    """Dataset-level metrics; raises on an empty set rather than inventing a number."""
+    if not scores:
+        raise ValueError("cannot aggregate metrics over zero examples")
+    n = len(scores)
+    out: dict[str, float] = {"n_examples": float(n)}
+    out["valid_json_rate"] = sum(s.valid_json for s in scores) / n
+    fields = list(scores[0].field_match)
+    for f in fields:
+        out[f"exact_match_{f}"] = sum(s.field_match[f] for s in scores) / n
+    out["mean_field_exact_match"] = (
+        statistics.fmean(out[f"exact_match_{f}"] for f in fields) if fields else 0.0
+    )
+    out["overall_exact_match"] = sum(s.all_labels_match for s in scores) / n
+    for f in scores[0].rouge_l:
+        out[f"rouge_l_{f}"] = statistics.fmean(s.rouge_l[f] for s in scores)
+        out[f"bleu_{f}"] = statistics.fmean(s.bleu[f] for s in scores)
+    if latencies_s:
+        ordered = sorted(latencies_s)
+        out["latency_mean_s"] = statistics.fmean(ordered)
+        out["latency_p50_s"] = ordered[len(ordered) // 2]
+        out["latency_p95_s"] = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return out

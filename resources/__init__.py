@@ -1,0 +1,73 @@
+"""Resources of genops. ``defs()`` is the one place that reads the environment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import dagster as dg
+from dagster_dbt import DbtCliResource
+
+from resources.endpoint import LocalEndpoint
+from resources.paths import GenopsHome
+from resources.task import TaskResource
+from resources.tracking import MlflowTracking
+from resources.warehouse import DuckDBWarehouse
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DBT_PROJECT_DIR = REPO_ROOT / "dbt"
+
+# Telemetry off and nothing fetched from a hub at run time, for every process genops starts.
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "RAGAS_DO_NOT_TRACK": "true",
+    "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def genops_home() -> Path:
+    return Path(os.environ.get("GENOPS_HOME") or REPO_ROOT / ".genops").resolve()
+
+
+def dbt_executable() -> str:
+    beside = Path(sys.executable).with_name("dbt")
+    return str(beside) if beside.exists() else (shutil.which("dbt") or "dbt")
+
+
+def build_resources(home: Path | None = None, task: str | None = None, port: int | None = None) -> dict:
+    home = (home or genops_home()).resolve()
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    mlflow_dir = home / "mlflow"
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = os.environ.get("GENOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+    artifact_root = os.environ.get("GENOPS_MLFLOW_ARTIFACT_ROOT") or (mlflow_dir / "artifacts").as_uri()
+    return {
+        "home": GenopsHome(root=str(home)),
+        "task": TaskResource(
+            tasks_dir=os.environ.get("GENOPS_TASKS_DIR") or str(REPO_ROOT / "tasks"),
+            name=task or os.environ.get("GENOPS_TASK") or "support_triage",
+        ),
+        "warehouse": DuckDBWarehouse(path=str(home / "warehouse.duckdb")),
+        "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
+        "endpoint": LocalEndpoint(
+            state_dir=str(home / "endpoint"),
+            port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008),
+        ),
+        "dbt": DbtCliResource(
+            project_dir=str(DBT_PROJECT_DIR),
+            profiles_dir=str(DBT_PROJECT_DIR),
+            dbt_executable=dbt_executable(),
+        ),
+    }
+
+
+def defs() -> dg.Definitions:
+    return dg.Definitions(resources=build_resources())

@@ -1,0 +1,43 @@
+"""The genops data directory: every piece of state lives under one root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+
+class GenopsHome(dg.ConfigurableResource):
+    """Root of all local state: Dagster home, MLflow store, DuckDB, model cache, endpoint."""
+
+    root: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root)
+
+    def sub(self, *parts: str) -> Path:
+        p = self.path.joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def duckdb_path(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / "warehouse.duckdb"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.sub("models")
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.sub("runs")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.sub("cache")
+
+    @property
+    def endpoint_dir(self) -> Path:
+        return self.sub("endpoint")

@@ -1,0 +1,156 @@
+"""MLflow as a typed client: experiments, runs, dataset inputs, registry versions and aliases.
+
+MLflow is imported inside methods so loading the Dagster definitions stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+VERSION_KEY_TAG = "genops.version_key"
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    tags: dict[str, str]
+
+
+def _ref(mv) -> ModelVersionRef:
+    return ModelVersionRef(mv.name, str(mv.version), mv.run_id, mv.source, dict(mv.tags or {}))
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """MLflow tracking server / store and the artifact root new experiments use."""
+
+    tracking_uri: str
+    artifact_root: str
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def experiment_id(self, name: str) -> str:
+        client = self.client()
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = f"{self.artifact_root.rstrip('/')}/{name.replace('/', '_')}"
+        if "://" not in location:
+            location = Path(location).resolve().as_uri()
+        return client.create_experiment(name, artifact_location=location)
+
+    def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+        run = self.client().create_run(self.experiment_id(experiment), run_name=run_name, tags=dict(tags))
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client().set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client().log_batch(
+            run_id, metrics=[Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        )
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client().log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
+        self.client().log_artifact(run_id, str(local_file), artifact_path)
+
+    def artifact_uri(self, run_id: str, path: str = "") -> str:
+        base = self.client().get_run(run_id).info.artifact_uri
+        return f"{base}/{path}" if path else base
+
+    def log_dataset(self, run_id: str, df, name: str, source: str, digest: str, context: str) -> None:
+        """Record a dataset input (``mlflow.data`` + ``log_inputs``) with our own content digest."""
+        import mlflow.data
+        from mlflow.data.pandas_dataset import PandasDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = mlflow.data.from_pandas(df, source=source, name=name)
+        entity = ds._to_mlflow_entity()
+        entity.digest = digest[:36]
+        assert isinstance(ds, PandasDataset)
+        self.client().log_inputs(
+            run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
+        )
+
+    # -- registry -------------------------------------------------------------------------
+
+    def find_version(self, model_name: str, version_key: str) -> ModelVersionRef | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client().search_model_versions(
+                f"name = '{model_name}' and tags.`{VERSION_KEY_TAG}` = '{version_key}'"
+            )
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+                return None
+            raise
+        return _ref(found[0]) if found else None
+
+    def register(self, model_name: str, source: str, run_id: str, tags: Mapping[str, str],
+                 description: str = "") -> ModelVersionRef:
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, description="LoRA adapters tuned by genops")
+        mv = client.create_model_version(
+            model_name, source=source, run_id=run_id, tags=dict(tags), description=description
+        )
+        return _ref(mv)
+
+    def get_version(self, model_name: str, version: str) -> ModelVersionRef:
+        return _ref(self.client().get_model_version(model_name, version))
+
+    def alias(self, model_name: str, alias: str) -> ModelVersionRef | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _ref(self.client().get_model_version_by_alias(model_name, alias))
+        except MlflowException:
+            return None
+
+    def set_alias(self, model_name: str, alias: str, version: str) -> None:
+        self.client().set_registered_model_alias(model_name, alias, version)
+
+    def set_version_tags(self, model_name: str, version: str, tags: Mapping[str, Any]) -> None:
+        client = self.client()
+        for k, v in tags.items():
+            client.set_model_version_tag(model_name, version, k, str(v))
+
+    def download(self, artifact_uri: str, dst: str | Path) -> Path:
+        import mlflow.artifacts
+
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=self.tracking_uri
+            )
+        )

@@ -1,0 +1,78 @@
+"""DuckDB warehouse shared with the dbt project (dbt-duckdb writes to the same file)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+
+RAW_SCHEMA = "raw"
+RAW_TABLE = "task_examples"
+
+
+class DuckDBWarehouse(dg.ConfigurableResource):
+    """A DuckDB file; connections are short-lived so dbt and checks can take turns."""
+
+    path: str
+    lock_retry_s: float = 30.0
+
+    def _connect(self, read_only: bool):
+        import duckdb
+
+        deadline = time.monotonic() + self.lock_retry_s
+        while True:
+            try:
+                return duckdb.connect(self.path, read_only=read_only)
+            except duckdb.IOException as exc:
+                # Another process (dbt, a check) holds the file lock: wait briefly, then fail loudly.
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise RuntimeError(f"cannot open DuckDB file {self.path}: {exc}") from exc
+                time.sleep(0.5)
+
+    def query_df(self, sql: str, params: Sequence[Any] | None = None):
+        con = self._connect(read_only=True)
+        try:
+            return con.execute(sql, params or []).df()
+        finally:
+            con.close()
+
+    def table_exists(self, schema: str, table: str) -> bool:
+        con = self._connect(read_only=True)
+        try:
+            n = con.execute(
+                "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+                [schema, table],
+            ).fetchone()[0]
+            return n > 0
+        finally:
+            con.close()
+
+    def replace_raw_examples(self, task: str, rows: Sequence[tuple]) -> int:
+        """Replace the task's rows of raw.task_examples in one transaction."""
+        con = self._connect(read_only=False)
+        try:
+            con.execute(f"create schema if not exists {RAW_SCHEMA}")
+            con.execute(
+                f"""create table if not exists {RAW_SCHEMA}.{RAW_TABLE} (
+                    task varchar, source_file varchar, source_row integer,
+                    input_text varchar, output_json varchar, loaded_at timestamp)"""
+            )
+            con.execute("begin transaction")
+            con.execute(f"delete from {RAW_SCHEMA}.{RAW_TABLE} where task = ?", [task])
+            con.executemany(
+                f"insert into {RAW_SCHEMA}.{RAW_TABLE} values (?, ?, ?, ?, ?, current_timestamp)",
+                [(task, *r) for r in rows],
+            )
+            con.execute("commit")
+            return len(rows)
+        finally:
+            con.close()
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        con = self._connect(read_only=False)
+        try:
+            con.execute(sql, params or [])
+        finally:
+            con.close()

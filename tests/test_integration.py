@@ -1,0 +1,58 @@
+"""The loop on the real embedded SmolLM2-135M-Instruct, on a small slice (a couple of minutes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from graph_support import check_results, free_port, make_defs, materialized
+from openai import OpenAI
+
+from genops_assets.lib.serving import control
+
+pytestmark = pytest.mark.integration
+
+
+def test_loop_on_embedded_smollm2(tmp_path):
+    home = tmp_path / "home"
+    port = free_port()
+    defs = make_defs(home, port)
+    run_config = {"ops": {
+        "tuned_adapter": {"config": {"max_steps": 4, "max_train_examples": 16, "eval_every": 0, "save_every": 2,
+                                     "log_every": 1}},
+        "eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": -1.0, "base_few_shot": 0}},
+    }}
+    try:
+        result = defs.resolve_job_def("genops_loop").execute_in_process(
+            run_config=run_config, instance=dg.DagsterInstance.ephemeral())
+        assert result.success
+        assert all(check_results(result).values())
+        assert "deployed_endpoint" in materialized(result)
+        base = result.output_for_node("base_model")
+        assert base["parameters"] == 134_515_008 and base["source"].endswith(".gguf")
+        assert Path(base["path"], "model.safetensors").is_file()
+        adapter = result.output_for_node("tuned_adapter")
+        assert Path(adapter["adapter_dir"], "adapter_model.safetensors").is_file()
+        assert adapter["steps"] == 4
+        assert sorted(p.name for p in (home / "runs" / adapter["version_key"] / "checkpoints").iterdir()) == [
+            "checkpoint-2", "checkpoint-4"]
+        report = result.output_for_node("eval_report")
+        assert Path(report["report_html"]).read_text().count("<img") == 1
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="champion", max_tokens=16, temperature=0,
+            messages=[{"role": "user", "content": "My doorbell camera is offline since this morning."}])
+        assert reply.choices[0].message.content
+        assert reply.usage.completion_tokens > 0
+
+        # A second materialization of base_model reuses the converted folder (keyed by the GGUF digest).
+        from resources import build_resources
+
+        again = dg.materialize([defs.resolve_assets_def("base_model")],
+                               resources={"home": build_resources(home=home)["home"]},
+                               instance=dg.DagsterInstance.ephemeral())
+        assert again.output_for_node("base_model")["reused"] is True
+    finally:
+        control.stop_server(home / "endpoint")

@@ -1,0 +1,163 @@
+"""Unit tests of the pure core: task loading, formatting, parsing, metrics, hashing, the gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from genops_assets.lib.evaluation import gate_decision
+from genops_assets.lib.formatting import build_messages, format_target, parse_prediction
+from genops_assets.lib.hashing import atomic_dir, atomic_write_text, sha256_dir, sha256_json
+from genops_assets.lib.metrics import aggregate, rouge_l_f1, score_example, sentence_bleu
+from genops_assets.lib.tasks import TaskConfigError, TaskDataError, load_task, read_raw_file
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = ("category", "priority", "product", "summary")
+
+
+@pytest.fixture()
+def task_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "tasks" / "support_triage"
+    shutil.copytree(REPO / "tasks" / "support_triage", dst, ignore=shutil.ignore_patterns("incoming"))
+    return tmp_path / "tasks"
+
+
+def test_demo_task_loads_with_schema_and_templates():
+    spec = load_task(REPO / "tasks", "support_triage")
+    assert spec.output_fields == FIELDS
+    assert spec.allowed_values()["priority"] == ["low", "medium", "high", "urgent"]
+    assert spec.label_fields == ("category", "priority", "product")
+    assert "{message}" in spec.user_template
+
+
+def test_unknown_task_names_the_missing_file(tmp_path):
+    with pytest.raises(TaskConfigError, match="nope/task.yaml"):
+        load_task(tmp_path, "nope")
+
+
+def test_unknown_template_variable_is_rejected(task_copy):
+    (task_copy / "support_triage" / "prompts" / "user.txt").write_text("{message} {customer_name}")
+    with pytest.raises(TaskConfigError, match=r"user.txt: unknown template variable\(s\) \['customer_name'\]"):
+        load_task(task_copy, "support_triage")
+
+
+def test_malformed_yaml_and_bad_setting_name_the_file(task_copy):
+    cfg = task_copy / "support_triage" / "task.yaml"
+    text = cfg.read_text()
+    cfg.write_text(text.replace("label_fields: [category, priority, product]", "label_fields: [category, colour]"))
+    with pytest.raises(TaskConfigError, match="field 'colour' is not a property"):
+        load_task(task_copy, "support_triage")
+    cfg.write_text("name: [unclosed")
+    with pytest.raises(TaskConfigError, match="task.yaml: not valid YAML"):
+        load_task(task_copy, "support_triage")
+
+
+def test_raw_reader_names_file_and_row(task_copy):
+    spec = load_task(task_copy, "support_triage")
+    bad = spec.root / "incoming" / "bad.jsonl"
+    bad.parent.mkdir(exist_ok=True)
+    good = json.dumps({"message": "hello there", "category": "billing", "priority": "low",
+                       "product": "none", "summary": "Customer says hello."})
+    bad.write_text(good + "\n" + '{"message": "broken"' + "\n")
+    with pytest.raises(TaskDataError, match=r"bad.jsonl, row 2: invalid JSON"):
+        list(read_raw_file(bad, spec))
+    bad.write_text(good + "\n" + json.dumps({"message": "no labels here"}) + "\n")
+    with pytest.raises(TaskDataError, match=r"row 2: missing output field"):
+        list(read_raw_file(bad, spec))
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TaskDataError, match="not UTF-8"):
+        list(read_raw_file(bad, spec))
+
+
+def test_csv_rows_are_read_with_line_numbers(task_copy):
+    spec = load_task(task_copy, "support_triage")
+    f = spec.root / "incoming" / "new.csv"
+    f.parent.mkdir(exist_ok=True)
+    f.write_text("message,category,priority,product,summary\n"
+                 "\"Where is my parcel, it is late\",shipping,medium,none,Customer asks about a late parcel.\n")
+    rows = list(read_raw_file(f, spec))
+    assert rows[0].source_row == 2 and rows[0].source_file == "incoming/new.csv"
+    assert rows[0].output["category"] == "shipping"
+
+
+def test_messages_and_target_are_canonical():
+    spec = load_task(REPO / "tasks", "support_triage")
+    out = {"summary": "Customer asks.", "product": "hub", "priority": "low", "category": "general_inquiry"}
+    target = format_target(out, spec.output_fields)
+    assert list(json.loads(target)) == list(FIELDS)  # schema order, not input order
+    msgs = build_messages(spec, "Does the hub do Zigbee?", [("Is it waterproof?", out)])
+    assert msgs[0]["role"] == "system" and msgs[1]["role"] == "user"
+    assert "Does the hub do Zigbee?" in msgs[1]["content"] and "Examples:" in msgs[1]["content"]
+    assert "Examples:" not in build_messages(spec, "x")[1]["content"]
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ('{"category": "billing", "priority": "low", "product": "none", "summary": "x"}', True),
+        ('```json\n{"category": "billing"}\n```', True),
+        ('{"category": "billing"} and some trailing words', True),
+        ("Sure! Here is the JSON: {}", False),
+        ('{"category": "billing",', False),
+        ("[1, 2]", False),
+        ("", False),
+    ],
+)
+def test_parse_prediction(text, valid):
+    assert (parse_prediction(text, FIELDS) is not None) is valid
+
+
+def test_scores_and_aggregate_by_hand():
+    ref = {"category": "billing", "priority": "high", "product": "cloud_plan", "summary": "Customer was charged twice."}
+    perfect = score_example("a", json.dumps(ref), ref, FIELDS[:3], FIELDS[3:], FIELDS)
+    half = score_example("b", json.dumps({**ref, "priority": "LOW ", "product": "Cloud_Plan"}), ref,
+                         FIELDS[:3], FIELDS[3:], FIELDS)
+    invalid = score_example("c", "I think billing", ref, FIELDS[:3], FIELDS[3:], FIELDS)
+    assert perfect.all_labels_match and perfect.rouge_l["summary"] == pytest.approx(1.0)
+    assert half.field_match == {"category": True, "priority": False, "product": True}  # case/space-insensitive
+    assert not invalid.valid_json and not any(invalid.field_match.values())
+    m = aggregate([perfect, half, invalid], [0.1, 0.2, 0.3])
+    assert m["valid_json_rate"] == pytest.approx(2 / 3)
+    assert m["exact_match_priority"] == pytest.approx(1 / 3)
+    assert m["exact_match_category"] == pytest.approx(2 / 3)
+    assert m["mean_field_exact_match"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)
+    assert m["overall_exact_match"] == pytest.approx(1 / 3)
+    assert m["latency_p50_s"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="zero examples"):
+        aggregate([])
+
+
+def test_text_metrics_known_values():
+    assert rouge_l_f1("the cat sat", "the cat sat") == pytest.approx(1.0)
+    # LCS "the cat" of 2 tokens: P = 2/2, R = 2/3 -> F = 0.8
+    assert rouge_l_f1("the cat", "the cat sat") == pytest.approx(0.8)
+    assert sentence_bleu("completely different words", "the customer was charged twice") < 0.1
+    assert sentence_bleu("the customer was charged twice today", "the customer was charged twice today") == pytest.approx(1.0)
+
+
+def test_gate_uses_margin_and_names_baseline():
+    g = gate_decision({"m": 0.50}, {"m": 0.40}, "base model", "m", 0.05)
+    assert g.passed and "beats base model" in g.reason
+    g = gate_decision({"m": 0.44}, {"m": 0.40}, "champion v3", "m", 0.05)
+    assert not g.passed and "does not beat champion v3" in g.reason
+    with pytest.raises(KeyError):
+        gate_decision({}, {"m": 1}, "b", "m", 0)
+
+
+def test_hashes_are_order_independent_and_atomic_writes_leave_nothing_behind(tmp_path):
+    assert sha256_json({"a": 1, "b": 2}) == sha256_json({"b": 2, "a": 1})
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "x.txt").write_text("1")
+    first = sha256_dir(target)
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "x.txt").write_text("2")
+            raise RuntimeError("boom")
+    assert sha256_dir(target) == first  # the failed write changed nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left
+    atomic_write_text(tmp_path / "f.txt", "hello")
+    assert (tmp_path / "f.txt").read_text() == "hello"

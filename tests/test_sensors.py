@@ -1,0 +1,69 @@
+"""Continuous-training sensor decisions, built with build_sensor_context over cursor scenarios."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from resources.task import TaskResource
+from sensors.incoming import incoming_data_sensor
+
+REPO = Path(__file__).resolve().parents[1]
+ROW = {"message": "my doorbell chime stopped ringing", "category": "technical_issue", "priority": "medium",
+       "product": "doorbell", "summary": "Customer says the doorbell chime stopped ringing."}
+
+
+@pytest.fixture()
+def task(tmp_path):
+    dst = tmp_path / "tasks" / "support_triage"
+    shutil.copytree(REPO / "tasks" / "support_triage", dst, ignore=shutil.ignore_patterns("incoming"))
+    (dst / "incoming").mkdir()
+    return TaskResource(tasks_dir=str(tmp_path / "tasks"), name="support_triage"), dst / "incoming"
+
+
+def _tick(task_res, cursor=None):
+    ctx = dg.build_sensor_context(cursor=cursor, resources={"task": task_res})
+    return incoming_data_sensor(ctx), ctx
+
+
+def test_empty_incoming_skips(task):
+    res, _ = _tick(task[0])
+    assert isinstance(res, dg.SkipReason)
+
+
+def test_new_file_requests_one_run_and_same_content_none(task):
+    task_res, incoming = task
+    (incoming / "batch1.jsonl").write_text(json.dumps(ROW) + "\n")
+    res, _ = _tick(task_res)
+    assert isinstance(res, dg.SensorResult) and len(res.run_requests) == 1
+    run_key, cursor = res.run_requests[0].run_key, res.cursor
+    assert cursor in run_key and res.run_requests[0].tags["genops/task"] == "support_triage"
+
+    again, _ = _tick(task_res, cursor=cursor)
+    assert isinstance(again, dg.SkipReason)
+
+    # touching the file without changing its content changes nothing
+    (incoming / "batch1.jsonl").write_text(json.dumps(ROW) + "\n")
+    assert isinstance(_tick(task_res, cursor=cursor)[0], dg.SkipReason)
+
+    # changed content -> a new run with a new key
+    (incoming / "batch1.jsonl").write_text(json.dumps({**ROW, "priority": "high"}) + "\n")
+    changed, _ = _tick(task_res, cursor=cursor)
+    assert isinstance(changed, dg.SensorResult) and changed.run_requests[0].run_key != run_key
+
+
+def test_non_data_files_are_ignored(task):
+    task_res, incoming = task
+    (incoming / "README.txt").write_text("notes")
+    assert isinstance(_tick(task_res)[0], dg.SkipReason)
+
+
+def test_nightly_schedule_targets_the_training_job():
+    from genops_assets.definitions import defs
+
+    sched = defs.resolve_schedule_def("nightly_training")
+    assert sched.job_name == "continuous_training" and sched.cron_schedule == "0 2 * * *"
