@@ -1,6 +1,5 @@
 """Continuous training from the outside world: new data files in ``tasks/<name>/incoming/``."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

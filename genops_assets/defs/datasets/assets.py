@@ -1,6 +1,5 @@
 """Raw task examples into DuckDB, then the dbt marts (staging -> golden / SFT / few-shot)."""
 
-from __future__ import annotations
 
 import json
 import os

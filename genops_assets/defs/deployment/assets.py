@@ -1,6 +1,5 @@
 """Promotion and serving: move the `champion` alias, then serve it from the local endpoint."""
 
-from __future__ import annotations
 
 import json
 import time

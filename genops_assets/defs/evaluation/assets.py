@@ -1,6 +1,5 @@
 """Golden-set evaluation of base model, candidate adapter and current champion, with a report."""
 
-from __future__ import annotations
 
 import base64
 import json

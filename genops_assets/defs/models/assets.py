@@ -1,6 +1,5 @@
 """The base model: the embedded SmolLM2-135M-Instruct, or any local Hugging Face folder."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """LoRA SFT of the base model on the sft_dataset mart, tracked and registered in MLflow."""
 
-from __future__ import annotations
 
 import json
 import time

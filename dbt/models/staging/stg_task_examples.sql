@@ -1,0 +1,55 @@
+-- The active task's examples: normalised, with stable ids and content hashes, exact and
+-- near duplicates removed. The first occurrence (by file, then row) of a duplicate wins.
+with src as (
+    select
+        source_file,
+        source_row,
+        input_text,
+        output_json,
+        {{ normalise_text('input_text') }} as normalised_text
+    from {{ source('raw', 'task_examples') }}
+    where task = '{{ var("task") }}'
+),
+
+hashed as (
+    select
+        *,
+        sha256(normalised_text) as content_hash,
+        'ex_' || substr(sha256(normalised_text), 1, 16) as example_id,
+        row_number() over (order by source_file, source_row) as load_order
+    from src
+),
+
+exact_dedup as (
+    select *
+    from hashed
+    qualify row_number() over (partition by content_hash order by load_order) = 1
+),
+
+tokens as (
+    select *, {{ word_set('normalised_text') }} as words
+    from exact_dedup
+),
+
+-- A row is a near duplicate when an earlier row shares at least the threshold of its word set.
+near_dups as (
+    select distinct later.example_id
+    from tokens as later
+    join tokens as earlier
+        on earlier.load_order < later.load_order
+        and len(later.words) > 0
+        and len(list_intersect(earlier.words, later.words))::double
+            / len(list_distinct(list_concat(earlier.words, later.words)))
+            >= {{ var("near_duplicate_jaccard") }}
+)
+
+select
+    example_id,
+    content_hash,
+    input_text,
+    output_json,
+    source_file,
+    source_row,
+    {{ hash_bucket('content_hash') }} as split_bucket
+from tokens
+where example_id not in (select example_id from near_dups)

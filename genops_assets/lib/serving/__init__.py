@@ -1,0 +1,1 @@
+"""genops' OpenAI-compatible endpoint: the server process and its control from other processes."""

@@ -1,0 +1,169 @@
+"""OpenAI-compatible chat completions over one base model plus LoRA adapters (FastAPI).
+
+Run as ``python -m genops_assets.lib.serving.server``; started and stopped by
+``genops_assets.lib.serving.control``. Models served: ``base`` (the base model alone) and one
+name per adapter. ``POST /admin/reload`` swaps an adapter in place (bearer token from
+``<state_dir>/admin_token``). Every request is appended to ``<state_dir>/requests.jsonl``
+(model, tokens, latency, status) for monitoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+BASE_NAME = "base"
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    seed: int | None = None
+    user: str | None = None
+
+
+class ReloadRequest(BaseModel):
+    name: str = Field(min_length=1)
+    adapter_dir: str
+    version: str
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: str,
+               default_max_tokens: int = 256) -> FastAPI:
+    from genops_assets.lib.generation import add_adapter, generate
+
+    app = FastAPI(title="genops endpoint", version="1")
+    log_lock = threading.Lock()
+    started_at = int(time.time())
+    requests_log = state_dir / "requests.jsonl"
+
+    def record(entry: dict[str, Any]) -> None:
+        with log_lock, open(requests_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        return _error(400, f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'malformed')}",
+                      param=".".join(loc) or None)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "base_model": loaded.base_dir, "adapters": dict(versions),
+                "started_at": started_at}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        names = [BASE_NAME, *sorted(loaded.adapters)]
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": started_at, "owned_by": "genops",
+             "version": versions.get(n)} for n in names]}
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest):
+        if req.stream:
+            return _error(400, "stream=true is not supported by this endpoint", param="stream",
+                          code="unsupported_parameter")
+        if req.model != BASE_NAME and req.model not in loaded.adapters:
+            return _error(404, f"The model '{req.model}' does not exist (served: "
+                          f"{[BASE_NAME, *sorted(loaded.adapters)]})", param="model", code="model_not_found")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        t0 = time.perf_counter()
+        try:
+            [res] = generate(loaded, [[m.model_dump() for m in req.messages]],
+                             adapter=None if req.model == BASE_NAME else req.model,
+                             max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                             stop=stop, batch_size=1, seed=req.seed)
+        except Exception as exc:  # noqa: BLE001 - reported to the client in OpenAI's shape
+            record({"ts": time.time(), "model": req.model, "status": 500, "error": str(exc)[:300]})
+            return _error(500, f"generation failed: {exc}", kind="server_error")
+        latency = time.perf_counter() - t0
+        record({"ts": time.time(), "model": req.model, "version": versions.get(req.model), "status": 200,
+                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                "latency_s": round(latency, 4), "finish_reason": res.finish_reason})
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": versions.get(req.model),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                         "logprobs": None, "finish_reason": res.finish_reason}],
+            "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                      "total_tokens": res.prompt_tokens + res.completion_tokens},
+        }
+
+    @app.post("/admin/reload")
+    def reload(req: ReloadRequest, authorization: str | None = Header(None)):
+        if not authorization or not secrets.compare_digest(authorization, f"Bearer {admin_token}"):
+            return _error(401, "missing or wrong admin token", kind="authentication_error")
+        if req.name == BASE_NAME:
+            return _error(400, f"'{BASE_NAME}' names the base model and cannot be replaced", param="name")
+        try:
+            add_adapter(loaded, req.name, req.adapter_dir)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            return _error(400, str(exc), param="adapter_dir")
+        versions[req.name] = req.version
+        record({"ts": time.time(), "event": "reload", "model": req.name, "version": req.version})
+        return {"status": "reloaded", "adapters": dict(versions)}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="genops OpenAI-compatible endpoint")
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--adapter", action="append", default=[], help="name=folder")
+    parser.add_argument("--version", action="append", default=[], help="name=version")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8008)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    from genops_assets.lib.generation import load_model
+
+    state_dir = Path(args.state_dir)
+    adapters = dict(a.split("=", 1) for a in args.adapter)
+    versions = dict(v.split("=", 1) for v in args.version)
+    token = (state_dir / "admin_token").read_text().strip()
+    loaded = load_model(args.base_model, adapters, dtype=args.dtype)
+    app = create_app(loaded, versions, state_dir, token)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The dbt-duckdb project on its own: dedup, stable ids, a held-out golden set that nothing
+near it leaves, a stable split, and a few-shot pool."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from genops_assets.lib.validation import jaccard, normalise_text, word_set
+from resources import DBT_PROJECT_DIR, dbt_executable
+from resources.warehouse import DuckDBWarehouse
+
+WORDS = ("thermostat camera doorbell hub app plan charge refund parcel login password offline crash "
+         "invoice battery screen firmware wifi router order box broken late missing cold warm night "
+         "motion alert recording storage monthly yearly account email code locked update reset").split()
+CATS = ["billing", "shipping", "technical_issue", "general_inquiry"]
+
+
+def _messages(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(WORDS, 12)) + f" case {seed}-{i}" for i in range(n)]
+
+
+def _rows(messages: list[str], source: str = "examples.jsonl") -> list[tuple]:
+    return [(source, i + 1, m, json.dumps({"category": CATS[i % 4], "summary": "Customer writes in."}))
+            for i, m in enumerate(messages)]
+
+
+def _build(db: Path, tmp: Path, **vars_) -> None:
+    env = {**os.environ, "GENOPS_DUCKDB_PATH": str(db)}
+    args = [dbt_executable(), "build", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
+            "--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs"),
+            "--vars", json.dumps({"task": "t", **vars_})]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+@pytest.fixture()
+def wh(tmp_path) -> DuckDBWarehouse:
+    return DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
+
+
+def test_marts_dedup_hold_out_and_split(tmp_path, wh):
+    base = _messages(300, seed=1)
+    exact_dup = "  " + base[5].upper().replace(" ", "   ") + "\n"  # same text after normalising
+    near_dup = base[7].replace("case", "kase")  # one word of 14 changed: Jaccard 13/15
+    rows = _rows(base) + [("incoming/a.jsonl", 1, exact_dup, "{}"), ("incoming/a.jsonl", 2, near_dup, "{}")]
+    wh.replace_raw_examples("t", rows)
+    wh.replace_raw_examples("other_task", _rows(_messages(5, seed=9)))
+    _build(Path(wh.path), tmp_path)
+
+    golden = wh.query_df("select * from main.golden_eval_dataset")
+    sft = wh.query_df("select * from main.sft_dataset")
+    shots = wh.query_df("select * from main.few_shot_examples")
+    assert len(golden) + len(sft) == 300, "exact and near duplicates (and other tasks) are dropped"
+    assert 0.06 < len(golden) / 300 < 0.18
+    assert set(sft["split"]) == {"train", "validation"}
+    assert 0.03 < (sft["split"] == "validation").mean() < 0.15
+    assert not set(golden["example_id"]) & set(sft["example_id"])
+    assert "incoming/a.jsonl" not in set(golden["source_file"]) | set(sft["source_file"]), "first occurrence wins"
+
+    for df in (golden, sft):
+        for r in df.itertuples():
+            digest = hashlib.sha256(normalise_text(r.input_text).encode()).hexdigest()
+            assert r.content_hash == digest and r.example_id == "ex_" + digest[:16]
+    gw = [word_set(normalise_text(t)) for t in golden["input_text"]]
+    worst = max(jaccard(word_set(normalise_text(t)), g) for t in sft["input_text"] for g in gw)
+    assert worst < 0.8
+
+    assert set(shots["label"]) == set(CATS) and shots.groupby("label").size().max() == 2
+    assert set(shots["example_id"]) <= set(sft[sft["split"] == "train"]["example_id"])
+
+    # Adding data never moves an existing example between golden and training.
+    wh.replace_raw_examples("t", rows + _rows(_messages(100, seed=2), "incoming/b.jsonl"))
+    _build(Path(wh.path), tmp_path)
+    golden2 = set(wh.query_df("select example_id from main.golden_eval_dataset")["example_id"])
+    assert set(golden["example_id"]) <= golden2
+    assert not golden2 & set(wh.query_df("select example_id from main.sft_dataset")["example_id"])
+
+
+def test_split_fractions_come_from_vars(tmp_path, wh):
+    wh.replace_raw_examples("t", _rows(_messages(200, seed=3)))
+    _build(Path(wh.path), tmp_path, golden_fraction=0.5, validation_fraction=0.0, few_shot_per_label=1)
+    n_golden = wh.query_df("select count(*) n from main.golden_eval_dataset").iloc[0, 0]
+    assert 70 < n_golden < 130
+    assert wh.query_df("select count(*) n from main.sft_dataset where split = 'validation'").iloc[0, 0] == 0
+    assert wh.query_df("select max(c) m from (select count(*) c from main.few_shot_examples group by label)").iloc[0, 0] == 1
+
+
+def test_project_is_not_a_python_package():
+    assert not (DBT_PROJECT_DIR / "__init__.py").exists()

@@ -1,0 +1,106 @@
+"""Generation and the OpenAI-compatible endpoint, on the tiny model: a real server process,
+queried over HTTP with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from graph_support import free_port
+from openai import OpenAI
+
+from genops_assets.lib.serving import control
+
+MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
+
+
+def test_generation_base_and_adapter_differ_and_respect_limits(tiny_model_dir, tiny_adapter_dir):
+    from genops_assets.lib.generation import generate, load_model
+
+    loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+    batch = [MSG, [{"role": "user", "content": "hi"}], [{"role": "system", "content": "Answer in JSON."}, *MSG]]
+    base = generate(loaded, batch, adapter=None, max_new_tokens=6, batch_size=2)
+    cand = generate(loaded, batch, adapter="cand", max_new_tokens=6, batch_size=2)
+    assert len(base) == len(cand) == 3
+    assert all(r.completion_tokens <= 6 and r.prompt_tokens > 0 for r in base + cand)
+    assert all(r.finish_reason in ("stop", "length") for r in base + cand)
+    assert [r.text for r in base] != [r.text for r in cand], "the adapter must change what the model says"
+    # Greedy decoding is deterministic, and the base answer is the same once adapters are loaded.
+    assert [r.text for r in generate(loaded, batch, adapter=None, max_new_tokens=6, batch_size=2)] == [
+        r.text for r in base]
+    with pytest.raises(KeyError, match="not loaded"):
+        generate(loaded, batch, adapter="missing")
+
+
+@pytest.fixture()
+def server(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    port = free_port()
+    state = control.start_server(str(tiny_model_dir), {"champion": str(tiny_adapter_dir)}, {"champion": "1"},
+                                 tmp_path / "endpoint", port=port, ready_timeout_s=180)
+    yield state
+    control.stop_server(tmp_path / "endpoint")
+
+
+def test_endpoint_speaks_openai_and_hot_reloads(server, tmp_path, tiny_adapter_dir):
+    state_dir = tmp_path / "endpoint"
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert {m.id for m in client.models.list().data} == {"base", "champion"}
+
+    reply = client.chat.completions.create(model="champion", messages=MSG, max_tokens=5, temperature=0)
+    assert reply.object == "chat.completion" and reply.model == "champion"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert 0 < reply.usage.completion_tokens <= 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=MSG)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="base", messages=MSG, temperature=7)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="base", messages=[])
+
+    # Hot reload: same process, new version served, a bad folder refused with the reason.
+    pid = server.pid
+    new = control.reload_adapter(state_dir, "champion", str(tiny_adapter_dir), "2")
+    assert new.pid == pid and new.versions == {"champion": "2"}
+    health = json.loads(urllib.request.urlopen(f"{server.url}/health").read())
+    assert health["adapters"] == {"champion": "2"}
+    assert client.chat.completions.create(model="champion", messages=MSG, max_tokens=3).choices[0].message
+    with pytest.raises(control.EndpointError, match="adapter_config.json"):
+        control.reload_adapter(state_dir, "champion", str(tmp_path), "3")
+    assert control.read_state(state_dir).versions == {"champion": "2"}
+
+    # The admin route needs the token.
+    req = urllib.request.Request(f"{server.url}/admin/reload", method="POST",
+                                 data=json.dumps({"name": "x", "adapter_dir": "/", "version": "1"}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req)
+    assert err.value.code == 401
+
+    log = [json.loads(line) for line in (state_dir / "requests.jsonl").read_text().splitlines()]
+    served = [e for e in log if e.get("status") == 200]
+    assert len(served) == 2 and served[0]["completion_tokens"] == reply.usage.completion_tokens
+    assert any(e.get("event") == "reload" and e["version"] == "2" for e in log)
+
+
+def test_second_server_on_a_busy_port_is_refused(tmp_path, tiny_model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(control.PortInUseError, match=str(port)):
+            control.start_server(str(tiny_model_dir), {}, {}, tmp_path / "ep", port=port)
+    assert control.read_state(tmp_path / "ep") is None
+    assert control.stop_server(tmp_path / "ep") is False
+
+
+def test_server_that_cannot_start_reports_its_log(tmp_path):
+    with pytest.raises(control.EndpointError, match="config.json"):
+        control.start_server(str(tmp_path / "no-model"), {}, {}, tmp_path / "ep", port=free_port(),
+                             ready_timeout_s=120)
+    assert control.read_state(tmp_path / "ep") is None
