@@ -17,12 +17,17 @@ from genops_assets.defs.jobs import continuous_training, genops_loop
 from genops_assets.defs.models.assets import base_model
 from genops_assets.defs.tuning.assets import tuned_adapter
 
-assets_defs = dg.Definitions(
-    assets=[raw_task_examples, dbt_marts, base_model, tuned_adapter, eval_report, deployed_endpoint],
-    asset_checks=[*mart_checks, beats_champion],
-    jobs=[genops_loop, continuous_training],
-    # One machine, one DuckDB file, one model in memory at a time: steps run in one process.
-    executor=dg.in_process_executor,
-)
 
-defs = dg.Definitions.merge(assets_defs, resources.defs(), sensors.defs())
+
+def asset_definitions() -> dg.Definitions:
+    """Assets, checks and jobs without resources (tests bind their own)."""
+    return dg.Definitions(
+        assets=[raw_task_examples, dbt_marts, base_model, tuned_adapter, eval_report, deployed_endpoint],
+        asset_checks=[*mart_checks, beats_champion],
+        jobs=[genops_loop, continuous_training],
+        # One machine, one DuckDB file, one model in memory at a time: steps run in one process.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = dg.Definitions.merge(asset_definitions(), resources.defs(), sensors.defs())

@@ -86,13 +86,10 @@ class MlflowTracking(dg.ConfigurableResource):
     def log_dataset(self, run_id: str, df, name: str, source: str, digest: str, context: str) -> None:
         """Record a dataset input (``mlflow.data`` + ``log_inputs``) with our own content digest."""
         import mlflow.data
-        from mlflow.data.pandas_dataset import PandasDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        ds = mlflow.data.from_pandas(df, source=source, name=name)
+        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
         entity = ds._to_mlflow_entity()
-        entity.digest = digest[:36]
-        assert isinstance(ds, PandasDataset)
         self.client().log_inputs(
             run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
         )

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from genops_assets.definitions import assets_defs
+from genops_assets.definitions import asset_definitions
 from resources import build_resources
+from resources.task import TaskResource
 
 
 def free_port() -> int:
@@ -20,8 +21,8 @@ def free_port() -> int:
 def make_defs(home: Path, port: int, tasks_dir: Path | None = None) -> dg.Definitions:
     res = build_resources(home=home, port=port)
     if tasks_dir is not None:
-        res["task"] = res["task"].model_copy(update={"tasks_dir": str(tasks_dir)})
-    return dg.Definitions.merge(assets_defs, dg.Definitions(resources=res))
+        res["task"] = TaskResource(tasks_dir=str(tasks_dir), name=res["task"].name)
+    return dg.Definitions.merge(asset_definitions(), dg.Definitions(resources=res))
 
 
 def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: float = -1.0) -> dict:

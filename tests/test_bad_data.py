@@ -12,7 +12,7 @@ import pytest
 from graph_support import check_results, free_port, make_defs, materialized, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_AND_TUNING = dg.AssetSelection.assets("raw_task_examples", "golden_eval_dataset", "sft_dataset",
+DATA_AND_TUNING = dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset", "sft_dataset",
                                            "few_shot_examples", "base_model", "tuned_adapter")
 CHECKS_AND_TUNING = (dg.AssetSelection.checks_for_assets("golden_eval_dataset", "sft_dataset", "few_shot_examples")
                      | dg.AssetSelection.assets("base_model", "tuned_adapter"))
@@ -29,10 +29,9 @@ def tasks_dir(tmp_path) -> Path:
 def _run(defs, selection, tiny_model_dir, instance):
     job = dg.define_asset_job("bad_data_probe", selection=selection)
     defs = dg.Definitions.merge(defs, dg.Definitions(jobs=[job]))
-    return defs.resolve_job_def("bad_data_probe").execute_in_process(
-        run_config={"ops": {k: v for k, v in tiny_run_config(tiny_model_dir)["ops"].items()
-                            if k in ("base_model", "tuned_adapter")}},
-        instance=instance, raise_on_error=False)
+    job_def = defs.resolve_job_def("bad_data_probe")
+    ops = {k: v for k, v in tiny_run_config(tiny_model_dir)["ops"].items() if job_def.graph.has_node_named(k)}
+    return job_def.execute_in_process(run_config={"ops": ops}, instance=instance, raise_on_error=False)
 
 
 def _failing_rows(result, check_name: str) -> str:
@@ -73,7 +72,7 @@ def test_tampered_mart_blocks_tuning(tmp_path, tasks_dir, tiny_model_dir, tamper
     home = tmp_path / "home"
     defs = make_defs(home, free_port(), tasks_dir)
     instance = dg.DagsterInstance.ephemeral()
-    built = _run(defs, dg.AssetSelection.assets("raw_task_examples", "golden_eval_dataset", "sft_dataset",
+    built = _run(defs, dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset", "sft_dataset",
                                                 "few_shot_examples"), tiny_model_dir, instance)
     assert built.success
     from resources import build_resources

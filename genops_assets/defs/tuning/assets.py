@@ -90,7 +90,7 @@ def tuned_adapter(
               "genops.code_version": CODE_VERSION, VERSION_KEY_TAG: version_key},
     )
     try:
-        mlflow.log_params({**cfg.as_params(), "base_model": base_model["name"], "train_examples": len(train_df),
+        mlflow.log_params(run_id, {**cfg.as_params(), "base_model": base_model["name"], "train_examples": len(train_df),
                            "validation_examples": len(val_df), "task": spec.name})
         for name, part in (("train", train_df), ("validation", val_df)):
             mlflow.log_dataset(run_id, part[["example_id", "input_text", "output_json"]].reset_index(drop=True),
@@ -102,7 +102,7 @@ def tuned_adapter(
         def on_progress(rec: dict[str, float]) -> None:
             step, total = int(rec["step"]), int(rec["total_steps"])
             metrics = {k: rec[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in rec}
-            mlflow.log_metrics({("train_loss" if k == "loss" else k): v for k, v in metrics.items()}, step=step)
+            mlflow.log_metrics(run_id, {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}, step=step)
             if time.monotonic() - last_log[0] > 2 or "eval_loss" in rec or step == total:
                 last_log[0] = time.monotonic()
                 eta = rec.get("eta_s")
