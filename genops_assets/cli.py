@@ -62,6 +62,8 @@ def demo(job: str = "genops_loop") -> int:
     state_file = root / "endpoint" / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     url = f"http://{state.get('host', '127.0.0.1')}:{state.get('port', '?')}"
+    _print_report(root)
+    _ask_endpoint(f"{url}/v1")
     print(f"""
 genops demo finished in {wall / 60:.1f} min.
 
@@ -75,6 +77,36 @@ genops demo finished in {wall / 60:.1f} min.
   Stop the endpoint:                     make stop
 """, flush=True)
     return 0
+
+
+def _print_report(root: Path) -> None:
+    """The metric table of the newest evaluation report."""
+    reports = sorted((root / "runs" / "eval").glob("*/report.md"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        return
+    lines = [ln for ln in reports[-1].read_text().splitlines() if ln.startswith("|") or "gate" in ln.lower()]
+    print("\nEvaluation on the golden set (" + str(reports[-1].parent) + "):")
+    print("\n".join("  " + ln for ln in lines[:40]))
+
+
+def _ask_endpoint(base_url: str) -> None:
+    """One request through the official openai client, as a user would send it."""
+    from openai import OpenAI
+
+    from genops_assets.lib.formatting import build_messages
+    from genops_assets.lib.tasks import load_task
+
+    message = "Hi, my thermostat shows 'offline' in the app since the power cut yesterday and the house is cold."
+    try:
+        task = load_task(os.environ.get("GENOPS_TASKS_DIR") or REPO / "tasks", os.environ.get("GENOPS_TASK") or "support_triage")
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="champion", temperature=0, max_tokens=task.max_new_tokens,
+                                               messages=build_messages(task, message, []))
+    except Exception as exc:  # noqa: BLE001 - reported, the demo itself already verified the endpoint
+        print(f"\nendpoint request failed: {exc}", file=sys.stderr)
+        return
+    print(f"\nAsked the endpoint (model champion): {message}\n  -> {reply.choices[0].message.content}"
+          f"\n  ({reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens)")
 
 
 def ui() -> int:

@@ -48,9 +48,10 @@ def test_loop_on_embedded_smollm2(tmp_path):
         assert reply.usage.completion_tokens > 0
 
         # A second materialization of base_model reuses the converted folder (keyed by the GGUF digest).
+        from genops_assets.defs.models.assets import base_model
         from resources import build_resources
 
-        again = dg.materialize([defs.resolve_assets_def("base_model")],
+        again = dg.materialize([base_model],
                                resources={"home": build_resources(home=home)["home"]},
                                instance=dg.DagsterInstance.ephemeral())
         assert again.output_for_node("base_model")["reused"] is True
