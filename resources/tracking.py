@@ -88,7 +88,11 @@ class MlflowTracking(dg.ConfigurableResource):
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
-        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+        import warnings
+
+        with warnings.catch_warnings():  # a local path matches two equivalent local source types
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
         entity = ds._to_mlflow_entity()
         self.client().log_inputs(
             run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
