@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 MANIFEST := dbt/target/manifest.json
 DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
 
-.PHONY: install demo test test-fast ui mlflow-ui stop clean dbt-manifest lineage
+.PHONY: install demo test test-fast bench ui mlflow-ui stop clean dbt-manifest lineage
 
 install: $(STAMP) $(MANIFEST)
 
@@ -46,6 +46,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
+
+# Side-by-side timings (ratios) written to $(GENOPS_HOME)/bench/results.json.
+bench: install
+	$(BIN)/python -m genops_assets.bench
 
 ui: install
 	$(BIN)/python -m genops_assets.cli ui

@@ -140,8 +140,9 @@ def stop() -> int:
     from genops_assets.lib.serving import control
 
     init_home()
-    control.stop_server(home() / "endpoint")
-    print("endpoint stopped")
+    for name in ("endpoint", "judge"):
+        if control.stop_server(home() / name):
+            print(f"{name} server stopped")
     return 0
 
 

@@ -11,6 +11,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from resources.endpoint import LocalEndpoint
+from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
@@ -41,7 +42,8 @@ def dbt_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("dbt") or "dbt")
 
 
-def build_resources(home: Path | None = None, task: str | None = None, port: int | None = None) -> dict:
+def build_resources(home: Path | None = None, task: str | None = None, port: int | None = None,
+                    judge_port: int | None = None) -> dict:
     home = (home or genops_home()).resolve()
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
@@ -60,6 +62,13 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
         "endpoint": LocalEndpoint(
             state_dir=str(home / "endpoint"),
             port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008),
+        ),
+        "judge": JudgeResource(
+            base_url=os.environ.get("GENOPS_JUDGE_BASE_URL") or None,
+            model=os.environ.get("GENOPS_JUDGE_MODEL") or "base",
+            api_key=dg.EnvVar("GENOPS_JUDGE_API_KEY") if os.environ.get("GENOPS_JUDGE_API_KEY") else "unused",
+            local_state_dir=str(home / "judge"),
+            local_port=judge_port or int(os.environ.get("GENOPS_JUDGE_PORT") or 8018),
         ),
         "dbt": DbtCliResource(
             project_dir=str(DBT_PROJECT_DIR),

@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def make_defs(home: Path, port: int, tasks_dir: Path | None = None) -> dg.Definitions:
-    res = build_resources(home=home, port=port)
+    res = build_resources(home=home, port=port, judge_port=free_port())
     if tasks_dir is not None:
         res["task"] = TaskResource(tasks_dir=str(tasks_dir), name=res["task"].name)
     return dg.Definitions.merge(asset_definitions(), dg.Definitions(resources=res))
@@ -37,6 +37,7 @@ def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: 
                                          "eval_every": 0, "save_every": 1, "log_every": 1, "rank": 4, "alpha": 8}},
             "eval_report": {"config": {"max_examples": examples, "batch_size": 4, "margin": margin,
                                        "base_few_shot": 1}},
+            "sxs_evaluation": {"config": {"max_examples": examples}},
         }
     }
 

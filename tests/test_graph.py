@@ -16,6 +16,7 @@ def home(tmp_path):
     h = tmp_path / "home"
     yield h
     control.stop_server(h / "endpoint")
+    control.stop_server(h / "judge")
 
 
 def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
@@ -26,7 +27,7 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     result = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
     assert result.success
     assert {"raw_task_examples", "golden_eval_dataset", "sft_dataset", "few_shot_examples", "base_model",
-            "tuned_adapter", "eval_report", "deployed_endpoint"} <= materialized(result)
+            "tuned_adapter", "eval_report", "sxs_evaluation", "deployed_endpoint"} <= materialized(result)
     checks = check_results(result)
     assert checks["gx_sft_dataset"] and checks["gx_golden_eval_dataset"] and checks["beats_champion"]
 
@@ -53,6 +54,12 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert again.success
     assert again.output_for_node("tuned_adapter")["version"] == "1"
     assert again.output_for_node("deployed_endpoint")["action"] == "unchanged"
+    # Unchanged evaluation and judging: everything comes from the call cache.
+    assert result.output_for_node("eval_report")["model_calls"] > 0
+    assert again.output_for_node("eval_report")["model_calls"] == 0
+    sxs = again.output_for_node("sxs_evaluation")
+    assert sxs["usage"]["calls"] == 0 and sxs["usage"]["cached"] > 0
+    assert sxs["summary"] == result.output_for_node("sxs_evaluation")["summary"]
     assert len(tracking.client().search_model_versions("name = 'genops-support_triage'")) == 1
 
 

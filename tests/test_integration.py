@@ -17,11 +17,12 @@ pytestmark = pytest.mark.integration
 def test_loop_on_embedded_smollm2(tmp_path):
     home = tmp_path / "home"
     port = free_port()
-    defs = make_defs(home, port)
+    defs = make_defs(home, port)  # the judge gets its own free port
     run_config = {"ops": {
         "tuned_adapter": {"config": {"max_steps": 4, "max_train_examples": 16, "eval_every": 0, "save_every": 2,
                                      "log_every": 1}},
         "eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": -1.0, "base_few_shot": 0}},
+        "sxs_evaluation": {"config": {"max_examples": 4}},
     }}
     try:
         result = defs.resolve_job_def("genops_loop").execute_in_process(
@@ -55,5 +56,9 @@ def test_loop_on_embedded_smollm2(tmp_path):
                                resources={"home": build_resources(home=home)["home"]},
                                instance=dg.DagsterInstance.ephemeral())
         assert again.output_for_node("base_model")["reused"] is True
+        sxs = result.output_for_node("sxs_evaluation")
+        assert sxs["summary"]["judged_pairs"] + len([f for f in sxs["failures"] if f["stage"] == "pairwise"]) == 4
+        assert Path(sxs["report_html"]).read_text().count("<img") >= 1
     finally:
         control.stop_server(home / "endpoint")
+        control.stop_server(home / "judge")

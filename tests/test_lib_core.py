@@ -110,6 +110,19 @@ def test_parse_prediction(text, valid):
     assert (parse_prediction(text, FIELDS) is not None) is valid
 
 
+def test_lenient_parse_finds_the_object_after_prose_and_scores_fields_but_not_validity():
+    text = 'Here is the JSON:\n```json\n{"category": "billing", "priority": "low"}\n```\nHope it helps {'
+    assert parse_prediction(text, FIELDS) is None
+    assert parse_prediction(text, FIELDS, lenient=True)["category"] == "billing"
+    ref = {"category": "billing", "priority": "high", "product": "none", "summary": "Customer asks."}
+    s = score_example("x", text, ref, FIELDS[:3], FIELDS[3:], FIELDS)
+    assert (s.valid_json, s.found) == (False, True)
+    assert s.field_match == {"category": True, "priority": False, "product": False}
+    agg = aggregate([s])
+    assert agg["valid_json_rate"] == 0.0 and agg["json_found_rate"] == 1.0
+    assert parse_prediction("no object at all", FIELDS, lenient=True) is None
+
+
 def test_scores_and_aggregate_by_hand():
     ref = {"category": "billing", "priority": "high", "product": "cloud_plan", "summary": "Customer was charged twice."}
     perfect = score_example("a", json.dumps(ref), ref, FIELDS[:3], FIELDS[3:], FIELDS)

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genops_assets.lib.cache import CallCache, cache_key
 from genops_assets.lib.formatting import build_messages
-from genops_assets.lib.hashing import atomic_write_json, sha256_json
-from genops_assets.lib.metrics import aggregate, score_example
+from genops_assets.lib.metrics import ExampleScore, aggregate, per_example, score_example
+from genops_assets.lib.stats import paired_difference_ci
 from genops_assets.lib.tasks import TaskSpec
 
 
@@ -32,6 +33,8 @@ class ModelEval:
     metrics: dict[str, float]
     predictions: list[dict[str, Any]] = field(default_factory=list)
     cached: bool = False
+    scores: list[ExampleScore] = field(default_factory=list)
+    model_calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,16 @@ class GateDecision:
     baseline_name: str
     margin: float
     reason: str
+    improvement_low: float | None = None
+    improvement_high: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def eval_cache_key(model_digest: str, messages: Sequence[list[dict[str, str]]], decoding: Mapping[str, Any]) -> str:
-    return sha256_json({"model": model_digest, "messages": list(messages), "decoding": dict(decoding)})
+def generation_key(model_digest: str, messages: Sequence[Mapping[str, str]], decoding: Mapping[str, Any]) -> str:
+    """Cache key of one generation: model (or adapter) digest, the rendered prompt, decoding."""
+    return cache_key(kind="generation", model=model_digest, messages=list(messages), decoding=dict(decoding))
 
 
 def evaluate_model(
@@ -60,41 +66,51 @@ def evaluate_model(
     task: TaskSpec,
     examples: Sequence[EvalExample],
     shots: Sequence[tuple[str, Mapping[str, Any]]],
-    cache_dir: Path,
+    cache: CallCache,
     batch_size: int = 8,
     log=print,
 ) -> ModelEval:
-    """Generate answers for every example (or read them from the cache) and score them."""
+    """Generate answers for every example (each read from the cache when already made) and score them.
+
+    Only the examples missing from the cache reach the model, so a re-run of an unchanged
+    evaluation makes no model call and a failed run resumes where it stopped.
+    """
     from genops_assets.lib.generation import generate
 
     if not examples:
         raise ValueError("the golden evaluation set is empty: nothing to evaluate")
     messages = [build_messages(task, ex.input_text, shots) for ex in examples]
     decoding = {"max_new_tokens": task.max_new_tokens, "temperature": 0.0}
-    key = eval_cache_key(model_digest, messages, decoding)
-    cache_file = cache_dir / f"{key}.json"
-    cached = cache_file.is_file()
-    if cached:
-        log(f"{name}: predictions read from cache {cache_file.name}")
-        stored = json.loads(cache_file.read_text())
-        texts, latencies = stored["texts"], stored["latencies"]
-    else:
-        # Sort by prompt length so each batch pads little, then restore the original order.
+    keys = [generation_key(model_digest, m, decoding) for m in messages]
+    texts: list[str | None] = [None] * len(messages)
+    latencies = [0.0] * len(messages)
+    for i, k in enumerate(keys):
+        hit = cache.get(k)
+        if hit is not None:
+            texts[i], latencies[i] = hit["text"], hit["latency_s"]
+    missing = [i for i, t in enumerate(texts) if t is None]
+    log(f"{name}: {len(examples) - len(missing)}/{len(examples)} predictions from the cache, "
+        f"{len(missing)} to generate")
+    calls = 0
+    if missing:
         if callable(loaded):  # loaded lazily: a fully cached evaluation never loads the model
             loaded = loaded()
-        order = sorted(range(len(messages)), key=lambda i: len(examples[i].input_text))
-        texts, latencies = [""] * len(messages), [0.0] * len(messages)
+        # Sort by prompt length so each batch pads little; results go back to their rows.
+        order = sorted(missing, key=lambda i: len(examples[i].input_text))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             results = generate(loaded, [messages[i] for i in idx], adapter=adapter,
                                max_new_tokens=task.max_new_tokens, temperature=0.0, batch_size=batch_size)
+            calls += 1
             for i, r in zip(idx, results, strict=True):
                 texts[i], latencies[i] = r.text, r.latency_s
+                cache.put(keys[i], "generation", {"text": r.text, "latency_s": r.latency_s,
+                                                  "completion_tokens": r.completion_tokens})
             log(f"{name}: generated {min(start + batch_size, len(order))}/{len(order)}")
-        atomic_write_json(cache_file, {"texts": texts, "latencies": latencies, "decoding": decoding})
+    final = [t or "" for t in texts]
     scores = [
         score_example(ex.example_id, text, ex.reference, task.label_fields, task.text_fields, task.output_fields)
-        for ex, text in zip(examples, texts, strict=True)
+        for ex, text in zip(examples, final, strict=True)
     ]
     metrics = aggregate(scores, latencies)
     predictions = [
@@ -107,9 +123,10 @@ def evaluate_model(
             "field_match": s.field_match,
             "latency_s": lat,
         }
-        for ex, text, s, lat in zip(examples, texts, scores, latencies, strict=True)
+        for ex, text, s, lat in zip(examples, final, scores, latencies, strict=True)
     ]
-    return ModelEval(name, model_digest, metrics, predictions, cached)
+    return ModelEval(name, model_digest, metrics, predictions, cached=not missing, scores=scores,
+                     model_calls=calls)
 
 
 def gate_decision(
@@ -118,12 +135,82 @@ def gate_decision(
     baseline_name: str,
     primary_metric: str,
     margin: float,
+    candidate_scores: Sequence[ExampleScore] | None = None,
+    baseline_scores: Sequence[ExampleScore] | None = None,
+    level: float = 0.95,
 ) -> GateDecision:
-    """The candidate is promoted only if it beats the baseline by ``margin`` on the primary metric."""
+    """Promote only if the candidate beats the baseline by ``margin`` on the primary metric.
+
+    With per-example scores of both (the same examples), the decision uses the lower bound of
+    the bootstrap interval of the paired improvement, not the point estimate: a lucky draw of
+    the golden set does not promote a model.
+    """
     if primary_metric not in candidate or primary_metric not in baseline:
         raise KeyError(f"primary metric '{primary_metric}' missing from evaluation results")
     c, b = float(candidate[primary_metric]), float(baseline[primary_metric])
+    if candidate_scores and baseline_scores:
+        ci = paired_difference_ci(per_example(candidate_scores, primary_metric),
+                                  per_example(baseline_scores, primary_metric), level=level)
+        passed = ci.low >= margin
+        verb = "beats" if passed else "does not beat"
+        reason = (f"candidate {primary_metric}={c:.4f} {verb} {baseline_name}={b:.4f}: improvement "
+                  f"{ci.estimate:+.4f}, {int(level * 100)}% interval [{ci.low:+.4f}, {ci.high:+.4f}], "
+                  f"lower bound vs margin {margin:.4f}")
+        return GateDecision(passed, primary_metric, c, b, baseline_name, margin, reason, ci.low, ci.high)
     passed = c >= b + margin
     verb = "beats" if passed else "does not beat"
     reason = f"candidate {primary_metric}={c:.4f} {verb} {baseline_name}={b:.4f} + margin {margin:.4f}"
     return GateDecision(passed, primary_metric, c, b, baseline_name, margin, reason)
+
+
+def sample_pass_rates(
+    loaded,
+    adapter: str | None,
+    model_digest: str,
+    task: TaskSpec,
+    examples: Sequence[EvalExample],
+    cache: CallCache,
+    n: int,
+    temperature: float = 0.7,
+    batch_size: int = 8,
+    log=print,
+) -> dict[str, Any]:
+    """n sampled answers per example; pass = every label field right. pass@k and pass^k per k,
+    averaged over examples, with bootstrap intervals. Samples are cached like greedy answers."""
+    from genops_assets.lib.generation import generate
+    from genops_assets.lib.stats import bootstrap_ci, pass_at_k, pass_hat_k
+
+    if n < 2:
+        raise ValueError("sampling needs n >= 2")
+    passes: list[int] = []
+    calls = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        messages = [build_messages(task, ex.input_text, []) for ex in chunk]
+        counts = [0] * len(chunk)
+        for s in range(n):
+            decoding = {"max_new_tokens": task.max_new_tokens, "temperature": temperature, "sample": s}
+            keys = [generation_key(model_digest, m, decoding) for m in messages]
+            hits = [cache.get(k) for k in keys]
+            if any(h is None for h in hits):
+                if callable(loaded):
+                    loaded = loaded()
+                results = generate(loaded, messages, adapter=adapter, max_new_tokens=task.max_new_tokens,
+                                   temperature=temperature, batch_size=batch_size, seed=1000 * s + start)
+                calls += 1
+                hits = []
+                for k, r in zip(keys, results, strict=True):
+                    value = {"text": r.text, "latency_s": r.latency_s, "completion_tokens": r.completion_tokens}
+                    cache.put(k, "generation", value)
+                    hits.append(value)
+            for j, (ex, h) in enumerate(zip(chunk, hits, strict=True)):
+                sc = score_example(ex.example_id, h["text"], ex.reference, task.label_fields, task.text_fields,
+                                   task.output_fields)
+                counts[j] += int(sc.all_labels_match)
+        passes.extend(counts)
+        log(f"sampling: {min(start + batch_size, len(examples))}/{len(examples)} examples x {n} samples")
+    out: dict[str, Any] = {"n": n, "temperature": temperature, "model_calls": calls}
+    for k in sorted({1, n}):
+        out[f"pass@{k}"] = bootstrap_ci([pass_at_k(n, c, k) for c in passes]).as_dict()
+        out[f"pass^{k}"] = bootstrap_ci([pass_hat_k(n, c, k) for c in passes]).as_dict()
+    return out

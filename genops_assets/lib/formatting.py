@@ -43,19 +43,23 @@ def build_messages(
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
 
 
-def parse_prediction(text: str, fields: Sequence[str]) -> dict[str, Any] | None:
+def parse_prediction(text: str, fields: Sequence[str], lenient: bool = False) -> dict[str, Any] | None:
     """Parse a model answer into a dict of the task's fields, or None if it is not valid JSON.
 
-    Tolerates a code fence and text after the object (small models often add some), but
-    the answer must start with the object: prose before it makes the prediction invalid.
+    Strict (the default): tolerates a code fence and text after the object (small models
+    often add some), but the answer must start with the object. Lenient: the first JSON
+    object anywhere in the text, as a forgiving consumer would extract it.
     """
     cleaned = _FENCE.sub("", text.strip()).strip()
-    if not cleaned.startswith("{"):
-        return None
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(cleaned)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    return {f: obj.get(f) for f in fields} | {"_extra_keys": sorted(set(obj) - set(fields))}
+    starts = [0] if cleaned.startswith("{") else []
+    if lenient:
+        starts += [i for i, ch in enumerate(cleaned) if ch == "{" and i > 0]
+    decoder = json.JSONDecoder()
+    for start in starts:
+        try:
+            obj, _ = decoder.raw_decode(cleaned[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return {f: obj.get(f) for f in fields} | {"_extra_keys": sorted(set(obj) - set(fields))}
+    return None

@@ -188,3 +188,106 @@ def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, 
         results.append(GenerationResult(text=text.strip(), prompt_tokens=int(mask.sum()),
                                         completion_tokens=len(new), latency_s=latency, finish_reason=finish))
     return results
+
+
+def score_choices(
+    loaded: LoadedModel,
+    messages_batch: Sequence[Messages],
+    choices_batch: Sequence[Sequence[str]],
+    adapter: str | None = None,
+) -> list[tuple[dict[str, float], int]]:
+    """Log-probability of each allowed answer, normalised over the choices, per conversation.
+
+    Every (conversation, choice) pair is scored in one left-padded forward pass: the choice's
+    tokens are appended to the prompt and their log-probabilities summed. This is how a judge
+    always yields a valid verdict, however small the model. Returns ``(logprobs, prompt_tokens)``.
+    """
+    import torch
+
+    if adapter is not None and adapter not in loaded.internal:
+        raise KeyError(f"adapter '{adapter}' is not loaded (loaded: {sorted(loaded.internal)})")
+    tok = loaded.tokenizer
+    prompts = [tok(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for m in messages_batch]
+    choice_ids = [[tok(c, add_special_tokens=False)["input_ids"] for c in choices] for choices in choices_batch]
+    for choices, ids in zip(choices_batch, choice_ids, strict=True):
+        if not choices:
+            raise ValueError("score_choices needs at least one choice per conversation")
+        empty = [c for c, i in zip(choices, ids, strict=True) if not i]
+        if empty:
+            raise ValueError(f"choice(s) {empty} have no tokens")
+    if all(len(i) == 1 for ids in choice_ids for i in ids):
+        return _score_single_token_choices(loaded, prompts, choices_batch, choice_ids, adapter)
+    seqs: list[list[int]] = []
+    spans: list[tuple[int, int, int]] = []  # (request index, choice start, choice length)
+    prompt_lens = [len(p) for p in prompts]
+    for i, (p_ids, ids) in enumerate(zip(prompts, choice_ids, strict=True)):
+        for c_ids in ids:
+            seqs.append(p_ids + c_ids)
+            spans.append((i, len(p_ids), len(c_ids)))
+    input_ids, mask = _left_pad(seqs, tok.pad_token_id)
+    width = input_ids.shape[1]
+    logprobs = torch.log_softmax(_forward(loaded, input_ids, mask, adapter), dim=-1)
+    totals: list[float] = []
+    for r, (_i, _start, n) in enumerate(spans):
+        seq_len = len(seqs[r])
+        offset = width - seq_len
+        # Token at absolute position t is predicted by the logits at t - 1.
+        positions = range(offset + seq_len - n, offset + seq_len)
+        totals.append(float(sum(logprobs[r, t - 1, input_ids[r, t]] for t in positions)))
+    out: list[tuple[dict[str, float], int]] = []
+    r = 0
+    for i, choices in enumerate(choices_batch):
+        raw = torch.tensor(totals[r : r + len(choices)])
+        norm = torch.log_softmax(raw, dim=0).tolist()
+        out.append(({c: float(v) for c, v in zip(choices, norm, strict=True)}, prompt_lens[i]))
+        r += len(choices)
+    return out
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, width - len(s):] = torch.tensor(list(s))
+        mask[r, width - len(s):] = 1
+    return input_ids, mask
+
+
+def _forward(loaded: LoadedModel, input_ids, mask, adapter: str | None, last_only: bool = False):
+    """Logits of one forward pass with the adapter selected (or all adapters off for the base)."""
+    import contextlib
+
+    import torch
+
+    input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
+    with loaded.lock:
+        from peft import PeftModel
+
+        model = loaded.model
+        if adapter is None and isinstance(model, PeftModel):
+            ctx = model.disable_adapter()
+        else:
+            ctx = contextlib.nullcontext()
+            if adapter is not None:
+                model.set_adapter(loaded.internal[adapter])
+        with ctx, torch.inference_mode():
+            kwargs = {"logits_to_keep": 1} if last_only else {}
+            return model(input_ids=input_ids, attention_mask=mask, **kwargs).logits.float()
+
+
+def _score_single_token_choices(loaded, prompts, choices_batch, choice_ids, adapter):
+    """Every choice is one token: one forward pass of the prompts, read at the last position."""
+    import torch
+
+    input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id)
+    last = torch.log_softmax(_forward(loaded, input_ids, mask, adapter, last_only=True)[:, -1, :], dim=-1)
+    out = []
+    for r, (choices, ids) in enumerate(zip(choices_batch, choice_ids, strict=True)):
+        raw = torch.stack([last[r, i[0]] for i in ids])
+        norm = torch.log_softmax(raw, dim=0).tolist()
+        out.append(({c: float(v) for c, v in zip(choices, norm, strict=True)}, len(prompts[r])))
+    return out

@@ -19,10 +19,15 @@ class ExampleScore:
     field_match: dict[str, bool]
     rouge_l: dict[str, float]
     bleu: dict[str, float]
+    json_found: bool | None = None  # an object could be extracted (lenient); None: same as valid_json
+
+    @property
+    def found(self) -> bool:
+        return self.valid_json if self.json_found is None else self.json_found
 
     @property
     def all_labels_match(self) -> bool:
-        return self.valid_json and all(self.field_match.values())
+        return self.found and all(self.field_match.values())
 
 
 def _norm_label(value: Any) -> str | None:
@@ -52,11 +57,15 @@ def score_example(
     text_fields: Sequence[str],
     output_fields: Sequence[str],
 ) -> ExampleScore:
-    parsed = parse_prediction(prediction_text, output_fields)
-    valid = parsed is not None
+    strict = parse_prediction(prediction_text, output_fields)
+    valid = strict is not None
+    # Fields are read from the first JSON object in the answer, even after some prose; the
+    # strict valid-JSON rate says separately whether the answer was only that object.
+    parsed = strict if valid else parse_prediction(prediction_text, output_fields, lenient=True)
+    found = parsed is not None
     parsed = parsed or {}
     field_match = {
-        f: valid and _norm_label(parsed.get(f)) is not None
+        f: found and _norm_label(parsed.get(f)) is not None
         and _norm_label(parsed.get(f)) == _norm_label(reference.get(f))
         for f in label_fields
     }
@@ -67,7 +76,7 @@ def score_example(
         ref = str(reference.get(f) or "")
         rouge[f] = rouge_l_f1(pred, ref) if pred and ref else 0.0
         bleu[f] = sentence_bleu(pred, ref) if pred and ref else 0.0
-    return ExampleScore(example_id, valid, field_match, rouge, bleu)
+    return ExampleScore(example_id, valid, field_match, rouge, bleu, found)
 
 
 def aggregate(scores: Sequence[ExampleScore], latencies_s: Sequence[float] = ()) -> dict[str, float]:
@@ -77,6 +86,7 @@ def aggregate(scores: Sequence[ExampleScore], latencies_s: Sequence[float] = ())
     n = len(scores)
     out: dict[str, float] = {"n_examples": float(n)}
     out["valid_json_rate"] = sum(s.valid_json for s in scores) / n
+    out["json_found_rate"] = sum(s.found for s in scores) / n
     fields = list(scores[0].field_match)
     for f in fields:
         out[f"exact_match_{f}"] = sum(s.field_match[f] for s in scores) / n
@@ -93,3 +103,18 @@ def aggregate(scores: Sequence[ExampleScore], latencies_s: Sequence[float] = ())
         out["latency_p50_s"] = ordered[len(ordered) // 2]
         out["latency_p95_s"] = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     return out
+
+
+def per_example(scores: Sequence[ExampleScore], metric: str) -> list[float]:
+    """One value per example of a dataset-level metric (its mean over examples is the metric)."""
+    if metric == "valid_json_rate":
+        return [float(s.valid_json) for s in scores]
+    if metric == "mean_field_exact_match":
+        return [statistics.fmean(s.field_match.values()) if s.field_match else 0.0 for s in scores]
+    if metric == "overall_exact_match":
+        return [float(s.all_labels_match) for s in scores]
+    for prefix, attr in (("exact_match_", "field_match"), ("rouge_l_", "rouge_l"), ("bleu_", "bleu")):
+        if metric.startswith(prefix):
+            f = metric[len(prefix):]
+            return [float(getattr(s, attr)[f]) for s in scores]
+    raise KeyError(f"no per-example form of metric '{metric}'")

@@ -11,6 +11,7 @@ from typing import Any
 
 REPORT_METRICS = (
     "valid_json_rate",
+    "json_found_rate",
     "mean_field_exact_match",
     "overall_exact_match",
 )
@@ -128,3 +129,129 @@ pre{{white-space:pre-wrap;margin:0;max-width:40em}}.passed{{color:#080}}.failed{
 </body></html>"""
     (out_dir / "report.html").write_text(page, encoding="utf-8")
     return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "chart": out_dir / "metrics.png"}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def win_rate_chart_png(summary: Mapping[str, Any], candidate: str, baseline: str) -> bytes:
+    """Win / tie / loss rates of the candidate with their 95% intervals."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=110)
+    keys = [("win_rate", "win", "#2e7d32"), ("tie_rate", "tie", "#9e9e9e"), ("loss_rate", "loss", "#c62828")]
+    for i, (k, label, color) in enumerate(keys):
+        iv = summary[k]
+        ax.bar(i, iv["estimate"], color=color, yerr=[[iv["estimate"] - iv["low"]], [iv["high"] - iv["estimate"]]],
+               capsize=6)
+        ax.text(i, iv["high"] + 0.02, f"{iv['estimate']:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(3))
+    ax.set_xticklabels([k[1] for k in keys])
+    ax.set_ylim(0, 1.1)
+    ax.set_title(f"{candidate} vs {baseline} (95% CI)", fontsize=9)
+    return _png(fig)
+
+
+def delta_chart_png(pointwise: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """Candidate-minus-baseline difference per rubric, with 95% intervals."""
+    plt = _plt()
+    names = list(pointwise)
+    fig, ax = plt.subplots(figsize=(5.2, 0.5 * max(len(names), 1) + 1.4), dpi=110)
+    for i, n in enumerate(names):
+        d = pointwise[n]["delta"]
+        ax.errorbar(d["estimate"], i, xerr=[[d["estimate"] - d["low"]], [d["high"] - d["estimate"]]], fmt="o",
+                    capsize=5, color="#1565c0")
+    ax.axvline(0, color="#555", lw=0.8)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel("score delta (candidate - baseline, 1-5 scale)", fontsize=8)
+    return _png(fig)
+
+
+_SXS_SCRIPT = """
+<script>
+function applyFilters() {
+  const losses = document.getElementById('f-loss').checked;
+  const incons = document.getElementById('f-incons').checked;
+  document.querySelectorAll('tr.row').forEach(tr => {
+    let show = true;
+    if (losses && tr.dataset.outcome !== 'loss') show = false;
+    if (incons && tr.dataset.consistent !== 'false') show = false;
+    tr.style.display = show ? '' : 'none';
+  });
+}
+</script>
+"""
+
+
+def write_sxs_report(out_dir: Path, title: str, candidate: str, baseline: str, summary: Mapping[str, Any],
+                     rows: Sequence[Mapping[str, Any]], usage: Mapping[str, Any]) -> dict[str, Path]:
+    """One self-contained HTML page (charts inlined) plus the charts and rows as files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    charts: dict[str, bytes] = {}
+    if "win_rate" in summary:
+        charts["win_rate.png"] = win_rate_chart_png(summary, candidate, baseline)
+    if summary.get("pointwise"):
+        charts["pointwise_delta.png"] = delta_chart_png(summary["pointwise"])
+    for name, data in charts.items():
+        (out_dir / name).write_bytes(data)
+    esc = html.escape
+
+    def iv(d: Mapping[str, Any] | None) -> str:
+        return "-" if not d else f"{d['estimate']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+    summary_rows = [("examples", summary.get("examples")), ("judged pairs", summary.get("judged_pairs")),
+                    ("failed calls (recorded per row)", summary.get("failures")),
+                    ("win rate", iv(summary.get("win_rate"))), ("tie rate", iv(summary.get("tie_rate"))),
+                    ("loss rate", iv(summary.get("loss_rate"))),
+                    ("position consistency", iv(summary.get("position_consistency"))),
+                    ("pairwise rubric", summary.get("pairwise_rubric"))]
+    for name, p in (summary.get("pointwise") or {}).items():
+        summary_rows.append((f"{name}: candidate / baseline / delta",
+                             f"{iv(p['candidate'])} / {iv(p['baseline'])} / {iv(p['delta'])}"))
+    if summary.get("judge_human"):
+        jh = summary["judge_human"]
+        summary_rows.append(("judge-human agreement", f"accuracy {jh['accuracy']:.3f}, kappa {jh['cohen_kappa']:.3f} (n={jh['n']})"))
+    summary_rows += [(f"judge {k}", v) for k, v in usage.items()]
+    table = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in summary_rows)
+    imgs = "".join(f'<img alt="{esc(n)}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
+                   for n, d in charts.items())
+    point_cols = sorted({k for r in rows for k in r if k.endswith("_candidate") and k != "candidate"})
+    head = "".join(f"<th>{esc(c.removesuffix('_candidate'))} (cand / base)</th>" for c in point_cols)
+    body = []
+    for r in rows:
+        cells = "".join(
+            f"<td>{r.get(c, '-')} / {r.get(c.removesuffix('_candidate') + '_baseline', '-')}</td>" for c in point_cols)
+        body.append(
+            f'<tr class="row" data-outcome="{esc(str(r.get("outcome")))}" '
+            f'data-consistent="{str(r.get("consistent")).lower()}">'
+            f"<td>{esc(r['example_id'])}</td><td><pre>{esc(r['input'])}</pre></td>"
+            f"<td><pre>{esc(r['reference'])}</pre></td><td><pre>{esc(r['candidate'])}</pre></td>"
+            f"<td><pre>{esc(r['baseline'])}</pre></td>"
+            f"<td>{esc(str(r.get('outcome')))}<br><small>orders: {esc(str(r.get('verdict_candidate_first')))} / "
+            f"{esc(str(r.get('verdict_candidate_second')))}; consistent: {esc(str(r.get('consistent')))}</small>"
+            f"{'<br><small>' + esc(str(r['explanation'])) + '</small>' if r.get('explanation') else ''}"
+            f"{'<br><small class=err>' + esc(str(r['error'])) + '</small>' if r.get('error') else ''}</td>"
+            f"{cells}</tr>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:24px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ddd;padding:4px 6px;vertical-align:top;font-size:12px;text-align:left}}
+pre{{white-space:pre-wrap;max-width:340px;margin:0}} img{{margin:8px 16px 8px 0}} .err{{color:#c62828}}</style>
+{_SXS_SCRIPT}</head><body><h1>{esc(title)}</h1>
+<h2>Summary</h2><table>{table}</table>{imgs}
+<h2>Per example</h2>
+<label><input type="checkbox" id="f-loss" onchange="applyFilters()"> losses only</label>
+<label><input type="checkbox" id="f-incons" onchange="applyFilters()"> position-inconsistent only</label>
+<table id="rows"><tr><th>id</th><th>input</th><th>reference</th><th>{esc(candidate)}</th><th>{esc(baseline)}</th>
+<th>verdict</th>{head}</tr>{''.join(body)}</table></body></html>"""
+    html_path = out_dir / "sxs_report.html"
+    html_path.write_text(page, encoding="utf-8")
+    rows_path = out_dir / "sxs_rows.jsonl"
+    import json
+
+    rows_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return {"html": html_path, "rows": rows_path, **{n: out_dir / n for n in charts}}

@@ -10,7 +10,8 @@ import dagster as dg
 
 from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.defs.evaluation.config import EvalConfig
-from genops_assets.lib.evaluation import EvalExample, ModelEval, evaluate_model, gate_decision
+from genops_assets.lib.cache import CallCache
+from genops_assets.lib.evaluation import EvalExample, ModelEval, evaluate_model, gate_decision, sample_pass_rates
 from genops_assets.lib.hashing import atomic_dir, file_digests, sha256_json
 from genops_assets.lib.report import write_eval_report
 from resources.paths import GenopsHome
@@ -89,26 +90,36 @@ def eval_report(
             holder["m"] = load_model(base_model["path"], adapters)
         return holder["m"]
 
-    cache = home.cache_dir / "predictions"
+    cache = CallCache(home.cache_dir / "calls.sqlite")
     log = context.log.info
     base = evaluate_model(load, None, "base", base_model["folder_digest"], spec, examples, shots, cache,
                           config.batch_size, log)
-    cand = evaluate_model(load, "candidate", f"v{version}", tuned_adapter["adapter_digest"], spec, examples, [],
+    # An adapter's answers depend on the base it sits on: the cache key holds both digests.
+    def on_base(adapter_digest: str) -> str:
+        return sha256_json([base_model["folder_digest"], adapter_digest])
+
+    cand = evaluate_model(load, "candidate", f"v{version}", on_base(tuned_adapter["adapter_digest"]), spec, examples, [],
                           cache, config.batch_size, log)
     evals: dict[str, ModelEval] = {f"base ({len(shots)}-shot)": base, f"candidate v{version}": cand}
+    sampling = None
+    if config.samples > 1:
+        sampling = sample_pass_rates(load, "candidate", on_base(tuned_adapter["adapter_digest"]), spec, examples,
+                                     cache, config.samples, config.sample_temperature, config.batch_size, log)
     champ_eval = None
     if "champion" in adapters:
         champ_eval = evaluate_model(load, "champion", f"champion v{champion.version}",
-                                    champion.tags.get("genops.adapter_digest", champion.version),
+                                    on_base(champion.tags.get("genops.adapter_digest", champion.version)),
                                     spec, examples, [], cache, config.batch_size, log)
         evals[f"champion v{champion.version}"] = champ_eval
 
     if champion is not None and champion.version == version:
         gate = gate_decision(cand.metrics, cand.metrics, f"champion v{version} (itself)", spec.primary_metric, 0.0)
     elif champ_eval is not None:
-        gate = gate_decision(cand.metrics, champ_eval.metrics, f"champion v{champion.version}", spec.primary_metric, config.margin)
+        gate = gate_decision(cand.metrics, champ_eval.metrics, f"champion v{champion.version}", spec.primary_metric,
+                             config.margin, cand.scores, champ_eval.scores)
     else:
-        gate = gate_decision(cand.metrics, base.metrics, "base model", spec.primary_metric, config.margin)
+        gate = gate_decision(cand.metrics, base.metrics, "base model", spec.primary_metric, config.margin,
+                             cand.scores, base.scores)
     context.log.info(f"promotion gate: {gate.reason}")
 
     metric_names = [m for m in cand.metrics if m != "n_examples"]
@@ -152,7 +163,10 @@ def eval_report(
         "first_example": {"example_id": examples[0].example_id, "input": examples[0].input_text,
                           "candidate_prediction": cand.predictions[0]["prediction"]},
         "report_html": str(paths["html"]),
+        "predictions_file": str(out_dir / "predictions.jsonl"),
+        "sampling": sampling,
         "mlflow_run_id": run_id,
+        "model_calls": sum(ev.model_calls for ev in evals.values()),
     }
     chart = base64.b64encode(paths["chart"].read_bytes()).decode()
     md = paths["markdown"].read_text().replace("![metrics](metrics.png)", f"![metrics](data:image/png;base64,{chart})")
@@ -161,6 +175,9 @@ def eval_report(
         "report_html": dg.MetadataValue.path(str(paths["html"])),
         "mlflow_run_id": run_id,
         "golden_examples": len(examples),
+        "model_calls": sum(ev.model_calls for ev in evals.values()),
+        "cache_hits": cache.stats()["hits"],
+        **({"sampling": dg.MetadataValue.json(sampling)} if sampling else {}),
         "gate_passed": gate.passed,
         "gate": gate.reason,
         **{f"candidate_{m}": float(cand.metrics[m]) for m in SUMMARY_METRICS},

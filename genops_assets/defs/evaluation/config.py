@@ -9,5 +9,18 @@ class EvalConfig(dg.Config):
     batch_size: int = Field(8, description="Prompts generated together (left-padded batches).")
     base_few_shot: int = Field(2, description="Worked examples from few_shot_examples given to the base model "
                                              "(what prompting alone achieves); 0 for zero-shot.")
+    samples: int = Field(1, description="Answers sampled per golden example for the candidate (> 1 adds "
+                                       "pass@k / pass^k with intervals).")
+    sample_temperature: float = Field(0.7, description="Temperature of those samples.")
     margin: float = Field(0.02, description="How much the candidate must beat the champion (or the base model "
                                            "when there is no champion) by on the task's primary metric.")
+
+
+class SxsConfig(dg.Config):
+    baseline: str = Field("base", description="What the candidate is compared with: 'base' (the base model's "
+                                              "answers in eval_report) or 'champion' (when one was evaluated).")
+    pairwise_rubric: str = Field("pairwise_quality", description="Pairwise rubric name (built-in or the task's).")
+    pointwise_rubrics: list[str] = Field(["instruction_following"], description="Pointwise rubrics scored for "
+                                         "both models; the task's own rubrics are always added.")
+    max_examples: int | None = Field(None, description="Judge only the first N golden examples.")
+    seed: int = Field(0, description="Seed of the bootstrap intervals.")

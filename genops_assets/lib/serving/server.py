@@ -43,6 +43,10 @@ class ChatRequest(BaseModel):
     stream: bool = False
     seed: int | None = None
     user: str | None = None
+    # vLLM's structured-output extension: the answer is one of these strings (judges use it).
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=32)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=32)
 
 
 class ReloadRequest(BaseModel):
@@ -57,11 +61,19 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                         content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
 def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: str,
-               default_max_tokens: int = 256) -> FastAPI:
-    from genops_assets.lib.generation import add_adapter, generate
+               default_max_tokens: int = 256, max_batch: int = 8, batch_wait_s: float = 0.01,
+               request_timeout_s: float = 600.0) -> FastAPI:
+    from genops_assets.lib.generation import add_adapter
+    from genops_assets.lib.serving.batching import Batcher, Job
 
     app = FastAPI(title="genops endpoint", version="1")
+    batcher = Batcher(loaded, max_batch=max_batch, max_wait_s=batch_wait_s)
+    app.state.batcher = batcher
     log_lock = threading.Lock()
     started_at = int(time.time())
     requests_log = state_dir / "requests.jsonl"
@@ -80,7 +92,8 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "base_model": loaded.base_dir, "adapters": dict(versions),
-                "started_at": started_at}
+                "started_at": started_at, "queue_depth": batcher.depth, "batches": batcher.batches,
+                "batched_requests": batcher.batched_jobs}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -97,31 +110,52 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
         if req.model != BASE_NAME and req.model not in loaded.adapters:
             return _error(404, f"The model '{req.model}' does not exist (served: "
                           f"{[BASE_NAME, *sorted(loaded.adapters)]})", param="model", code="model_not_found")
+        if req.logprobs and not req.guided_choice:
+            return _error(400, "logprobs are returned only with guided_choice", param="logprobs",
+                          code="unsupported_parameter")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        adapter = None if req.model == BASE_NAME else req.model
+        messages = [m.model_dump() for m in req.messages]
+        if req.guided_choice:
+            job = Job("choice", messages, adapter, choices=tuple(req.guided_choice))
+        else:
+            job = Job("generate", messages, adapter, max_new_tokens=max_tokens, temperature=req.temperature,
+                      top_p=req.top_p, stop=tuple(stop), seed=req.seed)
         t0 = time.perf_counter()
         try:
-            [res] = generate(loaded, [[m.model_dump() for m in req.messages]],
-                             adapter=None if req.model == BASE_NAME else req.model,
-                             max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                             stop=stop, batch_size=1, seed=req.seed)
+            result, timing = batcher.submit(job).result(timeout=request_timeout_s)
         except Exception as exc:  # noqa: BLE001 - reported to the client in OpenAI's shape
             record({"ts": time.time(), "model": req.model, "status": 500, "error": str(exc)[:300]})
             return _error(500, f"generation failed: {exc}", kind="server_error")
+        logprobs = None
+        if req.guided_choice:
+            scores, prompt_tokens = result
+            text = max(scores, key=scores.get)
+            completion_tokens, finish = 1, "stop"
+            if req.logprobs:
+                top = sorted(scores.items(), key=lambda kv: -kv[1])[: req.top_logprobs or len(scores)]
+                entry = _token_entry(text, scores[text])
+                entry["top_logprobs"] = [_token_entry(c, lp) for c, lp in top]
+                logprobs = {"content": [entry]}
+        else:
+            text, prompt_tokens = result.text, result.prompt_tokens
+            completion_tokens, finish = result.completion_tokens, result.finish_reason
         latency = time.perf_counter() - t0
         record({"ts": time.time(), "model": req.model, "version": versions.get(req.model), "status": 200,
-                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                "latency_s": round(latency, 4), "finish_reason": res.finish_reason})
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "latency_s": round(latency, 4), "queue_s": round(timing["queue_s"], 4),
+                "batch": timing["batch"], "finish_reason": finish, "guided": bool(req.guided_choice)})
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": req.model,
             "system_fingerprint": versions.get(req.model),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                         "logprobs": None, "finish_reason": res.finish_reason}],
-            "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                      "total_tokens": res.prompt_tokens + res.completion_tokens},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
         }
 
     @app.post("/admin/reload")
@@ -150,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8008)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     args = parser.parse_args(argv)
 
     import uvicorn
@@ -161,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     versions = dict(v.split("=", 1) for v in args.version)
     token = (state_dir / "admin_token").read_text().strip()
     loaded = load_model(args.base_model, adapters, dtype=args.dtype)
-    app = create_app(loaded, versions, state_dir, token)
+    app = create_app(loaded, versions, state_dir, token, max_batch=args.max_batch,
+                     batch_wait_s=args.batch_wait_ms / 1000.0)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

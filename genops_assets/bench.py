@@ -1,0 +1,145 @@
+"""`make bench`: side-by-side timings on this machine, written to ``<data dir>/bench/results.json``.
+
+* golden-set evaluation, cold (model calls) vs fully cached (zero model calls);
+* judging against the local server, sequential (one call in flight) vs concurrent
+  (the server batches concurrent requests).
+
+Each comparison runs both sides in the same process, one after the other, and reports the
+ratio: absolute times on shared machines are noise, ratios are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def bench_eval(base_dir: str, task, examples, work: Path) -> dict:
+    from genops_assets.lib.cache import CallCache
+    from genops_assets.lib.evaluation import evaluate_model
+    from genops_assets.lib.generation import load_model
+
+    loaded = load_model(base_dir)
+    digest = "bench-" + Path(base_dir).name
+    t0 = time.perf_counter()
+    cold = evaluate_model(loaded, None, "cold", digest, task, examples, [], CallCache(work / "eval.sqlite"),
+                          batch_size=8, log=_log)
+    cold_s = time.perf_counter() - t0
+
+    def no_model():
+        raise AssertionError("a cached evaluation must not load the model")
+
+    t0 = time.perf_counter()
+    warm = evaluate_model(no_model, None, "cached", digest, task, examples, [], CallCache(work / "eval.sqlite"),
+                          batch_size=8, log=_log)
+    cached_s = time.perf_counter() - t0
+    assert warm.model_calls == 0 and [p["prediction"] for p in warm.predictions] == [
+        p["prediction"] for p in cold.predictions]
+    return {"examples": len(examples), "cold_s": round(cold_s, 3), "cached_s": round(cached_s, 4),
+            "cold_model_calls": cold.model_calls, "cached_model_calls": warm.model_calls,
+            "speedup": round(cold_s / cached_s, 1), "target": ">= 20x",
+            "predictions": [p["prediction"] for p in cold.predictions]}
+
+
+def bench_judging(base_dir: str, task, examples, predictions, work: Path, explain_tokens: int,
+                  concurrency: int) -> dict:
+    from genops_assets.lib.formatting import build_messages
+    from genops_assets.lib.judging import BUILTIN_RUBRICS, ChatJudge, load_rubrics
+    from genops_assets.lib.serving import control
+
+    rubric = load_rubrics(BUILTIN_RUBRICS)["instruction_following"]
+    items = []
+    for ex, pred in zip(examples, predictions, strict=True):
+        request = "\n\n".join(m["content"] for m in build_messages(task, ex.input_text, []))
+        items.append((rubric.render(input=request, response=pred, reference=""), rubric.choices, rubric.version))
+    from genops_assets.lib.serving.control import port_free
+
+    port = next(p for p in range(8090, 8190) if port_free("127.0.0.1", p))
+    state = control.start_server(base_dir, {}, {}, work / "judge", port=port)
+    try:
+        url = f"{state.url}/v1"
+        warm = ChatJudge(url, "base", explain=True, explain_tokens=explain_tokens)
+        warm.choose(*items[0][:2])  # first call pays one-off costs; not timed
+        timings = {}
+        for label, limit in (("sequential", 1), ("concurrent", concurrency)):
+            judge = ChatJudge(url, "base", explain=True, explain_tokens=explain_tokens, max_concurrency=limit)
+            t0 = time.perf_counter()
+            out = judge.choose_many(items)
+            timings[label] = time.perf_counter() - t0
+            failures = [o for o in out if not hasattr(o, "choice")]
+            if failures:
+                raise RuntimeError(f"{label} judging had {len(failures)} failed calls: {failures[:2]}")
+            _log(f"judging {label} (max {limit} in flight): {len(items)} verdicts with explanations in "
+                 f"{timings[label]:.1f}s, {judge.usage.calls} calls")
+        with urllib.request.urlopen(f"{state.url}/health") as resp:
+            health = json.loads(resp.read())
+    finally:
+        control.stop_server(work / "judge")
+    return {"verdicts": len(items), "explain_tokens": explain_tokens, "concurrency": concurrency,
+            "sequential_s": round(timings["sequential"], 2), "concurrent_s": round(timings["concurrent"], 2),
+            "speedup": round(timings["sequential"] / timings["concurrent"], 2), "target": ">= 3x",
+            "server_batches": health.get("batches"), "server_batched_requests": health.get("batched_requests")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=24, help="golden examples in the evaluation benchmark")
+    parser.add_argument("--judge-items", type=int, default=16, help="verdicts in the judging benchmark")
+    parser.add_argument("--explain-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    from resources import QUIET_ENV, genops_home
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
+    from genops_assets.lib.evaluation import EvalExample
+    from genops_assets.lib.tasks import load_task, read_raw_file
+
+    home = genops_home()
+    out = Path(args.out) if args.out else home / "bench" / "results.json"
+    base = convert_gguf(find_embedded_gguf(), home / "models" / "base", log=_log)
+    task = load_task(REPO / "tasks", os.environ.get("GENOPS_TASK") or "support_triage")
+    raw = [r for f in task.raw_files() for r in read_raw_file(f, task)]
+    examples = [EvalExample(f"bench_{i}", r.input_text, r.output) for i, r in enumerate(raw[: args.examples])]
+    results: dict = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                                 "cpus": os.cpu_count()}, "model": base.name}
+    with tempfile.TemporaryDirectory(prefix="genops-bench-") as tmp:
+        work = Path(tmp)
+        _log(f"evaluation: {len(examples)} examples, cold then cached")
+        results["evaluation_cache"] = bench_eval(base.path, task, examples, work)
+        preds = results["evaluation_cache"].pop("predictions")
+        n = min(args.judge_items, len(examples))
+        _log(f"judging: {n} pointwise verdicts with explanations, sequential then concurrent")
+        results["judging"] = bench_judging(base.path, task, examples[:n], preds[:n], work, args.explain_tokens,
+                                           args.concurrency)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp_out.replace(out)
+    e, j = results["evaluation_cache"], results["judging"]
+    print(f"""
+genops bench ({results['machine']['cpus']} CPUs) -> {out}
+  golden-set evaluation, {e['examples']} examples: cold {e['cold_s']:.1f}s ({e['cold_model_calls']} model calls), cached {e['cached_s']:.3f}s (0 calls): {e['speedup']}x (target {e['target']})
+  judging, {j['verdicts']} verdicts + explanations: sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: {j['speedup']}x (target {j['target']})
+""", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
