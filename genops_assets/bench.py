@@ -54,7 +54,7 @@ def bench_eval(base_dir: str, task, examples, work: Path) -> dict:
             "predictions": [p["prediction"] for p in cold.predictions]}
 
 
-def bench_judging(base_dir: str, task, examples, predictions, work: Path, explain_tokens: int,
+def bench_judging(base_dir: str, task, examples, predictions, work: Path, explain: bool, explain_tokens: int,
                   concurrency: int) -> dict:
     from genops_assets.lib.formatting import build_messages
     from genops_assets.lib.judging import BUILTIN_RUBRICS, ChatJudge, load_rubrics
@@ -71,24 +71,24 @@ def bench_judging(base_dir: str, task, examples, predictions, work: Path, explai
     state = control.start_server(base_dir, {}, {}, work / "judge", port=port)
     try:
         url = f"{state.url}/v1"
-        warm = ChatJudge(url, "base", explain=True, explain_tokens=explain_tokens)
+        warm = ChatJudge(url, "base", explain=explain, explain_tokens=explain_tokens)
         warm.choose(*items[0][:2])  # first call pays one-off costs; not timed
         timings = {}
         for label, limit in (("sequential", 1), ("concurrent", concurrency)):
-            judge = ChatJudge(url, "base", explain=True, explain_tokens=explain_tokens, max_concurrency=limit)
+            judge = ChatJudge(url, "base", explain=explain, explain_tokens=explain_tokens, max_concurrency=limit)
             t0 = time.perf_counter()
             out = judge.choose_many(items)
             timings[label] = time.perf_counter() - t0
             failures = [o for o in out if not hasattr(o, "choice")]
             if failures:
                 raise RuntimeError(f"{label} judging had {len(failures)} failed calls: {failures[:2]}")
-            _log(f"judging {label} (max {limit} in flight): {len(items)} verdicts with explanations in "
+            _log(f"judging {label} (max {limit} in flight): {len(items)} verdicts in "
                  f"{timings[label]:.1f}s, {judge.usage.calls} calls")
         with urllib.request.urlopen(f"{state.url}/health") as resp:
             health = json.loads(resp.read())
     finally:
         control.stop_server(work / "judge")
-    return {"verdicts": len(items), "explain_tokens": explain_tokens, "concurrency": concurrency,
+    return {"verdicts": len(items), "explain": explain, "explain_tokens": explain_tokens, "concurrency": concurrency,
             "sequential_s": round(timings["sequential"], 2), "concurrent_s": round(timings["concurrent"], 2),
             "speedup": round(timings["sequential"] / timings["concurrent"], 2), "target": ">= 3x",
             "server_batches": health.get("batches"), "server_batched_requests": health.get("batched_requests")}
@@ -97,7 +97,8 @@ def bench_judging(base_dir: str, task, examples, predictions, work: Path, explai
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=24, help="golden examples in the evaluation benchmark")
-    parser.add_argument("--judge-items", type=int, default=16, help="verdicts in the judging benchmark")
+    parser.add_argument("--judge-items", type=int, default=24, help="verdicts in the judging benchmark")
+    parser.add_argument("--explain", action="store_true", help="judges also write an explanation per verdict")
     parser.add_argument("--explain-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
@@ -125,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         results["evaluation_cache"] = bench_eval(base.path, task, examples, work)
         preds = results["evaluation_cache"].pop("predictions")
         n = min(args.judge_items, len(examples))
-        _log(f"judging: {n} pointwise verdicts with explanations, sequential then concurrent")
-        results["judging"] = bench_judging(base.path, task, examples[:n], preds[:n], work, args.explain_tokens,
-                                           args.concurrency)
+        _log(f"judging: {n} pointwise verdicts in choice mode, sequential then concurrent")
+        results["judging"] = bench_judging(base.path, task, examples[:n], preds[:n], work, args.explain,
+                                           args.explain_tokens, args.concurrency)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"""
 genops bench ({results['machine']['cpus']} CPUs) -> {out}
   golden-set evaluation, {e['examples']} examples: cold {e['cold_s']:.1f}s ({e['cold_model_calls']} model calls), cached {e['cached_s']:.3f}s (0 calls): {e['speedup']}x (target {e['target']})
-  judging, {j['verdicts']} verdicts + explanations: sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: {j['speedup']}x (target {j['target']})
+  judging, {j['verdicts']} verdicts{' + explanations' if j['explain'] else ''} (choice mode): sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: {j['speedup']}x (target {j['target']})
 """, flush=True)
     return 0
 

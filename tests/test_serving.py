@@ -104,3 +104,21 @@ def test_server_that_cannot_start_reports_its_log(tmp_path):
         control.start_server(str(tmp_path / "no-model"), {}, {}, tmp_path / "ep", port=free_port(),
                              ready_timeout_s=120)
     assert control.read_state(tmp_path / "ep") is None
+
+
+def test_shared_prefix_choice_scoring_matches_one_by_one(tiny_model_dir, tiny_adapter_dir):
+    """Judge prompts share a long rubric prefix: scoring them together (prefix computed once)
+    gives the same probabilities as scoring each alone."""
+    from genops_assets.lib.generation import load_model, score_choices
+
+    loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+    rubric = "You grade answers on a 1-5 scale. " * 12
+    batch = [[{"role": "system", "content": rubric}, {"role": "user", "content": f"Answer {i}: " + "ok " * i}]
+             for i in range(1, 6)]
+    choices = [("1", "2", "3", "4", "5")] * len(batch)
+    for adapter in (None, "cand"):
+        together = score_choices(loaded, batch, choices, adapter=adapter)
+        alone = [score_choices(loaded, [m], [c], adapter=adapter)[0] for m, c in zip(batch, choices)]
+        for (t, tn), (a, an) in zip(together, alone):
+            assert tn == an
+            assert t == pytest.approx(a, abs=1e-4)

@@ -8,7 +8,9 @@ swapped in under the lock, so a request never sees a half-loaded adapter.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -141,8 +143,6 @@ def generate(
 
 
 def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, stop, seed):
-    import contextlib
-
     import torch
 
     tok = loaded.tokenizer
@@ -159,19 +159,9 @@ def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, 
             torch.manual_seed(seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    with loaded.lock:
-        from peft import PeftModel
-
-        model = loaded.model
-        if adapter is None and isinstance(model, PeftModel):
-            ctx = model.disable_adapter()
-        else:
-            ctx = contextlib.nullcontext()
-            if adapter is not None:
-                model.set_adapter(loaded.internal[adapter])
+    with _selected(loaded, adapter) as model:
         started = time.perf_counter()
-        with ctx, torch.inference_mode():
-            out = model.generate(**enc, **kwargs)
+        out = model.generate(**enc, **kwargs)
         latency = time.perf_counter() - started
     prompt_len = enc["input_ids"].shape[1]
     results = []
@@ -257,13 +247,11 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int):
     return input_ids, mask
 
 
-def _forward(loaded: LoadedModel, input_ids, mask, adapter: str | None, last_only: bool = False):
-    """Logits of one forward pass with the adapter selected (or all adapters off for the base)."""
-    import contextlib
-
+@contextlib.contextmanager
+def _selected(loaded: LoadedModel, adapter: str | None):
+    """Hold the model lock with ``adapter`` active (all adapters off for the base), no grad."""
     import torch
 
-    input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
     with loaded.lock:
         from peft import PeftModel
 
@@ -275,16 +263,55 @@ def _forward(loaded: LoadedModel, input_ids, mask, adapter: str | None, last_onl
             if adapter is not None:
                 model.set_adapter(loaded.internal[adapter])
         with ctx, torch.inference_mode():
-            kwargs = {"logits_to_keep": 1} if last_only else {}
-            return model(input_ids=input_ids, attention_mask=mask, **kwargs).logits.float()
+            yield model
+
+
+def _forward(loaded: LoadedModel, input_ids, mask, adapter: str | None, last_only: bool = False):
+    """Logits of one forward pass with the adapter selected."""
+    input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
+    with _selected(loaded, adapter) as model:
+        kwargs = {"logits_to_keep": 1} if last_only else {}
+        return model(input_ids=input_ids, attention_mask=mask, **kwargs).logits.float()
+
+
+MIN_SHARED_PREFIX = 32
+
+
+def _last_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], adapter: str | None):
+    """Next-token logits after each prompt. Prompts that start alike (a judge's rubric and
+    instructions) share one forward pass over the common prefix, whose KV cache is then
+    repeated for the batch, so only each prompt's own tail is computed per row."""
+    import torch
+
+    shared = len(os.path.commonprefix([list(p) for p in prompts])) if len(prompts) > 1 else 0
+    shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps a token of its own
+    if shared < MIN_SHARED_PREFIX:
+        input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id)
+        return _forward(loaded, input_ids, mask, adapter, last_only=True)[:, -1, :]
+    tails = [list(p[shared:]) for p in prompts]
+    width = max(len(t) for t in tails)
+    pad = loaded.tokenizer.pad_token_id
+    # Right-padded tails: causal attention keeps real tokens from seeing the padding after them.
+    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=loaded.device)
+    tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=loaded.device)
+    batch = len(prompts)
+    with _selected(loaded, adapter) as model:
+        head = model(input_ids=torch.tensor([list(prompts[0][:shared])], device=loaded.device), use_cache=True)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(batch)
+        mask = torch.cat([torch.ones((batch, shared), dtype=torch.long, device=loaded.device), tail_mask], dim=1)
+        positions = torch.arange(shared, shared + width, device=loaded.device).unsqueeze(0).expand(batch, -1)
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
+                       use_cache=True).logits.float()
+    last = torch.tensor([len(t) - 1 for t in tails], device=loaded.device)
+    return logits[torch.arange(batch, device=loaded.device), last]
 
 
 def _score_single_token_choices(loaded, prompts, choices_batch, choice_ids, adapter):
     """Every choice is one token: one forward pass of the prompts, read at the last position."""
     import torch
 
-    input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id)
-    last = torch.log_softmax(_forward(loaded, input_ids, mask, adapter, last_only=True)[:, -1, :], dim=-1)
+    last = torch.log_softmax(_last_logits(loaded, prompts, adapter), dim=-1)
     out = []
     for r, (choices, ids) in enumerate(zip(choices_batch, choice_ids, strict=True)):
         raw = torch.stack([last[r, i[0]] for i in ids])
