@@ -152,3 +152,16 @@ def test_judge_human_agreement_and_position_bias_with_a_scripted_judge():
     # judge: W L W L, human: W L L L -> accuracy 3/4; chance = 0.5*0.25 + 0.5*0.75 = 0.5; kappa = 0.5
     assert jh == {"n": 4, "accuracy": 0.75, "cohen_kappa": pytest.approx(0.5)}
     assert res.summary["position_consistency"]["estimate"] == 1.0
+    # Margins: +0.8 when the candidate is the good answer, -0.8 otherwise; mean of (+,-,+,-) = 0.
+    assert [r["preference_margin"] for r in res.rows] == pytest.approx([0.8, -0.8, 0.8, -0.8])
+    assert res.summary["preference_margin"]["estimate"] == pytest.approx(0.0)
+
+
+def test_a_judge_stuck_on_one_slot_is_all_ties_and_inconsistent():
+    rub = load_rubrics(BUILTIN_RUBRICS)["pairwise_quality"]
+    rows = [SxsRow(str(i), f"q{i}", "", "x", "y") for i in range(3)]
+    with StandInJudge(lambda n, b: (200, completion("A", {"A": 0.8, "B": 0.1, "C": 0.1})), free_port()) as judge:
+        res = run_sxs(ChatJudge(judge.url, "judge"), rub, [], rows, log=lambda m: None)
+    s = res.summary
+    assert s["tie_rate"]["estimate"] == 1.0 and s["position_consistency"]["estimate"] == 0.0
+    assert s["preference_margin"]["estimate"] == pytest.approx(0.0)

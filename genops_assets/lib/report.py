@@ -209,6 +209,8 @@ def write_sxs_report(out_dir: Path, title: str, candidate: str, baseline: str, s
                     ("win rate", iv(summary.get("win_rate"))), ("tie rate", iv(summary.get("tie_rate"))),
                     ("loss rate", iv(summary.get("loss_rate"))),
                     ("position consistency", iv(summary.get("position_consistency"))),
+                    ("preference margin (P(candidate) - P(baseline), both orders averaged; > 0 favours the candidate)",
+                     iv(summary.get("preference_margin"))),
                     ("pairwise rubric", summary.get("pairwise_rubric"))]
     for name, p in (summary.get("pointwise") or {}).items():
         summary_rows.append((f"{name}: candidate / baseline / delta",

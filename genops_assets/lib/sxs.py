@@ -75,6 +75,7 @@ def run_sxs(
     consistent_flags: list[bool] = []
     point_scores: dict[str, tuple[list[float], list[float]]] = {rub.name: ([], []) for rub in pointwise}
     human_pairs: list[tuple[str, str]] = []
+    margins: list[float] = []
     for i, r in enumerate(rows):
         chunk = verdicts[i * per_row : (i + 1) * per_row]
         first, second = chunk[0], chunk[1]
@@ -88,6 +89,12 @@ def run_sxs(
             outcome, consistent = pairwise_outcome(first.choice, second.choice)
             outcomes.append(outcome)
             consistent_flags.append(consistent)
+            # Probability margin for the candidate averaged over both orders: a judge's fixed
+            # preference for one slot cancels out, what is left is its view of the answers.
+            margin = 0.5 * ((first.probabilities.get("A", 0.0) - first.probabilities.get("B", 0.0))
+                            + (second.probabilities.get("B", 0.0) - second.probabilities.get("A", 0.0)))
+            margins.append(margin)
+            row["preference_margin"] = round(margin, 4)
             row.update(outcome=outcome, consistent=consistent, verdict_candidate_first=first.choice,
                        verdict_candidate_second=second.choice,
                        explanation=first.explanation or second.explanation)
@@ -114,6 +121,7 @@ def run_sxs(
         summary["tie_rate"] = rates.tie.as_dict()
         summary["loss_rate"] = rates.loss.as_dict()
         summary["position_consistency"] = bootstrap_ci([float(c) for c in consistent_flags], seed=seed).as_dict()
+        summary["preference_margin"] = bootstrap_ci(margins, seed=seed).as_dict()
     pointwise_summary = {}
     for name, (cand, base) in point_scores.items():
         if cand:

@@ -20,7 +20,9 @@ class SxsConfig(dg.Config):
     baseline: str = Field("base", description="What the candidate is compared with: 'base' (the base model's "
                                               "answers in eval_report) or 'champion' (when one was evaluated).")
     pairwise_rubric: str = Field("pairwise_quality", description="Pairwise rubric name (built-in or the task's).")
-    pointwise_rubrics: list[str] = Field(["instruction_following"], description="Pointwise rubrics scored for "
-                                         "both models; the task's own rubrics are always added.")
-    max_examples: int | None = Field(None, description="Judge only the first N golden examples.")
+    pointwise_rubrics: list[str] = Field([], description="Built-in pointwise rubrics scored for both models "
+                                         "(e.g. instruction_following, helpfulness); the task's own rubrics "
+                                         "are always added.")
+    max_examples: int | None = Field(48, description="Judge the first N golden examples (None: all). The "
+                                     "intervals in the report show what the sample size allows.")
     seed: int = Field(0, description="Seed of the bootstrap intervals.")

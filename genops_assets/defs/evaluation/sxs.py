@@ -98,7 +98,7 @@ def sxs_evaluation(
     paths = write_sxs_report(out_dir, f"{spec.name}: AutoSxS {cand_label} vs {base_label}", cand_label, base_label,
                              result.summary, result.rows, usage)
     metrics = {f"judge_{k}": float(v) for k, v in usage.items()}
-    for k in ("win_rate", "tie_rate", "loss_rate", "position_consistency"):
+    for k in ("win_rate", "tie_rate", "loss_rate", "position_consistency", "preference_margin"):
         if k in result.summary:
             metrics[k] = result.summary[k]["estimate"]
             metrics[f"{k}_low"] = result.summary[k]["low"]
@@ -119,7 +119,9 @@ def sxs_evaluation(
                                                   context.log.info, config.seed)
     win = s.get("win_rate")
     context.log.info(f"AutoSxS done: win rate {win['estimate']:.3f} [{win['low']:.3f}, {win['high']:.3f}], "
-                     f"consistency {s['position_consistency']['estimate']:.3f}, judge calls {usage['calls']} "
+                     f"consistency {s['position_consistency']['estimate']:.3f}, preference margin "
+                     f"{s['preference_margin']['estimate']:+.3f} [{s['preference_margin']['low']:+.3f}, "
+                     f"{s['preference_margin']['high']:+.3f}], judge calls {usage['calls']} "
                      f"({usage['cached']} cached, {usage['failures']} failed)" if win else "AutoSxS: no judged pairs")
     value = {"summary": s, "usage": usage, "report_html": str(paths["html"]), "mlflow_run_id": run_id,
              "failures": result.failures[:50]}
@@ -127,6 +129,7 @@ def sxs_evaluation(
         "report_html": dg.MetadataValue.path(str(paths["html"])),
         "win_rate": dg.MetadataValue.json(s.get("win_rate")),
         "position_consistency": dg.MetadataValue.json(s.get("position_consistency")),
+        "preference_margin": dg.MetadataValue.json(s.get("preference_margin")),
         "pointwise": dg.MetadataValue.json(s.get("pointwise")),
         "judge_usage": dg.MetadataValue.json(usage),
         "failed_rows": len(result.failures),
