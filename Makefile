@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 MANIFEST := dbt/target/manifest.json
 DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
 
-.PHONY: install demo test test-fast bench ui mlflow-ui stop clean dbt-manifest lineage
+.PHONY: install demo enhance test test-fast bench ui mlflow-ui stop clean dbt-manifest lineage
 
 install: $(STAMP) $(MANIFEST)
 
@@ -39,6 +39,10 @@ dbt-manifest: $(MANIFEST)
 
 demo: install
 	$(BIN)/python -m genops_assets.cli demo
+
+# LLM prompt enhancement on the demo's results (run `make demo` first), then the eval report again.
+enhance: install
+	$(BIN)/python -m genops_assets.cli enhance
 
 test: install
 	$(BIN)/python -m genops_assets.cli init-home

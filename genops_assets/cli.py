@@ -47,7 +47,7 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def demo(job: str = "genops_loop") -> int:
+def demo(job: str = "genops_loop", summary: bool = True) -> int:
     root = init_home()
     started = time.monotonic()
     print(f"genops demo: running job '{job}' on the embedded defaults (data directory {root})", flush=True)
@@ -59,6 +59,8 @@ def demo(job: str = "genops_loop") -> int:
         print(f"\ngenops demo: job '{job}' FAILED after {wall:.0f}s (exit {rc}); see the log above "
               f"or `make ui` -> Runs.", file=sys.stderr)
         return rc
+    if not summary:
+        return 0
     state_file = root / "endpoint" / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     url = f"http://{state.get('host', '127.0.0.1')}:{state.get('port', '?')}"
@@ -93,20 +95,153 @@ def _ask_endpoint(base_url: str) -> None:
     """One request through the official openai client, as a user would send it."""
     from openai import OpenAI
 
-    from genops_assets.lib.formatting import build_messages
     from genops_assets.lib.tasks import load_task
 
     message = "Hi, my thermostat shows 'offline' in the app since the power cut yesterday and the house is cold."
     try:
         task = load_task(os.environ.get("GENOPS_TASKS_DIR") or REPO / "tasks", os.environ.get("GENOPS_TASK") or "support_triage")
         client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model="champion", temperature=0, max_tokens=task.max_new_tokens,
-                                               messages=build_messages(task, message, []))
+        # The server renders its deployed production prompt around the variables.
+        reply = client.chat.completions.create(model="champion", temperature=0, messages=[],
+                                               extra_body={"prompt_variables": {task.input_field: message}})
     except Exception as exc:  # noqa: BLE001 - reported, the demo itself already verified the endpoint
         print(f"\nendpoint request failed: {exc}", file=sys.stderr)
         return
-    print(f"\nAsked the endpoint (model champion): {message}\n  -> {reply.choices[0].message.content}"
+    version = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
+    print(f"\nAsked the endpoint (model champion, prompt v{version}): {message}\n  -> {reply.choices[0].message.content}"
           f"\n  ({reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens)")
+
+
+def _tracking():
+    """The MLflow registry the assets use (same environment variables, same data directory)."""
+    from resources import build_resources
+
+    res = build_resources(home())
+    return res["mlflow"], res["home"], res["task"]
+
+
+def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batch_size: int = 8) -> int:
+    """Outputs and metrics of a prompt file on a sample of validation examples, in seconds."""
+    import duckdb
+
+    from genops_assets.defs.datasets.assets import MART_SCHEMA
+    from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
+    from genops_assets.lib.cache import CallCache
+    from genops_assets.lib.evaluation import EvalExample, evaluate_model
+    from genops_assets.lib.hashing import sha256_json
+    from genops_assets.lib.prompts import PRODUCTION, load_prompt_file, prompt_registry_name
+    from genops_assets.lib.tasks import load_task, read_raw_file
+
+    root = init_home()
+    mlflow, gh, task_res = _tracking()
+    spec = load_task(task_res.tasks_dir, task_name or task_res.name)
+    production = mlflow.prompt_alias(prompt_registry_name(spec.name), PRODUCTION, spec.input_field)
+    base_template = production.template if production else spec.prompt
+    template = load_prompt_file(prompt_file, base_template)
+
+    examples: list[EvalExample] = []
+    source = ""
+    db = root / "warehouse.duckdb"
+    if db.exists():
+        try:
+            with duckdb.connect(str(db), read_only=True) as con:
+                rows = con.execute(f"select example_id, input_text, output_json from {MART_SCHEMA}.sft_dataset "
+                                   "where split = 'validation' order by example_id limit ?", [n]).fetchall()
+            examples = [EvalExample(i, t, json.loads(o)) for i, t, o in rows]
+            source = f"validation split of {db}"
+        except duckdb.Error:
+            examples = []
+    if not examples:  # no marts yet: the first rows of the task's raw files
+        for path in spec.raw_files():
+            for ex in read_raw_file(path, spec):
+                examples.append(EvalExample(f"{ex.source_file}:{ex.source_row}", ex.input_text, ex.output))
+                if len(examples) >= n:
+                    break
+            if len(examples) >= n:
+                break
+        source = "raw task files (run `make demo` to try on the validation split)"
+
+    info = convert_gguf(find_embedded_gguf(), root / "models" / "base", log=lambda m: None)
+    adapters, adapter, digest = {}, None, info.folder_digest
+    if model != "base":
+        from genops_assets.defs.evaluation.assets import fetch_registered_adapter
+        from genops_assets.defs.tuning.assets import registered_model_name
+
+        name = registered_model_name(spec.name)
+        ref = mlflow.alias(name, model) if not model.isdigit() else mlflow.get_version(name, model)
+        if ref is None:
+            print(f"{name} has no alias or version '{model}'", file=sys.stderr)
+            return 2
+        adapters = {"adapter": str(fetch_registered_adapter(mlflow, gh, name, ref.version))}
+        adapter = "adapter"
+        digest = sha256_json([info.folder_digest, ref.tags.get("genops.adapter_digest", ref.version)])
+
+    holder: dict = {}
+
+    def load():
+        if "m" not in holder:
+            from genops_assets.lib.generation import load_model
+
+            holder["m"] = load_model(info.path, adapters)
+        return holder["m"]
+
+    started = time.monotonic()
+    ev = evaluate_model(load, adapter, "try", digest, spec, examples, [], CallCache(root / "cache" / "calls.sqlite"),
+                        batch_size, log=lambda m: print("  " + m, flush=True), prompt=template)
+    print(f"\nprompt {prompt_file} (digest {template.digest[:12]}) on {len(examples)} examples from {source}, "
+          f"model {model}:\n")
+    for p in ev.predictions:
+        ok = "ok " if all(p["field_match"].values()) else "ERR"
+        print(f"[{ok}] {p['example_id']}: {p['input'][:70]!r}\n      -> {p['prediction'][:140]!r}")
+    print("\nmetrics:")
+    for k, v in ev.metrics.items():
+        print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    print(f"\n{ev.model_calls} model calls, {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def prompt_admin(args) -> int:
+    from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, PromptError, prompt_registry_name
+    from genops_assets.lib.tasks import load_task
+
+    init_home()
+    mlflow, _, task_res = _tracking()
+    spec = load_task(task_res.tasks_dir, args.task or task_res.name)
+    name = prompt_registry_name(spec.name)
+    try:
+        if args.prompt_cmd == "list":
+            for ref in mlflow.prompt_versions(name, spec.input_field):
+                print(f"v{ref.version:<3} {','.join(ref.aliases):22s} {ref.digest[:12]}  {ref.commit_message}")
+        elif args.prompt_cmd == "alias":
+            mlflow.set_prompt_alias(name, args.alias, args.version)
+            print(f"{name}: {args.alias} -> v{args.version}")
+        elif args.prompt_cmd == "promote":
+            cand = mlflow.require_prompt_alias(name, CANDIDATE, spec.input_field)
+            prev = mlflow.prompt_alias(name, PRODUCTION, spec.input_field)
+            mlflow.set_prompt_alias(name, PRODUCTION, cand.version)
+            if prev is not None:
+                mlflow.set_prompt_alias(name, "previous_production", prev.version)
+            print(f"{name}: production -> v{cand.version} (was v{prev.version if prev else 'unset'})")
+        elif args.prompt_cmd == "rollback":
+            prev = mlflow.require_prompt_alias(name, "previous_production", spec.input_field)
+            cur = mlflow.require_prompt_alias(name, PRODUCTION, spec.input_field)
+            mlflow.set_prompt_alias(name, PRODUCTION, prev.version)
+            mlflow.set_prompt_alias(name, "previous_production", cur.version)
+            print(f"{name}: production -> v{prev.version} (was v{cur.version})")
+    except PromptError as exc:
+        print(f"genops prompt: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def enhance() -> int:
+    """Prompt enhancement, then the eval report again (cached) with the prompt comparison."""
+    rc = demo("prompt_enhancement", summary=False)
+    if rc == 0:
+        rc = subprocess.call([_bin("dagster"), "asset", "materialize", "-m", "genops_assets.definitions",
+                              "--select", "eval_report"], cwd=REPO)
+        _print_report(home())
+    return rc
 
 
 def ui() -> int:
@@ -154,7 +289,27 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--job", default="genops_loop")
     sub.add_parser("ui", help="Dagster UI on :3000 and MLflow UI on :5000")
     sub.add_parser("stop", help="stop the local endpoint")
+    sub.add_parser("enhance", help="LLM prompt enhancement, then the eval report with the prompt comparison")
+    pr = sub.add_parser("prompt", help="prompt registry: try, list, alias, promote, rollback")
+    psub = pr.add_subparsers(dest="prompt_cmd", required=True)
+    t = psub.add_parser("try", help="outputs and metrics of a prompt file on a validation sample")
+    t.add_argument("--task", default=None)
+    t.add_argument("--prompt", required=True, help="a .txt (system instructions) or .yaml (system/user/generation)")
+    t.add_argument("--model", default="base", help="base, an alias (champion, challenger) or a version number")
+    t.add_argument("-n", type=int, default=20)
+    for cmd in ("list", "promote", "rollback"):
+        psub.add_parser(cmd).add_argument("--task", default=None)
+    a = psub.add_parser("alias", help="point an alias at a version (rollback = move production back)")
+    a.add_argument("alias")
+    a.add_argument("version", type=int)
+    a.add_argument("--task", default=None)
     args = parser.parse_args(argv)
+    if args.cmd == "prompt":
+        if args.prompt_cmd == "try":
+            return prompt_try(args.task, args.prompt, args.model, args.n)
+        return prompt_admin(args)
+    if args.cmd == "enhance":
+        return enhance()
     if args.cmd == "init-home":
         print(init_home())
         return 0

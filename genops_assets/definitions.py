@@ -14,8 +14,9 @@ from genops_assets.defs.deployment.assets import deployed_endpoint
 from genops_assets.defs.evaluation.assets import eval_report
 from genops_assets.defs.evaluation.checks import beats_champion
 from genops_assets.defs.evaluation.sxs import sxs_evaluation
-from genops_assets.defs.jobs import continuous_training, genops_loop
+from genops_assets.defs.jobs import continuous_training, genops_loop, prompt_enhancement
 from genops_assets.defs.models.assets import base_model
+from genops_assets.defs.prompts.assets import prompt_candidates, prompt_templates
 from genops_assets.defs.tuning.assets import tuned_adapter
 
 
@@ -23,10 +24,10 @@ from genops_assets.defs.tuning.assets import tuned_adapter
 def asset_definitions() -> dg.Definitions:
     """Assets, checks and jobs without resources (tests bind their own)."""
     return dg.Definitions(
-        assets=[raw_task_examples, dbt_marts, base_model, tuned_adapter, eval_report, sxs_evaluation,
-                deployed_endpoint],
+        assets=[raw_task_examples, dbt_marts, base_model, prompt_templates, tuned_adapter, eval_report,
+                prompt_candidates, sxs_evaluation, deployed_endpoint],
         asset_checks=[*mart_checks, beats_champion],
-        jobs=[genops_loop, continuous_training],
+        jobs=[genops_loop, continuous_training, prompt_enhancement],
         # One machine, one DuckDB file, one model in memory at a time: steps run in one process.
         executor=dg.in_process_executor,
     )

@@ -155,3 +155,104 @@ class MlflowTracking(dg.ConfigurableResource):
                 artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=self.tracking_uri
             )
         )
+
+    # -- prompt registry --------------------------------------------------------------------
+
+    def _prompt_ref(self, pv, input_field: str):
+        from genops_assets.lib.prompts import PromptRef, PromptTemplate
+
+        chat = pv.template if isinstance(pv.template, list) else [{"role": "user", "content": pv.template}]
+        template = PromptTemplate.from_registry(chat, pv.model_config, input_field)
+        return PromptRef(pv.name, int(pv.version), template, tuple(pv.aliases or ()), pv.commit_message or "",
+                         dict(pv.tags or {}))
+
+    def prompt_versions(self, name: str, input_field: str) -> list:
+        """Every registered version of a prompt, oldest first; empty when the prompt does not exist."""
+        client = self.client()
+        if client.get_prompt(name) is None:
+            return []
+        found, token = [], None
+        while True:
+            page = client.search_prompt_versions(name, max_results=100, page_token=token)
+            found.extend(page)
+            token = getattr(page, "token", None)
+            if not token:
+                break
+        # Listing may omit aliases; read each version whole.
+        return sorted((self._prompt_ref(client.get_prompt_version(name, pv.version), input_field) for pv in found),
+                      key=lambda r: r.version)
+
+    def register_prompt(self, name: str, template, commit_message: str, tags: Mapping[str, str] | None = None):
+        """Register ``template`` unless a version with the same digest exists: returns (ref, created)."""
+        from genops_assets.lib.prompts import DIGEST_TAG
+
+        template.validate(name)
+        for ref in self.prompt_versions(name, template.input_field):
+            if ref.tags.get(DIGEST_TAG) == template.digest:
+                return ref, False
+        chat, model_config = template.to_registry()
+        pv = self.client().register_prompt(
+            name, chat, commit_message=commit_message,
+            tags={**dict(tags or {}), DIGEST_TAG: template.digest, "genops.input_field": template.input_field},
+            model_config=model_config,
+        )
+        return self._prompt_ref(self.client().get_prompt_version(name, pv.version), template.input_field), True
+
+    def prompt_version(self, name: str, version: int | str, input_field: str):
+        from mlflow.exceptions import MlflowException
+
+        from genops_assets.lib.prompts import PromptError
+
+        try:
+            pv = self.client().get_prompt_version(name, int(version))
+        except (MlflowException, ValueError) as exc:
+            known = [r.version for r in self.prompt_versions(name, input_field)]
+            raise PromptError(f"prompt '{name}' has no version {version!r} (registered: {known or 'none'})") from exc
+        return self._prompt_ref(pv, input_field)
+
+    def prompt_alias(self, name: str, alias: str, input_field: str):
+        """The version an alias points at, or None when the prompt or the alias does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        if client.get_prompt(name) is None:
+            return None
+        try:
+            pv = client.get_prompt_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+        return self._prompt_ref(client.get_prompt_version(name, pv.version), input_field)
+
+    def require_prompt_alias(self, name: str, alias: str, input_field: str):
+        ref = self.prompt_alias(name, alias, input_field)
+        if ref is None:
+            from genops_assets.lib.prompts import PromptError
+
+            raise PromptError(f"prompt '{name}' has no alias '{alias}' (materialize prompt_templates first, "
+                              f"or set it: genops prompt alias --task ... {alias} VERSION)")
+        return ref
+
+    def set_prompt_alias(self, name: str, alias: str, version: int) -> None:
+        self.prompt_version(name, version, "")  # clear error for a version that does not exist
+        self.client().set_prompt_alias(name, alias, int(version))
+
+    def delete_prompt_alias(self, name: str, alias: str) -> None:
+        self.client().delete_prompt_alias(name, alias)
+
+    def set_prompt_tags(self, name: str, version: int, tags: Mapping[str, Any]) -> None:
+        client = self.client()
+        for k, v in tags.items():
+            client.set_prompt_version_tag(name, int(version), k, str(v))
+
+    def link_prompt(self, run_id: str, ref) -> None:
+        """Record on a run that it used this prompt version: MLflow's linked-prompts run tag, which
+        its UI shows. Written through this client (MLflow's own helper goes to the global store)."""
+        from mlflow.tracing.constant import TraceTagKey
+        from mlflow.tracing.utils.prompt import update_linked_prompts_tag
+
+        client = self.client()
+        pv = client.get_prompt_version(ref.name, ref.version)
+        current = client.get_run(run_id).data.tags.get(TraceTagKey.LINKED_PROMPTS)
+        updated = update_linked_prompts_tag(current, [pv])
+        if updated != current:
+            client.set_tag(run_id, TraceTagKey.LINKED_PROMPTS, updated)

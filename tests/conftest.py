@@ -71,3 +71,14 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny-adapter")
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture()
+def home(tmp_path):
+    """A fresh data directory; the endpoint and judge servers a test starts in it are stopped."""
+    from genops_assets.lib.serving import control
+
+    h = tmp_path / "home"
+    yield h
+    control.stop_server(h / "endpoint")
+    control.stop_server(h / "judge")

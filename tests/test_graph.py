@@ -4,19 +4,9 @@ real dbt, Great Expectations, MLflow store and HTTP endpoint."""
 from __future__ import annotations
 
 import dagster as dg
-import pytest
 from graph_support import check_results, free_port, make_defs, materialized, tiny_run_config
 from openai import OpenAI
 
-from genops_assets.lib.serving import control
-
-
-@pytest.fixture()
-def home(tmp_path):
-    h = tmp_path / "home"
-    yield h
-    control.stop_server(h / "endpoint")
-    control.stop_server(h / "judge")
 
 
 def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):

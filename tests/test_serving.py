@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -122,3 +123,43 @@ def test_shared_prefix_choice_scoring_matches_one_by_one(tiny_model_dir, tiny_ad
         for (t, tn), (a, an) in zip(together, alone):
             assert tn == an
             assert t == pytest.approx(a, abs=1e-4)
+
+
+def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, tmp_path):
+    from dataclasses import asdict
+
+    from genops_assets.lib.prompts import PromptTemplate
+
+    state_dir = tmp_path / "endpoint"
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError, match="no prompt is deployed"):
+        client.chat.completions.create(model="champion", messages=[], extra_body={"prompt_variables": {"message": "x"}})
+
+    def deploy(version: int, system: str) -> None:
+        t = PromptTemplate(system, "Message: {message}", "message", max_new_tokens=4)
+        (state_dir / "prompt.json.tmp").write_text(json.dumps({"version": version, "template": asdict(t)}))
+        (state_dir / "prompt.json.tmp").replace(state_dir / "prompt.json")
+
+    deploy(1, "Triage the message.")
+    r1 = client.chat.completions.create(model="champion", messages=[], temperature=0,
+                                        extra_body={"prompt_variables": {"message": "my camera is offline"}})
+    assert r1.model_extra["genops"] == {"prompt_version": "1"}
+    assert 0 < r1.usage.completion_tokens <= 4  # the prompt's own generation limit
+    # The same prompt rendered by the client gives the same prompt tokens.
+    manual = client.chat.completions.create(model="champion", max_tokens=4, temperature=0, messages=[
+        {"role": "system", "content": "Triage the message."}, {"role": "user", "content": "Message: my camera is offline"}])
+    assert manual.usage.prompt_tokens == r1.usage.prompt_tokens
+    assert manual.choices[0].message.content == r1.choices[0].message.content
+
+    time.sleep(0.01)
+    deploy(2, "Triage the customer message into JSON, please, with every field.")
+    r2 = client.chat.completions.create(model="champion", messages=[], temperature=0,
+                                        extra_body={"prompt_variables": {"message": "my camera is offline"}})
+    assert r2.model_extra["genops"] == {"prompt_version": "2"} and r2.usage.prompt_tokens > r1.usage.prompt_tokens
+
+    with pytest.raises(openai.BadRequestError, match="either messages or prompt_variables"):
+        client.chat.completions.create(model="champion", messages=MSG, extra_body={"prompt_variables": {"message": "x"}})
+    with pytest.raises(openai.BadRequestError, match="needs the variable 'message'"):
+        client.chat.completions.create(model="champion", messages=[], extra_body={"prompt_variables": {"msg": "x"}})
+    log = [json.loads(line) for line in (state_dir / "requests.jsonl").read_text().splitlines()]
+    assert [e.get("prompt_version") for e in log if e.get("status") == 200] == ["1", None, "2"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-LOOP_SELECTION = dg.AssetSelection.all()
+# Prompt enhancement is its own job: it asks a teacher model and scores candidates, which the
+# loop does not need on every run.
+LOOP_SELECTION = dg.AssetSelection.all() - dg.AssetSelection.assets("prompt_candidates")
 
 genops_loop = dg.define_asset_job(
     "genops_loop",
@@ -17,4 +19,11 @@ continuous_training = dg.define_asset_job(
     selection=LOOP_SELECTION,
     description="Retrain, evaluate and promote when new data arrives (sensor) or nightly (schedule).",
     tags={"genops/trigger": "continuous_training"},
+)
+
+prompt_enhancement = dg.define_asset_job(
+    "prompt_enhancement",
+    selection=dg.AssetSelection.assets("prompt_candidates"),
+    description="An LLM rewrites the production prompt from the last evaluation's failures; candidates are "
+                "scored on the validation split and the best becomes `candidate` if it clears the gate.",
 )

@@ -14,6 +14,7 @@ from typing import Any
 
 from genops_assets.lib.cache import CallCache, cache_key
 from genops_assets.lib.formatting import build_messages
+from genops_assets.lib.prompts import PromptTemplate
 from genops_assets.lib.metrics import ExampleScore, aggregate, per_example, score_example
 from genops_assets.lib.stats import paired_difference_ci
 from genops_assets.lib.tasks import TaskSpec
@@ -69,6 +70,8 @@ def evaluate_model(
     cache: CallCache,
     batch_size: int = 8,
     log=print,
+    prompt: PromptTemplate | None = None,
+    shots_per_example: Sequence[Sequence[tuple[str, Mapping[str, Any]]]] | None = None,
 ) -> ModelEval:
     """Generate answers for every example (each read from the cache when already made) and score them.
 
@@ -79,8 +82,12 @@ def evaluate_model(
 
     if not examples:
         raise ValueError("the golden evaluation set is empty: nothing to evaluate")
-    messages = [build_messages(task, ex.input_text, shots) for ex in examples]
-    decoding = {"max_new_tokens": task.max_new_tokens, "temperature": 0.0}
+    if shots_per_example is not None and len(shots_per_example) != len(examples):
+        raise ValueError("shots_per_example needs one entry per example")
+    messages = [build_messages(task, ex.input_text, shots_per_example[i] if shots_per_example is not None else shots,
+                               prompt) for i, ex in enumerate(examples)]
+    max_new_tokens = prompt.max_new_tokens if prompt else task.max_new_tokens
+    decoding = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
     keys = [generation_key(model_digest, m, decoding) for m in messages]
     texts: list[str | None] = [None] * len(messages)
     latencies = [0.0] * len(messages)
@@ -100,7 +107,7 @@ def evaluate_model(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             results = generate(loaded, [messages[i] for i in idx], adapter=adapter,
-                               max_new_tokens=task.max_new_tokens, temperature=0.0, batch_size=batch_size)
+                               max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
             calls += 1
             for i, r in zip(idx, results, strict=True):
                 texts[i], latencies[i] = r.text, r.latency_s
@@ -174,6 +181,7 @@ def sample_pass_rates(
     temperature: float = 0.7,
     batch_size: int = 8,
     log=print,
+    prompt: PromptTemplate | None = None,
 ) -> dict[str, Any]:
     """n sampled answers per example; pass = every label field right. pass@k and pass^k per k,
     averaged over examples, with bootstrap intervals. Samples are cached like greedy answers."""
@@ -182,20 +190,21 @@ def sample_pass_rates(
 
     if n < 2:
         raise ValueError("sampling needs n >= 2")
+    max_new_tokens = prompt.max_new_tokens if prompt else task.max_new_tokens
     passes: list[int] = []
     calls = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        messages = [build_messages(task, ex.input_text, []) for ex in chunk]
+        messages = [build_messages(task, ex.input_text, [], prompt) for ex in chunk]
         counts = [0] * len(chunk)
         for s in range(n):
-            decoding = {"max_new_tokens": task.max_new_tokens, "temperature": temperature, "sample": s}
+            decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "sample": s}
             keys = [generation_key(model_digest, m, decoding) for m in messages]
             hits = [cache.get(k) for k in keys]
             if any(h is None for h in hits):
                 if callable(loaded):
                     loaded = loaded()
-                results = generate(loaded, messages, adapter=adapter, max_new_tokens=task.max_new_tokens,
+                results = generate(loaded, messages, adapter=adapter, max_new_tokens=max_new_tokens,
                                    temperature=temperature, batch_size=batch_size, seed=1000 * s + start)
                 calls += 1
                 hits = []

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from genops_assets.lib.prompts import FEW_SHOT_VARIABLE, PromptTemplate
 from genops_assets.lib.tasks import TaskSpec
 
 Message = dict[str, str]
@@ -31,13 +32,14 @@ def format_few_shot(task: TaskSpec, shots: Sequence[tuple[str, Mapping[str, Any]
 
 
 def build_messages(
-    task: TaskSpec, input_text: str, shots: Sequence[tuple[str, Mapping[str, Any]]] = ()
+    task: TaskSpec,
+    input_text: str,
+    shots: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    prompt: PromptTemplate | None = None,
 ) -> list[Message]:
-    variables = {task.input_field: input_text, "few_shot": format_few_shot(task, shots)}
-    return [
-        {"role": "system", "content": task.system_template.format(**variables)},
-        {"role": "user", "content": task.user_template.format(**variables)},
-    ]
+    """Chat messages for one input: ``prompt`` (a registered version) or the task folder's."""
+    template = prompt or task.prompt
+    return template.render({template.input_field: input_text, FEW_SHOT_VARIABLE: format_few_shot(task, shots)})
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)

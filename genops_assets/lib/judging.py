@@ -227,6 +227,25 @@ class ChatJudge:
             self.cache.put(key, "judge", {**asdict(verdict), "cached": False})
         return verdict
 
+    def complete(self, messages: Sequence[Mapping[str, str]], max_tokens: int = 256, temperature: float = 0.0,
+                 seed: int | None = None, version: str = "") -> str:
+        """Free text from the model (teacher use: rewriting prompts), cached like verdicts."""
+        key = cache_key(kind="completion", endpoint=self.base_url, model=self.model, version=version,
+                        messages=list(messages), max_tokens=max_tokens, temperature=temperature, seed=seed)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.usage.add(cached=1)
+                return hit["text"]
+        resp = self._with_retries(lambda: self._client.chat.completions.create(
+            model=self.model, messages=list(messages), max_tokens=max_tokens, temperature=temperature, seed=seed))
+        self.usage.add(calls=1, prompt_tokens=resp.usage.prompt_tokens if resp.usage else 0,
+                       completion_tokens=resp.usage.completion_tokens if resp.usage else 0)
+        text = resp.choices[0].message.content or ""
+        if self.cache is not None:
+            self.cache.put(key, "completion", {"text": text})
+        return text
+
     def choose_many(self, items: Sequence[tuple[Sequence[Mapping[str, str]], Sequence[str], str]],
                     on_done: Callable[[int, int], None] | None = None) -> list[Verdict | Failure]:
         """Judge every item concurrently (up to ``max_concurrency``); failures are returned, not raised."""

@@ -88,15 +88,20 @@ def write_eval_report(
     metrics: Sequence[str],
     gate: Mapping[str, Any],
     samples: Sequence[Mapping[str, Any]],
+    sections: Sequence[tuple[str, str, str]] = (),
 ) -> dict[str, Path]:
-    """Write report.md, report.html (chart embedded) and metrics.png into ``out_dir``."""
+    """Write report.md, report.html (chart embedded) and metrics.png into ``out_dir``.
+    ``sections`` adds (title, markdown, html) blocks after the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = metric_chart_png(models, [m for m in REPORT_METRICS if m in metrics] or list(metrics)[:4])
     (out_dir / "metrics.png").write_bytes(png)
     table = metrics_table_md(models, metrics)
     verdict = "PASSED" if gate.get("passed") else "FAILED"
     md = [f"# {title}", "", f"**Promotion gate: {verdict}** - {gate.get('reason', '')}", "", table, "",
-          "![metrics](metrics.png)", "", "## Sample predictions", ""]
+          "![metrics](metrics.png)", ""]
+    for sec_title, sec_md, _ in sections:
+        md += [f"## {sec_title}", "", sec_md, ""]
+    md += ["## Sample predictions", ""]
     for s in samples:
         md.append(f"- `{s['example_id']}` **{s['model']}**: `{s['prediction'][:200]}`")
     (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -118,13 +123,16 @@ def write_eval_report(
         for s in samples
     )
     b64 = base64.b64encode(png).decode()
+    extra = "".join(f"<h2>{html.escape(t)}</h2>{h}" for t, _, h in sections)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-pre{{white-space:pre-wrap;margin:0;max-width:40em}}.passed{{color:#080}}.failed{{color:#b00}}</style></head><body>
+pre{{white-space:pre-wrap;margin:0;max-width:40em}}.diff .add{{background:#e6ffed}}.diff .del{{background:#ffeef0}}
+.side{{display:flex;gap:2em;align-items:flex-start}}.passed{{color:#080}}.failed{{color:#b00}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="{verdict.lower()}"><b>Promotion gate: {verdict}</b> - {html.escape(str(gate.get('reason', '')))}</p>
 <table><tr><th>metric</th>{head}</tr>{rows}</table>
 <p><img alt="metrics chart" src="data:image/png;base64,{b64}"></p>
+{extra}
 <h2>Sample predictions</h2><table><tr><th>id</th><th>model</th><th>input</th><th>prediction</th><th>valid JSON</th></tr>{sample_rows}</table>
 </body></html>"""
     (out_dir / "report.html").write_text(page, encoding="utf-8")
@@ -137,6 +145,22 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png")
     _plt().close(fig)
     return buf.getvalue()
+
+
+def candidate_scores_png(bars: Sequence[tuple[str, Any]], metric: str) -> bytes:
+    """One bar per prompt (first: production) with its 95% interval."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.1 * max(len(bars), 2) + 2.0, 3.2), dpi=110)
+    for i, (label, iv) in enumerate(bars):
+        ax.bar(i, iv.estimate, color="#616161" if i == 0 else "#1565c0",
+               yerr=[[iv.estimate - iv.low], [iv.high - iv.estimate]], capsize=5)
+        ax.text(i, iv.high + 0.02, f"{iv.estimate:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([b[0] for b in bars], fontsize=8, rotation=15)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.set_title("prompt candidates on the validation split (95% CI)", fontsize=9)
+    return _png(fig)
 
 
 def win_rate_chart_png(summary: Mapping[str, Any], candidate: str, baseline: str) -> bytes:
@@ -257,3 +281,26 @@ pre{{white-space:pre-wrap;max-width:340px;margin:0}} img{{margin:8px 16px 8px 0}
 
     rows_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return {"html": html_path, "rows": rows_path, **{n: out_dir / n for n in charts}}
+
+
+def prompt_comparison_section(old_label: str, new_label: str, diff: str, rows: Sequence[tuple[str, float, float]],
+                              primary_ci: Mapping[str, float] | None, primary: str) -> tuple[str, str, str]:
+    """(title, markdown, html) of a prompt comparison: the template diff beside the metric deltas."""
+    from genops_assets.lib.prompts import diff_html
+
+    title = f"Prompt comparison: {new_label} vs {old_label}"
+    table_md = ["| metric | " + old_label + " | " + new_label + " | delta |", "|---|---|---|---|"]
+    table_md += [f"| {m} | {a:.4f} | {b:.4f} | {b - a:+.4f} |" for m, a, b in rows]
+    ci_text = ""
+    if primary_ci:
+        ci_text = (f"{primary}: improvement {primary_ci['estimate']:+.4f}, 95% interval "
+                   f"[{primary_ci['low']:+.4f}, {primary_ci['high']:+.4f}]")
+    md = "\n".join(["```diff", diff.rstrip() or "(no difference)", "```", "", *table_md, "", ci_text])
+    cells = "".join(
+        f"<tr><td>{html.escape(m)}</td><td>{a:.4f}</td><td>{b:.4f}</td>"
+        f"<td style='color:{'#080' if b > a else '#b00' if b < a else '#555'}'>{b - a:+.4f}</td></tr>"
+        for m, a, b in rows)
+    page = (f'<div class="side"><div>{diff_html(diff)}</div><div><table><tr><th>metric</th>'
+            f"<th>{html.escape(old_label)}</th><th>{html.escape(new_label)}</th><th>delta</th></tr>{cells}</table>"
+            f"<p>{html.escape(ci_text)}</p></div></div>")
+    return title, md, page

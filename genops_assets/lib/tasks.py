@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any
 
 import yaml
 
+from genops_assets.lib.prompts import FEW_SHOT_VARIABLE, PromptError, PromptTemplate, template_variables
+
 RAW_SUFFIXES = (".jsonl", ".csv")
-FEW_SHOT_VARIABLE = "few_shot"
 
 
 class TaskConfigError(ValueError):
@@ -63,6 +63,11 @@ class TaskSpec:
         return tuple(self.schema.get("properties", {}).keys())
 
     @property
+    def prompt(self) -> PromptTemplate:
+        """The prompt as written in the task folder (the registry holds its versions)."""
+        return PromptTemplate(self.system_template, self.user_template, self.input_field, self.max_new_tokens)
+
+    @property
     def incoming_dir(self) -> Path:
         return self.root / "incoming"
 
@@ -90,13 +95,6 @@ def _require(cfg: dict[str, Any], key: str, kind: type | tuple[type, ...], where
             f"{where}: setting '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}"
         )
     return value
-
-
-def template_variables(template: str, where: str) -> set[str]:
-    try:
-        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise TaskConfigError(f"{where}: malformed template ({exc}); write literal braces as {{{{ }}}}") from exc
 
 
 def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
@@ -150,7 +148,10 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         templates[role] = path.read_text(encoding="utf-8").strip("\n")
         template_files[role] = rel
         allowed = {input_field, FEW_SHOT_VARIABLE}
-        unknown = template_variables(templates[role], str(path)) - allowed
+        try:
+            unknown = template_variables(templates[role], str(path)) - allowed
+        except PromptError as exc:
+            raise TaskConfigError(str(exc)) from exc
         if unknown:
             raise TaskConfigError(
                 f"{path}: unknown template variable(s) {sorted(unknown)}; allowed: {sorted(allowed)}"

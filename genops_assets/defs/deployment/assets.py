@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from genops_assets.defs.evaluation.assets import fetch_registered_adapter
-from genops_assets.lib.formatting import build_messages
 from resources.endpoint import LocalEndpoint
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -56,23 +55,38 @@ def deployed_endpoint(
                                  "previous": previous.version if previous else None, "run_id": context.run.run_id}) + "\n")
         context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} (was {previous.version if previous else 'unset'})")
 
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from genops_assets.defs.prompts.assets import resolve_prompt
+    from genops_assets.lib.hashing import atomic_write_text
+
+    spec = task.load()
+    prompt_ref = resolve_prompt(mlflow, spec)
+    if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
+        context.log.warning(f"production prompt moved to v{prompt_ref.version} after the evaluation "
+                            f"(v{eval_report['prompt']['version']}); serving v{prompt_ref.version}")
+    # The server renders requests that carry prompt_variables with this version; it re-reads the file.
+    atomic_write_text(Path(endpoint.state_dir) / "prompt.json",
+                      json.dumps({"name": prompt_ref.name, "version": prompt_ref.version,
+                                  "digest": prompt_ref.digest, "template": asdict(prompt_ref.template)}))
     adapter_dir = fetch_registered_adapter(mlflow, home, model_name, version)
     outcome = endpoint.deploy(base_model["path"], SERVED_NAME, str(adapter_dir), version)
     context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version}")
 
-    spec = task.load()
     first = eval_report["first_example"]
     client = OpenAI(base_url=outcome.url, api_key="local", timeout=120, max_retries=0)
     started = time.monotonic()
     reply = client.chat.completions.create(
         model=SERVED_NAME,
-        messages=build_messages(spec, first["input"]),
-        max_tokens=spec.max_new_tokens,
+        messages=[],
         temperature=0.0,
+        extra_body={"prompt_variables": {spec.input_field: first["input"]}},
     )
     latency = time.monotonic() - started
     answer = reply.choices[0].message.content or ""
     parity = answer.strip() == first["candidate_prediction"].strip()
+    served_prompt = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
     value = {
         "url": outcome.url,
         "pid": outcome.pid,
@@ -82,6 +96,8 @@ def deployed_endpoint(
         "previous_champion": previous.version if previous else None,
         "action": outcome.action,
         "verified_answer": answer,
+        "prompt_version": prompt_ref.version,
+        "served_prompt_version": served_prompt,
     }
     return dg.Output(value, metadata={
         "url": dg.MetadataValue.url(outcome.url.removesuffix("/v1") + "/health"),
@@ -94,4 +110,6 @@ def deployed_endpoint(
         "verification_latency_s": round(latency, 2),
         "verification_answer": answer,
         "matches_offline_eval": parity,
+        "prompt_version": prompt_ref.version,
+        "served_prompt_version": str(served_prompt),
     })

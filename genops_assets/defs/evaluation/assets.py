@@ -42,7 +42,12 @@ def fetch_registered_adapter(mlflow: MlflowTracking, home: GenopsHome, model_nam
     return target
 
 
-@dg.asset(group_name="evaluation", kinds={"mlflow"}, deps=[dg.AssetKey("golden_eval_dataset"), dg.AssetKey("few_shot_examples")])
+def metric_names_of(ev: ModelEval) -> list[str]:
+    return [m for m in ev.metrics if m != "n_examples"]
+
+
+@dg.asset(group_name="evaluation", kinds={"mlflow"},
+          deps=[dg.AssetKey("golden_eval_dataset"), dg.AssetKey("few_shot_examples"), dg.AssetKey("prompt_templates")])
 def eval_report(
     context: dg.AssetExecutionContext,
     config: EvalConfig,
@@ -53,11 +58,19 @@ def eval_report(
     mlflow: MlflowTracking,
     home: GenopsHome,
 ) -> dg.Output[dict]:
-    """Predictions on the held-out golden set for the base model, the tuned adapter and the
-    current champion, scored (valid JSON, exact match per field, ROUGE-L/BLEU, latency), with
-    the promotion decision and a Markdown/HTML report in MLflow. Predictions are cached by
-    content. Cost: 1-3 minutes on CPU for the embedded model."""
+    """Predictions on the held-out golden set for the base model (0-shot and k-shot), the tuned
+    adapter and the current champion, all with the `production` prompt, scored (valid JSON,
+    exact match per field, ROUGE-L/BLEU, latency), with the promotion decision and a
+    Markdown/HTML report in MLflow. When the registry holds a `candidate` prompt, the tuned
+    adapter is also run with it and the report shows the template diff beside the metric
+    deltas. Predictions are cached by content. Cost: 2-4 minutes on CPU for the embedded model."""
+    from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
+    from genops_assets.lib.prompts import CANDIDATE
+
     spec = task.load()
+    production = resolve_prompt(mlflow, spec)
+    prompt = production.template
+    context.log.info(f"prompt: {production.name} v{production.version} (alias production)")
     golden = warehouse.query_df(f"select * from {MART_SCHEMA}.golden_eval_dataset order by example_id")
     if config.max_examples:
         golden = golden.head(config.max_examples)
@@ -66,12 +79,22 @@ def eval_report(
         raise ValueError("golden_eval_dataset is empty: nothing to evaluate against")
     golden_digest = sha256_json([(e.example_id, e.input_text, e.reference) for e in examples])
 
-    shots: list[tuple[str, dict]] = []
+    shots_per_example = None
+    selector_info = None
     if config.base_few_shot > 0:
+        from genops_assets.lib.fewshot import FewShotSelector, Shot, shots_as_pairs
+
         pool = warehouse.query_df(f"select * from {MART_SCHEMA}.few_shot_examples order by label, example_id")
-        # Take examples label by label so the base model sees different classes.
-        picked = pool.groupby("label", sort=True).head(1).head(config.base_few_shot)
-        shots = [(r.input_text, json.loads(r.output_json)) for r in picked.itertuples()]
+        embedder = None
+        if config.few_shot_strategy == "nearest":
+            from genops_assets.lib.embeddings import Embedder
+
+            embedder = Embedder(cache_path=home.cache_dir / "embeddings.sqlite")
+        selector = FewShotSelector([Shot(r.example_id, r.input_text, json.loads(r.output_json), r.label)
+                                    for r in pool.itertuples()], config.few_shot_strategy, config.base_few_shot,
+                                   embedder=embedder)
+        shots_per_example = [shots_as_pairs(s) for s in selector.select_many([e.input_text for e in examples])]
+        selector_info = selector.describe()
 
     model_name = tuned_adapter["model_name"]
     version = str(tuned_adapter["version"])
@@ -92,24 +115,33 @@ def eval_report(
 
     cache = CallCache(home.cache_dir / "calls.sqlite")
     log = context.log.info
-    base = evaluate_model(load, None, "base", base_model["folder_digest"], spec, examples, shots, cache,
-                          config.batch_size, log)
+    base0 = evaluate_model(load, None, "base 0-shot", base_model["folder_digest"], spec, examples, [], cache,
+                           config.batch_size, log, prompt=prompt)
+    base = base0
+    if shots_per_example is not None:
+        base = evaluate_model(load, None, f"base {config.base_few_shot}-shot", base_model["folder_digest"], spec,
+                              examples, [], cache, config.batch_size, log, prompt=prompt,
+                              shots_per_example=shots_per_example)
     # An adapter's answers depend on the base it sits on: the cache key holds both digests.
     def on_base(adapter_digest: str) -> str:
         return sha256_json([base_model["folder_digest"], adapter_digest])
 
     cand = evaluate_model(load, "candidate", f"v{version}", on_base(tuned_adapter["adapter_digest"]), spec, examples, [],
-                          cache, config.batch_size, log)
-    evals: dict[str, ModelEval] = {f"base ({len(shots)}-shot)": base, f"candidate v{version}": cand}
+                          cache, config.batch_size, log, prompt=prompt)
+    evals: dict[str, ModelEval] = {"base (0-shot)": base0}
+    if base is not base0:
+        evals[f"base ({config.base_few_shot}-shot, {config.few_shot_strategy})"] = base
+    evals[f"candidate v{version}"] = cand
     sampling = None
     if config.samples > 1:
         sampling = sample_pass_rates(load, "candidate", on_base(tuned_adapter["adapter_digest"]), spec, examples,
-                                     cache, config.samples, config.sample_temperature, config.batch_size, log)
+                                     cache, config.samples, config.sample_temperature, config.batch_size, log,
+                                     prompt=prompt)
     champ_eval = None
     if "champion" in adapters:
         champ_eval = evaluate_model(load, "champion", f"champion v{champion.version}",
                                     on_base(champion.tags.get("genops.adapter_digest", champion.version)),
-                                    spec, examples, [], cache, config.batch_size, log)
+                                    spec, examples, [], cache, config.batch_size, log, prompt=prompt)
         evals[f"champion v{champion.version}"] = champ_eval
 
     if champion is not None and champion.version == version:
@@ -122,7 +154,31 @@ def eval_report(
                              cand.scores, base.scores)
     context.log.info(f"promotion gate: {gate.reason}")
 
-    metric_names = [m for m in cand.metrics if m != "n_examples"]
+    # A candidate prompt in the registry: the tuned adapter with it, beside production.
+    sections = []
+    prompt_comparison = None
+    cand_prompt = mlflow.prompt_alias(production.name, CANDIDATE, spec.input_field)
+    if cand_prompt is not None and cand_prompt.version != production.version:
+        from genops_assets.lib.metrics import per_example
+        from genops_assets.lib.prompts import template_diff
+        from genops_assets.lib.report import prompt_comparison_section
+        from genops_assets.lib.stats import paired_difference_ci
+
+        pe = evaluate_model(load, "candidate", f"v{version} + prompt v{cand_prompt.version}",
+                            on_base(tuned_adapter["adapter_digest"]), spec, examples, [], cache, config.batch_size,
+                            log, prompt=cand_prompt.template)
+        old_label, new_label = f"prompt v{production.version} (production)", f"prompt v{cand_prompt.version} (candidate)"
+        diff = template_diff(production.template, cand_prompt.template, old_label, new_label)
+        compared = [m for m in metric_names_of(cand) if m in pe.metrics]
+        rows = [(m, float(cand.metrics[m]), float(pe.metrics[m])) for m in compared]
+        ci = paired_difference_ci(per_example(pe.scores, spec.primary_metric),
+                                  per_example(cand.scores, spec.primary_metric)).as_dict()
+        sections.append(prompt_comparison_section(old_label, new_label, diff, rows, ci, spec.primary_metric))
+        evals[f"candidate v{version} + prompt v{cand_prompt.version}"] = pe
+        prompt_comparison = {"production_version": production.version, "candidate_version": cand_prompt.version,
+                             "deltas": {m: b - a for m, a, b in rows}, "primary_interval": ci, "diff": diff}
+
+    metric_names = metric_names_of(cand)
     samples = []
     for i in range(min(5, len(examples))):
         for label, ev in evals.items():
@@ -131,18 +187,22 @@ def eval_report(
                             "prediction": p["prediction"], "valid_json": p["valid_json"]})
     run_id = mlflow.start_run(f"genops/{spec.name}", f"eval-v{version}",
                               tags={"genops.dagster_run_id": context.run.run_id, "genops.candidate_version": version,
-                                    "genops.golden_digest": golden_digest})
+                                    "genops.golden_digest": golden_digest, **prompt_tags(production)})
+    mlflow.link_prompt(run_id, production)
     out_dir = home.runs_dir / "eval" / run_id
     paths = write_eval_report(out_dir, f"{spec.name}: candidate v{version} on {len(examples)} golden examples",
-                              {k: v.metrics for k, v in evals.items()}, metric_names, gate.as_dict(), samples)
+                              {k: v.metrics for k, v in evals.items()}, metric_names, gate.as_dict(), samples,
+                              sections)
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for label, ev in evals.items():
             for p in ev.predictions:
                 fh.write(json.dumps({"model": label, **p}, ensure_ascii=False) + "\n")
-    mlflow.log_params(run_id, {"golden_examples": len(examples), "base_few_shot": len(shots), "margin": config.margin,
+    mlflow.log_params(run_id, {"golden_examples": len(examples), "base_few_shot": config.base_few_shot,
+                               "few_shot_strategy": config.few_shot_strategy, "prompt_version": production.version,
+                               "prompt_digest": production.digest, "margin": config.margin,
                                "primary_metric": spec.primary_metric, "candidate_version": version})
     prefixed = {}
-    for key, ev in (("base", base), ("candidate", cand), ("champion", champ_eval)):
+    for key, ev in (("base_0shot", base0), ("base", base), ("candidate", cand), ("champion", champ_eval)):
         if ev is not None:
             prefixed.update({f"{key}.{m}": v for m, v in ev.metrics.items()})
     mlflow.log_metrics(run_id, prefixed)
@@ -150,13 +210,18 @@ def eval_report(
     mlflow.set_version_tags(model_name, version, {
         "genops.eval.golden_digest": golden_digest,
         "genops.eval.run_id": run_id,
+        "genops.eval.prompt_version": production.version,
         **{f"genops.eval.{m}": f"{cand.metrics[m]:.4f}" for m in SUMMARY_METRICS},
     })
     mlflow.end_run(run_id)
 
     value = {
         "candidate": {"version": version, "metrics": cand.metrics},
-        "base": {"few_shot": len(shots), "metrics": base.metrics},
+        "base": {"few_shot": config.base_few_shot if base is not base0 else 0, "metrics": base.metrics},
+        "base_zero_shot": {"metrics": base0.metrics},
+        "few_shot": selector_info,
+        "prompt": production.summary(),
+        "prompt_comparison": prompt_comparison,
         "champion": None if champ_eval is None else {"version": champion.version, "metrics": champ_eval.metrics},
         "gate": gate.as_dict(),
         "golden_digest": golden_digest,
@@ -179,6 +244,9 @@ def eval_report(
         "cache_hits": cache.stats()["hits"],
         **({"sampling": dg.MetadataValue.json(sampling)} if sampling else {}),
         "gate_passed": gate.passed,
+        "prompt_version": production.version,
+        **({"prompt_candidate_delta": float(prompt_comparison["deltas"][spec.primary_metric])}
+           if prompt_comparison else {}),
         "gate": gate.reason,
         **{f"candidate_{m}": float(cand.metrics[m]) for m in SUMMARY_METRICS},
         **{f"base_{m}": float(base.metrics[m]) for m in SUMMARY_METRICS},

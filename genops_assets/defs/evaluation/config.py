@@ -8,7 +8,10 @@ class EvalConfig(dg.Config):
     max_examples: int | None = Field(None, description="Evaluate only the first N golden examples (quick runs).")
     batch_size: int = Field(8, description="Prompts generated together (left-padded batches).")
     base_few_shot: int = Field(2, description="Worked examples from few_shot_examples given to the base model "
-                                             "(what prompting alone achieves); 0 for zero-shot.")
+                                             "(what prompting alone achieves), beside its 0-shot answers; 0: "
+                                             "0-shot only.")
+    few_shot_strategy: str = Field("nearest", description="How shots are picked: fixed, stratified or nearest "
+                                   "(embedding neighbours of each input, all-MiniLM-L6-v2).")
     samples: int = Field(1, description="Answers sampled per golden example for the candidate (> 1 adds "
                                        "pass@k / pass^k with intervals).")
     sample_temperature: float = Field(0.7, description="Temperature of those samples.")

@@ -15,7 +15,7 @@ from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 
 
-def _judge_human_agreement(client, rubric, path: Path, spec, log, seed: int) -> dict:
+def _judge_human_agreement(client, rubric, path: Path, spec, log, seed: int, prompt=None) -> dict:
     """Judge the human-labelled pairs of the task (both orders) and compare with the people."""
     from genops_assets.lib.sxs import SxsRow, run_sxs
 
@@ -27,7 +27,7 @@ def _judge_human_agreement(client, rubric, path: Path, spec, log, seed: int) -> 
                 continue
             try:
                 r = json.loads(line)
-                rows.append(SxsRow(f"human_{n}", _judge_input(spec, r["input"]), r.get("reference", ""),
+                rows.append(SxsRow(f"human_{n}", _judge_input(spec, r["input"], prompt), r.get("reference", ""),
                                    r["response_a"], r["response_b"], human=label[r["preferred"]]))
             except (json.JSONDecodeError, KeyError) as exc:
                 raise ValueError(f"{path}, row {n}: expected input, response_a, response_b and preferred "
@@ -36,8 +36,8 @@ def _judge_human_agreement(client, rubric, path: Path, spec, log, seed: int) -> 
     return result.summary.get("judge_human", {"n": 0})
 
 
-def _judge_input(spec, text: str) -> str:
-    return "\n\n".join(m["content"] for m in build_messages(spec, text, []))
+def _judge_input(spec, text: str, prompt=None) -> str:
+    return "\n\n".join(m["content"] for m in build_messages(spec, text, [], prompt))
 
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"})
@@ -59,7 +59,12 @@ def sxs_evaluation(
     from genops_assets.lib.report import write_sxs_report
     from genops_assets.lib.sxs import SxsRow, run_sxs
 
+    from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
+
     spec = task.load()
+    # The judge sees the task as the models saw it: the production prompt, rendered.
+    prompt_ref = resolve_prompt(mlflow, spec)
+    prompt = prompt_ref.template
     rubrics = load_rubrics(BUILTIN_RUBRICS, spec.root / "rubrics")
     missing = [n for n in [config.pairwise_rubric, *config.pointwise_rubrics] if n not in rubrics]
     if missing:
@@ -81,7 +86,7 @@ def sxs_evaluation(
     ids = list(preds[cand_label])
     if config.max_examples:
         ids = ids[: config.max_examples]
-    rows = [SxsRow(i, _judge_input(spec, preds[cand_label][i]["input"]),
+    rows = [SxsRow(i, _judge_input(spec, preds[cand_label][i]["input"], prompt),
                    json.dumps(preds[cand_label][i]["reference"], ensure_ascii=False),
                    preds[cand_label][i]["prediction"], preds[base_label][i]["prediction"]) for i in ids]
 
@@ -93,7 +98,8 @@ def sxs_evaluation(
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
 
     run_id = mlflow.start_run(f"genops/{spec.name}", f"sxs-{cand_label.replace(' ', '')}",
-                              tags={"genops.dagster_run_id": context.run.run_id, "genops.kind": "autosxs"})
+                              tags={"genops.dagster_run_id": context.run.run_id, "genops.kind": "autosxs",
+                                    **prompt_tags(prompt_ref)})
     out_dir = home.runs_dir / "sxs" / run_id
     paths = write_sxs_report(out_dir, f"{spec.name}: AutoSxS {cand_label} vs {base_label}", cand_label, base_label,
                              result.summary, result.rows, usage)
@@ -116,7 +122,7 @@ def sxs_evaluation(
     human_file = spec.root / "human_preferences.jsonl"
     if human_file.is_file():
         s["judge_human"] = _judge_human_agreement(client, rubrics[config.pairwise_rubric], human_file, spec,
-                                                  context.log.info, config.seed)
+                                                  context.log.info, config.seed, prompt)
     win = s.get("win_rate")
     context.log.info(f"AutoSxS done: win rate {win['estimate']:.3f} [{win['low']:.3f}, {win['high']:.3f}], "
                      f"consistency {s['position_consistency']['estimate']:.3f}, preference margin "

@@ -30,9 +30,10 @@ def frame_digest(df) -> str:
     return sha256_json(df[cols].to_dict(orient="records"))
 
 
-def to_sft_examples(spec, df) -> list[SftExample]:
+def to_sft_examples(spec, df, prompt=None) -> list[SftExample]:
     return [
-        SftExample(r.example_id, build_messages(spec, r.input_text), format_target(json.loads(r.output_json), spec.output_fields))
+        SftExample(r.example_id, build_messages(spec, r.input_text, prompt=prompt),
+                   format_target(json.loads(r.output_json), spec.output_fields))
         for r in df.itertuples()
     ]
 
@@ -40,7 +41,8 @@ def to_sft_examples(spec, df) -> list[SftExample]:
 @dg.asset(
     group_name="tuning",
     # Golden and few-shot marts are upstream too: a failing gate on any mart stops training.
-    deps=[dg.AssetKey("sft_dataset"), dg.AssetKey("golden_eval_dataset"), dg.AssetKey("few_shot_examples")],
+    deps=[dg.AssetKey("sft_dataset"), dg.AssetKey("golden_eval_dataset"), dg.AssetKey("few_shot_examples"),
+          dg.AssetKey("prompt_templates")],
     kinds={"pytorch", "mlflow"},
     code_version=CODE_VERSION,
     pool="training",
@@ -58,7 +60,11 @@ def tuned_adapter(
     registered in MLflow with alias `challenger`. Same base model, data, prompts and config ->
     same version key -> the registered version is reused, nothing is trained twice.
     Cost: minutes on CPU (about 5 s/step for the embedded model on 2 cores)."""
+    from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
+
     spec = task.load()
+    prompt_ref = resolve_prompt(mlflow, spec)
+    prompt = prompt_ref.template
     df = warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset order by example_id")
     train_df = df[df["split"] == "train"]
     val_df = df[df["split"] == "validation"]
@@ -70,7 +76,7 @@ def tuned_adapter(
         "base_model": base_model["folder_digest"],
         "train": frame_digest(train_df),
         "validation": frame_digest(val_df),
-        "prompt": sha256_json([spec.system_template, spec.user_template]),
+        "prompt": prompt_ref.digest,
     }
     version_key = sha256_json({**digests, "config": cfg.as_params(), "code": CODE_VERSION})[:32]
     model_name = registered_model_name(spec.name)
@@ -87,11 +93,13 @@ def tuned_adapter(
         f"genops/{spec.name}",
         f"sft-{version_key[:8]}",
         tags={"genops.dagster_run_id": context.run.run_id, "genops.task": spec.name,
-              "genops.code_version": CODE_VERSION, VERSION_KEY_TAG: version_key},
+              "genops.code_version": CODE_VERSION, VERSION_KEY_TAG: version_key, **prompt_tags(prompt_ref)},
     )
+    mlflow.link_prompt(run_id, prompt_ref)
     try:
         mlflow.log_params(run_id, {**cfg.as_params(), "base_model": base_model["name"], "train_examples": len(train_df),
-                           "validation_examples": len(val_df), "task": spec.name})
+                           "validation_examples": len(val_df), "task": spec.name,
+                           "prompt_version": prompt_ref.version})
         for name, part in (("train", train_df), ("validation", val_df)):
             mlflow.log_dataset(run_id, part[["example_id", "input_text", "output_json"]].reset_index(drop=True),
                                name=f"{spec.name}-sft-{name}", source=f"{warehouse.path}#{MART_SCHEMA}.sft_dataset",
@@ -113,7 +121,7 @@ def tuned_adapter(
 
         adapter_dir = home.models_dir / "adapters" / version_key
         result = train_lora(
-            base_model["path"], to_sft_examples(spec, train_df), to_sft_examples(spec, val_df), cfg,
+            base_model["path"], to_sft_examples(spec, train_df, prompt), to_sft_examples(spec, val_df, prompt), cfg,
             adapter_dir=adapter_dir, work_dir=home.runs_dir / version_key, on_progress=on_progress,
         )
         curve = home.runs_dir / version_key / "loss_curve.png"
@@ -131,6 +139,7 @@ def tuned_adapter(
             "base_model_digest": base_model["folder_digest"],
             "base_model_path": base_model["path"],
             "dataset_digests": digests,
+            "prompt": prompt_ref.summary(),
             "steps": result.steps,
             "final_train_loss": result.last("loss"),
             "final_eval_loss": result.last("eval_loss"),
@@ -144,7 +153,7 @@ def tuned_adapter(
                 "genops.base_model_digest": base_model["folder_digest"],
                 "genops.train_digest": digests["train"],
                 "genops.validation_digest": digests["validation"],
-                "genops.prompt_digest": digests["prompt"],
+                **prompt_tags(prompt_ref),
                 "genops.adapter_digest": value["adapter_digest"],
                 "genops.dagster_run_id": context.run.run_id,
                 "genops.code_version": CODE_VERSION,
@@ -165,6 +174,7 @@ def tuned_adapter(
             "model": model_name,
             "version": mv.version,
             "version_key": version_key,
+            "prompt_version": prompt_ref.version,
             "mlflow_run_id": run_id,
             "steps": result.steps,
             "train_examples": result.train_examples,

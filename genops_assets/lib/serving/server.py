@@ -5,6 +5,10 @@ Run as ``python -m genops_assets.lib.serving.server``; started and stopped by
 name per adapter. ``POST /admin/reload`` swaps an adapter in place (bearer token from
 ``<state_dir>/admin_token``). Every request is appended to ``<state_dir>/requests.jsonl``
 (model, tokens, latency, status) for monitoring.
+
+Prompt serving: a request may send ``prompt_variables`` (e.g. ``{"message": "..."}``) instead
+of ``messages``; the server renders the deployed prompt version from ``<state_dir>/prompt.json``
+(written by the deploy step, re-read when it changes) and records that version.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(BaseModel):
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(default_factory=list)
+    # genops extension: variables of the deployed prompt template instead of messages.
+    prompt_variables: dict[str, str] | None = None
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -78,6 +84,22 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
     started_at = int(time.time())
     requests_log = state_dir / "requests.jsonl"
 
+    prompt_file = state_dir / "prompt.json"
+    prompt_cache: dict[str, Any] = {}
+
+    def deployed_prompt():
+        """(version, template) of the deployed prompt, re-read when the file changes."""
+        from genops_assets.lib.prompts import PromptTemplate
+
+        try:
+            mtime = prompt_file.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if prompt_cache.get("mtime") != mtime:
+            data = json.loads(prompt_file.read_text(encoding="utf-8"))
+            prompt_cache.update(mtime=mtime, version=str(data["version"]), template=PromptTemplate(**data["template"]))
+        return prompt_cache["version"], prompt_cache["template"]
+
     def record(entry: dict[str, Any]) -> None:
         with log_lock, open(requests_log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -117,6 +139,22 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
         max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
         adapter = None if req.model == BASE_NAME else req.model
         messages = [m.model_dump() for m in req.messages]
+        prompt_version = None
+        if req.prompt_variables is not None:
+            if messages:
+                return _error(400, "send either messages or prompt_variables, not both", param="prompt_variables")
+            deployed = deployed_prompt()
+            if deployed is None:
+                return _error(400, "no prompt is deployed on this endpoint; send messages", param="prompt_variables")
+            prompt_version, template = deployed
+            try:
+                messages = template.render(req.prompt_variables)
+            except (KeyError, ValueError) as exc:
+                return _error(400, f"prompt v{prompt_version}: {exc}", param="prompt_variables")
+            if max_tokens == default_max_tokens and not (req.max_tokens or req.max_completion_tokens):
+                max_tokens = template.max_new_tokens
+        elif not messages:
+            return _error(400, "messages must not be empty", param="messages")
         if req.guided_choice:
             job = Job("choice", messages, adapter, choices=tuple(req.guided_choice))
         else:
@@ -145,7 +183,8 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
         record({"ts": time.time(), "model": req.model, "version": versions.get(req.model), "status": 200,
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "latency_s": round(latency, 4), "queue_s": round(timing["queue_s"], 4),
-                "batch": timing["batch"], "finish_reason": finish, "guided": bool(req.guided_choice)})
+                "batch": timing["batch"], "finish_reason": finish, "guided": bool(req.guided_choice),
+                "prompt_version": prompt_version})
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -156,6 +195,7 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
                          "logprobs": logprobs, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
+            **({"genops": {"prompt_version": prompt_version}} if prompt_version else {}),
         }
 
     @app.post("/admin/reload")

@@ -1,0 +1,248 @@
+"""Prompts as versioned artifacts: the registry asset and LLM-driven prompt enhancement."""
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from genops_assets.defs.datasets.assets import MART_SCHEMA
+from genops_assets.lib.cache import CallCache
+from genops_assets.lib.evaluation import EvalExample, evaluate_model
+from genops_assets.lib.hashing import atomic_write_text, sha256_json
+from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, PromptRef, prompt_registry_name
+from resources.judge import JudgeResource
+from resources.paths import GenopsHome
+from resources.task import TaskResource
+from resources.tracking import MlflowTracking
+from resources.warehouse import DuckDBWarehouse
+
+
+def resolve_prompt(mlflow: MlflowTracking, spec, alias: str = PRODUCTION) -> PromptRef:
+    """The registered prompt version behind ``alias`` (a clear error when it is missing)."""
+    return mlflow.require_prompt_alias(prompt_registry_name(spec.name), alias, spec.input_field)
+
+
+def prompt_tags(ref: PromptRef) -> dict[str, str]:
+    """What a consumer records about the prompt it used."""
+    return {"genops.prompt_name": ref.name, "genops.prompt_version": str(ref.version),
+            "genops.prompt_digest": ref.digest}
+
+
+class PromptTemplatesConfig(dg.Config):
+    promote_file_version: bool = Field(False, description="Point `production` at the task folder's version "
+                                       "right away. Off: a changed file becomes `candidate` and is promoted "
+                                       "after evaluation (genops prompt promote), and rollbacks stick.")
+    commit_message: str = Field("", description="Commit message of a new version (default: names the files).")
+
+
+@dg.asset(group_name="prompts", kinds={"mlflow"})
+def prompt_templates(context: dg.AssetExecutionContext, config: PromptTemplatesConfig, task: TaskResource,
+                     mlflow: MlflowTracking) -> dg.Output[dict]:
+    """The task folder's prompt (system and user templates, generation parameters) registered in
+    MLflow's prompt registry: one immutable version per distinct text (same text, no new
+    version), aliases `production` (set on first registration) and `candidate`. Tuning,
+    evaluation and serving resolve the prompt by alias and record the version they used."""
+    spec = task.load()
+    name = prompt_registry_name(spec.name)
+    template = spec.prompt
+    files = ", ".join(spec.template_files.values())
+    message = config.commit_message or f"task folder prompts ({files}), digest {template.digest[:12]}"
+    ref, created = mlflow.register_prompt(name, template, message, tags={"genops.source": "task_folder",
+                                                                         "genops.task": spec.name})
+    context.log.info(f"{name}: file version is v{ref.version} ({'new' if created else 'already registered'})")
+    production = mlflow.prompt_alias(name, PRODUCTION, spec.input_field)
+    if production is None or (config.promote_file_version and production.version != ref.version):
+        mlflow.set_prompt_alias(name, PRODUCTION, ref.version)
+        context.log.info(f"{name}: alias {PRODUCTION} -> v{ref.version}")
+    elif production.version != ref.version:
+        current = mlflow.prompt_alias(name, CANDIDATE, spec.input_field)
+        if created or current is None:
+            mlflow.set_prompt_alias(name, CANDIDATE, ref.version)
+            context.log.info(f"{name}: the task folder's prompt differs from production v{production.version}; "
+                             f"alias {CANDIDATE} -> v{ref.version} (evaluate, then `genops prompt promote`)")
+    production = mlflow.require_prompt_alias(name, PRODUCTION, spec.input_field)
+    candidate = mlflow.prompt_alias(name, CANDIDATE, spec.input_field)
+    versions = mlflow.prompt_versions(name, spec.input_field)
+    value = {"name": name, "file_version": ref.version, "created": created,
+             "production": production.summary(), "candidate": candidate.summary() if candidate else None,
+             "versions": len(versions)}
+    return dg.Output(value, metadata={
+        "prompt": name,
+        "file_version": ref.version,
+        "new_version": created,
+        "production_version": production.version,
+        "candidate_version": candidate.version if candidate else "none",
+        "versions": len(versions),
+        "production_digest": production.digest,
+        "production_template": dg.MetadataValue.md(f"```\n{production.template.text()}```"),
+    })
+
+
+class PromptCandidatesConfig(dg.Config):
+    n_candidates: int = Field(3, ge=1, le=12, description="Rewrites asked of the teacher LLM.")
+    temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature of the teacher.")
+    max_new_tokens: int = Field(160, description="Longest rewrite the teacher may write.")
+    max_examples: int | None = Field(32, description="Validation examples each prompt is scored on (None: all).")
+    target: str = Field("tuned", description="Model the prompt is optimised for: 'tuned' (the tuned adapter, "
+                                             "what serves) or 'base' (prompting alone).")
+    margin: float = Field(0.01, description="How much the lower bound of the best candidate's paired improvement "
+                          "over production must clear (0.01: a real improvement, not a tie).")
+    batch_size: int = Field(8)
+
+
+@dg.asset(group_name="prompts", kinds={"mlflow"})
+def prompt_candidates(
+    context: dg.AssetExecutionContext,
+    config: PromptCandidatesConfig,
+    prompt_templates: dict,
+    eval_report: dict,
+    tuned_adapter: dict,
+    base_model: dict,
+    task: TaskResource,
+    warehouse: DuckDBWarehouse,
+    judge: JudgeResource,
+    mlflow: MlflowTracking,
+    home: GenopsHome,
+) -> dg.Output[dict]:
+    """An LLM (the judge/teacher endpoint) rewrites the production prompt from the last
+    evaluation's failures into N candidates; each valid one is registered and scored on the
+    validation split (never the golden set). The best moves to alias `candidate` only when the
+    lower bound of its paired improvement over production clears the margin. MLflow records
+    which prompt version produced which scores. Cost: a few minutes with the local model."""
+    from genops_assets.lib.enhance import failure_digest, propose_candidates, select_prompt
+    from genops_assets.lib.report import candidate_scores_png
+    from genops_assets.lib.stats import bootstrap_ci
+    from genops_assets.lib.metrics import per_example
+
+    if config.target not in ("tuned", "base"):
+        raise ValueError(f"target must be 'tuned' or 'base', got {config.target!r}")
+    spec = task.load()
+    production = resolve_prompt(mlflow, spec)
+    name = production.name
+
+    val = warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset where split = 'validation' "
+                             "order by example_id")
+    if config.max_examples:
+        val = val.head(config.max_examples)
+    examples = [EvalExample(r.example_id, r.input_text, json.loads(r.output_json)) for r in val.itertuples()]
+    golden_ids = set(warehouse.query_df(f"select example_id from {MART_SCHEMA}.golden_eval_dataset")["example_id"])
+
+    predictions = []
+    with open(eval_report["predictions_file"], encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row["model"].startswith("candidate"):
+                predictions.append(row)
+    failures = failure_digest(predictions, spec.label_fields)
+
+    cache = CallCache(home.cache_dir / "calls.sqlite")
+    teacher = judge.connect(base_model["path"], cache=cache)
+    run_id = mlflow.start_run(f"genops/{spec.name}", "prompt-enhancement",
+                              tags={"genops.dagster_run_id": context.run.run_id, **prompt_tags(production)})
+    mlflow.link_prompt(run_id, production)
+
+    def complete(messages, seed):
+        return teacher.complete(messages, max_tokens=config.max_new_tokens, temperature=config.temperature,
+                                seed=seed, version=production.digest)
+
+    candidates = propose_candidates(complete, production.template, failures, config.n_candidates,
+                                    log=context.log.info)
+    for cand in candidates:
+        if cand.template is None:
+            continue
+        ref, _ = mlflow.register_prompt(name, cand.template,
+                                        f"enhancement ({cand.mode}): {cand.direction}",
+                                        tags={"genops.source": "enhancement", "genops.parent_version": str(production.version),
+                                              "genops.enhancement_run": run_id})
+        cand.version = ref.version
+
+    holder: dict = {}
+
+    def load():
+        if "m" not in holder:
+            from genops_assets.lib.generation import load_model
+
+            adapters = {"candidate": tuned_adapter["adapter_dir"]} if config.target == "tuned" else {}
+            holder["m"] = load_model(base_model["path"], adapters)
+        return holder["m"]
+
+    adapter = "candidate" if config.target == "tuned" else None
+    digest = (sha256_json([base_model["folder_digest"], tuned_adapter["adapter_digest"]])
+              if config.target == "tuned" else base_model["folder_digest"])
+
+    def evaluate(template, label):
+        return evaluate_model(load, adapter, label, digest, spec, examples, [], cache, config.batch_size,
+                              context.log.info, prompt=template)
+
+    selection = select_prompt(production.template, f"production v{production.version}", candidates, evaluate,
+                              [e.example_id for e in examples], golden_ids, spec.primary_metric, config.margin)
+    if selection.promoted:
+        mlflow.set_prompt_alias(name, CANDIDATE, selection.best.version)
+        context.log.info(f"{name}: alias {CANDIDATE} -> v{selection.best.version} ({selection.gate.reason})")
+    elif selection.gate is not None:
+        context.log.info(f"no candidate promoted: {selection.gate.reason}")
+    else:
+        context.log.info("no usable candidate: every teacher answer was skipped")
+
+    primary = spec.primary_metric
+    bars = [(f"production v{production.version}", bootstrap_ci(per_example(selection.production.scores, primary)))]
+    for cand, ev in selection.evaluated:
+        mlflow.set_prompt_tags(name, cand.version, {f"genops.validation.{primary}": f"{ev.metrics[primary]:.4f}",
+                                                    "genops.validation.n": len(examples)})
+        bars.append((f"v{cand.version}", bootstrap_ci(per_example(ev.scores, primary))))
+    metrics = {f"production.{k}": v for k, v in selection.production.metrics.items()}
+    for cand, ev in selection.evaluated:
+        metrics.update({f"v{cand.version}.{k}": v for k, v in ev.metrics.items()})
+    mlflow.log_metrics(run_id, metrics)
+    mlflow.log_params(run_id, {"production_version": production.version, "n_candidates": config.n_candidates,
+                               "target": config.target, "selection_split": "validation",
+                               "selection_examples": len(examples), "margin": config.margin,
+                               "teacher": f"{teacher.base_url} {teacher.model}", "temperature": config.temperature})
+    out_dir = home.runs_dir / "prompts" / run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [c.as_dict() for c in candidates]
+    atomic_write_text(out_dir / "candidates.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out_dir / "selection_examples.json", json.dumps([e.example_id for e in examples]))
+    chart = candidate_scores_png(bars, primary)
+    (out_dir / "candidates.png").write_bytes(chart)
+    lines = [f"# Prompt enhancement from production v{production.version}", "",
+             f"Scored on {len(examples)} validation examples with the {config.target} model; metric {primary}.", "",
+             "| prompt | mode | " + primary + " | skipped because |", "|---|---|---|---|",
+             f"| production v{production.version} | - | {selection.production.metrics[primary]:.4f} | |"]
+    for c in candidates:
+        score = f"{c.metrics[primary]:.4f}" if c.metrics else "-"
+        lines.append(f"| {'v' + str(c.version) if c.version else 'candidate ' + str(c.index + 1)} | {c.mode} | "
+                     f"{score} | {c.skip_reason or ''} |")
+    verdict = selection.gate.reason if selection.gate else "no usable candidate"
+    lines += ["", f"**Gate:** {'promoted to candidate' if selection.promoted else 'not promoted'} - {verdict}", "",
+              "![candidates](candidates.png)"]
+    atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    mlflow.log_artifacts(run_id, out_dir, "prompt_enhancement")
+    mlflow.end_run(run_id)
+
+    value = {
+        "production_version": production.version,
+        "candidates": records,
+        "best_version": selection.best.version if selection.best else None,
+        "promoted": selection.promoted,
+        "gate": selection.gate.as_dict() if selection.gate else None,
+        "selection_example_ids": [e.example_id for e in examples],
+        "mlflow_run_id": run_id,
+        "teacher_usage": teacher.usage.as_dict(),
+    }
+    import base64
+
+    md = "\n".join(lines).replace("![candidates](candidates.png)",
+                                  f"![candidates](data:image/png;base64,{base64.b64encode(chart).decode()})")
+    return dg.Output(value, metadata={
+        "report": dg.MetadataValue.md(md),
+        "mlflow_run_id": run_id,
+        "production_version": production.version,
+        "usable_candidates": len(selection.evaluated),
+        "skipped_candidates": sum(1 for c in candidates if c.skip_reason),
+        "promoted": selection.promoted,
+        "best_version": selection.best.version if selection.best else "none",
+        "gate": verdict,
+        f"production_{primary}": float(selection.production.metrics[primary]),
+        "teacher_calls": teacher.usage.as_dict().get("calls", 0),
+    })
