@@ -120,7 +120,8 @@ def _tracking():
     return res["mlflow"], res["home"], res["task"]
 
 
-def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batch_size: int = 8) -> int:
+def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batch_size: int = 8,
+               base_model: str | None = None) -> int:
     """Outputs and metrics of a prompt file on a sample of validation examples, in seconds."""
     import duckdb
 
@@ -161,7 +162,12 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
                 break
         source = "raw task files (run `make demo` to try on the validation split)"
 
-    info = convert_gguf(find_embedded_gguf(), root / "models" / "base", log=lambda m: None)
+    if base_model:
+        from genops_assets.lib.base_model import resolve_local_folder
+
+        info = resolve_local_folder(Path(base_model).expanduser().resolve())
+    else:
+        info = convert_gguf(find_embedded_gguf(), root / "models" / "base", log=lambda m: None)
     adapters, adapter, digest = {}, None, info.folder_digest
     if model != "base":
         from genops_assets.defs.evaluation.assets import fetch_registered_adapter
@@ -234,6 +240,29 @@ def prompt_admin(args) -> int:
     return 0
 
 
+def serve(host: str, port: int) -> int:
+    """The server in the foreground (containers): the embedded model converted once, or
+    GENOPS_BASE_MODEL; adapters from GENOPS_ADAPTERS as name=folder,..."""
+    import secrets
+
+    from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
+    from genops_assets.lib.hashing import atomic_write_text
+    from genops_assets.lib.serving import control, server
+
+    root = init_home()
+    base = os.environ.get("GENOPS_BASE_MODEL") or convert_gguf(find_embedded_gguf(), root / "models" / "base").path
+    state_dir = root / "endpoint"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token = state_dir / control.TOKEN_FILE
+    atomic_write_text(token, secrets.token_urlsafe(32))
+    os.chmod(token, 0o600)
+    argv = ["--base-model", str(base), "--state-dir", str(state_dir), "--host", host, "--port", str(port)]
+    for item in filter(None, (os.environ.get("GENOPS_ADAPTERS") or "").split(",")):
+        argv += ["--adapter", item.strip()]
+    server.main(argv)
+    return 0
+
+
 def enhance() -> int:
     """Prompt enhancement, then the eval report again (cached) with the prompt comparison."""
     rc = demo("prompt_enhancement", summary=False)
@@ -289,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--job", default="genops_loop")
     sub.add_parser("ui", help="Dagster UI on :3000 and MLflow UI on :5000")
     sub.add_parser("stop", help="stop the local endpoint")
+    sv = sub.add_parser("serve", help="the OpenAI-compatible server in the foreground (containers)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8008)
     sub.add_parser("enhance", help="LLM prompt enhancement, then the eval report with the prompt comparison")
     pr = sub.add_parser("prompt", help="prompt registry: try, list, alias, promote, rollback")
     psub = pr.add_subparsers(dest="prompt_cmd", required=True)
@@ -297,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--prompt", required=True, help="a .txt (system instructions) or .yaml (system/user/generation)")
     t.add_argument("--model", default="base", help="base, an alias (champion, challenger) or a version number")
     t.add_argument("-n", type=int, default=20)
+    t.add_argument("--base-model", default=None, help="a local Hugging Face folder instead of the embedded model")
     for cmd in ("list", "promote", "rollback"):
         psub.add_parser(cmd).add_argument("--task", default=None)
     a = psub.add_parser("alias", help="point an alias at a version (rollback = move production back)")
@@ -306,10 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "prompt":
         if args.prompt_cmd == "try":
-            return prompt_try(args.task, args.prompt, args.model, args.n)
+            from genops_assets.lib.prompts import PromptError
+            from genops_assets.lib.tasks import TaskConfigError
+
+            try:
+                return prompt_try(args.task, args.prompt, args.model, args.n, base_model=args.base_model)
+            except (PromptError, TaskConfigError) as exc:
+                print(f"genops prompt try: {exc}", file=sys.stderr)
+                return 2
         return prompt_admin(args)
     if args.cmd == "enhance":
         return enhance()
+    if args.cmd == "serve":
+        return serve(args.host, args.port)
     if args.cmd == "init-home":
         print(init_home())
         return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from resources.endpoint import LocalEndpoint
+from resources.endpoint import LocalEndpoint, VllmEndpoint
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -59,10 +59,7 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
         ),
         "warehouse": DuckDBWarehouse(path=str(home / "warehouse.duckdb")),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
-        "endpoint": LocalEndpoint(
-            state_dir=str(home / "endpoint"),
-            port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008),
-        ),
+        "endpoint": serving_backend(home, port),
         "judge": JudgeResource(
             base_url=os.environ.get("GENOPS_JUDGE_BASE_URL") or None,
             model=os.environ.get("GENOPS_JUDGE_MODEL") or "base",
@@ -76,6 +73,24 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
             dbt_executable=dbt_executable(),
         ),
     }
+
+
+def serving_backend(home: Path, port: int | None = None):
+    """genops' local server, or a running vLLM server when ``GENOPS_SERVING_BACKEND=vllm``."""
+    backend = os.environ.get("GENOPS_SERVING_BACKEND", "local")
+    if backend == "vllm":
+        url = os.environ.get("GENOPS_VLLM_BASE_URL")
+        if not url:
+            raise ValueError("GENOPS_SERVING_BACKEND=vllm needs GENOPS_VLLM_BASE_URL (the server's .../v1 URL)")
+        return VllmEndpoint(
+            base_url=url,
+            api_key=dg.EnvVar("GENOPS_VLLM_API_KEY") if os.environ.get("GENOPS_VLLM_API_KEY") else "unused",
+            base_model_name=os.environ.get("GENOPS_VLLM_BASE_MODEL") or None,
+            lora_path_template=os.environ.get("GENOPS_VLLM_LORA_PATH") or "{adapter_dir}",
+        )
+    if backend != "local":
+        raise ValueError(f"GENOPS_SERVING_BACKEND must be 'local' or 'vllm', got {backend!r}")
+    return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008))
 
 
 def defs() -> dg.Definitions:

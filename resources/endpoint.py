@@ -1,4 +1,11 @@
-"""The serving endpoint as a resource: start, reload and query the local OpenAI-compatible server."""
+"""Serving backends behind the deploy asset: genops' own local server, or a vLLM OpenAI server.
+
+Both take the same calls from ``deployed_endpoint``: ``publish_prompt`` (the prompt version
+the endpoint renders), ``deploy`` (serve an adapter under a name, hot-swapping a running
+one) and ``url``. The vLLM backend drives a running vLLM server through its runtime LoRA API
+(``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``; the server needs
+``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 
 @dataclass(frozen=True)
@@ -17,7 +25,26 @@ class DeployOutcome:
     version: str
 
 
-class LocalEndpoint(dg.ConfigurableResource):
+class ServingBackend(dg.ConfigurableResource):
+    """What the deploy asset needs from a serving backend."""
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def renders_prompts(self) -> bool:
+        """Whether requests may send ``prompt_variables`` instead of messages."""
+        return False
+
+    def publish_prompt(self, prompt: dict) -> None:
+        """Make ``prompt`` (name, version, digest, template) the one the endpoint renders."""
+
+    def deploy(self, base_model: str, name: str, adapter_dir: str, version: str) -> DeployOutcome:
+        raise NotImplementedError
+
+
+class LocalEndpoint(ServingBackend):
     """genops' own server process on this machine; pid, port and log live in ``state_dir``."""
 
     state_dir: str
@@ -28,6 +55,19 @@ class LocalEndpoint(dg.ConfigurableResource):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def renders_prompts(self) -> bool:
+        return True
+
+    def publish_prompt(self, prompt: dict) -> None:
+        import json
+
+        from genops_assets.lib.hashing import atomic_write_text
+
+        # The server re-reads this file when it changes: a new prompt needs no restart.
+        Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(self.state_dir) / "prompt.json", json.dumps(prompt))
 
     def deploy(self, base_model: str, name: str, adapter_dir: str, version: str) -> DeployOutcome:
         """Serve ``adapter_dir`` as model ``name`` on ``base_model``; a no-op when already serving it."""
@@ -59,3 +99,85 @@ class LocalEndpoint(dg.ConfigurableResource):
         from genops_assets.lib.serving import control
 
         control.stop_server(Path(self.state_dir))
+
+
+class VllmError(RuntimeError):
+    """The vLLM server refused a call; the message carries its answer."""
+
+
+class VllmEndpoint(ServingBackend):
+    """A running vLLM OpenAI-compatible server (e.g. on GKE, see genops_assets/deploy/k8s/)."""
+
+    base_url: str = Field(description="The server's OpenAI base URL, ending in /v1")
+    api_key: str = Field("unused", description="Bind with dg.EnvVar('GENOPS_VLLM_API_KEY'); never a literal")
+    base_model_name: str | None = Field(None, description="Model id vLLM serves as the base; checked on deploy")
+    lora_path_template: str = Field("{adapter_dir}", description="Path of the adapter as the vLLM server sees it; "
+                                    "placeholders {adapter_dir}, {name}, {version} (e.g. /adapters/{name}/v{version} "
+                                    "for a volume the adapter-sync sidecar fills)")
+    keep_versions: int = Field(2, description="Pinned versions kept loaded as '<name>-v<version>' (rollback targets)")
+    timeout_s: float = Field(120.0)
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/")
+
+    def _call(self, method: str, path: str, body: dict | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        try:
+            resp = httpx.request(method, f"{self.url}{path}", json=body, headers=headers, timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise VllmError(f"vLLM server at {self.url} unreachable ({path}): {exc}") from exc
+        return resp
+
+    def loaded(self) -> dict[str, dict]:
+        """Models the server lists: the base model and every loaded LoRA adapter."""
+        resp = self._call("GET", "/models")
+        if resp.status_code != 200:
+            raise VllmError(f"GET {self.url}/models answered {resp.status_code}: {resp.text[:300]}")
+        return {m["id"]: m for m in resp.json().get("data", [])}
+
+    def load(self, lora_name: str, lora_path: str, replace: bool = False) -> None:
+        body = {"lora_name": lora_name, "lora_path": lora_path}
+        if replace:
+            body["load_inplace"] = True
+        resp = self._call("POST", "/load_lora_adapter", body)
+        if resp.status_code != 200:
+            raise VllmError(f"loading adapter '{lora_name}' from {lora_path}: {resp.status_code} {resp.text[:300]}")
+
+    def unload(self, lora_name: str) -> None:
+        resp = self._call("POST", "/unload_lora_adapter", {"lora_name": lora_name})
+        if resp.status_code not in (200, 404):
+            raise VllmError(f"unloading adapter '{lora_name}': {resp.status_code} {resp.text[:300]}")
+
+    def deploy(self, base_model: str, name: str, adapter_dir: str, version: str) -> DeployOutcome:
+        """Serve the adapter as ``name`` (what clients ask for) and as ``<name>-v<version>``
+        (pinned); older pinned versions beyond ``keep_versions`` are unloaded."""
+        models = self.loaded()
+        bases = [m for m, info in models.items() if not info.get("parent")]
+        if self.base_model_name and self.base_model_name not in bases:
+            raise VllmError(f"vLLM at {self.url} serves {bases}, not the base model '{self.base_model_name}'")
+        path = self.lora_path_template.format(adapter_dir=adapter_dir, name=name, version=version)
+        pinned = f"{name}-v{version}"
+        if pinned in models and name in models and models[name].get("root") == models[pinned].get("root"):
+            return DeployOutcome("unchanged", self.url, 0, 0, version)
+        if pinned not in models:
+            self.load(pinned, path)
+        if name in models:
+            try:
+                self.load(name, path, replace=True)
+            except VllmError:
+                # A server without in-place replacement: unload, then load (a moment without it).
+                self.unload(name)
+                self.load(name, path)
+            action = "reloaded"
+        else:
+            self.load(name, path)
+            action = "started"
+        prefix = f"{name}-v"
+        old = sorted((m for m in self.loaded() if m.startswith(prefix) and m != pinned),
+                     key=lambda m: int(m[len(prefix):]) if m[len(prefix):].isdigit() else -1)
+        for m in old[: max(0, len(old) - (self.keep_versions - 1))]:
+            self.unload(m)
+        return DeployOutcome(action, self.url, 0, 0, version)

@@ -26,7 +26,27 @@ def completion(content: str, probs: dict[str, float] | None = None) -> dict:
             "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
 
 
-class StandInJudge:
+class BackgroundServer:
+    """A FastAPI app served by uvicorn in a thread of the test process, as a context manager."""
+
+    def serve(self, app: FastAPI, port: int) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+
+class StandInJudge(BackgroundServer):
     """``script(call_number, body) -> (status, json)``; requests are counted."""
 
     def __init__(self, script: Callable[[int, dict], tuple[int, dict]], port: int):
@@ -42,17 +62,4 @@ class StandInJudge:
             status, payload = script(self.calls, body)
             return JSONResponse(payload, status_code=status)
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=5)
+        self.serve(app, port)

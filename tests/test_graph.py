@@ -23,7 +23,9 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
 
     adapter = result.output_for_node("tuned_adapter")
     deployed = result.output_for_node("deployed_endpoint")
-    assert deployed["action"] == "started" and deployed["version"] == adapter["version"] == "1"
+    # The server starts with the candidate as `challenger`; `champion` is hot-loaded after parity.
+    assert deployed["action"] == "reloaded" and deployed["version"] == adapter["version"] == "1"
+    assert deployed["parity"]["checked"] == 4 and deployed["parity"]["matched"] == 4
 
     from resources import build_resources
 
@@ -37,7 +39,7 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert "train_loss" in run.data.metrics
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    assert {m.id for m in client.models.list().data} >= {"base", "champion"}
+    assert {m.id for m in client.models.list().data} >= {"base", "champion", "challenger"}
 
     # Same data, config and base model: no second training, no new version, deploy is a no-op.
     again = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)

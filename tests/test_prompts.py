@@ -200,3 +200,25 @@ def test_failure_digest_lists_wrong_fields_only():
 def test_template_diff_shows_the_change():
     diff = template_diff(BASE, BASE.with_system("Other."), "v1", "v2")
     assert "--- v1" in diff and "+Other." in diff
+
+
+def test_prompt_try_prints_outputs_and_metrics_then_answers_from_the_cache(tmp_path, tiny_model_dir, monkeypatch,
+                                                                           capsys):
+    from genops_assets import cli
+
+    monkeypatch.setenv("GENOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home" / "dagster"))
+    prompt = tmp_path / "mine.txt"
+    prompt.write_text("Answer with one JSON object.\n{few_shot}")
+    args = ["prompt", "try", "--prompt", str(prompt), "-n", "3", "--base-model", str(tiny_model_dir)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "on 3 examples from raw task files" in out and "mean_field_exact_match" in out
+    assert "1 model calls" in out
+    assert cli.main(args) == 0
+    assert "0 model calls" in capsys.readouterr().out  # the same prompt again: from the cache
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("user: 'Ticket without the input variable'\n")
+    assert cli.main(["prompt", "try", "--prompt", str(bad), "--base-model", str(tiny_model_dir)]) == 2
+    assert "bad.yaml (user): must contain {message}" in capsys.readouterr().err

@@ -1,37 +1,74 @@
-"""Promotion and serving: move the `champion` alias, then serve it from the local endpoint."""
+"""Promotion and serving: serve the candidate as `challenger`, check serving parity against the
+offline evaluation, then move the `champion` alias and serve it."""
 
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 import dagster as dg
+from pydantic import Field
 
 from genops_assets.defs.evaluation.assets import fetch_registered_adapter
-from resources.endpoint import LocalEndpoint
+from genops_assets.lib.formatting import build_messages
+from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import CHAMPION, MlflowTracking
 
 SERVED_NAME = "champion"
+CHALLENGER_NAME = "challenger"
+
+
+class DeployConfig(dg.Config):
+    parity_examples: int = Field(8, ge=0, description="Golden examples whose greedy answers from the endpoint "
+                                 "must equal the offline evaluation's (0: skip the parity check).")
+
+
+def parity_check(client, model: str, cases: list[dict], spec, prompt_ref, renders_prompts: bool) -> dict:
+    """Ask the endpoint for each case's greedy answer and compare with the offline one."""
+
+    def ask(case):
+        if renders_prompts:
+            kwargs = {"messages": [], "extra_body": {"prompt_variables": {spec.input_field: case["input"]}}}
+        else:
+            kwargs = {"messages": build_messages(spec, case["input"], prompt=prompt_ref.template),
+                      "max_tokens": prompt_ref.template.max_new_tokens}
+        reply = client.chat.completions.create(model=model, temperature=0.0, **kwargs)
+        return reply.choices[0].message.content or ""
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, len(cases))) as pool:
+        answers = list(pool.map(ask, cases))
+    mismatches = [{"example_id": c["example_id"], "offline": c["prediction"], "served": a}
+                  for c, a in zip(cases, answers, strict=True) if a.strip() != c["prediction"].strip()]
+    return {"checked": len(cases), "matched": len(cases) - len(mismatches), "mismatches": mismatches,
+            "seconds": round(time.monotonic() - started, 2)}
 
 
 @dg.asset(group_name="deployment", kinds={"openai"})
 def deployed_endpoint(
     context: dg.AssetExecutionContext,
+    config: DeployConfig,
     eval_report: dict,
     tuned_adapter: dict,
     base_model: dict,
     task: TaskResource,
     mlflow: MlflowTracking,
-    endpoint: LocalEndpoint,
+    endpoint: ServingBackend,
     home: GenopsHome,
 ) -> dg.Output[dict]:
-    """The OpenAI-compatible endpoint serving the base model plus the champion adapter.
-    Promotes the candidate (alias `champion`; the previous champion is recorded for rollback),
-    starts or hot-reloads the server, and verifies it with one request through the `openai`
-    client. Deploying the serving version again is a no-op. Cost: seconds (about 20 s to start)."""
+    """The OpenAI-compatible endpoint serving the base model, `challenger` and `champion`.
+    The candidate is served as `challenger` first; its greedy answers on golden examples must
+    equal the offline evaluation's (serving parity: catches an adapter not applied, a prompt
+    mismatch, tokenizer drift), or the deploy fails and the champion is untouched. Then the
+    alias `champion` moves (the previous one is recorded for rollback) and the server
+    hot-swaps it. Deploying the serving version again is a no-op. Cost: seconds to a minute."""
     from openai import OpenAI
+
+    from genops_assets.defs.prompts.assets import resolve_prompt
 
     gate = eval_report["gate"]
     if not gate["passed"]:
@@ -41,6 +78,32 @@ def deployed_endpoint(
     if str(eval_report["candidate"]["version"]) != version:
         raise dg.Failure(f"eval_report is for v{eval_report['candidate']['version']}, tuned_adapter is v{version}")
 
+    spec = task.load()
+    prompt_ref = resolve_prompt(mlflow, spec)
+    if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
+        raise dg.Failure(f"production prompt moved to v{prompt_ref.version} after the evaluation (which used "
+                         f"v{eval_report['prompt']['version']}); re-run eval_report before deploying")
+    endpoint.publish_prompt({"name": prompt_ref.name, "version": prompt_ref.version, "digest": prompt_ref.digest,
+                             "template": asdict(prompt_ref.template)})
+    adapter_dir = fetch_registered_adapter(mlflow, home, model_name, version)
+    staged = endpoint.deploy(base_model["path"], CHALLENGER_NAME, str(adapter_dir), version)
+    context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {CHALLENGER_NAME}")
+    client = OpenAI(base_url=staged.url, api_key="local", timeout=300, max_retries=0)
+
+    parity = {"checked": 0, "matched": 0, "mismatches": [], "seconds": 0.0}
+    cases = eval_report.get("parity_examples", [])[: config.parity_examples]
+    if cases:
+        parity = parity_check(client, CHALLENGER_NAME, cases, spec, prompt_ref, endpoint.renders_prompts)
+        context.log.info(f"serving parity: {parity['matched']}/{parity['checked']} answers equal the offline "
+                         f"evaluation ({parity['seconds']}s)")
+        if parity["mismatches"]:
+            first = parity["mismatches"][0]
+            raise dg.Failure(
+                f"serving parity failed: {len(parity['mismatches'])}/{parity['checked']} answers differ from the "
+                f"offline evaluation of v{version} (e.g. {first['example_id']}: offline {first['offline'][:80]!r}, "
+                f"served {first['served'][:80]!r}); champion not moved",
+                metadata={"mismatches": dg.MetadataValue.json(parity["mismatches"])})
+
     previous = mlflow.alias(model_name, CHAMPION)
     promoted = previous is None or previous.version != version
     if promoted:
@@ -48,6 +111,7 @@ def deployed_endpoint(
             "genops.previous_champion": previous.version if previous else "",
             "genops.promoted_at": datetime.now(timezone.utc).isoformat(),
             "genops.promoted_by_run": context.run.run_id,
+            "genops.serving_prompt_version": prompt_ref.version,
         })
         mlflow.set_alias(model_name, CHAMPION, version)
         with open(home.endpoint_dir / "promotions.jsonl", "a", encoding="utf-8") as fh:
@@ -55,37 +119,20 @@ def deployed_endpoint(
                                  "previous": previous.version if previous else None, "run_id": context.run.run_id}) + "\n")
         context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} (was {previous.version if previous else 'unset'})")
 
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from genops_assets.defs.prompts.assets import resolve_prompt
-    from genops_assets.lib.hashing import atomic_write_text
-
-    spec = task.load()
-    prompt_ref = resolve_prompt(mlflow, spec)
-    if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
-        context.log.warning(f"production prompt moved to v{prompt_ref.version} after the evaluation "
-                            f"(v{eval_report['prompt']['version']}); serving v{prompt_ref.version}")
-    # The server renders requests that carry prompt_variables with this version; it re-reads the file.
-    atomic_write_text(Path(endpoint.state_dir) / "prompt.json",
-                      json.dumps({"name": prompt_ref.name, "version": prompt_ref.version,
-                                  "digest": prompt_ref.digest, "template": asdict(prompt_ref.template)}))
-    adapter_dir = fetch_registered_adapter(mlflow, home, model_name, version)
     outcome = endpoint.deploy(base_model["path"], SERVED_NAME, str(adapter_dir), version)
-    context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version}")
+    context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version} as {SERVED_NAME}")
 
     first = eval_report["first_example"]
-    client = OpenAI(base_url=outcome.url, api_key="local", timeout=120, max_retries=0)
     started = time.monotonic()
-    reply = client.chat.completions.create(
-        model=SERVED_NAME,
-        messages=[],
-        temperature=0.0,
-        extra_body={"prompt_variables": {spec.input_field: first["input"]}},
-    )
+    if endpoint.renders_prompts:
+        reply = client.chat.completions.create(model=SERVED_NAME, messages=[], temperature=0.0,
+                                               extra_body={"prompt_variables": {spec.input_field: first["input"]}})
+    else:
+        reply = client.chat.completions.create(model=SERVED_NAME, temperature=0.0,
+                                               messages=build_messages(spec, first["input"], prompt=prompt_ref.template),
+                                               max_tokens=prompt_ref.template.max_new_tokens)
     latency = time.monotonic() - started
     answer = reply.choices[0].message.content or ""
-    parity = answer.strip() == first["candidate_prediction"].strip()
     served_prompt = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
     value = {
         "url": outcome.url,
@@ -98,6 +145,7 @@ def deployed_endpoint(
         "verified_answer": answer,
         "prompt_version": prompt_ref.version,
         "served_prompt_version": served_prompt,
+        "parity": parity,
     }
     return dg.Output(value, metadata={
         "url": dg.MetadataValue.url(outcome.url.removesuffix("/v1") + "/health"),
@@ -109,7 +157,8 @@ def deployed_endpoint(
         "port": outcome.port,
         "verification_latency_s": round(latency, 2),
         "verification_answer": answer,
-        "matches_offline_eval": parity,
+        "parity_checked": parity["checked"],
+        "parity_matched": parity["matched"],
         "prompt_version": prompt_ref.version,
         "served_prompt_version": str(served_prompt),
     })

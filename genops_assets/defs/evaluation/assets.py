@@ -227,6 +227,9 @@ def eval_report(
         "golden_digest": golden_digest,
         "first_example": {"example_id": examples[0].example_id, "input": examples[0].input_text,
                           "candidate_prediction": cand.predictions[0]["prediction"]},
+        # Greedy answers the deployed endpoint must reproduce (serving parity).
+        "parity_examples": [{"example_id": p["example_id"], "input": p["input"], "prediction": p["prediction"]}
+                            for p in cand.predictions[:16]],
         "report_html": str(paths["html"]),
         "predictions_file": str(out_dir / "predictions.jsonl"),
         "sampling": sampling,
