@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import dagster as dg
 
 RAW_SCHEMA = "raw"
 RAW_TABLE = "task_examples"
+FEEDBACK_SCHEMA = "feedback"
 
 
 class DuckDBWarehouse(dg.ConfigurableResource):
@@ -76,3 +78,31 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             con.execute(sql, params or [])
         finally:
             con.close()
+
+    def append_feedback(self, source: str, chunk, columns) -> int:
+        """Append request rows and move the source's offset in one transaction: a row is loaded
+        exactly once, even if the process dies between the two."""
+        con = self._connect(read_only=False)
+        try:
+            con.execute(f"create schema if not exists {FEEDBACK_SCHEMA}")
+            cols = ", ".join(f"{n} {t}" for n, t in columns)
+            con.execute(f"create table if not exists {FEEDBACK_SCHEMA}.requests ({cols}, loaded_at timestamp)")
+            con.execute(f"""create table if not exists {FEEDBACK_SCHEMA}.ingest_state (
+                source varchar primary key, byte_offset bigint, updated_at timestamp)""")
+            con.execute("begin transaction")
+            if chunk.rows:
+                marks = ", ".join("?" for _ in columns)
+                con.executemany(f"insert into {FEEDBACK_SCHEMA}.requests values ({marks}, current_timestamp)",
+                                chunk.rows)
+            con.execute(f"insert or replace into {FEEDBACK_SCHEMA}.ingest_state values (?, ?, current_timestamp)",
+                        [source, chunk.end])
+            con.execute("commit")
+            return len(chunk.rows)
+        finally:
+            con.close()
+
+    def feedback_offset(self, source: str) -> int:
+        if not Path(self.path).exists() or not self.table_exists(FEEDBACK_SCHEMA, "ingest_state"):
+            return 0
+        df = self.query_df(f"select byte_offset from {FEEDBACK_SCHEMA}.ingest_state where source = ?", [source])
+        return int(df.iloc[0, 0]) if len(df) else 0

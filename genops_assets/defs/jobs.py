@@ -6,7 +6,7 @@ import dagster as dg
 
 # Prompt enhancement is its own job: it asks a teacher model and scores candidates, which the
 # loop does not need on every run.
-LOOP_SELECTION = dg.AssetSelection.all() - dg.AssetSelection.assets("prompt_candidates")
+LOOP_SELECTION = dg.AssetSelection.all() - dg.AssetSelection.assets("prompt_candidates", "request_log")
 
 genops_loop = dg.define_asset_job(
     "genops_loop",
@@ -26,4 +26,10 @@ prompt_enhancement = dg.define_asset_job(
     selection=dg.AssetSelection.assets("prompt_candidates"),
     description="An LLM rewrites the production prompt from the last evaluation's failures; candidates are "
                 "scored on the validation split and the best becomes `candidate` if it clears the gate.",
+)
+
+ingest_requests = dg.define_asset_job(
+    "ingest_requests",
+    selection=dg.AssetSelection.assets("request_log"),
+    description="Load the endpoint's new request records into the feedback store.",
 )
