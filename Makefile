@@ -52,7 +52,10 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
 
 # Side-by-side timings (ratios) written to $(GENOPS_HOME)/bench/results.json.
+# llama.cpp (llama-cpp-python, built from source: minutes) is installed here only, for the
+# serving comparison; the rest of genops does not need it.
 bench: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
 	$(BIN)/python -m genops_assets.bench
 
 ui: install

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", choices=("all", "evaluation", "serving"), default="all")
+    parser.add_argument("--serving-port", type=int, default=8028)
     args = parser.parse_args(argv)
 
     from resources import QUIET_ENV, genops_home
@@ -122,23 +124,38 @@ def main(argv: list[str] | None = None) -> int:
                                  "cpus": os.cpu_count()}, "model": base.name}
     with tempfile.TemporaryDirectory(prefix="genops-bench-") as tmp:
         work = Path(tmp)
-        _log(f"evaluation: {len(examples)} examples, cold then cached")
-        results["evaluation_cache"] = bench_eval(base.path, task, examples, work)
-        preds = results["evaluation_cache"].pop("predictions")
-        n = min(args.judge_items, len(examples))
-        _log(f"judging: {n} pointwise verdicts in choice mode, sequential then concurrent")
-        results["judging"] = bench_judging(base.path, task, examples[:n], preds[:n], work, args.explain,
-                                           args.explain_tokens, args.concurrency)
+        if args.only in ("all", "evaluation"):
+            _log(f"evaluation: {len(examples)} examples, cold then cached")
+            results["evaluation_cache"] = bench_eval(base.path, task, examples, work)
+            preds = results["evaluation_cache"].pop("predictions")
+            n = min(args.judge_items, len(examples))
+            _log(f"judging: {n} pointwise verdicts in choice mode, sequential then concurrent")
+            results["judging"] = bench_judging(base.path, task, examples[:n], preds[:n], work, args.explain,
+                                               args.explain_tokens, args.concurrency)
+        if args.only in ("all", "serving"):
+            from genops_assets.bench_serving import bench_serving
+
+            from genops_assets.lib.formatting import build_messages
+
+            prompts = [build_messages(task, ex.input_text) for ex in examples[:16]]
+            _log("serving: genops (batched) vs naive (one at a time) vs llama.cpp, concurrency 1/4/16")
+            results["serving"] = bench_serving(base.path, find_embedded_gguf(), prompts, work / "serving",
+                                               args.serving_port, log=_log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")
     tmp_out.replace(out)
-    e, j = results["evaluation_cache"], results["judging"]
-    print(f"""
-genops bench ({results['machine']['cpus']} CPUs) -> {out}
-  golden-set evaluation, {e['examples']} examples: cold {e['cold_s']:.1f}s ({e['cold_model_calls']} model calls), cached {e['cached_s']:.3f}s (0 calls): {e['speedup']}x (target {e['target']})
-  judging, {j['verdicts']} verdicts{' + explanations' if j['explain'] else ''} (choice mode): sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: {j['speedup']}x (target {j['target']})
-""", flush=True)
+    print(f"\ngenops bench ({results['machine']['cpus']} CPUs) -> {out}")
+    if "evaluation_cache" in results:
+        e, j = results["evaluation_cache"], results["judging"]
+        print(f"""  golden-set evaluation, {e['examples']} examples: cold {e['cold_s']:.1f}s ({e['cold_model_calls']} model calls), cached {e['cached_s']:.3f}s (0 calls): {e['speedup']}x (target {e['target']})
+  judging, {j['verdicts']} verdicts{' + explanations' if j['explain'] else ''} (choice mode): sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: {j['speedup']}x (target {j['target']})""")
+    if "serving" in results:
+        from genops_assets.bench_serving import table
+
+        print(table(results["serving"]))
+        print("  ratios:", results["serving"]["ratios"], " targets:", results["serving"]["targets"])
+    sys.stdout.flush()
     return 0
 
 
