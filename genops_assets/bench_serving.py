@@ -40,7 +40,8 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 
 
 def _start(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen:
     fh = open(log, "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "GENOPS_API_KEYS": ""}  # benchmark servers are local and open
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     _wait_ready(ready_url, proc, log)
     return proc
 

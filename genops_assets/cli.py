@@ -100,7 +100,9 @@ def _ask_endpoint(base_url: str) -> None:
     message = "Hi, my thermostat shows 'offline' in the app since the power cut yesterday and the house is cold."
     try:
         task = load_task(os.environ.get("GENOPS_TASKS_DIR") or REPO / "tasks", os.environ.get("GENOPS_TASK") or "support_triage")
-        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        from resources.endpoint import client_api_key
+
+        client = OpenAI(base_url=base_url, api_key=client_api_key(), max_retries=0, timeout=120)
         # The server renders its deployed production prompt around the variables.
         reply = client.chat.completions.create(model="champion", temperature=0, messages=[],
                                                extra_body={"prompt_variables": {task.input_field: message}})
@@ -263,6 +265,28 @@ def serve(host: str, port: int) -> int:
     return 0
 
 
+def model_rollback(task_name: str | None, version: str | None) -> int:
+    """Move `champion` back (to ``version``, or the previous champion recorded at promotion);
+    a server following the registry hot-swaps it."""
+    from genops_assets.defs.tuning.assets import registered_model_name
+
+    init_home()
+    mlflow, _, task_res = _tracking()
+    name = registered_model_name(task_name or task_res.name)
+    current = mlflow.alias(name, "champion")
+    if current is None:
+        print(f"{name} has no champion", file=sys.stderr)
+        return 2
+    target = version or current.tags.get("genops.previous_champion")
+    if not target:
+        print(f"{name} v{current.version} records no previous champion; name a version", file=sys.stderr)
+        return 2
+    mlflow.get_version(name, target)  # a clear error for a version that does not exist
+    mlflow.set_alias(name, "champion", target)
+    print(f"{name}: champion -> v{target} (was v{current.version}); the endpoint follows within seconds")
+    return 0
+
+
 def enhance() -> int:
     """Prompt enhancement, then the eval report again (cached) with the prompt comparison."""
     rc = demo("prompt_enhancement", summary=False)
@@ -321,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     sv = sub.add_parser("serve", help="the OpenAI-compatible server in the foreground (containers)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8008)
+    rb = sub.add_parser("rollback", help="move the champion alias back (the endpoint follows)")
+    rb.add_argument("--task", default=None)
+    rb.add_argument("--version", default=None, help="default: the previous champion")
     sub.add_parser("enhance", help="LLM prompt enhancement, then the eval report with the prompt comparison")
     pr = sub.add_parser("prompt", help="prompt registry: try, list, alias, promote, rollback")
     psub = pr.add_subparsers(dest="prompt_cmd", required=True)
@@ -350,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         return prompt_admin(args)
     if args.cmd == "enhance":
         return enhance()
+    if args.cmd == "rollback":
+        return model_rollback(args.task, args.version)
     if args.cmd == "serve":
         return serve(args.host, args.port)
     if args.cmd == "init-home":

@@ -51,15 +51,16 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = os.environ.get("GENOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
     artifact_root = os.environ.get("GENOPS_MLFLOW_ARTIFACT_ROOT") or (mlflow_dir / "artifacts").as_uri()
+    task_name = task or os.environ.get("GENOPS_TASK") or "support_triage"
     return {
         "home": GenopsHome(root=str(home)),
         "task": TaskResource(
             tasks_dir=os.environ.get("GENOPS_TASKS_DIR") or str(REPO_ROOT / "tasks"),
-            name=task or os.environ.get("GENOPS_TASK") or "support_triage",
+            name=task_name,
         ),
         "warehouse": DuckDBWarehouse(path=str(home / "warehouse.duckdb")),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
-        "endpoint": serving_backend(home, port),
+        "endpoint": serving_backend(home, port, tracking_uri, f"genops-{task_name}"),
         "judge": JudgeResource(
             base_url=os.environ.get("GENOPS_JUDGE_BASE_URL") or None,
             model=os.environ.get("GENOPS_JUDGE_MODEL") or "base",
@@ -75,7 +76,8 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     }
 
 
-def serving_backend(home: Path, port: int | None = None):
+def serving_backend(home: Path, port: int | None = None, tracking_uri: str | None = None,
+                    model_name: str | None = None):
     """genops' local server, or a running vLLM server when ``GENOPS_SERVING_BACKEND=vllm``."""
     backend = os.environ.get("GENOPS_SERVING_BACKEND", "local")
     if backend == "vllm":
@@ -90,7 +92,9 @@ def serving_backend(home: Path, port: int | None = None):
         )
     if backend != "local":
         raise ValueError(f"GENOPS_SERVING_BACKEND must be 'local' or 'vllm', got {backend!r}")
-    return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008))
+    return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008),
+                         watch_registry=tracking_uri, watch_model=model_name,
+                         canary_share=float(os.environ.get("GENOPS_CANARY_SHARE") or 0.0))
 
 
 def defs() -> dg.Definitions:

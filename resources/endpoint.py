@@ -25,6 +25,15 @@ class DeployOutcome:
     version: str
 
 
+def client_api_key() -> str:
+    """The key genops' own clients (deploy checks, the demo) send: the first of
+    ``GENOPS_API_KEYS`` when the endpoint requires keys."""
+    import os
+
+    keys = [k.strip() for k in (os.environ.get("GENOPS_API_KEYS") or "").split(",") if k.strip()]
+    return keys[0] if keys else "local"
+
+
 class ServingBackend(dg.ConfigurableResource):
     """What the deploy asset needs from a serving backend."""
 
@@ -36,6 +45,10 @@ class ServingBackend(dg.ConfigurableResource):
     def renders_prompts(self) -> bool:
         """Whether requests may send ``prompt_variables`` instead of messages."""
         return False
+
+    def client_key(self) -> str:
+        """The bearer key genops' own requests to this endpoint send."""
+        return client_api_key()
 
     def publish_prompt(self, prompt: dict) -> None:
         """Make ``prompt`` (name, version, digest, template) the one the endpoint renders."""
@@ -51,6 +64,10 @@ class LocalEndpoint(ServingBackend):
     host: str = "127.0.0.1"
     port: int = 8008
     ready_timeout_s: float = 240.0
+    watch_registry: str | None = Field(None, description="MLflow tracking URI: the server follows the "
+                                       "`champion` alias of watch_model (manual promotion or rollback in MLflow)")
+    watch_model: str | None = None
+    canary_share: float = Field(0.0, description="Share of champion requests answered by challenger")
 
     @property
     def url(self) -> str:
@@ -92,8 +109,18 @@ class LocalEndpoint(ServingBackend):
             host=self.host,
             port=self.port,
             ready_timeout_s=self.ready_timeout_s,
+            extra_args=self._server_args(),
         )
         return DeployOutcome("started", f"http://{state.host}:{state.port}/v1", state.pid, state.port, version)
+
+    def _server_args(self) -> list[str]:
+        args: list[str] = []
+        if self.watch_registry and self.watch_model:
+            args += ["--watch-registry", self.watch_registry, "--watch-model", self.watch_model,
+                     "--watch-alias", "champion=champion"]
+        if self.canary_share:
+            args += ["--canary-share", str(self.canary_share)]
+        return args
 
     def stop(self) -> None:
         from genops_assets.lib.serving import control
@@ -120,6 +147,9 @@ class VllmEndpoint(ServingBackend):
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/")
+
+    def client_key(self) -> str:
+        return self.api_key
 
     def _call(self, method: str, path: str, body: dict | None = None):
         import httpx

@@ -41,7 +41,9 @@ class JudgeResource(dg.ConfigurableResource):
             control.stop_server(state_dir)
             state = None
         if state is None:
-            state = control.start_server(str(base_model_path), {}, {}, state_dir, port=self.local_port)
+            # The local judge is internal: no API keys, whatever the public endpoint requires.
+            state = control.start_server(str(base_model_path), {}, {}, state_dir, port=self.local_port,
+                                         env={"GENOPS_API_KEYS": ""})
         return f"{state.url}/v1"
 
     def connect(self, base_model_path: str | None = None, cache=None):

@@ -37,11 +37,38 @@ def test_generation_base_and_adapter_differ_and_respect_limits(tiny_model_dir, t
         generate(loaded, batch, adapter="missing")
 
 
+def test_token_sinks_stream_each_row_and_stop_one_while_the_batch_goes_on(tiny_model_dir, tiny_adapter_dir):
+    from genops_assets.lib.generation import generate, load_model
+
+    loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+    batch = [MSG, [{"role": "user", "content": "hi"}], [{"role": "user", "content": "Reset the camera, please."}]]
+    plain = generate(loaded, batch, adapter="cand", max_new_tokens=8)
+    seen: dict[int, list] = {0: [], 1: [], 2: []}
+
+    def sink(row: int, stop_after: int | None = None):
+        def on_token(token, finish):
+            seen[row].append((token, finish))
+            return stop_after is not None and len(seen[row]) >= stop_after
+        return on_token
+
+    hooked = generate(loaded, batch, adapter="cand", max_new_tokens=8, token_sinks=[sink(0), sink(1, 3), None])
+    # Row 0 received its own tokens as they came, ending with the finish reason; they decode to its answer.
+    assert len(seen[0]) == 8 and seen[0][-1][1] == "length" and all(f is None for _, f in seen[0][:-1])
+    assert loaded.tokenizer.decode([t for t, _ in seen[0]], skip_special_tokens=True).strip() == plain[0].text
+    # Row 1 asked to stop after 3 tokens: it stops there, while rows 0 and 2 decode to the end unchanged.
+    assert len(seen[1]) == 3 and hooked[1].completion_tokens == 3 and hooked[1].finish_reason == "stop"
+    assert [r.text for r in (hooked[0], hooked[2])] == [plain[0].text, plain[2].text]
+    assert hooked[2].completion_tokens == plain[2].completion_tokens
+    with pytest.raises(ValueError, match="token_sinks"):
+        generate(loaded, batch, token_sinks=[None])
+
+
 @pytest.fixture()
 def server(tmp_path, tiny_model_dir, tiny_adapter_dir):
     port = free_port()
+    # No API keys, whatever the environment holds: the local default is an open endpoint.
     state = control.start_server(str(tiny_model_dir), {"champion": str(tiny_adapter_dir)}, {"champion": "1"},
-                                 tmp_path / "endpoint", port=port, ready_timeout_s=180)
+                                 tmp_path / "endpoint", port=port, ready_timeout_s=180, env={"GENOPS_API_KEYS": ""})
     yield state
     control.stop_server(tmp_path / "endpoint")
 
@@ -87,6 +114,7 @@ def test_endpoint_speaks_openai_and_hot_reloads(server, tmp_path, tiny_adapter_d
     served = [e for e in log if e.get("status") == 200]
     assert len(served) == 2 and served[0]["completion_tokens"] == reply.usage.completion_tokens
     assert any(e.get("event") == "reload" and e["version"] == "2" for e in log)
+    assert "GENOPS_API_KEYS is not set" in (state_dir / "server.log").read_text(), "an open endpoint says so"
 
 
 def test_second_server_on_a_busy_port_is_refused(tmp_path, tiny_model_dir):

@@ -13,12 +13,21 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 Messages = Sequence[Mapping[str, str]]
+
+TokenSink = Callable[[int | None, str | None], bool]
+"""Per-conversation hook into the decoding loop (streaming, cancellation).
+
+Called once per decoding step with the token just generated for that conversation, or
+``None`` when it is the end-of-turn token, and the finish reason (``"stop"``, ``"length"``)
+on the step that ends the conversation. Returning True stops that conversation at once
+(client gone, stop string seen); the rest of the batch keeps decoding. It runs inside the
+model call, so it must be quick and must not raise."""
 
 
 @dataclass(frozen=True)
@@ -131,18 +140,63 @@ def generate(
     stop: Sequence[str] | None = None,
     batch_size: int = 8,
     seed: int | None = None,
+    token_sinks: Sequence[TokenSink | None] | None = None,
 ) -> list[GenerationResult]:
-    """Answer each conversation; greedy when ``temperature`` is 0. ``adapter=None`` is the base."""
+    """Answer each conversation; greedy when ``temperature`` is 0. ``adapter=None`` is the base.
+
+    ``token_sinks`` (one per conversation, ``None`` for none) receive each token as it is
+    decoded; a conversation whose sink asks to stop ends there (its result holds the tokens
+    generated until then, finish reason "stop") while the others continue."""
     if adapter is not None and adapter not in loaded.internal:
         raise KeyError(f"adapter '{adapter}' is not loaded (loaded: {sorted(loaded.internal)})")
+    if token_sinks is not None and len(token_sinks) != len(messages_batch):
+        raise ValueError(f"token_sinks has {len(token_sinks)} entries for {len(messages_batch)} conversations")
     results: list[GenerationResult] = []
-    for start in range(0, len(messages_batch), max(1, batch_size)):
-        results.extend(_generate_batch(loaded, messages_batch[start : start + batch_size], adapter,
-                                       max_new_tokens, temperature, top_p, list(stop or []), seed))
+    step = max(1, batch_size)
+    for start in range(0, len(messages_batch), step):
+        sinks = None if token_sinks is None else list(token_sinks[start : start + step])
+        results.extend(_generate_batch(loaded, messages_batch[start : start + step], adapter,
+                                       max_new_tokens, temperature, top_p, list(stop or []), seed, sinks))
     return results
 
 
-def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, stop, seed):
+def _row_hooks(sinks: Sequence[TokenSink | None], prompt_len: int, end_id: int, max_new_tokens: int):
+    """A stopping criterion that feeds each row's new token to its sink and stops the rows
+    whose sink asks to. ``stopped_at[r]`` is the number of tokens row r kept when its sink
+    stopped it (None: it ran to its end-of-turn token or the length limit)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowHooks(StoppingCriteria):
+        def __init__(self):
+            self.ended = [sink is None for sink in sinks]
+            self.stopped_at: list[int | None] = [None] * len(sinks)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            produced = input_ids.shape[1] - prompt_len
+            last = input_ids[:, -1].tolist()
+            stop = [False] * len(sinks)
+            for r, sink in enumerate(sinks):
+                if self.ended[r]:
+                    continue
+                token: int | None = last[r]
+                finish = None
+                if token == end_id:
+                    token, finish = None, "stop"
+                elif produced >= max_new_tokens:
+                    finish = "length"
+                if sink(token, finish):
+                    stop[r] = True
+                    if finish is None:
+                        self.stopped_at[r] = produced
+                if finish is not None or stop[r]:
+                    self.ended[r] = True
+            return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
+
+    return RowHooks()
+
+
+def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, stop, seed, sinks=None):
     import torch
 
     tok = loaded.tokenizer
@@ -159,15 +213,24 @@ def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, 
             torch.manual_seed(seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    hooks = None
+    if sinks is not None and any(s is not None for s in sinks):
+        from transformers import StoppingCriteriaList
+
+        hooks = _row_hooks(sinks, enc["input_ids"].shape[1], tok.eos_token_id, max_new_tokens)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([hooks])
     with _selected(loaded, adapter) as model:
         started = time.perf_counter()
         out = model.generate(**enc, **kwargs)
         latency = time.perf_counter() - started
     prompt_len = enc["input_ids"].shape[1]
     results = []
-    for row, mask in zip(out, enc["attention_mask"], strict=True):
+    for r, (row, mask) in enumerate(zip(out, enc["attention_mask"], strict=True)):
         new = row[prompt_len:].tolist()
         finish = "length"
+        kept = None if hooks is None else hooks.stopped_at[r]
+        if kept is not None:  # its sink stopped it: what follows is padding
+            new, finish = new[:kept], "stop"
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
             finish = "stop"

@@ -88,7 +88,7 @@ def deployed_endpoint(
     adapter_dir = fetch_registered_adapter(mlflow, home, model_name, version)
     staged = endpoint.deploy(base_model["path"], CHALLENGER_NAME, str(adapter_dir), version)
     context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {CHALLENGER_NAME}")
-    client = OpenAI(base_url=staged.url, api_key="local", timeout=300, max_retries=0)
+    client = OpenAI(base_url=staged.url, api_key=endpoint.client_key(), timeout=300, max_retries=0)
 
     parity = {"checked": 0, "matched": 0, "mismatches": [], "seconds": 0.0}
     cases = eval_report.get("parity_examples", [])[: config.parity_examples]

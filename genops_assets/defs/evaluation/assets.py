@@ -3,7 +3,6 @@
 
 import base64
 import json
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -12,7 +11,7 @@ from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.defs.evaluation.config import EvalConfig
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.evaluation import EvalExample, ModelEval, evaluate_model, gate_decision, sample_pass_rates
-from genops_assets.lib.hashing import atomic_dir, file_digests, sha256_json
+from genops_assets.lib.hashing import sha256_json
 from genops_assets.lib.report import write_eval_report
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -24,22 +23,9 @@ SUMMARY_METRICS = ("valid_json_rate", "mean_field_exact_match", "overall_exact_m
 
 def fetch_registered_adapter(mlflow: MlflowTracking, home: GenopsHome, model_name: str, version: str) -> Path:
     """A local copy of a registered adapter, checked against the digest recorded at registration."""
-    mv = mlflow.get_version(model_name, version)
-    target = home.cache_dir / "registry" / model_name / f"v{version}"
-    if not target.is_dir():
-        with atomic_dir(target) as tmp:
-            src = mlflow.download(mv.source, tmp / "dl")
-            for item in src.iterdir():
-                shutil.move(str(item), tmp / item.name)
-            shutil.rmtree(tmp / "dl", ignore_errors=True)
-    expected = mv.tags.get("genops.adapter_digest")
-    actual = sha256_json(file_digests(target))
-    if expected and actual != expected:
-        raise RuntimeError(
-            f"{model_name} v{version}: adapter files at {mv.source} have digest {actual[:12]}, "
-            f"registered as {expected[:12]}; refusing to use a modified artifact"
-        )
-    return target
+    from genops_assets.lib.serving.registry_watch import fetch_adapter
+
+    return fetch_adapter(mlflow.client(), mlflow.tracking_uri, model_name, str(version), home.cache_dir / "registry")
 
 
 def metric_names_of(ev: ModelEval) -> list[str]:

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -114,8 +115,13 @@ def start_server(
     port: int = 8008,
     ready_timeout_s: float = 240.0,
     dtype: str = "auto",
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> ServerState:
-    """Start the endpoint in its own process group and wait until /health answers."""
+    """Start the endpoint in its own process group and wait until /health answers.
+
+    ``extra_args`` are passed to the server's command line (limits, e.g. ``--rate-limit-rpm``);
+    ``env`` is added to the inherited environment (e.g. ``GENOPS_API_KEYS``)."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     running = read_state(state_dir)
@@ -132,11 +138,13 @@ def start_server(
         cmd += ["--adapter", f"{name}={path}"]
     for name, version in versions.items():
         cmd += ["--version", f"{name}={version}"]
+    cmd += [str(a) for a in extra_args]
     log_path = state_dir / LOG_FILE
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc_env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=proc_env, start_new_session=True)
     state = ServerState(pid=proc.pid, host=host, port=port, base_model=str(base_model),
                         adapters={k: str(v) for k, v in adapters.items()}, versions=dict(versions),
                         started_at=time.time(), log_file=str(log_path))

@@ -1,0 +1,90 @@
+"""Follow an MLflow registry alias from inside the server: when `champion` moves (a promotion,
+or a rollback that moves it back), fetch that version's adapter, check its digest, and
+hot-swap it in place. In-flight requests finish on the adapter they started with."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("genops.serving")
+
+DIGEST_TAG = "genops.adapter_digest"
+
+
+def fetch_adapter(client, tracking_uri: str, model_name: str, version: str, cache_dir: Path) -> Path:
+    """The version's adapter folder in ``cache_dir`` (downloaded once, digest-checked)."""
+    import mlflow.artifacts
+
+    from genops_assets.lib.hashing import atomic_dir, file_digests, sha256_json
+
+    mv = client.get_model_version(model_name, version)
+    target = cache_dir / model_name / f"v{version}"
+    if not target.is_dir():
+        with atomic_dir(target) as tmp:
+            src = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp / "dl"),
+                                                           tracking_uri=tracking_uri))
+            for item in src.iterdir():
+                shutil.move(str(item), tmp / item.name)
+            shutil.rmtree(tmp / "dl", ignore_errors=True)
+    expected = (mv.tags or {}).get(DIGEST_TAG)
+    actual = sha256_json(file_digests(target))
+    if expected and actual != expected:
+        raise RuntimeError(f"{model_name} v{version}: adapter digest {actual[:12]} != registered {expected[:12]}")
+    return target
+
+
+class AliasWatcher:
+    """Polls ``alias`` of ``model_name`` every ``interval_s``; calls ``swap(name, folder, version)``
+    when it points at a version other than the one served."""
+
+    def __init__(self, tracking_uri: str, model_name: str, alias: str, served_name: str, cache_dir: Path,
+                 swap: Callable[[str, str, str], None], current: Callable[[], str | None],
+                 interval_s: float = 5.0):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.tracking_uri, self.model_name, self.alias = tracking_uri, model_name, alias
+        self.served_name, self.cache_dir = served_name, Path(cache_dir)
+        self.swap, self.current, self.interval_s = swap, current, interval_s
+        self.errors = 0
+        self.swaps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
+
+    def check_once(self) -> bool:
+        """One poll; True when it swapped."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(self.model_name, self.alias)
+        except MlflowException:
+            return False  # alias not set (yet): keep serving what is loaded
+        version = str(mv.version)
+        if version == self.current():
+            return False
+        folder = fetch_adapter(self.client, self.tracking_uri, self.model_name, version, self.cache_dir)
+        self.swap(self.served_name, str(folder), version)
+        self.swaps += 1
+        log.warning("alias %s of %s moved: serving v%s as %s", self.alias, self.model_name, version,
+                    self.served_name)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check_once()
+            except Exception as exc:  # noqa: BLE001 - keep serving; retried next poll
+                self.errors += 1
+                log.error("alias watch of %s@%s failed: %s", self.model_name, self.alias, exc)
+
+    def start(self) -> AliasWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
