@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", choices=("all", "evaluation", "serving"), default="all")
     parser.add_argument("--serving-port", type=int, default=8028)
+    parser.add_argument("--serving-max-tokens", type=int, default=48,
+                        help="max_tokens per request (the task's answers need about 40)")
     args = parser.parse_args(argv)
 
     from resources import QUIET_ENV, genops_home
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [build_messages(task, ex.input_text) for ex in examples[:16]]
             _log("serving: genops (batched) vs naive (one at a time) vs llama.cpp, concurrency 1/4/16")
             results["serving"] = bench_serving(base.path, find_embedded_gguf(), prompts, work / "serving",
-                                               args.serving_port, log=_log)
+                                               args.serving_port, max_tokens=args.serving_max_tokens, log=_log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")

@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 
+import openai
 import pytest
 from graph_support import free_port
 from openai import OpenAI
@@ -85,6 +86,12 @@ def test_alias_moves_under_load_without_a_failed_request(tmp_path, tiny_model_di
         assert {v1, v2} <= set(seen) and len(seen) > 12
         log = [json.loads(x) for x in (state_dir / "requests.jsonl").read_text().splitlines()]
         assert [e["version"] for e in log if e.get("event") == "reload"] == [v2, v1]
+
+        # Any registry version can be asked for by name; an unknown one is a 404.
+        r = client.chat.completions.create(model=f"v{v2}", messages=MSG, max_tokens=2)
+        assert r.system_fingerprint == v2
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.chat.completions.create(model="v99", messages=MSG, max_tokens=2)
     finally:
         control.stop_server(state_dir)
 

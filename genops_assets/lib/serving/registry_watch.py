@@ -37,6 +37,23 @@ def fetch_adapter(client, tracking_uri: str, model_name: str, version: str, cach
     return target
 
 
+def version_loader(tracking_uri: str, model_name: str, cache_dir: Path,
+                   swap: Callable[[str, str, str], None]) -> Callable[[str], None]:
+    """Load registry version ``vN`` of ``model_name`` under the name ``vN`` (one load at a time)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    lock = threading.Lock()
+
+    def load(name: str) -> None:
+        with lock:
+            version = name[1:]
+            folder = fetch_adapter(client, tracking_uri, model_name, version, Path(cache_dir))
+            swap(name, str(folder), version)
+
+    return load
+
+
 class AliasWatcher:
     """Polls ``alias`` of ``model_name`` every ``interval_s``; calls ``swap(name, folder, version)``
     when it points at a version other than the one served."""

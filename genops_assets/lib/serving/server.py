@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import threading
 import time
@@ -55,6 +56,7 @@ from genops_assets.lib.serving.protection import (
 
 BASE_NAME = "base"
 CANARY_FROM, CANARY_TO = "champion", "challenger"
+VERSION_NAME = re.compile(r"v[0-9]+")
 ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /admin/reload"
 
 log = logging.getLogger("genops.serving")
@@ -338,6 +340,12 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         t0 = time.perf_counter()
+        loader = getattr(app.state, "version_loader", None)
+        if req.model not in served_names() and loader is not None and VERSION_NAME.fullmatch(req.model):
+            try:  # a registry version asked by name: fetched, digest-checked and loaded once
+                await asyncio.to_thread(loader, req.model)
+            except Exception as exc:  # noqa: BLE001 - an unknown version is a 404 below
+                log.warning("cannot load %s from the registry: %s", req.model, exc)
         if req.model not in served_names():
             return fail(404, f"The model '{req.model}' does not exist (served: {served_names()})", param="model",
                         code="model_not_found")
@@ -659,8 +667,10 @@ def main(argv: list[str] | None = None) -> None:
                      rate_limit_burst=args.rate_limit_burst, canary_share=args.canary_share)
     watchers = []
     if args.watch_registry and args.watch_model:
-        from genops_assets.lib.serving.registry_watch import AliasWatcher
+        from genops_assets.lib.serving.registry_watch import AliasWatcher, version_loader
 
+        app.state.version_loader = version_loader(args.watch_registry, args.watch_model, state_dir / "registry",
+                                                  app.state.swap_adapter)
         for item in args.watch_alias or ["champion=champion"]:
             alias, _, name = item.partition("=")
             watchers.append(AliasWatcher(args.watch_registry, args.watch_model, alias, name or alias,
