@@ -191,3 +191,23 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
         client.chat.completions.create(model="champion", messages=[], extra_body={"prompt_variables": {"msg": "x"}})
     log = [json.loads(line) for line in (state_dir / "requests.jsonl").read_text().splitlines()]
     assert [e.get("prompt_version") for e in log if e.get("status") == 200] == ["1", None, "2"]
+
+
+def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    import shutil
+
+    from genops_assets.lib.generation import add_adapter, load_model
+
+    loaded = load_model(str(tiny_model_dir), {})
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_adapter_dir, foreign)
+    cfg = json.loads((foreign / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/other-model"
+    (foreign / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="trained on 'some-org/other-model'.*refusing"):
+        add_adapter(loaded, "champion", foreign)
+    assert "champion" not in loaded.adapters
+    cfg["base_model_name_or_path"] = str(tiny_model_dir)  # the same base, wherever it lives: accepted
+    (foreign / "adapter_config.json").write_text(json.dumps(cfg))
+    add_adapter(loaded, "champion", foreign)
+    assert "champion" in loaded.adapters

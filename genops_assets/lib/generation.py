@@ -93,6 +93,7 @@ def add_adapter(loaded: LoadedModel, name: str, adapter_dir: str | Path) -> None
     adapter_dir = str(adapter_dir)
     if not Path(adapter_dir, "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    check_adapter_base(adapter_dir, loaded.base_dir)
     internal = f"{_safe(name)}_{next(loaded._counter)}"
     with loaded.lock:
         from peft import PeftModel
@@ -107,6 +108,22 @@ def add_adapter(loaded: LoadedModel, name: str, adapter_dir: str | Path) -> None
         loaded.adapters[name] = adapter_dir
         if old is not None:
             _delete(loaded, old)
+
+
+def check_adapter_base(adapter_dir: str, base_dir: str) -> None:
+    """Refuse an adapter trained on another base model. The adapter records its base as a path
+    or a hub id: the last path component must name the served base folder (the same model
+    converted or copied elsewhere keeps its folder name)."""
+    import json
+
+    try:
+        cfg = json.loads(Path(adapter_dir, "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{adapter_dir}/adapter_config.json is unreadable: {exc}") from exc
+    recorded = (cfg.get("base_model_name_or_path") or "").rstrip("/")
+    if recorded and Path(recorded).name != Path(base_dir.rstrip("/")).name:
+        raise ValueError(f"{adapter_dir}: adapter was trained on '{recorded}', but this server's base model is "
+                         f"'{base_dir}'; refusing to load it")
 
 
 def remove_adapter(loaded: LoadedModel, name: str) -> None:
