@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 MANIFEST := dbt/target/manifest.json
 DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
 
-.PHONY: install demo enhance test test-fast bench ui mlflow-ui stop clean dbt-manifest lineage
+.PHONY: install demo ct-demo enhance test test-fast bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard
 
 install: $(STAMP) $(MANIFEST)
 
@@ -39,6 +39,22 @@ dbt-manifest: $(MANIFEST)
 
 demo: install
 	$(BIN)/python -m genops_assets.cli demo
+
+# The continuous-training loop with the Dagster daemon: live traffic -> monitoring -> reviewer
+# labels -> sensor -> retrain -> evaluate -> promote -> the endpoint serves the new champion.
+# Own data directory (.genops-ct) and ports; writes the latency breakdown to .genops-ct/ct/.
+ct-demo: install
+	$(BIN)/python -m genops_assets.ct_demo
+
+TENSORBOARD_PORT ?= 6006
+PROJECTOR_DIR := $(GENOPS_HOME)/monitoring/projector/latest
+
+# Embedding projector on the newest prompt_drift export: train / golden / live / flagged prompts.
+# tensorboard is installed into .venv here on first use; the rest of genops does not need it.
+tensorboard: install
+	$(BIN)/python -c "import tensorboard" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt "tensorboard==2.21.0"
+	@test -f $(PROJECTOR_DIR)/projector_config.pbtxt || { echo "no projector export in $(PROJECTOR_DIR): materialize prompt_drift first"; exit 1; }
+	$(BIN)/tensorboard --logdir $(PROJECTOR_DIR) --host 127.0.0.1 --port $(TENSORBOARD_PORT)
 
 # LLM prompt enhancement on the demo's results (run `make demo` first), then the eval report again.
 enhance: install

@@ -87,17 +87,29 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             con.execute(f"create schema if not exists {FEEDBACK_SCHEMA}")
             cols = ", ".join(f"{n} {t}" for n, t in columns)
             con.execute(f"create table if not exists {FEEDBACK_SCHEMA}.requests ({cols}, loaded_at timestamp)")
+            for name, kind in columns:  # a store written by an older genops gains the new columns
+                con.execute(f"alter table {FEEDBACK_SCHEMA}.requests add column if not exists {name} {kind}")
             con.execute(f"""create table if not exists {FEEDBACK_SCHEMA}.ingest_state (
                 source varchar primary key, byte_offset bigint, updated_at timestamp)""")
             con.execute("begin transaction")
-            if chunk.rows:
+            # Another ingestion may have committed since this chunk was read: keep only the lines
+            # it has not loaded (each row carries its byte offset in the source file).
+            stored = con.execute(f"select byte_offset from {FEEDBACK_SCHEMA}.ingest_state where source = ?",
+                                 [source]).fetchone()
+            rows, end = chunk.rows, chunk.end
+            if stored is not None and not chunk.rotated:
+                at = [n for n, _ in columns].index("source_offset")
+                rows = [r for r in rows if r[at] >= stored[0]]
+                end = max(end, stored[0])
+            if rows:
+                names = ", ".join(n for n, _ in columns)
                 marks = ", ".join("?" for _ in columns)
-                con.executemany(f"insert into {FEEDBACK_SCHEMA}.requests values ({marks}, current_timestamp)",
-                                chunk.rows)
+                con.executemany(f"insert into {FEEDBACK_SCHEMA}.requests ({names}, loaded_at) "
+                                f"values ({marks}, current_timestamp)", rows)
             con.execute(f"insert or replace into {FEEDBACK_SCHEMA}.ingest_state values (?, ?, current_timestamp)",
-                        [source, chunk.end])
+                        [source, end])
             con.execute("commit")
-            return len(chunk.rows)
+            return len(rows)
         finally:
             con.close()
 
@@ -106,3 +118,30 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             return 0
         df = self.query_df(f"select byte_offset from {FEEDBACK_SCHEMA}.ingest_state where source = ?", [source])
         return int(df.iloc[0, 0]) if len(df) else 0
+
+    def replace_partition(self, schema: str, table: str, columns: Sequence[tuple[str, str]], key_column: str,
+                          key: Any, rows: Sequence[tuple]) -> int:
+        """Replace the rows of ``schema.table`` whose ``key_column`` equals ``key`` by ``rows`` (values
+        in ``columns`` order) in one transaction; the table, and columns it lacks, are created first."""
+        names = [n for n, _ in columns]
+        if key_column not in names:
+            raise ValueError(f"{schema}.{table}: key column '{key_column}' is not among {names}")
+        con = self._connect(read_only=False)
+        try:
+            con.execute(f"create schema if not exists {schema}")
+            con.execute(f"create table if not exists {schema}.{table} ({', '.join(f'{n} {t}' for n, t in columns)})")
+            for name, kind in columns:
+                con.execute(f"alter table {schema}.{table} add column if not exists {name} {kind}")
+            con.execute("begin transaction")
+            try:
+                con.execute(f"delete from {schema}.{table} where {key_column} = ?", [key])
+                if rows:
+                    con.executemany(f"insert into {schema}.{table} ({', '.join(names)}) "
+                                    f"values ({', '.join('?' for _ in names)})", list(rows))
+                con.execute("commit")
+            except BaseException:
+                con.execute("rollback")
+                raise
+            return len(rows)
+        finally:
+            con.close()

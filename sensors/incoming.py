@@ -8,6 +8,7 @@ import dagster as dg
 from genops_assets.lib.hashing import sha256_file, sha256_json
 from genops_assets.lib.tasks import RAW_SUFFIXES
 from resources.task import TaskResource
+from sensors.run_config import ct_run_config
 
 
 def incoming_digest(incoming: Path) -> tuple[str, list[str]]:
@@ -40,6 +41,7 @@ def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskResource
         run_requests=[
             dg.RunRequest(
                 run_key=f"{spec.name}:{digest}",
+                run_config=ct_run_config(),
                 tags={"genops/trigger": "incoming_data", "genops/task": spec.name, "genops/incoming_digest": digest},
             )
         ],

@@ -63,3 +63,32 @@ def test_redactor_spec_errors_are_clear():
         load_redactor("nocolon")
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_redactor("test_feedback:missing")
+
+
+def test_overlapping_ingestions_load_each_line_once(tmp_path):
+    """Two ingestions that read the log from the same offset (say, two runs started by the
+    sensor): the second commit keeps only the lines the first did not load."""
+    from genops_assets.lib.feedback import COLUMNS, read_new_records
+
+    log = tmp_path / "requests.jsonl"
+    log.write_text(rec(1) + rec(2))
+    wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
+    first = read_new_records(log, 0)
+    with open(log, "a") as fh:
+        fh.write(rec(3))
+    second = read_new_records(log, 0)  # read before the first committed
+    assert wh.append_feedback(str(log), first, COLUMNS) == 2
+    assert wh.append_feedback(str(log), second, COLUMNS) == 1
+    assert list(wh.query_df("select request_id from feedback.requests order by 1")["request_id"]) == ["r1", "r2", "r3"]
+    assert wh.feedback_offset(str(log)) == log.stat().st_size
+
+
+def test_live_question_and_answer_are_stored(tmp_path):
+    log = tmp_path / "endpoint" / "requests.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(rec(1, prompt_variables={"message": "camera offline"}, response='{"category": "x"}')
+                   + rec(2, messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "hub?"}]))
+    _, wh = run(tmp_path)
+    df = wh.query_df("select input_text, response_text from feedback.requests order by request_id")
+    assert list(df["input_text"]) == ["camera offline", "hub?"]
+    assert df.loc[0, "response_text"] == '{"category": "x"}' and df.loc[1, "response_text"] is None

@@ -34,7 +34,8 @@ def test_prompt_versions_flow_through_the_graph_and_enhancement_uses_validation_
         cfg = tiny_run_config(tiny_model_dir)
         cfg["ops"].pop("sxs_evaluation")
         cfg["ops"]["prompt_candidates"] = {"config": {"n_candidates": 2, "max_examples": 6, "batch_size": 6}}
-        selection = dg.AssetSelection.all() - dg.AssetSelection.assets("sxs_evaluation")
+        selection = (dg.AssetSelection.all() - dg.AssetSelection.assets("sxs_evaluation")
+                     - dg.AssetSelection.groups("monitoring"))
         result = dg.materialize(assets, instance=instance, resources=res, run_config=cfg, selection=selection)
         assert result.success
 

@@ -6,7 +6,9 @@ import dagster as dg
 
 # Prompt enhancement is its own job: it asks a teacher model and scores candidates, which the
 # loop does not need on every run.
-LOOP_SELECTION = dg.AssetSelection.all() - dg.AssetSelection.assets("prompt_candidates", "request_log")
+# Monitoring is partitioned by day and follows the request log through declarative automation.
+LOOP_SELECTION = (dg.AssetSelection.all() - dg.AssetSelection.assets("prompt_candidates", "request_log")
+                  - dg.AssetSelection.groups("monitoring"))
 
 genops_loop = dg.define_asset_job(
     "genops_loop",

@@ -33,6 +33,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("prompt_tokens", "integer"),
     ("completion_tokens", "integer"),
     ("finish_reason", "varchar"),
+    ("input_text", "varchar"),
+    ("response_text", "varchar"),
     ("source_file", "varchar"),
     ("source_offset", "bigint"),
     ("record_json", "varchar"),
@@ -110,6 +112,20 @@ def _num(v: Any, kind: type) -> Any:
         return None
 
 
+def input_text(record: Mapping[str, Any]) -> str | None:
+    """What the user asked: the prompt's one variable (the task input) when the request sent
+    ``prompt_variables``, else the last user message."""
+    variables = record.get("prompt_variables")
+    if isinstance(variables, Mapping) and variables:
+        if len(variables) == 1:
+            return str(next(iter(variables.values())))
+        return json.dumps(variables, ensure_ascii=False, sort_keys=True)
+    for message in reversed(record.get("messages") or []):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return None if message.get("content") is None else str(message["content"])
+    return None
+
+
 def to_row(record: Mapping[str, Any], source_file: str, offset: int) -> tuple:
     ts = record.get("ts")
     when = datetime.fromtimestamp(float(ts), tz=timezone.utc).replace(tzinfo=None) if ts is not None else None
@@ -127,6 +143,8 @@ def to_row(record: Mapping[str, Any], source_file: str, offset: int) -> tuple:
         _num(record.get("prompt_tokens"), int),
         _num(record.get("completion_tokens"), int),
         record.get("finish_reason"),
+        input_text(record),
+        None if record.get("response") is None else str(record["response"]),
         source_file,
         offset,
         json.dumps(record, ensure_ascii=False, sort_keys=True),

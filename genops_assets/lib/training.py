@@ -3,23 +3,49 @@
 Loss is computed on the response tokens only. Every knob lives in ``LoraTrainConfig``;
 ``to_lora_config`` is the one place that turns it into a PEFT ``LoraConfig``. Progress and
 losses go to a callback so the caller (a Dagster asset) decides where they are logged.
+
+Training is resumable. The Trainer writes ``checkpoint-N`` folders file by file, so a process
+killed mid-save leaves a folder that looks like a checkpoint but is not one. After each save a
+completion marker (``genops-complete.json``: step and sha256 of every file) is written
+atomically into the folder; on the next call with the same ``work_dir`` only checkpoints whose
+marker exists and whose files still match it are resumed from, the others are removed.
+``work_dir/resume.json`` records what the checkpoints were trained on (caller's data digest,
+examples, config, code); a checkpoint trained on something else is never resumed from.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genops_assets.lib.hashing import atomic_dir
+from genops_assets.lib.hashing import atomic_dir, atomic_write_json, sha256_file, sha256_json
 
 TRAINING_CODE_VERSION = "sft-1"
 IGNORE_INDEX = -100
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINTS_DIR = "checkpoints"
+RESUME_FILE = "resume.json"
+COMPLETE_MARKER = "genops-complete.json"
+# Two kept checkpoints: the Trainer deletes old ones before the new one gets its marker, so the
+# previous complete checkpoint must survive that rotation.
+KEEP_CHECKPOINTS = 2
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainingInputError(ValueError):
+    """Training cannot start with these inputs; retrying will not help."""
+
+
+class ResumeMismatchError(TrainingInputError):
+    """The checkpoints in the work folder were trained on other data, config or code."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,8 @@ class TrainResult:
     skipped_too_long: list[str]
     history: list[dict[str, float]] = field(default_factory=list)
     runtime_s: float = 0.0
+    resumed_from_step: int | None = None
+    skipped_checkpoints: list[str] = field(default_factory=list)
 
     def last(self, key: str) -> float | None:
         values = [h[key] for h in self.history if key in h]
@@ -72,6 +100,7 @@ class TrainResult:
 
 
 ProgressFn = Callable[[dict[str, float]], None]
+MessageFn = Callable[[str], None]
 
 
 def to_lora_config(cfg: LoraTrainConfig):
@@ -124,6 +153,170 @@ class _Collator:
             "labels": pad("labels", IGNORE_INDEX),
         }
 
+def examples_digest(train: Sequence[SftExample], validation: Sequence[SftExample]) -> str:
+    """Digest of the examples themselves, so the library notices changed data on its own."""
+    def rows(part):
+        return [[ex.example_id, ex.messages, ex.target] for ex in part]
+
+    return sha256_json({"train": rows(train), "validation": rows(validation)})
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    m = _CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _checkpoint_files(ckpt: Path) -> dict[str, str]:
+    # Dot files are temp files of an interrupted atomic write, not part of the checkpoint.
+    return {
+        p.relative_to(ckpt).as_posix(): sha256_file(p)
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".")
+    }
+
+
+def write_checkpoint_marker(ckpt: str | Path, step: int) -> Path:
+    """Record that ``ckpt`` is fully written: its step and the sha256 of each of its files."""
+    ckpt = Path(ckpt)
+    return atomic_write_json(ckpt / COMPLETE_MARKER, {"step": step, "code": TRAINING_CODE_VERSION,
+                                                      "files": _checkpoint_files(ckpt)})
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from, or None when it is complete.
+
+    Complete means: a readable completion marker for this step, every file the Trainer needs
+    to resume (adapter weights, optimizer, scheduler, trainer state, RNG state) present, and
+    every recorded file still matching its sha256.
+    """
+    ckpt = Path(ckpt)
+    step = checkpoint_step(ckpt)
+    marker_path = ckpt / COMPLETE_MARKER
+    if not marker_path.is_file():
+        return "no completion marker (the save was interrupted)"
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        recorded: dict[str, str] = marker["files"]
+        marker_step = int(marker["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{COMPLETE_MARKER} unreadable: {exc}"
+    if marker_step != step:
+        return f"{COMPLETE_MARKER} is for step {marker_step}, the folder is step {step}"
+    names = set(recorded)
+    needed = {
+        "adapter weights": any(n.endswith("adapter_model.safetensors") or n.endswith("adapter_model.bin")
+                               for n in names),
+        "trainer_state.json": "trainer_state.json" in names,
+        "RNG state": any(re.fullmatch(r"rng_state(_\d+)?\.pth", n) for n in names),
+        # DeepSpeed keeps optimizer and scheduler in its own global_step* folder.
+        "optimizer.pt": "optimizer.pt" in names or any(n.startswith("global_step") for n in names),
+        "scheduler.pt": "scheduler.pt" in names or any(n.startswith("global_step") for n in names),
+    }
+    missing = [what for what, ok in needed.items() if not ok]
+    if missing:
+        return "missing " + ", ".join(missing)
+    for name, digest in recorded.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is gone"
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            return f"{name} unreadable: {exc}"
+        if actual != digest:
+            return f"{name} does not match its recorded sha256 (truncated or changed after the save)"
+    try:
+        state_step = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"trainer_state.json unreadable: {exc}"
+    if state_step != step:
+        return f"trainer_state.json says step {state_step}"
+    return None
+
+
+def find_resume_checkpoint(checkpoints_dir: str | Path, remove_incomplete: bool = True
+                           ) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under ``checkpoints_dir`` (or None) and one line per
+    checkpoint that was skipped, with the reason. Skipped checkpoints are deleted unless
+    ``remove_incomplete`` is False (they could never be resumed from)."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return None, []
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                     key=lambda p: checkpoint_step(p), reverse=True)
+    chosen: Path | None = None
+    skipped: list[str] = []
+    for ckpt in folders:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            chosen = chosen or ckpt
+            continue
+        if remove_incomplete:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        skipped.append(f"skipped {ckpt.name}: {problem}" + ("; removed" if remove_incomplete else ""))
+    return chosen, skipped
+
+
+def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("data_digest", "examples_digest", "code"):
+        if recorded.get(key) != current.get(key):
+            out.append(f"{key}: checkpoints {recorded.get(key)!r}, this run {current.get(key)!r}")
+    old_cfg, new_cfg = recorded.get("config") or {}, current["config"]
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            out.append(f"config.{key}: checkpoints {old_cfg.get(key)!r}, this run {new_cfg.get(key)!r}")
+    return out
+
+
+def prepare_work_dir(work_dir: str | Path, inputs: dict[str, Any], resume: bool = True
+                     ) -> tuple[Path | None, list[str]]:
+    """Check that the checkpoints in ``work_dir`` belong to ``inputs``, record ``inputs`` in
+    ``work_dir/resume.json`` and return the checkpoint to resume from (or None) with the
+    skipped-checkpoint lines.
+
+    ``resume=False`` deletes the checkpoints and starts over. Raises ResumeMismatchError when
+    complete checkpoints exist that were trained on other inputs (nothing is deleted then).
+    """
+    work = Path(work_dir)
+    ckpt_root = work / CHECKPOINTS_DIR
+    resume_file = work / RESUME_FILE
+    if not resume and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+    has_checkpoints = ckpt_root.is_dir() and any(checkpoint_step(p) is not None for p in ckpt_root.iterdir())
+    if has_checkpoints:
+        fix = (f"To start fresh, delete {ckpt_root} (or the whole {work}) or call with resume=False; "
+               f"to continue those checkpoints, run with the inputs they were trained on.")
+        if resume_file.is_file():
+            try:
+                recorded = json.loads(resume_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ResumeMismatchError(f"{resume_file}: unreadable ({exc}). {fix}") from exc
+            diffs = _differences(recorded, inputs)
+            if diffs:
+                raise ResumeMismatchError(
+                    f"{ckpt_root} holds checkpoints trained on other inputs than this run "
+                    f"(recorded in {resume_file}): " + "; ".join(diffs) + f". {fix}")
+        elif any(checkpoint_problem(p) is None for p in ckpt_root.iterdir() if checkpoint_step(p) is not None):
+            raise ResumeMismatchError(
+                f"{ckpt_root} holds checkpoints but {resume_file} is missing, so the data they were trained "
+                f"on is unknown. {fix}")
+    chosen, skipped = find_resume_checkpoint(ckpt_root)
+    atomic_write_json(resume_file, inputs)
+    return chosen, skipped
+
+
+def _restored_history(ckpt: Path, total_steps: int) -> list[dict[str, float]]:
+    """The logged losses up to the checkpoint, from its trainer_state.json."""
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    out = []
+    for entry in state.get("log_history", []):
+        rec = {"step": float(entry.get("step", 0)), "total_steps": float(total_steps)}
+        rec.update({k: float(entry[k]) for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in entry})
+        if len(rec) > 2:
+            out.append(rec)
+    return out
+
 
 def train_lora(
     base_dir: str | Path,
@@ -133,10 +326,21 @@ def train_lora(
     adapter_dir: str | Path,
     work_dir: str | Path,
     on_progress: ProgressFn | None = None,
+    *,
+    data_digest: str = "",
+    resume: bool = True,
+    on_message: MessageFn | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter and write it (safetensors) atomically to ``adapter_dir``.
 
-    Checkpoints go to ``work_dir/checkpoints`` every ``save_every`` steps.
+    Checkpoints go to ``work_dir/checkpoints`` every ``save_every`` steps. Called again with
+    the same ``work_dir`` (after a crash or a kill), training continues from the newest
+    complete checkpoint and ends with the same weights as an uninterrupted run: the Trainer
+    restores optimizer, scheduler and RNG state and skips the batches already seen.
+    ``data_digest`` names what the caller trains on beyond the examples (base model, prompt,
+    dataset versions); checkpoints trained on another digest, other examples or another config
+    raise ResumeMismatchError. ``resume=False`` discards existing checkpoints. ``on_message``
+    receives one line per skipped checkpoint and the resume point.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -151,7 +355,19 @@ def train_lora(
     )
 
     if not train:
-        raise ValueError("no training examples: the sft_dataset train split is empty")
+        raise TrainingInputError("no training examples: the sft_dataset train split is empty")
+
+    def say(msg: str) -> None:
+        if on_message:
+            on_message(msg)
+
+    inputs = {"data_digest": data_digest, "examples_digest": examples_digest(train, validation),
+              "config": cfg.as_params(), "code": TRAINING_CODE_VERSION}
+    if not resume and (Path(work_dir) / CHECKPOINTS_DIR).exists():
+        say(f"resume=False: removing the checkpoints in {Path(work_dir) / CHECKPOINTS_DIR} and starting over")
+    resume_ckpt, skipped_ckpts = prepare_work_dir(work_dir, inputs, resume=resume)
+    for line in skipped_ckpts:
+        say(line)
     set_seed(cfg.seed)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -174,11 +390,15 @@ def train_lora(
             train_rows.append(row)
     val_rows = [r for r in (tokenize_example(tokenizer, ex, cfg.max_length) for ex in validation) if r]
     if not train_rows:
-        raise ValueError(f"every training example is longer than max_length={cfg.max_length} tokens")
+        raise TrainingInputError(f"every training example is longer than max_length={cfg.max_length} tokens")
 
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
+    start_step = checkpoint_step(resume_ckpt) if resume_ckpt is not None else 0
     history: list[dict[str, float]] = []
+    if resume_ckpt is not None:
+        history.extend(_restored_history(resume_ckpt, total_steps))
+        say(f"resuming from {resume_ckpt.name} (step {start_step}/{total_steps})")
 
     class _Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -190,15 +410,25 @@ def train_lora(
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     rec[key] = float(logs[key])
-            if step:
-                rec["eta_s"] = elapsed / step * max(total_steps - step, 0)
+            if step > start_step:
+                rec["eta_s"] = elapsed / (step - start_step) * max(total_steps - step, 0)
             history.append(rec)
             if on_progress:
                 on_progress(rec)
 
+    class _MarkComplete(TrainerCallback):
+        """Runs after the Trainer has written every file of the checkpoint."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank has written its RNG state
+            if state.is_world_process_zero:
+                write_checkpoint_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                                        state.global_step)
+
     has_cuda = torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=str(Path(work_dir) / "checkpoints"),
+        output_dir=str(Path(work_dir) / CHECKPOINTS_DIR),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size * 2,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -212,7 +442,7 @@ def train_lora(
         eval_steps=cfg.eval_every if cfg.eval_every > 0 else None,
         save_strategy="steps",
         save_steps=cfg.save_every,
-        save_total_limit=2,
+        save_total_limit=KEEP_CHECKPOINTS,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cfg.bf16 and has_cuda,
@@ -229,9 +459,19 @@ def train_lora(
         train_dataset=train_rows,
         eval_dataset=val_rows or None,
         data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[_Progress()],
+        callbacks=[_Progress(), _MarkComplete()],
     )
-    trainer.train()
+    if resume_ckpt is not None and start_step >= total_steps:
+        # The run had finished (the caller failed afterwards). Resuming through the Trainer
+        # would take one step past max_steps, so take the final weights and state directly.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import TrainerState
+
+        set_peft_model_state_dict(model, load_file(str(resume_ckpt / "adapter_model.safetensors")))
+        trainer.state = TrainerState.load_from_json(str(resume_ckpt / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt is not None else None)
     if val_rows:
         final = trainer.evaluate()
         rec = {"step": float(trainer.state.global_step), "total_steps": float(total_steps),
@@ -248,4 +488,6 @@ def train_lora(
         skipped_too_long=skipped,
         history=history,
         runtime_s=time.monotonic() - started,
+        resumed_from_step=start_step if resume_ckpt is not None else None,
+        skipped_checkpoints=skipped_ckpts,
     )

@@ -11,10 +11,12 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from genops_assets.lib.hashing import sha256_file, sha256_json
+from genops_assets.lib.labels import scan_labels
 from genops_assets.lib.tasks import read_raw_file
 from resources import DBT_PROJECT_DIR
+from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.warehouse import DuckDBWarehouse
+from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
 RAW_ASSET = dg.AssetKey("raw_task_examples")
 MART_SCHEMA = "main"
@@ -23,13 +25,43 @@ MARTS = ("golden_eval_dataset", "sft_dataset", "few_shot_examples")
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
 
+def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehouse) -> tuple[list[tuple], dict]:
+    """Reviewed live answers from ``<home>/feedback/labels/`` as raw rows. A label that names
+    only a request id takes the question from the feedback store. Lines that do not fit the
+    task are reported with file:line and left out (the feedback sensor reports them too)."""
+    folder = home.path / "feedback" / "labels"
+    scan = scan_labels(folder, spec)
+    for issue in scan.issues:
+        context.log.warning(f"label left out: {folder}/{issue}")
+    if not scan.rows:
+        return [], {}
+    asked: dict[str, str] = {}
+    wanted = sorted({r.request_id for r in scan.rows if r.input_text is None and r.request_id})
+    if wanted and warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
+        marks = ", ".join("?" for _ in wanted)
+        df = warehouse.query_df(f"select request_id, input_text from {FEEDBACK_SCHEMA}.requests "
+                                f"where request_id in ({marks}) and input_text is not null", wanted)
+        asked = dict(zip(df["request_id"], df["input_text"]))
+    rows, missing = [], []
+    for r in scan.rows:
+        text = r.input_text or asked.get(r.request_id or "")
+        if text is None:
+            missing.append(f"{r.source_file}:{r.line} (request {r.request_id})")
+            continue
+        rows.append((f"feedback/labels/{r.source_file}", r.line, text, json.dumps(r.output, ensure_ascii=False)))
+    if missing:
+        context.log.warning(f"labels whose request id is not in {FEEDBACK_SCHEMA}.requests, left out: {missing}")
+    return rows, {"rows": len(rows), "digest": scan.digest, "issues": len(scan.issues), "missing": len(missing)}
+
+
 @dg.asset(group_name="datasets", kinds={"duckdb"})
 def raw_task_examples(
-    context: dg.AssetExecutionContext, task: TaskResource, warehouse: DuckDBWarehouse
+    context: dg.AssetExecutionContext, task: TaskResource, warehouse: DuckDBWarehouse, home: GenopsHome
 ) -> dg.MaterializeResult:
-    """Every example of the active task (its data files plus ``incoming/``), one row each,
-    loaded into ``raw.task_examples``. Files are all read before anything is written, and the
-    task's rows are replaced in one transaction. Cost: seconds.
+    """Every example of the active task (its data files plus ``incoming/``) and every reviewed
+    live answer (``<home>/feedback/labels/``), one row each, loaded into ``raw.task_examples``.
+    Files are all read before anything is written, and the task's rows are replaced in one
+    transaction. Cost: seconds.
     """
     spec = task.load()
     rows: list[tuple] = []
@@ -42,12 +74,18 @@ def raw_task_examples(
         files[rel] = {"rows": len(rows) - before, "sha256": sha256_file(path)}
     if not rows:
         raise ValueError(f"task '{spec.name}': no examples in {[str(p) for p in spec.raw_files()]}")
+    label_rows, labels = labelled_feedback(context, spec, home, warehouse)
+    if label_rows:
+        rows += label_rows
+        files["feedback/labels"] = labels
     warehouse.replace_raw_examples(spec.name, rows)
-    context.log.info(f"loaded {len(rows)} raw examples of task '{spec.name}' from {len(files)} file(s)")
+    context.log.info(f"loaded {len(rows)} raw examples of task '{spec.name}' from {len(files)} source(s)"
+                     + (f", {len(label_rows)} of them reviewed live answers" if label_rows else ""))
     return dg.MaterializeResult(
         metadata={
             "task": spec.name,
             "rows": len(rows),
+            "labelled_feedback_rows": len(label_rows),
             "files": dg.MetadataValue.json(files),
             "digest": sha256_json(files),
             "table": "raw.task_examples",

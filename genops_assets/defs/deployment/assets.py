@@ -159,6 +159,7 @@ def deployed_endpoint(
         "verification_answer": answer,
         "parity_checked": parity["checked"],
         "parity_matched": parity["matched"],
+        "parity_s": float(parity["seconds"]),
         "prompt_version": prompt_ref.version,
         "served_prompt_version": str(served_prompt),
     })

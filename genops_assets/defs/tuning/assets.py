@@ -12,13 +12,16 @@ from genops_assets.defs.tuning.config import TuningConfig
 from genops_assets.lib.formatting import build_messages, format_target
 from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.lib.report import loss_curve_png
-from genops_assets.lib.training import TRAINING_CODE_VERSION, SftExample, train_lora
+from genops_assets.lib.training import TRAINING_CODE_VERSION, SftExample, TrainingInputError, train_lora
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import CHALLENGER, VERSION_KEY_TAG, MlflowTracking
 from resources.warehouse import DuckDBWarehouse
 
 CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
+# Transient failures (preemption, OOM kill of a worker, a flaky MLflow store) are retried after
+# 10 s, then 20 s; each attempt resumes from the last complete checkpoint of the same version key.
+TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def registered_model_name(task_name: str) -> str:
@@ -46,6 +49,7 @@ def to_sft_examples(spec, df, prompt=None) -> list[SftExample]:
     kinds={"pytorch", "mlflow"},
     code_version=CODE_VERSION,
     pool="training",
+    retry_policy=TRAINING_RETRY_POLICY,
 )
 def tuned_adapter(
     context: dg.AssetExecutionContext,
@@ -59,7 +63,9 @@ def tuned_adapter(
     """A LoRA adapter trained on the train split of sft_dataset (loss on answer tokens only),
     registered in MLflow with alias `challenger`. Same base model, data, prompts and config ->
     same version key -> the registered version is reused, nothing is trained twice.
-    Cost: minutes on CPU (about 5 s/step for the embedded model on 2 cores)."""
+    Cost: minutes on CPU (about 5 s/step for the embedded model on 2 cores). An interrupted run
+    (retried by the retry policy, or re-launched) resumes from the last complete checkpoint in
+    runs/<version_key>/checkpoints."""
     from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
 
     spec = task.load()
@@ -120,10 +126,22 @@ def tuned_adapter(
                 context.log.info("tuning: " + ", ".join(parts))
 
         adapter_dir = home.models_dir / "adapters" / version_key
-        result = train_lora(
-            base_model["path"], to_sft_examples(spec, train_df, prompt), to_sft_examples(spec, val_df, prompt), cfg,
-            adapter_dir=adapter_dir, work_dir=home.runs_dir / version_key, on_progress=on_progress,
-        )
+        try:
+            result = train_lora(
+                base_model["path"], to_sft_examples(spec, train_df, prompt), to_sft_examples(spec, val_df, prompt),
+                cfg, adapter_dir=adapter_dir, work_dir=home.runs_dir / version_key, on_progress=on_progress,
+                data_digest=sha256_json(digests), resume=config.resume, on_message=context.log.info,
+            )
+        except TrainingInputError as exc:
+            # Bad data or foreign checkpoints: the same inputs would fail the same way again.
+            raise dg.Failure(str(exc), allow_retries=False) from exc
+        if result.resumed_from_step:
+            # This MLflow run starts at the checkpoint; give it the curve up to there as well.
+            for rec in result.history:
+                if rec["step"] <= result.resumed_from_step:
+                    mlflow.log_metrics(run_id, {("train_loss" if k == "loss" else k): rec[k] for k in
+                                                ("loss", "eval_loss", "learning_rate", "grad_norm") if k in rec},
+                                       step=int(rec["step"]))
         curve = home.runs_dir / version_key / "loss_curve.png"
         curve.write_bytes(loss_curve_png(result.history))
         mlflow.log_artifact(run_id, curve, "plots")
@@ -177,6 +195,7 @@ def tuned_adapter(
             "prompt_version": prompt_ref.version,
             "mlflow_run_id": run_id,
             "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step or 0,
             "train_examples": result.train_examples,
             "skipped_too_long": len(result.skipped_too_long),
             "final_train_loss": result.last("loss") or 0.0,

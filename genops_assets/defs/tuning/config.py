@@ -28,6 +28,11 @@ class TuningConfig(dg.Config):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on big models.")
     deepspeed_config: str | None = Field(None, description="Path to a DeepSpeed JSON config (multi-GPU).")
     max_train_examples: int | None = Field(None, description="Use only the first N train examples (quick runs).")
+    resume: bool = Field(
+        True,
+        description="Continue from the newest complete checkpoint left by an interrupted run with the same version "
+                    "key; False deletes those checkpoints and trains from step 0. Not part of the version key.",
+    )
 
     def to_train_config(self) -> LoraTrainConfig:
         return LoraTrainConfig(

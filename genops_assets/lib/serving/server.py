@@ -192,6 +192,7 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
     from genops_assets.lib.generation import add_adapter
     from genops_assets.lib.serving.batching import Batcher, Job
     from genops_assets.lib.serving.metrics import CONTENT_TYPE, Registry
+    from genops_assets.lib.serving.sampler import sampler_lifespan
 
     keys = ApiKeys(api_keys)
     if not keys:
@@ -199,7 +200,8 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
     limiter = RateLimiter(rate_limit_rpm, rate_limit_burst)
     context = context_tokens or _context_tokens(loaded)
 
-    app = FastAPI(title="genops endpoint", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="genops endpoint", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=sampler_lifespan(state_dir))  # CPU, memory, GPU samples to resources.jsonl
     batcher = Batcher(loaded, max_batch=max_batch, max_wait_s=batch_wait_s)
     app.state.batcher = batcher
     log_lock = threading.Lock()
@@ -413,7 +415,10 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         base_entry = {"request_id": request_id, "model": req.model, "served_by": served,
                       "version": versions.get(served),
-                      "prompt_version": prompt_version, "guided": bool(req.guided_choice), "stream": req.stream}
+                      "prompt_version": prompt_version, "guided": bool(req.guided_choice), "stream": req.stream,
+                      # what was asked, for monitoring, drift and online quality (the redaction hook
+                      # scrubs it on its way into the feedback store)
+                      "prompt_variables": req.prompt_variables, "messages": messages}
         if req.stream:
             return StreamingResponse(
                 stream_events(req, job, request_id, t0, prompt_tokens, stop, base_entry),
@@ -452,7 +457,8 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
         latency = time.perf_counter() - t0
         record({"ts": time.time(), **base_entry, "status": 200, "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens, "latency_s": round(latency, 4),
-                "queue_s": round(timing["queue_s"], 4), "batch": timing["batch"], "finish_reason": finish})
+                "queue_s": round(timing["queue_s"], 4), "batch": timing["batch"], "finish_reason": finish,
+                "response": text})
         return {
             "id": request_id,
             "object": "chat.completion",
@@ -543,6 +549,7 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
             yield chunk({"role": "assistant", "content": ""})
             deadline = t0 + request_timeout_s
             completion_tokens, finish, logprobs = 0, None, None
+            answer: list[str] = []
             while finish is None:
                 try:
                     item = await asyncio.wait_for(items.get(), timeout=max(0.0, deadline - time.perf_counter()))
@@ -551,6 +558,7 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
                     yield event(error_body(504, outcome[1], code="timeout"))
                     return
                 if item[0] == "delta":
+                    answer.append(item[1])
                     yield chunk({"content": item[1]})
                 elif item[0] == "end":
                     finish, completion_tokens = item[1], item[2]
@@ -567,11 +575,13 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
                         text = max(scores, key=scores.get)
                         if req.logprobs:
                             logprobs = choice_logprobs(req, scores, text)
+                        answer.append(text)
                         yield chunk({"content": text}, logprobs=logprobs)
                         finish, completion_tokens = "stop", 1
                     else:  # the row ended without a last decoding step reaching us: send the rest
                         rest = result.text[len(text_stream.sent):] if result.text.startswith(text_stream.sent) else ""
                         if rest:
+                            answer.append(rest)
                             yield chunk({"content": rest})
                         finish, completion_tokens = result.finish_reason, result.completion_tokens
             # Answered: accounted for now, so a client leaving during the last events is no failure.
@@ -579,7 +589,8 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
             account(req.model, job, t0, prompt_tokens, completion_tokens, finish)
             record({"ts": time.time(), **base_entry, "status": 200, "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens, "latency_s": round(time.perf_counter() - t0, 4),
-                    "queue_s": round((job.started or t0) - job.enqueued, 4), "finish_reason": finish})
+                    "queue_s": round((job.started or t0) - job.enqueued, 4), "finish_reason": finish,
+                    "response": "".join(answer)})
             yield chunk({}, finish=finish)
             if include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

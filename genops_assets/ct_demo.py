@@ -1,0 +1,400 @@
+"""The continuous-training loop end to end, timed (`make ct-demo`).
+
+1. A champion is serving (on first use: the loop with a short tuning budget, "yesterday's model").
+2. The Dagster daemon runs the sensors, as in production.
+3. Live traffic - support tickets plus a few off-topic questions - reaches the endpoint through
+   the openai client. The request-log sensor loads it into the feedback store; declarative
+   automation refreshes the monitoring assets (serving metrics, drift, online quality).
+4. A reviewer's labels for the live tickets land in ``<home>/feedback/labels/``.
+5. The feedback sensor fires -> continuous_training: retrain, evaluate, promote, deploy.
+6. The endpoint answers `champion` with the new version.
+
+The run's latency breakdown (detection, queue, data, training, registration, evaluation,
+deploy, serving switch) comes from the Dagster event log and goes to
+``<home>/ct/breakdown.json`` and ``breakdown.md``. Its own data directory (default
+``.genops-ct``) and ports keep it apart from `make demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_DIR = REPO / "tasks" / "support_triage" / "ct_demo"
+LABEL_FIELDS = ("category", "priority", "product", "summary")
+
+# Evaluation sized for a demo, the same for the bootstrap champion and every retrain so the
+# gate compares like with like (and the cache answers the unchanged parts).
+EVAL_CONFIG = {
+    "eval_report": {"config": {"max_examples": 40}},
+    "sxs_evaluation": {"config": {"max_examples": 12}},
+}
+# "Yesterday's model": a short run on part of the data.
+BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}}}
+
+
+def log(msg: str) -> None:
+    print(f"[ct-demo {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def ct_environment(home: Path, port: int, judge_port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "GENOPS_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster"),
+        "GENOPS_ENDPOINT_PORT": str(port),
+        "GENOPS_JUDGE_PORT": str(judge_port),
+        "GENOPS_CT_RUN_CONFIG": str(home / "ct" / "run_config.yaml"),
+        # 24 reviewed tickets: one batch triggers one retrain.
+        "GENOPS_FEEDBACK_MIN_LABELS": env.get("GENOPS_FEEDBACK_MIN_LABELS", "20"),
+        # Off-topic traffic is part of the demo: drift raises an alert, not a second retrain.
+        "GENOPS_DRIFT_ACTION": env.get("GENOPS_DRIFT_ACTION", "alert"),
+    })
+    return env
+
+
+def _instance():
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def _champion(env: dict[str, str]):
+    from resources import build_resources
+
+    res = build_resources(Path(env["GENOPS_HOME"]))
+    from genops_assets.defs.tuning.assets import registered_model_name
+
+    name = registered_model_name(res["task"].name)
+    return res, name, res["mlflow"].alias(name, "champion")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def send_traffic(base_url: str, api_key: str, input_field: str) -> list[dict]:
+    """Every ticket and off-topic question once, 4 at a time, as the deployed prompt's input."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=2, timeout=300)
+    tickets = _read_jsonl(TASK_DIR / "live_tickets.jsonl")
+    off_topic = _read_jsonl(TASK_DIR / "off_topic.jsonl")
+
+    def ask(item: dict) -> dict:
+        resp = client.chat.completions.create(
+            model="champion", messages=[], temperature=0.0,
+            extra_body={"prompt_variables": {input_field: item["message"]}})
+        return {**item, "request_id": resp.id, "answer": resp.choices[0].message.content,
+                "version": resp.system_fingerprint}
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(ask, tickets + off_topic))
+
+
+def reviewer_labels(answers: list[dict]) -> tuple[list[dict], int]:
+    """The reviewer's verdict on each live ticket: the right fields, tied to the request id.
+    Returns the label rows and how many answers they correct."""
+    from genops_assets.lib.formatting import parse_prediction
+
+    rows, corrected = [], 0
+    for a in answers:
+        if "category" not in a:  # off-topic: nothing to label
+            continue
+        truth = {k: a[k] for k in LABEL_FIELDS}
+        got = parse_prediction(a["answer"] or "", LABEL_FIELDS, lenient=True) or {}
+        if any(got.get(k) != truth[k] for k in ("category", "priority", "product")):
+            corrected += 1
+        rows.append({"request_id": a["request_id"], "input": a["message"], "output": truth,
+                     "labeler": "ct-demo reviewer"})
+    return rows, corrected
+
+
+def drop_labels(home: Path, rows: list[dict]) -> Path:
+    target = home / "feedback" / "labels" / f"review-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(target)  # the sensor sees whole files only
+    return target
+
+
+def wait_idle(instance, timeout_s: float, since: float) -> None:
+    """Until no run created after ``since`` is queued, starting or running."""
+    import dagster as dg
+
+    active = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED}
+    deadline = time.monotonic() + timeout_s
+    seen_any = False
+    quiet_since = None
+    while time.monotonic() < deadline:
+        records = instance.get_run_records(dg.RunsFilter(
+            created_after=datetime.fromtimestamp(since, tz=timezone.utc)))
+        busy = [r for r in records if r.dagster_run.status in active]
+        seen_any = seen_any or bool(records)
+        if not busy:
+            quiet_since = quiet_since or time.monotonic()
+            # automation chains runs a few seconds apart: wait for a quiet spell
+            if seen_any and time.monotonic() - quiet_since > 45:
+                return
+        else:
+            quiet_since = None
+        time.sleep(3)
+    raise TimeoutError(f"runs still active after {timeout_s:.0f}s")
+
+
+def wait_for_run(instance, tag: tuple[str, str], since: float, timeout_s: float):
+    import dagster as dg
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = instance.get_run_records(dg.RunsFilter(
+            tags={tag[0]: tag[1]}, created_after=datetime.fromtimestamp(since, tz=timezone.utc)))
+        if records:
+            return records[0]
+        time.sleep(1)
+    raise TimeoutError(f"no run tagged {tag[0]}={tag[1]} within {timeout_s:.0f}s: is the sensor running?")
+
+
+def wait_finished(instance, run_id: str, timeout_s: float):
+    import dagster as dg
+
+    deadline = time.monotonic() + timeout_s
+    last_step = None
+    while time.monotonic() < deadline:
+        record = instance.get_run_record_by_id(run_id)
+        status = record.dagster_run.status
+        if status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+            return record
+        starts = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+        if starts and starts[-1].step_key != last_step:
+            last_step = starts[-1].step_key
+            log(f"  run {run_id[:8]}: {last_step}")
+        time.sleep(3)
+    raise TimeoutError(f"run {run_id} not finished after {timeout_s:.0f}s")
+
+
+def wait_served(base_url: str, api_key: str, version: str, input_field: str, timeout_s: float = 120) -> float:
+    """Seconds until `champion` answers from ``version`` (the server follows the registry alias)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0, timeout=120)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        resp = client.chat.completions.create(
+            model="champion", messages=[], max_tokens=4,
+            extra_body={"prompt_variables": {input_field: "My camera is offline since this morning."}})
+        if str(resp.system_fingerprint) == str(version):
+            return time.time()
+        time.sleep(1)
+    raise TimeoutError(f"the endpoint did not serve champion v{version} within {timeout_s:.0f}s")
+
+
+STAGES = {  # step key -> stage of the breakdown
+    "raw_task_examples": "data", "dbt_marts": "data", "base_model": "data", "prompt_templates": "data",
+    "eval_report": "evaluation", "sxs_evaluation": "evaluation", "beats_champion": "evaluation",
+    "deployed_endpoint": "deploy",
+}
+
+
+def _stage(step_key: str) -> str:
+    if step_key in STAGES:
+        return STAGES[step_key]
+    if step_key.startswith("tuned_adapter"):
+        return "training"
+    if "beats_champion" in step_key or step_key.startswith("eval_report"):
+        return "evaluation"
+    return "data"  # the mart checks and anything else that prepares data
+
+
+def breakdown(instance, record, labels_at: float, served_at: float) -> dict:
+    """Seconds per stage, from the event log of the continuous-training run."""
+    import dagster as dg
+
+    run_id = record.dagster_run.run_id
+    steps: dict[str, dict[str, float]] = {}
+    for entry in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS,
+                                                    dg.DagsterEventType.STEP_FAILURE}):
+        kind = "start" if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START else "end"
+        steps.setdefault(entry.step_key, {})[kind] = entry.timestamp
+    durations = {k: v["end"] - v["start"] for k, v in steps.items() if "start" in v and "end" in v}
+
+    def meta(asset: str, key: str, default: float = 0.0) -> float:
+        for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+            mat = entry.asset_materialization
+            if mat.asset_key == dg.AssetKey(asset) and key in mat.metadata:
+                return float(mat.metadata[key].value)
+        return default
+
+    stages = {"data": 0.0, "training": 0.0, "evaluation": 0.0, "deploy": 0.0}
+    for key, seconds in durations.items():
+        stages[_stage(key)] += seconds
+    training_total = stages.pop("training")
+    training = meta("tuned_adapter", "runtime_s", training_total)
+    parity = meta("deployed_endpoint", "parity_s")
+    created = record.create_timestamp.timestamp()
+    started, ended = record.start_time, record.end_time
+    first_step = min(v["start"] for v in steps.values())
+    last_step = max(v.get("end", v["start"]) for v in steps.values())
+    out = {
+        "run_id": run_id,
+        "detection_s": created - labels_at,
+        "queue_s": started - created,
+        "launch_s": first_step - started,
+        "data_s": stages["data"],
+        "training_s": training,
+        "registration_s": training_total - training,
+        "evaluation_s": stages["evaluation"] + parity,
+        "deploy_s": stages["deploy"] - parity,
+        "between_steps_s": (last_step - first_step) - sum(durations.values()),
+        "run_teardown_s": ended - last_step,
+        "serving_switch_s": served_at - ended,
+        "total_s": served_at - labels_at,
+        "steps_s": {k: round(v, 2) for k, v in sorted(durations.items(), key=lambda kv: steps[kv[0]]["start"])},
+    }
+    out["orchestration_overhead_s"] = out["total_s"] - out["training_s"] - out["evaluation_s"]
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def breakdown_markdown(b: dict) -> str:
+    rows = [("detection (labels written -> run requested)", "detection_s"),
+            ("queue (requested -> run started)", "queue_s"),
+            ("launch (run started -> first step)", "launch_s"),
+            ("data (raw, dbt, GX checks, base model, prompts)", "data_s"),
+            ("training (compute)", "training_s"),
+            ("registration (MLflow logging, artifacts, registry)", "registration_s"),
+            ("evaluation (compute: eval report, AutoSxS, gate, serving parity)", "evaluation_s"),
+            ("deploy (challenger load, alias move, verification)", "deploy_s"),
+            ("between steps (executor)", "between_steps_s"),
+            ("run teardown", "run_teardown_s"),
+            ("serving switch (run done -> endpoint answers with the new champion)", "serving_switch_s"),
+            ("**total**", "total_s"),
+            ("**orchestration overhead** (total - training - evaluation)", "orchestration_overhead_s")]
+    lines = ["| stage | seconds |", "|---|---:|"] + [f"| {label} | {b[key]:.1f} |" for label, key in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genops ct-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--home", default=os.environ.get("GENOPS_CT_HOME") or str(REPO / ".genops-ct"))
+    parser.add_argument("--port", type=int, default=8028)
+    parser.add_argument("--judge-port", type=int, default=8038)
+    parser.add_argument("--keep", action="store_true", help="leave the endpoint and judge running")
+    args = parser.parse_args(argv)
+    home = Path(args.home).resolve()
+    env = ct_environment(home, args.port, args.judge_port)
+    os.environ.update({k: env[k] for k in ("GENOPS_HOME", "DAGSTER_HOME", "GENOPS_ENDPOINT_PORT",
+                                           "GENOPS_JUDGE_PORT", "GENOPS_CT_RUN_CONFIG")})
+    subprocess.run([sys.executable, "-m", "genops_assets.cli", "init-home"], env=env, check=True, cwd=REPO)
+    _write_yaml(home / "ct" / "run_config.yaml", {"ops": EVAL_CONFIG})
+    started = time.monotonic()
+
+    res, model_name, champion = _champion(env)
+    if champion is None:
+        log("no champion yet: training yesterday's model (short budget), evaluating and deploying it")
+        cfg = _write_yaml(home / "ct" / "bootstrap.yaml", {"ops": {**EVAL_CONFIG, **BOOTSTRAP_TUNING}})
+        rc = subprocess.call([_bin("dagster"), "job", "execute", "-m", "genops_assets.definitions",
+                              "-j", "genops_loop", "-c", str(cfg)], env=env, cwd=REPO)
+        if rc != 0:
+            log(f"bootstrap run failed (exit {rc})")
+            return rc
+        res, model_name, champion = _champion(env)
+    endpoint = res["endpoint"]
+    value = json.loads(champion.tags["genops.asset_value"])
+    outcome = endpoint.deploy(value["base_model_path"], "champion", value["adapter_dir"], str(champion.version))
+    base_url = outcome.url
+    key = endpoint.client_key()
+    log(f"champion: {model_name} v{champion.version}, endpoint {base_url}")
+
+    daemon_log = open(home / "ct" / "daemon.log", "ab")
+    daemon = subprocess.Popen([_bin("dagster-daemon"), "run", "-m", "genops_assets.definitions"], env=env,
+                              cwd=REPO, stdout=daemon_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        instance = _instance()
+        time.sleep(5)
+        input_field = res["task"].load().input_field
+        t_traffic = time.time()
+        answers = send_traffic(base_url, key, input_field)
+        log(f"{len(answers)} live requests answered by champion v{answers[0]['version']}; "
+            "waiting for the request-log sensor and the monitoring assets")
+        wait_idle(instance, timeout_s=900, since=t_traffic)
+        _print_monitoring(instance)
+
+        rows, corrected = reviewer_labels(answers)
+        labels_at = time.time()
+        path = drop_labels(home, rows)
+        log(f"reviewer labels: {len(rows)} rows ({corrected} correct a wrong answer) -> {path}")
+        record = wait_for_run(instance, ("genops/trigger", "feedback_labels"), labels_at - 1, timeout_s=300)
+        log(f"sensor fired: run {record.dagster_run.run_id} ({record.dagster_run.job_name})")
+        record = wait_finished(instance, record.dagster_run.run_id, timeout_s=3600)
+        if record.dagster_run.status.value != "SUCCESS":
+            log(f"continuous-training run ended {record.dagster_run.status.value}: see {home}/ct/daemon.log")
+            return 1
+        _, _, new_champion = _champion(env)
+        if new_champion is None or new_champion.version == champion.version:
+            log(f"the retrained model did not beat champion v{champion.version}: nothing promoted")
+            return 1
+        served_at = wait_served(base_url, key, new_champion.version, input_field)
+        b = breakdown(instance, record, labels_at, served_at)
+        b.update({"previous_champion": champion.version, "new_champion": new_champion.version,
+                  "labels": len(rows), "corrected": corrected,
+                  "demo_wall_s": round(time.monotonic() - started, 1)})
+        out = home / "ct"
+        (out / "breakdown.json").write_text(json.dumps(b, indent=2))
+        md = breakdown_markdown(b)
+        (out / "breakdown.md").write_text(md)
+        log(f"champion v{champion.version} -> v{new_champion.version}; the endpoint serves it")
+        print("\nContinuous-training latency breakdown (" + str(out / "breakdown.json") + "):\n" + md, flush=True)
+        return 0
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+        daemon_log.close()
+        if not args.keep:
+            subprocess.call([sys.executable, "-m", "genops_assets.cli", "stop"], env=env, cwd=REPO)
+
+
+def _print_monitoring(instance) -> None:
+    import dagster as dg
+
+    for asset, keys in (("serving_metrics", ("request_count", "latency_p50_s", "latency_p95_s", "error_rate")),
+                        ("prompt_drift", ("live", "flagged", "flagged_share", "drift")),
+                        ("online_quality", ("version", "live_n", "live_mean", "offline_mean", "regression"))):
+        entry = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        if entry is None:
+            log(f"  {asset}: not materialized")
+            continue
+        md = entry.asset_materialization.metadata
+        shown = ", ".join(f"{k}={md[k].value}" for k in keys if k in md)
+        log(f"  {asset} [{entry.asset_materialization.partition}]: {shown}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Serving health per UTC day: request metrics from the feedback store, and the endpoint
+process's resource samples."""
+
+import base64
+import json
+import re
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from genops_assets.defs.monitoring.partitions import daily
+from resources.paths import GenopsHome
+from resources.task import TaskResource
+from resources.tracking import MlflowTracking
+from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
+
+MONITORING_SCHEMA = "monitoring"
+SERVING_TABLE = "serving_metrics"
+RESOURCE_TABLE = "resource_usage"
+KIND_TAG = "genops.kind"
+PARTITION_TAG = "genops.partition"
+
+# The overall numbers shown as Dagster metadata and logged to MLflow.
+KEY_NUMBERS = ("request_count", "error_count", "error_rate", "requests_per_s", "output_tokens_per_s",
+               "active_requests_per_s", "latency_p50_s", "latency_p95_s", "latency_p99_s", "queue_p50_s",
+               "queue_p95_s", "prompt_tokens_total", "completion_tokens_total", "prompt_tokens_mean",
+               "completion_tokens_mean", "valid_json_rate", "json_found_rate", "schema_valid_rate",
+               "schema_valid_lenient_rate")
+# Per version in MLflow (the full set per version is in the table and summary.json).
+GROUP_NUMBERS = ("request_count", "error_rate", "latency_p95_s", "valid_json_rate")
+
+REQUEST_QUERY = f"""select request_id, ts, event, model, adapter_version, prompt_version, status, error, latency_s,
+    queue_s, prompt_tokens, completion_tokens, finish_reason, response_text, record_json
+    from {FEEDBACK_SCHEMA}.requests where ts >= ? and ts < ? order by ts, source_file, source_offset"""
+
+
+def _window(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
+    window = context.partition_time_window
+    return window.start.astimezone(timezone.utc), window.end.astimezone(timezone.utc)
+
+
+def _png_md(name: str, png: bytes) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def _metric_key(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", text)
+
+
+def _partition_run(mlflow: MlflowTracking, experiment: str, kind: str, partition: str, tags: dict[str, str]) -> str:
+    """The MLflow run of this asset's partition, created on first use: re-materializing a day
+    (eagerly, at each request-log load) updates one run instead of adding one per load."""
+    client = mlflow.client()
+    found = client.search_runs(
+        [mlflow.experiment_id(experiment)],
+        filter_string=f"tags.`{KIND_TAG}` = '{kind}' and tags.`{PARTITION_TAG}` = '{partition}'",
+        max_results=1, order_by=["attributes.start_time ASC"])
+    if found:
+        run_id = found[0].info.run_id
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        return run_id
+    return mlflow.start_run(experiment, f"{kind}-{partition}", tags={**tags, KIND_TAG: kind, PARTITION_TAG: partition})
+
+
+@dg.asset(group_name="monitoring", kinds={"duckdb", "mlflow"}, partitions_def=daily,
+          deps=[dg.AssetKey("request_log")], automation_condition=dg.AutomationCondition.eager())
+def serving_metrics(
+    context: dg.AssetExecutionContext,
+    warehouse: DuckDBWarehouse,
+    mlflow: MlflowTracking,
+    task: TaskResource,
+    home: GenopsHome,
+) -> dg.MaterializeResult:
+    """One UTC day of the endpoint's requests from `feedback.requests`, per served adapter version
+    and prompt version and overall: request count, throughput, latency p50/p95/p99 and queue
+    p50/p95 of answered requests (numpy 'linear' percentiles), tokens, error rate and errors by
+    class, and task health of live answers (strict / lenient valid-JSON rate, schema conformance
+    against the task's output schema). Rows go to `monitoring.serving_metrics` (the partition
+    replaced in one transaction: an `overall` row and one `version` row per group); plots and a
+    JSON summary to the day's MLflow run in `genops/<task>/monitoring`. A day without requests is
+    a result: request_count 0, no plots. Cost: seconds."""
+    from genops_assets.lib.hashing import atomic_dir
+    from genops_assets.lib.monitoring import (
+        SERVING_COLUMNS,
+        AnswerSchema,
+        error_chart_png,
+        latency_chart_png,
+        serving_report,
+        serving_table_md,
+        tokens_chart_png,
+    )
+
+    spec = task.load()
+    partition = context.partition_key
+    start, end = _window(context)
+    if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
+        raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
+    df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None)])
+    report = serving_report(df, start, end, AnswerSchema.from_json_schema(spec.schema), now=datetime.now(timezone.utc))
+    warehouse.replace_partition(MONITORING_SCHEMA, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,
+                                report.rows(partition))
+    o = report.overall
+    context.log.info(f"serving {partition}: {o.request_count} requests in {len(report.groups)} version group(s), "
+                     f"{o.error_count} errors, latency p95 {o.latency_p95_s}, valid JSON {o.valid_json_rate}")
+
+    plots: dict[str, bytes] = {}
+    if o.request_count:
+        if any(g.latency_p50_s is not None for g in report.groups):
+            plots["latency"] = latency_chart_png(report.groups)
+        if o.error_count:
+            plots["errors"] = error_chart_png(o)
+        plots["tokens"] = tokens_chart_png(report.groups)
+    summary = report.summary()
+
+    experiment = f"genops/{spec.name}/monitoring"
+    run_id = _partition_run(mlflow, experiment, SERVING_TABLE, partition,
+                            {"genops.dagster_run_id": context.run.run_id, "genops.task": spec.name})
+    try:
+        with atomic_dir(home.runs_dir / SERVING_TABLE / partition) as tmp:
+            for name, png in plots.items():
+                (tmp / f"{name}.png").write_bytes(png)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str),
+                                              encoding="utf-8")
+        metrics = {k: getattr(o, k) for k in KEY_NUMBERS}
+        for g in report.groups:
+            prefix = _metric_key(f"{g.served_by}.adapter_{g.adapter_version}.prompt_{g.prompt_version}")
+            metrics.update({f"{prefix}.{k}": getattr(g, k) for k in GROUP_NUMBERS})
+        mlflow.log_metrics(run_id, {k: float(v) for k, v in metrics.items() if v is not None})
+        mlflow.log_artifacts(run_id, home.runs_dir / SERVING_TABLE / partition, SERVING_TABLE)
+        mlflow.end_run(run_id)
+    except BaseException:
+        mlflow.end_run(run_id, status="FAILED")
+        raise
+
+    metadata: dict[str, object] = {
+        "partition": partition,
+        "window": f"{start.isoformat()} .. {end.isoformat()}",
+        "table": f"{MONITORING_SCHEMA}.{SERVING_TABLE}",
+        "versions": len(report.groups),
+        "reloads": report.reloads,
+        "errors_by_class": dg.MetadataValue.json(o.errors_by_class),
+        "metrics": dg.MetadataValue.md(serving_table_md(report)),
+        "mlflow_run_id": run_id,
+        **{k: dg.MetadataValue.float(float(getattr(o, k))) for k in KEY_NUMBERS if getattr(o, k) is not None},
+        **{f"{name}_plot": _png_md(name, png) for name, png in plots.items()},
+    }
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(group_name="monitoring", kinds={"duckdb"}, partitions_def=daily,
+          deps=[dg.AssetKey("request_log")], automation_condition=dg.AutomationCondition.eager())
+def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse,
+                   home: GenopsHome) -> dg.MaterializeResult:
+    """One UTC day of the endpoint process's resource samples (`<endpoint>/resources.jsonl`,
+    written by the server's sampler thread): CPU percent and RSS mean / p95 / max, most threads,
+    most GPU memory allocated and reserved, and a plot of CPU and memory over the day. A row per
+    day in `monitoring.resource_usage` (replaced in one transaction). Refreshed with the request
+    log, which the same server writes. A day without samples (the server was down, or a vLLM
+    backend serves) is a result with sample_count 0. Cost: one pass over the samples file."""
+    from genops_assets.lib.monitoring import (
+        RESOURCE_COLUMNS,
+        read_resource_samples,
+        resource_chart_png,
+        resource_row,
+        summarize_resources,
+    )
+    from genops_assets.lib.serving.sampler import RESOURCES_FILE
+
+    partition = context.partition_key
+    start, end = _window(context)
+    path = home.endpoint_dir / RESOURCES_FILE
+    samples, malformed = read_resource_samples(path, start, end)
+    for problem in malformed[:20]:
+        context.log.warning(f"skipped malformed resource sample: {problem}")
+    summary = summarize_resources(samples)
+    warehouse.replace_partition(MONITORING_SCHEMA, RESOURCE_TABLE, RESOURCE_COLUMNS, "partition_key", partition,
+                                [resource_row(partition, start, end, summary)])
+    context.log.info(f"resources {partition}: {summary['sample_count']} samples from {path}, "
+                     f"RSS max {summary['rss_bytes_max']}, CPU p95 {summary['cpu_percent_p95']}")
+    numbers = {k: v for k, v in summary.items() if k not in ("pids", "first_ts", "last_ts")}
+    metadata: dict[str, object] = {
+        "partition": partition,
+        "source": dg.MetadataValue.path(str(path)),
+        "table": f"{MONITORING_SCHEMA}.{RESOURCE_TABLE}",
+        "pids": dg.MetadataValue.json(summary["pids"]),
+        "malformed_lines": len(malformed),
+        **{k: dg.MetadataValue.float(float(v)) for k, v in numbers.items() if v is not None},
+    }
+    if summary["sample_count"]:
+        metadata["resources_plot"] = _png_md("resources", resource_chart_png(samples))
+    return dg.MaterializeResult(metadata=metadata)

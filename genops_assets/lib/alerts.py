@@ -1,0 +1,166 @@
+"""Alerts of the continuous-training loop, and the settings that steer its automation.
+
+An alert is one JSON line appended to ``<GENOPS_HOME>/alerts.jsonl`` (``ts``, ``kind``,
+``severity``, ``message``, ``details``) and, when ``GENOPS_ALERT_WEBHOOK`` is set, POSTed as
+JSON to that URL. The file is the record; the webhook is a notification: when it fails the
+failure is logged and returned, and the caller (a sensor) goes on.
+
+Settings (read from the environment at each sensor evaluation, so no code reload is needed):
+
+``GENOPS_FEEDBACK_MIN_LABELS``  new valid labelled rows that trigger retraining (default 10)
+``GENOPS_DRIFT_ACTION``         ``retrain`` (default) or ``alert``: what prompt drift does
+``GENOPS_AUTO_ROLLBACK``        ``1`` moves ``champion`` back when online quality regresses (default 0)
+``GENOPS_ALERT_WEBHOOK``        URL that receives each alert as a JSON POST (default: none)
+``GENOPS_ALERT_WEBHOOK_TIMEOUT`` seconds before a webhook POST gives up (default 5)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any
+
+ALERTS_FILE = "alerts.jsonl"
+SEVERITIES = ("info", "warning", "error", "critical")
+DRIFT_ACTIONS = ("retrain", "alert")
+DEFAULT_LABEL_THRESHOLD = 10
+
+
+@dataclass(frozen=True)
+class AutomationSettings:
+    label_threshold: int = DEFAULT_LABEL_THRESHOLD
+    drift_action: str = "retrain"
+    auto_rollback: bool = False
+    webhook_url: str | None = None
+    webhook_timeout_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AutomationSettings:
+        """The settings above; a malformed value raises naming the variable."""
+        env = os.environ if env is None else env
+
+        def _get(key: str) -> str:
+            return (env.get(key) or "").strip()
+
+        threshold_raw = _get("GENOPS_FEEDBACK_MIN_LABELS") or str(DEFAULT_LABEL_THRESHOLD)
+        try:
+            threshold = int(threshold_raw)
+        except ValueError:
+            threshold = 0
+        if threshold < 1:
+            raise ValueError(f"GENOPS_FEEDBACK_MIN_LABELS must be a positive integer, got {threshold_raw!r}")
+        action = (_get("GENOPS_DRIFT_ACTION") or "retrain").lower()
+        if action not in DRIFT_ACTIONS:
+            raise ValueError(f"GENOPS_DRIFT_ACTION must be one of {DRIFT_ACTIONS}, got {action!r}")
+        rollback_raw = (_get("GENOPS_AUTO_ROLLBACK") or "0").lower()
+        if rollback_raw not in ("0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"GENOPS_AUTO_ROLLBACK must be 1 or 0, got {rollback_raw!r}")
+        timeout_raw = _get("GENOPS_ALERT_WEBHOOK_TIMEOUT") or "5"
+        try:
+            timeout = float(timeout_raw)
+        except ValueError:
+            timeout = 0.0
+        if timeout <= 0:
+            raise ValueError(f"GENOPS_ALERT_WEBHOOK_TIMEOUT must be a positive number of seconds, got {timeout_raw!r}")
+        return cls(threshold, action, rollback_raw in ("1", "true", "yes"), _get("GENOPS_ALERT_WEBHOOK") or None,
+                   timeout)
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str
+    severity: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+    ts: str = ""
+
+    def line(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str, ensure_ascii=False) + "\n"
+
+
+@dataclass(frozen=True)
+class AlertDelivery:
+    alert: Alert
+    path: Path
+    webhook_status: int | None = None
+    webhook_error: str | None = None
+
+
+def alerts_path(home: str | Path) -> Path:
+    return Path(home) / ALERTS_FILE
+
+
+def append_alert(path: Path, alert: Alert) -> None:
+    """Append one line under an exclusive lock, in one write, flushed to disk: concurrent
+    writers never interleave and a reader never sees half a line from a finished append."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = alert.line().encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (signal, full pipe) continues where it stopped
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def post_webhook(url: str, alert: Alert, timeout_s: float) -> int:
+    """POST the alert as JSON; returns the HTTP status, raises ``OSError``/``HTTPException`` on failure."""
+    body = json.dumps(asdict(alert), sort_keys=True, default=str).encode("utf-8")
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "genops-alerts"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - an operator-set URL
+        return int(resp.status)
+
+
+def raise_alert(
+    home: str | Path,
+    kind: str,
+    severity: str,
+    message: str,
+    details: Mapping[str, Any] | None = None,
+    *,
+    webhook_url: str | None = None,
+    webhook_timeout_s: float = 5.0,
+    log: Callable[[str], None] | None = None,
+) -> AlertDelivery:
+    """Record an alert in ``<home>/alerts.jsonl`` and POST it to ``webhook_url`` when given."""
+    if severity not in SEVERITIES:
+        raise ValueError(f"alert severity must be one of {SEVERITIES}, got {severity!r}")
+    alert = Alert(kind, severity, message, dict(details or {}), datetime.now(timezone.utc).isoformat())
+    path = alerts_path(home)
+    append_alert(path, alert)
+    if not webhook_url:
+        return AlertDelivery(alert, path)
+    try:
+        status = post_webhook(webhook_url, alert, webhook_timeout_s)
+    except urllib.error.HTTPError as exc:
+        error = f"HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError, HTTPException, ValueError) as exc:
+        error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+    else:
+        return AlertDelivery(alert, path, webhook_status=status)
+    if log is not None:
+        log(f"alert webhook {webhook_url} failed ({error}); the alert is recorded in {path}")
+    return AlertDelivery(alert, path, webhook_error=error)
+
+
+def read_alerts(home: str | Path) -> list[dict[str, Any]]:
+    """Every recorded alert, oldest first."""
+    path = alerts_path(home)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,94 @@
+"""Continuous training from human feedback: labelled / corrected rows dropped as JSONL files into
+``<GENOPS_HOME>/feedback/labels/`` (format: genops_assets/lib/labels.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from genops_assets.lib.alerts import AutomationSettings
+from genops_assets.lib.labels import LabelScan, scan_labels
+from resources.paths import GenopsHome
+from resources.task import TaskResource
+from sensors.run_config import ct_run_config
+
+MAX_LOGGED_ISSUES = 50
+# Row digests kept in the cursor are shortened: 64 bits tell apart far more rows than a
+# labelling team writes, and keep the cursor small.
+CURSOR_DIGEST_CHARS = 16
+
+
+def labels_dir(home: GenopsHome) -> Path:
+    return home.path / "feedback" / "labels"
+
+
+def _consumed(cursor: str | None, task_name: str) -> set[str]:
+    """Short digests of the rows a previous run request already covered (for this task)."""
+    if not cursor:
+        return set()
+    try:
+        state = json.loads(cursor)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"feedback_labels_sensor: unreadable cursor {cursor[:80]!r}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("task") != task_name:
+        return set()
+    return set(state.get("consumed") or [])
+
+
+def log_issues(context: dg.SensorEvaluationContext, folder: Path, scan: LabelScan) -> None:
+    for issue in scan.issues[:MAX_LOGGED_ISSUES]:
+        context.log.warning(f"invalid label line {folder / issue.source_file}:{issue.line}: {issue.message}")
+    if len(scan.issues) > MAX_LOGGED_ISSUES:
+        context.log.warning(f"... and {len(scan.issues) - MAX_LOGGED_ISSUES} more invalid label lines in {folder}")
+
+
+@dg.sensor(
+    job_name="continuous_training",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Requests a continuous-training run when at least GENOPS_FEEDBACK_MIN_LABELS (default 10) new "
+    "valid labelled rows are in <GENOPS_HOME>/feedback/labels/*.jsonl. run_key = digest of all valid label rows, "
+    "so the same labels never train twice; invalid lines are logged with file:line.",
+)
+def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResource, home: GenopsHome):
+    settings = AutomationSettings.from_env()
+    spec = task.load()
+    folder = labels_dir(home)
+    scan = scan_labels(folder, spec)
+    log_issues(context, folder, scan)
+    bad = ""
+    if scan.issues:
+        bad = f"; {len(scan.issues)} invalid line(s), first {folder / str(scan.issues[0])}"
+    if not scan.rows:
+        return dg.SkipReason(f"no valid labelled rows in {folder}{bad}")
+
+    consumed = _consumed(context.cursor, spec.name)
+    new = [r for r in scan.rows if r.digest[:CURSOR_DIGEST_CHARS] not in consumed]
+    if len(new) < settings.label_threshold:
+        return dg.SkipReason(f"{len(new)} new labelled row(s) of {len(scan.rows)} valid, "
+                             f"threshold {settings.label_threshold}{bad}")
+
+    digest = scan.digest
+    context.log.info(f"{len(new)} new labelled rows ({len(scan.rows)} valid in {len(scan.files)} file(s)) "
+                     f"-> continuous training, labels digest {digest[:12]}")
+    # The cursor holds the rows present now: rows whose files were removed leave it.
+    cursor = json.dumps({"task": spec.name,
+                         "consumed": sorted(r.digest[:CURSOR_DIGEST_CHARS] for r in scan.rows)})
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"feedback_labels:{spec.name}:{digest}",
+                run_config=ct_run_config(),
+                tags={
+                    "genops/trigger": "feedback_labels",
+                    "genops/task": spec.name,
+                    "genops/labels_digest": digest,
+                    "genops/label_rows": str(len(scan.rows)),
+                    "genops/new_label_rows": str(len(new)),
+                },
+            )
+        ],
+        cursor=cursor,
+    )

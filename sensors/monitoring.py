@@ -1,0 +1,272 @@
+"""Monitoring signals that leave Dagster or act on the world: prompt drift -> retrain or alert,
+online-quality regression -> alert (and optionally champion rollback), failed runs -> alert.
+
+The monitoring assets are read through the Dagster instance (their materialization
+metadata), never imported. Each sensor keeps the storage id of the last materialization it
+handled in its cursor, so a materialization is acted on once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import dagster as dg
+
+from genops_assets.lib.alerts import AutomationSettings, raise_alert
+from resources.paths import GenopsHome
+from resources.task import TaskResource
+from resources.tracking import CHAMPION, MlflowTracking
+from sensors.run_config import ct_run_config
+
+PROMPT_DRIFT = dg.AssetKey("prompt_drift")
+ONLINE_QUALITY = dg.AssetKey("online_quality")
+PREVIOUS_CHAMPION_TAG = "genops.previous_champion"
+# Materializations read per tick; more wait for the next tick (the cursor moves in order).
+BATCH = 100
+# Partitions already acted on, remembered so a re-materialized drifting day does not act twice.
+ACTED_PARTITIONS_KEPT = 120
+
+
+# -- champion rollback (shared with `genops rollback`) ---------------------------------------
+
+
+class RollbackError(RuntimeError):
+    """The champion cannot be moved back; the message says why."""
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    model: str
+    action: str  # "rolled_back" or "skipped"
+    from_version: str | None
+    to_version: str | None
+    reason: str
+
+
+def rollback_champion(mlflow: MlflowTracking, model_name: str, *, to_version: str | None = None,
+                      only_if_champion: str | None = None, reason: str = "manual") -> RollbackResult:
+    """Move alias ``champion`` back to ``to_version``, or to the previous champion recorded at
+    promotion (version tag ``genops.previous_champion``). With ``only_if_champion`` nothing moves
+    unless that version is still the champion (a regression seen on a version that was already
+    replaced must not roll the newer one back). The demoted version gets ``genops.rolled_back_*``
+    tags. A server following the registry hot-swaps to the new champion."""
+    from mlflow.exceptions import MlflowException
+
+    current = mlflow.alias(model_name, CHAMPION)
+    if current is None:
+        raise RollbackError(f"{model_name} has no champion")
+    if only_if_champion is not None and current.version != str(only_if_champion):
+        return RollbackResult(model_name, "skipped", current.version, None,
+                              f"champion is v{current.version}, not v{only_if_champion}: nothing to roll back")
+    target = str(to_version or current.tags.get(PREVIOUS_CHAMPION_TAG) or "")
+    if not target:
+        raise RollbackError(f"{model_name} v{current.version} records no previous champion; name a version")
+    if target == current.version:
+        return RollbackResult(model_name, "skipped", current.version, target, f"v{target} is already the champion")
+    try:
+        mlflow.get_version(model_name, target)
+    except MlflowException as exc:
+        raise RollbackError(f"{model_name} has no version {target!r}: {exc.message}") from exc
+    mlflow.set_alias(model_name, CHAMPION, target)
+    mlflow.set_version_tags(model_name, current.version, {
+        "genops.rolled_back_at": datetime.now(timezone.utc).isoformat(),
+        "genops.rolled_back_to": target,
+        "genops.rolled_back_reason": reason,
+    })
+    return RollbackResult(model_name, "rolled_back", current.version, target, reason)
+
+
+# -- reading monitoring materializations ------------------------------------------------------
+
+
+def _after(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        return int(json.loads(cursor)["after"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"unreadable sensor cursor {cursor[:80]!r}: {exc}") from exc
+
+
+def new_materializations(instance: dg.DagsterInstance, key: dg.AssetKey, after: int | None) -> list[dg.EventLogRecord]:
+    """Materializations of ``key`` after storage id ``after``, oldest first. Without a cursor,
+    only the latest one (history before the sensor existed is not acted on)."""
+    if after is None:
+        return list(instance.fetch_materializations(key, limit=1).records)
+    flt = dg.AssetRecordsFilter(asset_key=key, after_storage_id=after)
+    return list(instance.fetch_materializations(flt, limit=BATCH, ascending=True).records)
+
+
+def metadata_values(record: dg.EventLogRecord) -> dict[str, Any]:
+    """Plain scalar metadata of a materialization (tables, JSON and plots left out)."""
+    mat = record.asset_materialization
+    out: dict[str, Any] = {}
+    for k, v in (mat.metadata if mat else {}).items():
+        value = getattr(v, "value", v)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[k] = value
+    return out
+
+
+def _flag(meta: dict[str, Any], key: str, record: dg.EventLogRecord) -> bool:
+    value = meta.get(key)
+    if not isinstance(value, bool):
+        raise ValueError(f"{record.asset_key.to_user_string() if record.asset_key else '?'} materialization "
+                         f"{record.storage_id} (run {record.run_id}) has no boolean metadata '{key}' (got {value!r})")
+    return value
+
+
+# -- sensors --------------------------------------------------------------------------------
+
+
+@dg.sensor(
+    job_name="continuous_training",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Acts on prompt drift (prompt_drift materialization with drift=True) once per partition: "
+    "a continuous-training run (GENOPS_DRIFT_ACTION=retrain, default) or an alert (=alert).",
+)
+def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource):
+    settings = AutomationSettings.from_env()
+    state = json.loads(context.cursor) if context.cursor else {}
+    acted: list[str] = list(state.get("acted") or [])
+    records = new_materializations(context.instance, PROMPT_DRIFT, _after(context.cursor))
+    if not records:
+        return dg.SkipReason("no new prompt_drift materialization")
+    after = max(r.storage_id for r in records)
+
+    drifting: dict[str, tuple[dg.EventLogRecord, dict[str, Any]]] = {}
+    for rec in records:  # oldest first: the newest materialization of a partition wins
+        meta = metadata_values(rec)
+        partition = rec.partition_key or "-"
+        if _flag(meta, "drift", rec):
+            drifting[partition] = (rec, meta)
+        else:
+            drifting.pop(partition, None)
+    fresh = {p: v for p, v in drifting.items() if p not in acted}
+    for p in sorted(set(drifting) - set(fresh)):
+        context.log.info(f"prompt drift on {p} was already acted on")
+    if not fresh:
+        return dg.SensorResult(skip_reason=f"no new drifting partition in {len(records)} materialization(s)",
+                               cursor=json.dumps({"after": after, "acted": acted}))
+
+    partitions = sorted(fresh)
+    newest_partition = partitions[-1]
+    rec, meta = fresh[newest_partition]
+    acted = (acted + partitions)[-ACTED_PARTITIONS_KEPT:]
+    cursor = json.dumps({"after": after, "acted": acted})
+    details = {"partitions": partitions, "flagged_share": {p: fresh[p][1].get("flagged_share") for p in partitions},
+               "storage_id": rec.storage_id, "run_id": rec.run_id, "action": settings.drift_action,
+               "task": task.name}
+    share = meta.get("flagged_share")
+    share_text = f"{share:.1%}" if isinstance(share, (int, float)) else "unknown share"
+    if settings.drift_action == "alert":
+        raise_alert(home.path, "prompt_drift", "warning",
+                    f"prompt drift on {', '.join(partitions)} ({share_text} of prompts flagged on {newest_partition})",
+                    details, webhook_url=settings.webhook_url, webhook_timeout_s=settings.webhook_timeout_s,
+                    log=context.log.warning)
+        return dg.SensorResult(skip_reason=f"drift on {partitions}: alert written (GENOPS_DRIFT_ACTION=alert)",
+                               cursor=cursor)
+    context.log.info(f"prompt drift on {partitions} ({share_text} flagged) -> continuous training")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(
+            run_key=f"prompt_drift:{newest_partition}:{rec.storage_id}",
+            run_config=ct_run_config(),
+            tags={"genops/trigger": "prompt_drift", "genops/task": task.name,
+                  "genops/drift_partition": newest_partition, "genops/drift_partitions": ",".join(partitions),
+                  "genops/flagged_share": str(share)},
+        )],
+        cursor=cursor,
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Alerts when an online_quality materialization reports regression=True; with "
+    "GENOPS_AUTO_ROLLBACK=1 it also moves `champion` back to the previous champion, but only if the "
+    "regressing version is still the champion. Once per materialization.",
+)
+def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource,
+                              mlflow: MlflowTracking):
+    from genops_assets.defs.tuning.assets import registered_model_name
+
+    settings = AutomationSettings.from_env()
+    records = new_materializations(context.instance, ONLINE_QUALITY, _after(context.cursor))
+    if not records:
+        return dg.SkipReason("no new online_quality materialization")
+    model_name = registered_model_name(task.name)
+    handled = []
+    for rec in records:
+        meta = metadata_values(rec)
+        if not _flag(meta, "regression", rec):
+            continue
+        version = str(meta.get("version") or "").removeprefix("v")
+        partition = rec.partition_key or "-"
+        if not settings.auto_rollback:
+            rollback: dict[str, Any] = {"action": "disabled", "reason": "GENOPS_AUTO_ROLLBACK is not 1"}
+        elif not version:
+            rollback = {"action": "skipped", "reason": "the materialization names no version"}
+        else:
+            try:
+                rollback = asdict(rollback_champion(
+                    mlflow, model_name, only_if_champion=version,
+                    reason=f"online_quality regression on {partition} (materialization {rec.storage_id})"))
+            except RollbackError as exc:
+                rollback = {"action": "failed", "reason": str(exc)}
+        rolled = rollback["action"] == "rolled_back"
+        outcome = (f"champion moved back to v{rollback['to_version']}" if rolled
+                   else f"champion not moved ({rollback['action']}: {rollback['reason']})")
+        message = f"online quality regressed for {model_name} v{version or '?'} on {partition}; {outcome}"
+        context.log.warning(message)
+        raise_alert(home.path, "online_quality_regression", "critical" if rollback["action"] == "failed" else "error",
+                    message, {"model": model_name, "version": version, "partition": partition,
+                              "storage_id": rec.storage_id, "run_id": rec.run_id, "metadata": meta,
+                              "rollback": rollback},
+                    webhook_url=settings.webhook_url, webhook_timeout_s=settings.webhook_timeout_s,
+                    log=context.log.warning)
+        handled.append(f"{partition}: {rollback['action']}")
+    cursor = json.dumps({"after": max(r.storage_id for r in records)})
+    reason = (f"regressions handled: {'; '.join(handled)}" if handled
+              else f"no regression in {len(records)} materialization(s)")
+    return dg.SensorResult(skip_reason=reason, cursor=cursor)
+
+
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Writes an alert (alerts.jsonl and the optional webhook) for every failed run.",
+)
+def run_failure_alert_sensor(context: dg.RunFailureSensorContext, home: GenopsHome):
+    settings = AutomationSettings.from_env()
+    run = context.dagster_run
+    steps = []
+    for ev in context.get_step_failure_events():
+        error = getattr(ev.event_specific_data, "error", None)
+        while error is not None and error.cause is not None:  # Dagster wraps the user's exception
+            error = error.cause
+        steps.append({"step": ev.step_key, "error": (error.message.strip() if error else ev.message or "")[:2000]})
+    tags = {k: v for k, v in run.tags.items() if k.startswith(("genops/", "dagster/sensor_name",
+                                                               "dagster/schedule_name", "dagster/run_key"))}
+    first = f": {steps[0]['step']}: {steps[0]['error'].splitlines()[0] if steps[0]['error'] else ''}" if steps else ""
+    raise_alert(home.path, "run_failure", "error", f"run {run.run_id[:8]} of job {run.job_name} failed{first}",
+                {"run_id": run.run_id, "job": run.job_name, "tags": tags, "steps": steps,
+                 "failure": context.failure_event.message},
+                webhook_url=settings.webhook_url, webhook_timeout_s=settings.webhook_timeout_s,
+                log=context.log.warning)
+
+
+# Monitoring assets propagate with AutomationCondition.eager(); this sensor evaluates those
+# conditions. Declared explicitly with default_status RUNNING ("declared in code"), so it runs
+# without a switch in the UI and replaces Dagster's implicit default_automation_condition_sensor.
+# It targets every asset: assets without a condition are never requested by it.
+automation_condition_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_condition_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates the automation conditions of genops' assets (monitoring assets update eagerly "
+    "when their upstream request logs do).",
+)
