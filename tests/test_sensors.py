@@ -67,3 +67,39 @@ def test_nightly_schedule_targets_the_training_job():
 
     sched = defs.resolve_schedule_def("nightly_training")
     assert sched.job_name == "continuous_training" and sched.cron_schedule == "0 2 * * *"
+
+
+def test_request_log_sensor_ingests_each_new_size_once(tmp_path, monkeypatch):
+    from resources.paths import GenopsHome
+    from sensors.requests import request_log_sensor
+
+    home = GenopsHome(root=str(tmp_path))
+
+    def tick(cursor=None):
+        return request_log_sensor(dg.build_sensor_context(cursor=cursor, resources={"home": home}))
+
+    assert isinstance(tick(), dg.SkipReason)  # no log yet
+    log = tmp_path / "endpoint" / "requests.jsonl"
+    log.write_text('{"request_id": "r1"}\n')
+    first = tick()
+    assert isinstance(first, dg.SensorResult) and first.run_requests[0].job_name in (None, "ingest_requests")
+    assert isinstance(tick(first.cursor), dg.SkipReason)
+    with open(log, "a") as fh:
+        fh.write('{"request_id": "r2"}\n')
+    second = tick(first.cursor)
+    assert isinstance(second, dg.SensorResult) and second.run_requests[0].run_key != first.run_requests[0].run_key
+
+
+def test_the_ct_run_config_file_reaches_every_retrain(tmp_path, monkeypatch, task):
+    from sensors.run_config import ct_run_config
+
+    cfg = tmp_path / "ct.yaml"
+    cfg.write_text("ops:\n  eval_report:\n    config:\n      max_examples: 40\n")
+    monkeypatch.setenv("GENOPS_CT_RUN_CONFIG", str(cfg))
+    task_res, incoming = task
+    (incoming / "batch1.jsonl").write_text(json.dumps(ROW) + "\n")
+    res, _ = _tick(task_res)
+    assert res.run_requests[0].run_config == {"ops": {"eval_report": {"config": {"max_examples": 40}}}}
+    cfg.write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        ct_run_config()

@@ -37,7 +37,7 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
         return [], {}
     asked: dict[str, str] = {}
     wanted = sorted({r.request_id for r in scan.rows if r.input_text is None and r.request_id})
-    if wanted and warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
+    if wanted and Path(warehouse.path).exists() and warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         marks = ", ".join("?" for _ in wanted)
         df = warehouse.query_df(f"select request_id, input_text from {FEEDBACK_SCHEMA}.requests "
                                 f"where request_id in ({marks}) and input_text is not null", wanted)

@@ -1,0 +1,63 @@
+"""Reviewed live answers become training examples: labels from <home>/feedback/labels/ join the
+task's raw examples, a label naming only a request id takes the question from the feedback store,
+and labels that cannot be placed are left out and reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from genops_assets.defs.datasets.assets import raw_task_examples
+from genops_assets.defs.feedback.assets import request_log
+from resources.paths import GenopsHome
+from resources.task import TaskResource
+from resources.warehouse import DuckDBWarehouse
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = {"category": "technical_issue", "priority": "high", "product": "hub",
+       "summary": "Customer reports the hub blinking orange after a move."}
+
+
+def test_labels_on_a_fresh_warehouse_without_requests(tmp_path):
+    labels = tmp_path / "feedback" / "labels"
+    labels.mkdir(parents=True)
+    (labels / "a.jsonl").write_text(json.dumps({"request_id": "req-1", "output": OUT}) + "\n")
+    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path)),
+           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+    result = dg.materialize([raw_task_examples], resources=res)
+    assert result.success
+    mat = result.asset_materializations_for_node("raw_task_examples")[0]
+    assert mat.metadata["labelled_feedback_rows"].value == 0
+
+
+def test_labels_join_the_raw_examples(tmp_path):
+    log = tmp_path / "endpoint" / "requests.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"ts": 1_790_000_000, "request_id": "req-1", "status": 200, "model": "champion",
+                               "prompt_variables": {"message": "the hub blinks orange since I moved house"},
+                               "response": "{}"}) + "\n")
+    labels = tmp_path / "feedback" / "labels"
+    labels.mkdir(parents=True)
+    (labels / "review.jsonl").write_text("\n".join([
+        json.dumps({"request_id": "req-1", "output": OUT}),                     # question from the store
+        json.dumps({"input": "my hub light is orange and it never connects", "output": OUT}),
+        json.dumps({"request_id": "req-unknown", "output": OUT}),               # cannot be placed
+        json.dumps({"input": "camera offline", "output": {**OUT, "priority": "whenever"}}),  # not in the schema
+    ]) + "\n")
+    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path)),
+           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+    assert dg.materialize([request_log], resources=res).success
+    result = dg.materialize([raw_task_examples], resources=res)
+    assert result.success
+    mat = result.asset_materializations_for_node("raw_task_examples")[0]
+    assert mat.metadata["labelled_feedback_rows"].value == 2
+    df = res["warehouse"].query_df("select source_file, source_row, input_text, output_json from raw.task_examples "
+                                   "where source_file like 'feedback/%' order by source_row")
+    assert list(df["input_text"]) == ["the hub blinks orange since I moved house",
+                                      "my hub light is orange and it never connects"]
+    assert list(df["source_row"]) == [1, 2] and set(df["source_file"]) == {"feedback/labels/review.jsonl"}
+    assert json.loads(df.loc[0, "output_json"]) == OUT
+    files = mat.metadata["files"].value["feedback/labels"]
+    assert files["issues"] == 1 and files["missing"] == 1
