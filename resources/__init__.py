@@ -11,6 +11,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from resources.endpoint import LocalEndpoint, VllmEndpoint
+from resources.feedback_store import BigQueryFeedbackStore, DuckDBFeedbackStore, FeedbackStore
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -52,13 +53,15 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     tracking_uri = os.environ.get("GENOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
     artifact_root = os.environ.get("GENOPS_MLFLOW_ARTIFACT_ROOT") or (mlflow_dir / "artifacts").as_uri()
     task_name = task or os.environ.get("GENOPS_TASK") or "support_triage"
+    warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
     return {
         "home": GenopsHome(root=str(home)),
         "task": TaskResource(
             tasks_dir=os.environ.get("GENOPS_TASKS_DIR") or str(REPO_ROOT / "tasks"),
             name=task_name,
         ),
-        "warehouse": DuckDBWarehouse(path=str(home / "warehouse.duckdb")),
+        "warehouse": warehouse,
+        "feedback_store": feedback_store_backend(warehouse),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
         "endpoint": serving_backend(home, port, tracking_uri, f"genops-{task_name}"),
         "judge": JudgeResource(
@@ -95,6 +98,29 @@ def serving_backend(home: Path, port: int | None = None, tracking_uri: str | Non
     return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008),
                          watch_registry=tracking_uri, watch_model=model_name,
                          canary_share=float(os.environ.get("GENOPS_CANARY_SHARE") or 0.0))
+
+
+def feedback_store_backend(warehouse: DuckDBWarehouse) -> FeedbackStore:
+    """Request records in the local warehouse, or in BigQuery when ``GENOPS_FEEDBACK_STORE=bigquery``
+    (``GENOPS_GCP_PROJECT``, ``GENOPS_BQ_DATASET``, ``GENOPS_BQ_LOCATION``; credentials from
+    application default credentials, or a base64 service-account key in ``GENOPS_GCP_CREDENTIALS``)."""
+    store = os.environ.get("GENOPS_FEEDBACK_STORE", "duckdb")
+    if store == "bigquery":
+        project = os.environ.get("GENOPS_GCP_PROJECT")
+        if not project:
+            raise ValueError("GENOPS_FEEDBACK_STORE=bigquery needs GENOPS_GCP_PROJECT (the Google Cloud project "
+                             "that holds the feedback dataset)")
+        from dagster_gcp import BigQueryResource  # only in the cloud profile: it imports google-cloud-bigquery
+
+        key = dg.EnvVar("GENOPS_GCP_CREDENTIALS") if os.environ.get("GENOPS_GCP_CREDENTIALS") else None
+        return BigQueryFeedbackStore(
+            bigquery=BigQueryResource(project=project, location=os.environ.get("GENOPS_BQ_LOCATION") or None,
+                                      gcp_credentials=key),
+            dataset=os.environ.get("GENOPS_BQ_DATASET") or "genops_feedback",
+        )
+    if store != "duckdb":
+        raise ValueError(f"GENOPS_FEEDBACK_STORE must be 'duckdb' or 'bigquery', got {store!r}")
+    return DuckDBFeedbackStore(warehouse=warehouse)
 
 
 def defs() -> dg.Definitions:

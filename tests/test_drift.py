@@ -249,6 +249,7 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     from genops_assets.defs.datasets.assets import MART_SCHEMA
     from genops_assets.defs.feedback.assets import request_log
     from genops_assets.defs.monitoring.drift import DriftConfig, prompt_drift
+    from resources.feedback_store import DuckDBFeedbackStore
     from resources.paths import GenopsHome
     from resources.task import TaskResource
     from resources.tracking import MlflowTracking
@@ -269,6 +270,7 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     ids = _write_requests(drift_home, corpus)
     resources = {
         "warehouse": DuckDBWarehouse(path=str(db)),
+        "feedback_store": DuckDBFeedbackStore(warehouse=DuckDBWarehouse(path=str(db))),
         "home": GenopsHome(root=str(drift_home)),
         "task": TaskResource(tasks_dir=str(ROOT / "tasks"), name="support_triage"),
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",

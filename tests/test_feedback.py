@@ -10,6 +10,7 @@ import pytest
 
 from genops_assets.defs.feedback.assets import request_log
 from genops_assets.lib.feedback import load_redactor
+from resources.feedback_store import DuckDBFeedbackStore
 from resources.paths import GenopsHome
 from resources.warehouse import DuckDBWarehouse
 
@@ -26,7 +27,8 @@ def rec(i: int, **kw) -> str:
 
 
 def run(tmp_path):
-    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path))}
+    wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
+    res = {"warehouse": wh, "feedback_store": DuckDBFeedbackStore(warehouse=wh), "home": GenopsHome(root=str(tmp_path))}
     result = dg.materialize([request_log], resources=res)
     assert result.success
     return result.output_for_node("request_log"), res["warehouse"]

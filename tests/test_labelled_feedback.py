@@ -11,6 +11,7 @@ import dagster as dg
 
 from genops_assets.defs.datasets.assets import raw_task_examples
 from genops_assets.defs.feedback.assets import request_log
+from resources.feedback_store import DuckDBFeedbackStore
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.warehouse import DuckDBWarehouse
@@ -48,6 +49,7 @@ def test_labels_join_the_raw_examples(tmp_path):
     ]) + "\n")
     res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path)),
            "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+    res["feedback_store"] = DuckDBFeedbackStore(warehouse=res["warehouse"])
     assert dg.materialize([request_log], resources=res).success
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success

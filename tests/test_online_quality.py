@@ -26,6 +26,7 @@ from genops_assets.lib.online_quality import (
     scores_of,
     unpaired_difference_ci,
 )
+from resources.feedback_store import DuckDBFeedbackStore
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -220,7 +221,8 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
     io = dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))
     with StandInJudge(scripted_judge, free_port()) as standin:
-        res = {"warehouse": warehouse, "home": GenopsHome(root=str(home)), "io_manager": io,
+        res = {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
+               "home": GenopsHome(root=str(home)), "io_manager": io,
                "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage"),
                "judge": JudgeResource(base_url=standin.url, model="judge", max_retries=0),
                "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -300,7 +302,8 @@ def test_online_quality_without_an_evaluated_version_compares_nothing(tmp_path):
         return {"path": None}
 
     warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
-    res = {"warehouse": warehouse, "home": GenopsHome(root=str(home)),
+    res = {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
+           "home": GenopsHome(root=str(home)),
            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
            "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage"),
            # Nothing is judged, so no judge is reachable at this address.
