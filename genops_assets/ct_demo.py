@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,8 +305,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8028)
     parser.add_argument("--judge-port", type=int, default=8038)
     parser.add_argument("--keep", action="store_true", help="leave the endpoint and judge running")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the previous ct-demo state (by default each run starts from an empty data "
+                             "directory: the same reviewed tickets again would add no new training data)")
     args = parser.parse_args(argv)
     home = Path(args.home).resolve()
+    marker = home / "ct" / "CT_DEMO_HOME"
+    if home.exists() and not args.reuse:
+        if not marker.exists():
+            log(f"{home} exists and was not made by ct-demo: refusing to empty it (pass --home)")
+            return 2
+        subprocess.call([sys.executable, "-m", "genops_assets.cli", "stop"],
+                        env={**os.environ, "GENOPS_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}, cwd=REPO)
+        shutil.rmtree(home)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("data directory of `make ct-demo`; emptied at the start of each run\n")
     env = ct_environment(home, args.port, args.judge_port)
     os.environ.update({k: env[k] for k in ("GENOPS_HOME", "DAGSTER_HOME", "GENOPS_ENDPOINT_PORT",
                                            "GENOPS_JUDGE_PORT", "GENOPS_CT_RUN_CONFIG")})
