@@ -54,21 +54,28 @@ def deployed_endpoint():
     return dg.MaterializeResult(metadata={"parity_s": 0.15})
 
 
+@dg.asset(deps=[deployed_endpoint])
+def sxs_evaluation():
+    time.sleep(0.1)
+
+
 def test_breakdown_adds_up_from_the_event_log():
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([raw_task_examples, tuned_adapter, eval_report, deployed_endpoint], instance=instance)
+    result = dg.materialize([raw_task_examples, tuned_adapter, eval_report, deployed_endpoint, sxs_evaluation],
+                            instance=instance)
     record = instance.get_run_record_by_id(result.run_id)
     created = record.create_timestamp.timestamp()
-    b = breakdown(instance, record, labels_at=created - 5.0, served_at=record.end_time + 2.0)
+    b = breakdown(instance, record, labels_at=created - 5.0, confirmed_at=record.end_time + 2.0)
     assert b["detection_s"] == pytest.approx(5.0, abs=0.01)
     assert b["training_s"] == 0.2  # the training's own runtime, from the asset's metadata
     steps = b["steps_s"]
     assert b["registration_s"] == pytest.approx(steps["tuned_adapter"] - 0.2, abs=0.02)
     assert b["evaluation_s"] == pytest.approx(steps["eval_report"] + 0.15, abs=0.02)  # parity counts as evaluation
     assert b["deploy_s"] == pytest.approx(steps["deployed_endpoint"] - 0.15, abs=0.02)
-    assert b["serving_switch_s"] == pytest.approx(2.0, abs=0.01)
+    assert b["confirmed_after_run_s"] == pytest.approx(2.0, abs=0.01)
+    assert list(b["after_deploy_s"]) == ["sxs_evaluation"]  # off the serving path, not in the total
     parts = ("detection_s", "queue_s", "launch_s", "data_s", "training_s", "registration_s", "evaluation_s",
-             "deploy_s", "between_steps_s", "run_teardown_s", "serving_switch_s")
+             "deploy_s", "between_steps_s")
     assert sum(b[p] for p in parts) == pytest.approx(b["total_s"], abs=0.1)
     assert b["orchestration_overhead_s"] == pytest.approx(b["total_s"] - b["training_s"] - b["evaluation_s"], abs=0.02)
     assert "orchestration overhead" in breakdown_markdown(b)

@@ -133,6 +133,10 @@ def deployed_endpoint(
                                                max_tokens=prompt_ref.template.max_new_tokens)
     latency = time.monotonic() - started
     answer = reply.choices[0].message.content or ""
+    answered_by = reply.system_fingerprint
+    if endpoint.renders_prompts and answered_by is not None and str(answered_by) != str(version):
+        raise dg.Failure(f"the endpoint answered {SERVED_NAME} from v{answered_by}, expected v{version}: the new "
+                         f"champion is not being served ({outcome.url})")
     served_prompt = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
     value = {
         "url": outcome.url,
