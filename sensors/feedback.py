@@ -46,7 +46,7 @@ def log_issues(context: dg.SensorEvaluationContext, folder: Path, scan: LabelSca
 
 @dg.sensor(
     job_name="continuous_training",
-    minimum_interval_seconds=10,  # a scan of small label files: cheap
+    minimum_interval_seconds=5,  # a scan of small label files: cheap
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Requests a continuous-training run when at least GENOPS_FEEDBACK_MIN_LABELS (default 10) new "
     "valid labelled rows are in <GENOPS_HOME>/feedback/labels/*.jsonl. run_key = digest of all valid label rows, "

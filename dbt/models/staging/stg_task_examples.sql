@@ -38,6 +38,10 @@ near_dups as (
     join tokens as earlier
         on earlier.load_order < later.load_order
         and len(later.words) > 0
+        -- Jaccard(A, B) <= min(|A|, |B|) / max(|A|, |B|): pairs whose set sizes differ too much
+        -- cannot reach the threshold, and this cheap test skips most of the quadratic work.
+        and least(len(earlier.words), len(later.words))
+            >= {{ var("near_duplicate_jaccard") }} * greatest(len(earlier.words), len(later.words))
         and len(list_intersect(earlier.words, later.words))::double
             / len(list_distinct(list_concat(earlier.words, later.words)))
             >= {{ var("near_duplicate_jaccard") }}
