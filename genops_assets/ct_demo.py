@@ -29,6 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from genops_assets.lib.hashing import atomic_write_text
+from resources.paths import GenopsHome
+
 REPO = Path(__file__).resolve().parents[1]
 TASK_DIR = REPO / "tasks" / "support_triage" / "ct_demo"
 LABEL_FIELDS = ("category", "priority", "product", "summary")
@@ -54,11 +57,7 @@ def _bin(name: str) -> str:
 def _write_yaml(path: Path, data: dict) -> Path:
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=True))
 
 
 def ct_environment(home: Path, port: int, judge_port: int) -> dict[str, str]:
@@ -135,12 +134,9 @@ def reviewer_labels(answers: list[dict]) -> tuple[list[dict], int]:
 
 
 def drop_labels(home: Path, rows: list[dict]) -> Path:
-    target = home / "feedback" / "labels" / f"review-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(target)  # the sensor sees whole files only
-    return target
+    target = GenopsHome(root=str(home)).labels_dir / f"review-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.jsonl"
+    # the sensor sees whole files only (the temp file is hidden and not .jsonl)
+    return atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def wait_idle(instance, timeout_s: float, since: float) -> None:
@@ -215,21 +211,15 @@ def wait_served(base_url: str, api_key: str, version: str, input_field: str, tim
     raise TimeoutError(f"the endpoint did not serve champion v{version} within {timeout_s:.0f}s")
 
 
-STAGES = {  # step key -> stage of the breakdown
-    "raw_task_examples": "data", "dbt_marts": "data", "base_model": "data", "prompt_templates": "data",
-    "eval_report": "evaluation", "sxs_evaluation": "evaluation", "beats_champion": "evaluation",
-    "deployed_endpoint": "deploy",
-}
-
-
 def _stage(step_key: str) -> str:
-    if step_key in STAGES:
-        return STAGES[step_key]
+    """Stage of the breakdown a step belongs to (its key, or its asset's key for a check)."""
     if step_key.startswith("tuned_adapter"):
         return "training"
-    if "beats_champion" in step_key or step_key.startswith("eval_report"):
+    if step_key.startswith(("eval_report", "sxs_evaluation")):  # the gate is eval_report_beats_champion
         return "evaluation"
-    return "data"  # the mart checks and anything else that prepares data
+    if step_key == "deployed_endpoint":
+        return "deploy"
+    return "data"  # raw examples, dbt, the mart checks, base model, prompts
 
 
 def breakdown(instance, record, labels_at: float, confirmed_at: float) -> dict:

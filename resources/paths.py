@@ -41,3 +41,9 @@ class GenopsHome(dg.ConfigurableResource):
     @property
     def endpoint_dir(self) -> Path:
         return self.sub("endpoint")
+
+    @property
+    def labels_dir(self) -> Path:
+        """Where reviewers drop labelled live answers (read by the feedback sensor and the raw
+        examples; not created here, a missing folder means no labels)."""
+        return self.path / "feedback" / "labels"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -84,11 +84,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         exactly once, even if the process dies between the two."""
         con = self._connect(read_only=False)
         try:
-            con.execute(f"create schema if not exists {FEEDBACK_SCHEMA}")
-            cols = ", ".join(f"{n} {t}" for n, t in columns)
-            con.execute(f"create table if not exists {FEEDBACK_SCHEMA}.requests ({cols}, loaded_at timestamp)")
-            for name, kind in columns:  # a store written by an older genops gains the new columns
-                con.execute(f"alter table {FEEDBACK_SCHEMA}.requests add column if not exists {name} {kind}")
+            _ensure_table(con, FEEDBACK_SCHEMA, "requests", [*columns, ("loaded_at", "timestamp")])
             con.execute(f"""create table if not exists {FEEDBACK_SCHEMA}.ingest_state (
                 source varchar primary key, byte_offset bigint, updated_at timestamp)""")
             con.execute("begin transaction")
@@ -123,25 +119,40 @@ class DuckDBWarehouse(dg.ConfigurableResource):
                           key: Any, rows: Sequence[tuple]) -> int:
         """Replace the rows of ``schema.table`` whose ``key_column`` equals ``key`` by ``rows`` (values
         in ``columns`` order) in one transaction; the table, and columns it lacks, are created first."""
-        names = [n for n, _ in columns]
-        if key_column not in names:
-            raise ValueError(f"{schema}.{table}: key column '{key_column}' is not among {names}")
+        return self.replace_partitions(schema, key_column, key, {table: (columns, rows)})[table]
+
+    def replace_partitions(self, schema: str, key_column: str, key: Any,
+                           tables: Mapping[str, tuple[Sequence[tuple[str, str]], Sequence[tuple]]]) -> dict[str, int]:
+        """``replace_partition`` for several tables (name -> (columns, rows)) in ONE transaction: a
+        reader never sees one table of a partition replaced and the other not."""
+        for table, (columns, _) in tables.items():
+            if key_column not in [n for n, _ in columns]:
+                raise ValueError(f"{schema}.{table}: key column '{key_column}' is not among "
+                                 f"{[n for n, _ in columns]}")
         con = self._connect(read_only=False)
         try:
-            con.execute(f"create schema if not exists {schema}")
-            con.execute(f"create table if not exists {schema}.{table} ({', '.join(f'{n} {t}' for n, t in columns)})")
-            for name, kind in columns:
-                con.execute(f"alter table {schema}.{table} add column if not exists {name} {kind}")
+            for table, (columns, _) in tables.items():
+                _ensure_table(con, schema, table, columns)
             con.execute("begin transaction")
             try:
-                con.execute(f"delete from {schema}.{table} where {key_column} = ?", [key])
-                if rows:
-                    con.executemany(f"insert into {schema}.{table} ({', '.join(names)}) "
-                                    f"values ({', '.join('?' for _ in names)})", list(rows))
+                for table, (columns, rows) in tables.items():
+                    names = [n for n, _ in columns]
+                    con.execute(f"delete from {schema}.{table} where {key_column} = ?", [key])
+                    if rows:
+                        con.executemany(f"insert into {schema}.{table} ({', '.join(names)}) "
+                                        f"values ({', '.join('?' for _ in names)})", list(rows))
                 con.execute("commit")
             except BaseException:
                 con.execute("rollback")
                 raise
-            return len(rows)
+            return {table: len(rows) for table, (_, rows) in tables.items()}
         finally:
             con.close()
+
+
+def _ensure_table(con, schema: str, table: str, columns: Sequence[tuple[str, str]]) -> None:
+    """Create ``schema.table`` if missing; a table written by an older genops gains new columns."""
+    con.execute(f"create schema if not exists {schema}")
+    con.execute(f"create table if not exists {schema}.{table} ({', '.join(f'{n} {t}' for n, t in columns)})")
+    for name, kind in columns:
+        con.execute(f"alter table {schema}.{table} add column if not exists {name} {kind}")

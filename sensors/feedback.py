@@ -20,10 +20,6 @@ MAX_LOGGED_ISSUES = 50
 CURSOR_DIGEST_CHARS = 16
 
 
-def labels_dir(home: GenopsHome) -> Path:
-    return home.path / "feedback" / "labels"
-
-
 def _consumed(cursor: str | None, task_name: str) -> set[str]:
     """Short digests of the rows a previous run request already covered (for this task)."""
     if not cursor:
@@ -55,7 +51,7 @@ def log_issues(context: dg.SensorEvaluationContext, folder: Path, scan: LabelSca
 def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResource, home: GenopsHome):
     settings = AutomationSettings.from_env()
     spec = task.load()
-    folder = labels_dir(home)
+    folder = home.labels_dir
     scan = scan_labels(folder, spec)
     log_issues(context, folder, scan)
     bad = ""

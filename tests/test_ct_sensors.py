@@ -20,7 +20,7 @@ from genops_assets.lib.labels import scan_labels
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from sensors.feedback import feedback_labels_sensor, labels_dir
+from sensors.feedback import feedback_labels_sensor
 from sensors.monitoring import (
     RollbackError,
     drift_sensor,
@@ -56,7 +56,7 @@ def res(home):
 
 
 def write_labels(res, name: str, rows: list, raw_lines: list[str] | None = None) -> Path:
-    folder = labels_dir(res["home"])
+    folder = res["home"].labels_dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     lines = [json.dumps(r) for r in rows] + list(raw_lines or [])
@@ -89,7 +89,7 @@ def test_labels_below_threshold_skip_and_at_threshold_one_run(res):
     assert isinstance(got, dg.SensorResult) and len(got.run_requests) == 1
     req = got.run_requests[0]
     spec = res["task"].load()
-    digest = scan_labels(labels_dir(res["home"]), spec).digest
+    digest = scan_labels(res["home"].labels_dir, spec).digest
     assert req.run_key == f"feedback_labels:support_triage:{digest}"
     assert req.tags["genops/trigger"] == "feedback_labels"
     assert req.tags["genops/label_rows"] == "10" and req.tags["genops/new_label_rows"] == "10"

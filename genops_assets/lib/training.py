@@ -237,8 +237,10 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
 def find_resume_checkpoint(checkpoints_dir: str | Path, remove_incomplete: bool = True
                            ) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint under ``checkpoints_dir`` (or None) and one line per
-    checkpoint that was skipped, with the reason. Skipped checkpoints are deleted unless
-    ``remove_incomplete`` is False (they could never be resumed from)."""
+    newer checkpoint that was skipped, with the reason. Skipped checkpoints are deleted unless
+    ``remove_incomplete`` is False (they could never be resumed from). Checkpoints older than
+    the chosen one are not read (verifying means hashing every file) and are left to the
+    Trainer's rotation."""
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return None, []
@@ -249,8 +251,8 @@ def find_resume_checkpoint(checkpoints_dir: str | Path, remove_incomplete: bool 
     for ckpt in folders:
         problem = checkpoint_problem(ckpt)
         if problem is None:
-            chosen = chosen or ckpt
-            continue
+            chosen = ckpt
+            break
         if remove_incomplete:
             shutil.rmtree(ckpt, ignore_errors=True)
         skipped.append(f"skipped {ckpt.name}: {problem}" + ("; removed" if remove_incomplete else ""))

@@ -29,7 +29,7 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
     """Reviewed live answers from ``<home>/feedback/labels/`` as raw rows. A label that names
     only a request id takes the question from the feedback store. Lines that do not fit the
     task are reported with file:line and left out (the feedback sensor reports them too)."""
-    folder = home.path / "feedback" / "labels"
+    folder = home.labels_dir
     scan = scan_labels(folder, spec)
     for issue in scan.issues:
         context.log.warning(f"label left out: {folder}/{issue}")

@@ -7,7 +7,6 @@ read by sensors: keep their names and types.
 """
 
 
-import base64
 import json
 import shutil
 from datetime import datetime, timezone
@@ -18,14 +17,20 @@ import numpy as np
 from pydantic import Field
 
 from genops_assets.defs.datasets.assets import MART_SCHEMA
-from genops_assets.defs.monitoring.partitions import daily
+from genops_assets.defs.monitoring.common import (
+    MONITORING_SCHEMA,
+    daily,
+    monitoring_experiment,
+    naive_utc,
+    png_md,
+    utc_day,
+)
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
-MONITORING_SCHEMA = "monitoring"
 FLAGGED_TABLE = "flagged_prompts"
 CLUSTERS_TABLE = "prompt_clusters"
 LATEST = "latest"
@@ -54,10 +59,6 @@ class DriftConfig(dg.Config):
     max_clusters: int = Field(8, description="Most clusters the flagged prompts are split into.")
     projector_train_rows: int = Field(500, description="Training inputs sampled into the projector export "
                                                        "(all held-out golden and live prompts go in).")
-
-
-def _naive_utc(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def _mart_texts(warehouse: DuckDBWarehouse):
@@ -137,8 +138,7 @@ def prompt_drift(
 
     spec = task.load()
     partition = context.partition_key
-    window = context.partition_time_window
-    start, end = _naive_utc(window.start), _naive_utc(window.end)
+    start, end = (naive_utc(t) for t in utc_day(context))
 
     train, validation, golden = _mart_texts(warehouse)
     live_df = _live_requests(warehouse, start, end)
@@ -171,11 +171,9 @@ def prompt_drift(
                              cluster_of[i], now))
     cluster_rows = [(partition, c.cluster_id, c.size, c.mean_score, json.dumps(list(c.top_terms)),
                      json.dumps(list(c.representatives), ensure_ascii=False), now) for c in clusters]
-    # Each table's rows of the day are replaced in one transaction.
-    warehouse.replace_partition(MONITORING_SCHEMA, FLAGGED_TABLE, FLAGGED_COLUMNS, "partition_key", partition,
-                                flagged_rows)
-    warehouse.replace_partition(MONITORING_SCHEMA, CLUSTERS_TABLE, CLUSTER_COLUMNS, "partition_key", partition,
-                                cluster_rows)
+    # Both tables' rows of the day are replaced in one transaction.
+    warehouse.replace_partitions(MONITORING_SCHEMA, "partition_key", partition, {
+        FLAGGED_TABLE: (FLAGGED_COLUMNS, flagged_rows), CLUSTERS_TABLE: (CLUSTER_COLUMNS, cluster_rows)})
 
     # Projector: a sample of training inputs, the golden set, and every live prompt of the day.
     pick = d.subsample(len(train), config.projector_train_rows)
@@ -206,7 +204,7 @@ def prompt_drift(
                 fh.write(json.dumps({"request_id": row[1], "ts": str(row[2]), "input_text": row[6],
                                      "score": row[7], "cluster_id": row[9]}, ensure_ascii=False) + "\n")
 
-    run_id = mlflow.start_run(f"genops/{spec.name}/monitoring", f"prompt-drift-{partition}",
+    run_id = mlflow.start_run(monitoring_experiment(spec.name), f"prompt-drift-{partition}",
                               tags={"genops.dagster_run_id": context.run.run_id, "genops.partition": partition})
     mlflow.log_params(run_id, {"k": config.k, "quantile": config.quantile,
                                "threshold_factor": config.threshold_factor, "drift_share": config.drift_share,
@@ -221,7 +219,6 @@ def prompt_drift(
     mlflow.log_artifacts(run_id, partition_dir, "projector")
     mlflow.end_run(run_id)
 
-    chart = base64.b64encode(png).decode()
     return dg.MaterializeResult(metadata={
         "drift": dg.MetadataValue.bool(summary.drift),
         "flagged_share": dg.MetadataValue.float(summary.flagged_share),
@@ -237,7 +234,7 @@ def prompt_drift(
         "heldout_median_score": dg.MetadataValue.float(summary.heldout_median),
         "n_clusters": dg.MetadataValue.int(len(clusters)),
         "clusters": dg.MetadataValue.md(md),
-        "score_histogram": dg.MetadataValue.md(f"![scores](data:image/png;base64,{chart})"),
+        "score_histogram": png_md("scores", png),
         "projector_dir": dg.MetadataValue.path(str(partition_dir)),
         "projector_latest_updated": dg.MetadataValue.bool(latest_updated),
         "mlflow_run_id": run_id,

@@ -1,14 +1,20 @@
 """Online quality: a day's live answers judged pointwise and compared with the offline evaluation
 of the same adapter version."""
 
-import base64
 import json
 from datetime import datetime, timezone
 
 import dagster as dg
 from pydantic import Field
 
-from genops_assets.defs.monitoring.partitions import daily
+from genops_assets.defs.monitoring.common import (
+    MONITORING_SCHEMA,
+    daily,
+    monitoring_experiment,
+    naive_utc,
+    png_md,
+    utc_day,
+)
 from genops_assets.lib.cache import CallCache
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
@@ -16,7 +22,6 @@ from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
-MONITORING_SCHEMA = "monitoring"
 ROWS_TABLE = "online_quality"
 SUMMARY_TABLE = "online_quality_summary"
 
@@ -48,13 +53,6 @@ class OnlineQualityConfig(dg.Config):
                                            "lies wholly below -margin (an improvement: above +margin).")
     min_samples: int = Field(10, description="Fewer judged answers than this on either side: no decision.")
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
-
-
-def _day_window(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
-    """The partition's UTC day as naive timestamps, the way feedback.requests stores ``ts``."""
-    window = context.partition_time_window
-    return (window.start.astimezone(timezone.utc).replace(tzinfo=None),
-            window.end.astimezone(timezone.utc).replace(tzinfo=None))
 
 
 def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime):
@@ -95,10 +93,9 @@ def _offline_labels(eval_report: dict) -> dict[str, str]:
 
 def _replace_partition(warehouse: DuckDBWarehouse, partition_key: str, rows: list[tuple],
                        summaries: list[tuple]) -> None:
-    """The partition's judged rows, then its summaries, each table replaced in one transaction."""
-    warehouse.replace_partition(MONITORING_SCHEMA, ROWS_TABLE, ROW_COLUMNS, "partition_key", partition_key, rows)
-    warehouse.replace_partition(MONITORING_SCHEMA, SUMMARY_TABLE, SUMMARY_COLUMNS, "partition_key", partition_key,
-                                summaries)
+    """The partition's judged rows and its summaries, both tables replaced in one transaction."""
+    warehouse.replace_partitions(MONITORING_SCHEMA, "partition_key", partition_key, {
+        ROWS_TABLE: (ROW_COLUMNS, rows), SUMMARY_TABLE: (SUMMARY_COLUMNS, summaries)})
 
 
 @dg.asset(group_name="monitoring", kinds={"duckdb", "mlflow"}, partitions_def=daily,
@@ -148,7 +145,7 @@ def online_quality(
         raise ValueError(f"rubric '{rubric.name}' ({rubric.source}) is {rubric.kind}; online quality needs a "
                          "pointwise rubric")
     partition = context.partition_key
-    start, end = _day_window(context)
+    start, end = (naive_utc(t) for t in utc_day(context))
 
     live = _live_answers(warehouse, start, end)
     offline_all = load_offline_predictions(eval_report["predictions_file"], _offline_labels(eval_report))
@@ -224,7 +221,7 @@ def online_quality(
     hc = comparisons[head]
 
     chart = comparison_chart_png(comparisons, rubric.name, float(max(int(c) for c in rubric.choices)))
-    run_id = mlflow.start_run(f"genops/{spec.name}/monitoring", f"online-quality-{partition}",
+    run_id = mlflow.start_run(monitoring_experiment(spec.name), f"online-quality-{partition}",
                               tags={"genops.dagster_run_id": context.run.run_id, "genops.kind": "online_quality",
                                     "genops.partition": partition, "genops.version": head})
     out_dir = home.runs_dir / "online_quality" / partition
@@ -285,5 +282,5 @@ def online_quality(
         "judge_usage": dg.MetadataValue.json(usage),
         "mlflow_run_id": run_id,
         "table": f"{MONITORING_SCHEMA}.{ROWS_TABLE}",
-        "chart": dg.MetadataValue.md(f"![online quality](data:image/png;base64,{base64.b64encode(chart).decode()})"),
+        "chart": png_md("online quality", chart),
     })

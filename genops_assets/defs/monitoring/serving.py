@@ -1,20 +1,24 @@
 """Serving health per UTC day: request metrics from the feedback store, and the endpoint
 process's resource samples."""
 
-import base64
 import json
 import re
 from datetime import datetime, timezone
 
 import dagster as dg
 
-from genops_assets.defs.monitoring.partitions import daily
+from genops_assets.defs.monitoring.common import (
+    MONITORING_SCHEMA,
+    daily,
+    monitoring_experiment,
+    png_md,
+    utc_day,
+)
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
-MONITORING_SCHEMA = "monitoring"
 SERVING_TABLE = "serving_metrics"
 RESOURCE_TABLE = "resource_usage"
 KIND_TAG = "genops.kind"
@@ -32,15 +36,6 @@ GROUP_NUMBERS = ("request_count", "error_rate", "latency_p95_s", "valid_json_rat
 REQUEST_QUERY = f"""select request_id, ts, event, model, adapter_version, prompt_version, status, error, latency_s,
     queue_s, prompt_tokens, completion_tokens, finish_reason, response_text, record_json
     from {FEEDBACK_SCHEMA}.requests where ts >= ? and ts < ? order by ts, source_file, source_offset"""
-
-
-def _window(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
-    window = context.partition_time_window
-    return window.start.astimezone(timezone.utc), window.end.astimezone(timezone.utc)
-
-
-def _png_md(name: str, png: bytes) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 def _metric_key(text: str) -> str:
@@ -93,7 +88,7 @@ def serving_metrics(
 
     spec = task.load()
     partition = context.partition_key
-    start, end = _window(context)
+    start, end = utc_day(context)
     if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
     df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None)])
@@ -113,7 +108,7 @@ def serving_metrics(
         plots["tokens"] = tokens_chart_png(report.groups)
     summary = report.summary()
 
-    experiment = f"genops/{spec.name}/monitoring"
+    experiment = monitoring_experiment(spec.name)
     run_id = _partition_run(mlflow, experiment, SERVING_TABLE, partition,
                             {"genops.dagster_run_id": context.run.run_id, "genops.task": spec.name})
     try:
@@ -143,7 +138,7 @@ def serving_metrics(
         "metrics": dg.MetadataValue.md(serving_table_md(report)),
         "mlflow_run_id": run_id,
         **{k: dg.MetadataValue.float(float(getattr(o, k))) for k in KEY_NUMBERS if getattr(o, k) is not None},
-        **{f"{name}_plot": _png_md(name, png) for name, png in plots.items()},
+        **{f"{name}_plot": png_md(name, png) for name, png in plots.items()},
     }
     return dg.MaterializeResult(metadata=metadata)
 
@@ -168,7 +163,7 @@ def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
     from genops_assets.lib.serving.sampler import RESOURCES_FILE
 
     partition = context.partition_key
-    start, end = _window(context)
+    start, end = utc_day(context)
     path = home.endpoint_dir / RESOURCES_FILE
     samples, malformed = read_resource_samples(path, start, end)
     for problem in malformed[:20]:
@@ -188,5 +183,5 @@ def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
         **{k: dg.MetadataValue.float(float(v)) for k, v in numbers.items() if v is not None},
     }
     if summary["sample_count"]:
-        metadata["resources_plot"] = _png_md("resources", resource_chart_png(samples))
+        metadata["resources_plot"] = png_md("resources", resource_chart_png(samples))
     return dg.MaterializeResult(metadata=metadata)

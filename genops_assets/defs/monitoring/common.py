@@ -1,0 +1,31 @@
+"""What the monitoring assets share: one partition per UTC day of request logs, the warehouse
+schema and MLflow experiment they write to, and PNG charts as Dagster metadata."""
+
+import base64
+from datetime import datetime, timezone
+
+import dagster as dg
+
+MONITORING_START = "2026-01-01"
+MONITORING_SCHEMA = "monitoring"
+
+daily = dg.DailyPartitionsDefinition(start_date=MONITORING_START, timezone="UTC", end_offset=1)
+
+
+def monitoring_experiment(task_name: str) -> str:
+    return f"genops/{task_name}/monitoring"
+
+
+def utc_day(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
+    """The partition's UTC day (timezone-aware)."""
+    window = context.partition_time_window
+    return window.start.astimezone(timezone.utc), window.end.astimezone(timezone.utc)
+
+
+def naive_utc(moment: datetime) -> datetime:
+    """The way feedback.requests stores ``ts``: UTC without a timezone."""
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def png_md(name: str, png: bytes) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
