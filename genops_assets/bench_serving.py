@@ -1,8 +1,9 @@
 """Serving benchmark: output tokens/s and p50/p99 latency at concurrency 1, 4 and 16, in one
 run, for three servers on the same machine and the same prompts:
 
-- genops: its server with dynamic batching (up to 16 requests per step);
-- naive: the same server with batching off (one request at a time, plain transformers);
+- genops: its server with continuous batching (up to 16 requests decoding together);
+- naive: the same server generating one request at a time with plain transformers
+  (``model.generate`` per request: static scheduling, batches of one);
 - llama.cpp: llama-cpp-python's OpenAI server on the same GGUF (skipped, and said so, when
   the package is not installed: ``make bench`` installs it).
 
@@ -85,7 +86,8 @@ def bench_serving(base_dir: str, gguf: Path, prompts: list[list[dict]], work: Pa
         "genops": [sys.executable, "-m", "genops_assets.lib.serving.server", "--base-model", base_dir,
                    "--state-dir", str(work / "genops"), "--port", str(port), "--max-batch", "16"],
         "naive": [sys.executable, "-m", "genops_assets.lib.serving.server", "--base-model", base_dir,
-                  "--state-dir", str(work / "naive"), "--port", str(port), "--max-batch", "1"],
+                  "--state-dir", str(work / "naive"), "--port", str(port), "--max-batch", "1",
+                  "--scheduler", "static"],
         "llama_cpp": None,
     }
     if importlib.util.find_spec("llama_cpp") is not None:

@@ -153,6 +153,40 @@ def test_shared_prefix_choice_scoring_matches_one_by_one(tiny_model_dir, tiny_ad
             assert t == pytest.approx(a, abs=1e-4)
 
 
+def test_shared_prefix_generation_matches_one_by_one(tiny_model_dir, tiny_adapter_dir):
+    """Requests that share a system prompt compute it once per batch (prefix laid out at the
+    same columns, padding between prefix and tail): greedy answers, token counts and streamed
+    tokens are those of each request generated alone, with and without an adapter."""
+    from genops_assets.lib import generation
+    from genops_assets.lib.generation import generate, load_model
+
+    loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+    system = "You triage support tickets into JSON with category and priority. " * 6
+    batch = [[{"role": "system", "content": system}, {"role": "user", "content": "ticket " + "broken " * i}]
+             for i in (1, 7, 3, 12)]
+    tok = loaded.tokenizer
+    ids = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+           ["input_ids"] for m in batch]
+    assert generation._shared_prefix_len(ids) >= generation.MIN_SHARED_PREFIX, "the batch must take the prefix path"
+    for adapter in (None, "cand"):
+        streamed: dict[int, list] = {r: [] for r in range(len(batch))}
+
+        def sink(row):
+            def on_token(token, finish):
+                streamed[row].append(token)
+                return False
+            return on_token
+
+        together = generate(loaded, batch, adapter=adapter, max_new_tokens=10, batch_size=len(batch),
+                            token_sinks=[sink(r) for r in range(len(batch))])
+        alone = [generate(loaded, [m], adapter=adapter, max_new_tokens=10)[0] for m in batch]
+        assert [r.text for r in together] == [r.text for r in alone]
+        assert [(r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in together] == [
+            (r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in alone]
+        for r, res in enumerate(alone):
+            assert tok.decode([t for t in streamed[r] if t is not None], skip_special_tokens=True).strip() == res.text
+
+
 def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, tmp_path):
     from dataclasses import asdict
 
@@ -211,3 +245,145 @@ def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir,
     (foreign / "adapter_config.json").write_text(json.dumps(cfg))
     add_adapter(loaded, "champion", foreign)
     assert "champion" in loaded.adapters
+
+
+def _alone(loaded, messages, adapter, max_new_tokens):
+    from genops_assets.lib.generation import generate
+
+    return generate(loaded, [messages], adapter=adapter, max_new_tokens=max_new_tokens)[0]
+
+
+def _admit(batch, key, messages, max_new_tokens, sink=None, temperature=0.0, seed=None):
+    return batch.admit([key], [messages], max_new_tokens=[max_new_tokens], temperature=[temperature], top_p=[1.0],
+                       stop=[()], seeds=[seed], sinks=[sink])
+
+
+def test_continuous_batch_rows_join_and_leave_mid_way_with_their_solo_answers(tiny_model_dir, tiny_adapter_dir):
+    """Conversations join a running decode batch at different steps, with different limits,
+    and leave when they end: each gets exactly the greedy answer it gets alone. A prompt whose
+    start was seen before reuses that start's KV cache (the prefix cache) with the same result."""
+    from genops_assets.lib import generation
+    from genops_assets.lib.generation import DecodeBatch, load_model
+
+    loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+    system = "You triage support tickets into JSON with category and priority. " * 6
+    convs = [[{"role": "system", "content": system}, {"role": "user", "content": "ticket " + "broken " * i}]
+             for i in (1, 7, 3, 12, 5)] + [[{"role": "user", "content": "hi"}]]
+    limits = [12, 5, 9, 12, 3, 7]
+    for adapter in (None, "cand"):
+        loaded.prefixes.clear()
+        solo = [_alone(loaded, m, adapter, n) for m, n in zip(convs, limits)]
+        batch = DecodeBatch(loaded, adapter)
+        done = dict(batch.admit([0, 1], convs[:2], max_new_tokens=limits[:2], temperature=[0, 0], top_p=[1, 1],
+                                stop=[(), ()], seeds=[None, None], sinks=[None, None]))
+        assert len(loaded.prefixes) == 1, "the shared start of the first two is kept"
+        steps_seen = set()
+        for step in range(40):
+            if step in (2, 4, 6, 8):  # one more joins every other step; the cached start is reused
+                k = {2: 2, 4: 3, 6: 4, 8: 5}[step]
+                done.update(_admit(batch, k, convs[k], limits[k]))
+            done.update(batch.step())
+            steps_seen.add(len(batch))
+            if len(done) == len(convs):
+                break
+        assert len(batch) == 0 and sorted(done) == list(range(len(convs)))
+        assert max(steps_seen) >= 3, "rows decoded together"
+        for k, res in done.items():
+            assert (res.text, res.completion_tokens, res.finish_reason, res.prompt_tokens) == (
+                solo[k].text, solo[k].completion_tokens, solo[k].finish_reason, solo[k].prompt_tokens), k
+        batch.close()
+    assert generation.MIN_SHARED_PREFIX <= len(loaded.prefixes[0][1])
+
+
+def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """A reload replaces the adapter under its served name while a batch decodes: the batch
+    finishes on the version it started with (whose weights are freed afterwards), and a new
+    batch uses the new version."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from genops_assets.lib.generation import DecodeBatch, add_adapter, load_model
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_adapter_dir, other)
+    weights = load_file(other / "adapter_model.safetensors")
+    save_file({k: v * -3.0 for k, v in weights.items()}, other / "adapter_model.safetensors")
+    loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+    before = _alone(loaded, MSG, "cand", 10)
+    old_internal = loaded.internal["cand"]
+    batch = DecodeBatch(loaded, "cand")
+    done = dict(_admit(batch, "old", MSG, 10))
+    done.update(batch.step())
+    add_adapter(loaded, "cand", other)  # the hot reload
+    assert not batch.current() and old_internal in loaded.retired
+    while len(batch):
+        done.update(batch.step())
+    assert done["old"].text == before.text
+    batch.close()
+    assert old_internal not in loaded.retired and old_internal not in loaded.model.peft_config
+    after = _alone(loaded, MSG, "cand", 10)
+    fresh = DecodeBatch(loaded, "cand")
+    got = dict(_admit(fresh, "new", MSG, 10))
+    while len(fresh):
+        got.update(fresh.step())
+    fresh.close()
+    assert got["new"].text == after.text
+
+
+def test_continuous_batch_streams_stops_a_row_on_request_and_samples_reproducibly(tiny_model_dir):
+    from genops_assets.lib.generation import DecodeBatch, load_model
+
+    loaded = load_model(tiny_model_dir)
+    seen = []
+
+    def stop_after_three(token, finish):
+        seen.append((token, finish))
+        return len(seen) >= 3
+
+    batch = DecodeBatch(loaded, None)
+    done = dict(_admit(batch, "cut", MSG, 10, sink=stop_after_three))
+    done.update(_admit(batch, "full", [{"role": "user", "content": "hi"}], 6))
+    while len(batch):
+        done.update(batch.step())
+    assert len(seen) == 3 and done["cut"].completion_tokens == 3 and done["cut"].finish_reason == "stop"
+    assert done["full"].text == _alone(loaded, [{"role": "user", "content": "hi"}], None, 6).text
+
+    def sampled(seed):
+        b = DecodeBatch(loaded, None)
+        out = dict(_admit(b, "s", MSG, 12, temperature=1.3, seed=seed))
+        while len(b):
+            out.update(b.step())
+        return out["s"].text
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(s) for s in range(6)}) > 1, "different seeds draw different answers"
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_a_request_joins_the_running_batch_only_with_continuous_scheduling(tiny_model_dir, scheduler):
+    """A short request sent while a long one decodes: continuous scheduling answers it while the
+    long one is still decoding; static scheduling makes it wait for the whole batch."""
+    from genops_assets.lib.generation import load_model
+    from genops_assets.lib.serving.batching import Batcher, Job
+
+    loaded = load_model(tiny_model_dir)
+    batcher = Batcher(loaded, max_batch=4, scheduler=scheduler)
+    try:
+        long = Job("generate", MSG, None, max_new_tokens=400)
+        long_future = batcher.submit(long)
+        deadline = time.monotonic() + 60
+        while len(long.token_times) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        short = Job("generate", [{"role": "user", "content": "hi"}], None, max_new_tokens=2)
+        short_result, timing = batcher.submit(short).result(timeout=120)
+        long_done = long_future.done()
+        long_future.result(timeout=120)
+    finally:
+        batcher.close()
+    assert short_result.completion_tokens <= 2
+    if scheduler == "continuous":
+        assert not long_done, "the short request was answered while the long one decoded"
+        assert timing["batch"] == 2
+    else:
+        assert long_done, "static scheduling waits for the running batch"

@@ -49,6 +49,13 @@ class LoadedModel:
     internal: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
     lock: threading.RLock = field(default_factory=threading.RLock)
     _counter: Any = field(default_factory=lambda: itertools.count(1))
+    # peft adapters a running decode batch still uses (internal name -> users); a replaced or
+    # removed adapter that is pinned is deleted only when its last batch lets go of it
+    pinned: dict[str, int] = field(default_factory=dict)
+    retired: set[str] = field(default_factory=set)
+    # KV caches of recent prompt prefixes for continuous batching, newest last:
+    # (peft adapter or None, prefix tokens, [(keys, values) per layer] of one row)
+    prefixes: list[tuple[str | None, tuple[int, ...], list]] = field(default_factory=list)
 
 
 def _torch_dtype(dtype: str, device: str):
@@ -134,6 +141,9 @@ def remove_adapter(loaded: LoadedModel, name: str) -> None:
 
 
 def _delete(loaded: LoadedModel, internal: str) -> None:
+    if loaded.pinned.get(internal):
+        loaded.retired.add(internal)
+        return
     model = loaded.model
     remaining = [a for a in loaded.internal.values() if a != internal]
     if remaining and internal in (model.active_adapters if hasattr(model, "active_adapters") else []):
@@ -217,8 +227,14 @@ def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, 
     import torch
 
     tok = loaded.tokenizer
-    texts = [tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True) for m in batch]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+    prompts = [tok(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for m in batch]
+    shared = _shared_prefix_len(prompts)
+    if shared:
+        input_ids, attention_mask = _split_pad(prompts, shared, tok.pad_token_id)
+    else:
+        input_ids, attention_mask = _left_pad(prompts, tok.pad_token_id)
+    input_ids, attention_mask = input_ids.to(loaded.device), attention_mask.to(loaded.device)
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "pad_token_id": tok.pad_token_id,
@@ -230,19 +246,22 @@ def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, 
             torch.manual_seed(seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    prompt_len = input_ids.shape[1]
     hooks = None
     if sinks is not None and any(s is not None for s in sinks):
         from transformers import StoppingCriteriaList
 
-        hooks = _row_hooks(sinks, enc["input_ids"].shape[1], tok.eos_token_id, max_new_tokens)
+        hooks = _row_hooks(sinks, prompt_len, tok.eos_token_id, max_new_tokens)
         kwargs["stopping_criteria"] = StoppingCriteriaList([hooks])
     with _selected(loaded, adapter) as model:
         started = time.perf_counter()
-        out = model.generate(**enc, **kwargs)
+        if shared:
+            # generate() continues from the cache: it runs only the columns after the prefix.
+            kwargs["cache"] = _prefix_cache(model, prompts[0][:shared], len(prompts), loaded.device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         latency = time.perf_counter() - started
-    prompt_len = enc["input_ids"].shape[1]
     results = []
-    for r, (row, mask) in enumerate(zip(out, enc["attention_mask"], strict=True)):
+    for r, (row, mask) in enumerate(zip(out, attention_mask, strict=True)):
         new = row[prompt_len:].tolist()
         finish = "length"
         kept = None if hooks is None else hooks.stopped_at[r]
@@ -328,20 +347,22 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int):
 
 
 @contextlib.contextmanager
-def _selected(loaded: LoadedModel, adapter: str | None):
-    """Hold the model lock with ``adapter`` active (all adapters off for the base), no grad."""
+def _selected(loaded: LoadedModel, adapter: str | None, internal: str | None = None):
+    """Hold the model lock with ``adapter`` active (all adapters off for the base), no grad.
+    ``internal`` names the peft adapter directly (a decode batch pinned to one version)."""
     import torch
 
     with loaded.lock:
         from peft import PeftModel
 
         model = loaded.model
-        if adapter is None and isinstance(model, PeftModel):
+        internal = internal or (loaded.internal[adapter] if adapter is not None else None)
+        if internal is None and isinstance(model, PeftModel):
             ctx = model.disable_adapter()
         else:
             ctx = contextlib.nullcontext()
-            if adapter is not None:
-                model.set_adapter(loaded.internal[adapter])
+            if internal is not None:
+                model.set_adapter(internal)
         with ctx, torch.inference_mode():
             yield model
 
@@ -355,36 +376,68 @@ def _forward(loaded: LoadedModel, input_ids, mask, adapter: str | None, last_onl
 
 
 MIN_SHARED_PREFIX = 32
+"""Prompts of a batch that start with at least this many equal tokens (a system prompt, a
+judge's rubric) compute that prefix once; shorter common starts are not worth the extra call."""
+
+
+def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix worth sharing across ``prompts`` (0: none). Every row keeps at least
+    one token of its own, so each row's next-token logits come from its own tail."""
+    if len(prompts) < 2:
+        return 0
+    shared = len(os.path.commonprefix([list(p) for p in prompts]))
+    shared = min(shared, min(len(p) for p in prompts) - 1)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _split_pad(prompts: Sequence[Sequence[int]], shared: int, pad: int):
+    """Rows laid out as ``shared prefix | padding | own tail``: the prefix sits at the same
+    columns in every row (so its KV cache is computed once) and the tails end together (so the
+    next token of every row is read in the last column). Masked padding in the middle leaves
+    the positions that generate() derives from the mask (its cumulative sum) unchanged."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        tail = len(p) - shared
+        input_ids[r, :shared] = torch.tensor(list(p[:shared]))
+        input_ids[r, width - tail:] = torch.tensor(list(p[shared:]))
+        mask[r, :shared] = 1
+        mask[r, width - tail:] = 1
+    return input_ids, mask
+
+
+def _prefix_cache(model, prefix: Sequence[int], batch: int, device: str):
+    """KV cache of ``prefix`` computed once and repeated for ``batch`` rows."""
+    import torch
+
+    out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(batch)
+    return cache
 
 
 def _last_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], adapter: str | None):
     """Next-token logits after each prompt. Prompts that start alike (a judge's rubric and
     instructions) share one forward pass over the common prefix, whose KV cache is then
-    repeated for the batch, so only each prompt's own tail is computed per row."""
+    repeated for the batch, so only each prompt's own tail is computed per row; only the last
+    column goes through the output layer."""
     import torch
 
-    shared = len(os.path.commonprefix([list(p) for p in prompts])) if len(prompts) > 1 else 0
-    shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps a token of its own
-    if shared < MIN_SHARED_PREFIX:
+    shared = _shared_prefix_len(prompts)
+    if not shared:
         input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id)
         return _forward(loaded, input_ids, mask, adapter, last_only=True)[:, -1, :]
-    tails = [list(p[shared:]) for p in prompts]
-    width = max(len(t) for t in tails)
-    pad = loaded.tokenizer.pad_token_id
-    # Right-padded tails: causal attention keeps real tokens from seeing the padding after them.
-    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=loaded.device)
-    tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=loaded.device)
-    batch = len(prompts)
+    input_ids, mask = _split_pad(prompts, shared, loaded.tokenizer.pad_token_id)
+    input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     with _selected(loaded, adapter) as model:
-        head = model(input_ids=torch.tensor([list(prompts[0][:shared])], device=loaded.device), use_cache=True)
-        cache = head.past_key_values
-        cache.batch_repeat_interleave(batch)
-        mask = torch.cat([torch.ones((batch, shared), dtype=torch.long, device=loaded.device), tail_mask], dim=1)
-        positions = torch.arange(shared, shared + width, device=loaded.device).unsqueeze(0).expand(batch, -1)
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
-                       use_cache=True).logits.float()
-    last = torch.tensor([len(t) - 1 for t in tails], device=loaded.device)
-    return logits[torch.arange(batch, device=loaded.device), last]
+        cache = _prefix_cache(model, prompts[0][:shared], len(prompts), loaded.device)
+        logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, cache=cache,
+                       position_ids=positions, use_cache=True, logits_to_keep=1).logits.float()
+    return logits[:, -1, :]
 
 
 def _score_single_token_choices(loaded, prompts, choices_batch, choice_ids, adapter):
@@ -398,3 +451,336 @@ def _score_single_token_choices(loaded, prompts, choices_batch, choice_ids, adap
         norm = torch.log_softmax(raw, dim=0).tolist()
         out.append(({c: float(v) for c, v in zip(choices, norm, strict=True)}, len(prompts[r])))
     return out
+
+
+def _cache_from(layers, rows: int):
+    """A cache holding the given one-row (keys, values) per layer, repeated for ``rows`` rows."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous(), i)
+    return cache
+
+
+def _buffered_layer_type():
+    """A KV-cache layer that appends in place into spare capacity (doubling when full), where
+    the default layer concatenates, copying the whole cache at every decoding step."""
+    global _BUFFERED_LAYER
+    if _BUFFERED_LAYER is not None:
+        return _BUFFERED_LAYER
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        def __init__(self, keys, values, spare: int):
+            super().__init__()
+            self.is_initialized, self.device = True, keys.device
+            self._store(keys, values, spare)
+
+        def _store(self, keys, values, spare: int) -> None:
+            b, h, n, d = keys.shape
+            self._k = keys.new_empty((b, h, n + spare, d))
+            self._v = values.new_empty((b, values.shape[1], n + spare, values.shape[3]))
+            self._k[:, :, :n] = keys
+            self._v[:, :, :n] = values
+            self._n = n
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[-2]
+            if self._n + n > self._k.shape[2]:
+                self._store(self.keys, self.values, max(n, self._n))
+            self._k[:, :, self._n:self._n + n] = key_states
+            self._v[:, :, self._n:self._n + n] = value_states
+            self._n += n
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+            return self.keys, self.values
+
+    del torch
+    _BUFFERED_LAYER = BufferedLayer
+    return BufferedLayer
+
+
+_BUFFERED_LAYER = None
+DECODE_SPARE_COLUMNS = 64
+PREFIX_CACHE_ENTRIES = 8
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _cached_prefix(loaded: LoadedModel, internal: str | None, prompts: Sequence[Sequence[int]]):
+    """The longest start of a cached prefix that every prompt begins with (leaving each prompt
+    a token of its own): (length, [(keys, values) per layer]) or (0, None). The KV cache of the
+    first k tokens of a prefix is the KV cache of those k tokens (attention is causal), so any
+    start of a cached prefix is reusable."""
+    best, kv = 0, None
+    limit = min(len(p) for p in prompts) - 1
+    for owner, tokens, layers in reversed(loaded.prefixes):
+        if owner != internal:
+            continue
+        k = min([limit, *(_common_len(tokens, p) for p in prompts)])
+        if k > best:
+            best, kv = k, layers
+    if best < MIN_SHARED_PREFIX:
+        return 0, None
+    return best, [(k_[:, :, :best], v_[:, :, :best]) for k_, v_ in kv]
+
+
+def _remember_prefix(loaded: LoadedModel, internal: str | None, tokens: Sequence[int], cache, row: int = 0) -> None:
+    """Keep the KV cache of ``tokens``, the first columns of ``row`` in ``cache`` (most recent
+    last, a bounded number), dropping entries of adapters no longer loaded."""
+    if len(tokens) < MIN_SHARED_PREFIX:
+        return
+    n = len(tokens)
+    layers = [(layer.keys[row:row + 1, :, :n].clone(), layer.values[row:row + 1, :, :n].clone())
+              for layer in cache.layers]
+    with loaded.lock:
+        live = set(loaded.internal.values())
+        kept = [e for e in loaded.prefixes if (e[0] is None or e[0] in live) and e[1] != tuple(tokens)]
+        kept.append((internal, tuple(tokens), layers))
+        loaded.prefixes = kept[-PREFIX_CACHE_ENTRIES:]
+
+
+@dataclass(eq=False)
+class _Row:
+    key: Any  # the caller's handle for this conversation
+    prompt_tokens: int
+    sink: TokenSink | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    generator: Any  # torch.Generator for sampled rows
+    started: float
+    tokens: list[int] = field(default_factory=list)
+
+
+class DecodeBatch:
+    """Continuous (iteration-level) batching for one adapter: conversations join a running
+    batch between two decoding steps and leave it as soon as they end, so a new request never
+    waits for a whole batch to finish, and the batch stays full under load.
+
+    Joining conversations are prefilled together (sharing a common prefix's KV cache when they
+    have one) and their caches are merged into the running one, left-padded to a common length;
+    attention masks hide the padding and each row keeps its own position ids. Rows that end
+    are dropped from the cache, and columns that only padding occupies are trimmed.
+
+    Greedy rows pick the arg-max token; sampled rows draw from their own generator with
+    temperature and top-p. The batch pins the adapter version it started with: a hot reload
+    mid-way does not change the weights under a running conversation. Not thread-safe: one
+    scheduler thread drives it; the model lock is held only during each forward pass."""
+
+    def __init__(self, loaded: LoadedModel, adapter: str | None):
+        if adapter is not None and adapter not in loaded.internal:
+            raise KeyError(f"adapter '{adapter}' is not loaded (loaded: {sorted(loaded.internal)})")
+        self.loaded, self.adapter = loaded, adapter
+        with loaded.lock:
+            self.internal = loaded.internal[adapter] if adapter is not None else None
+            if self.internal is not None:
+                loaded.pinned[self.internal] = loaded.pinned.get(self.internal, 0) + 1
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask = None  # [rows, columns] 1 where the cache holds a real token
+        self.positions = None  # [rows] position id of each row's next token
+        self.last = None  # [rows] token each row feeds to the next step
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def current(self) -> bool:
+        """Whether the adapter this batch pinned is still the one served under its name."""
+        return self.internal == (self.loaded.internal.get(self.adapter) if self.adapter is not None else None)
+
+    def close(self) -> None:
+        """Let go of the pinned adapter (deleted now if it was replaced meanwhile)."""
+        loaded, internal = self.loaded, self.internal
+        self.internal = None
+        if internal is None:
+            return
+        with loaded.lock:
+            loaded.pinned[internal] -= 1
+            if not loaded.pinned[internal]:
+                del loaded.pinned[internal]
+                if internal in loaded.retired and internal not in loaded.internal.values():
+                    loaded.retired.discard(internal)
+                    _delete(loaded, internal)
+
+    def admit(self, keys: Sequence[Any], conversations: Sequence[Messages], *, max_new_tokens: Sequence[int],
+              temperature: Sequence[float], top_p: Sequence[float], stop: Sequence[Sequence[str]],
+              seeds: Sequence[int | None], sinks: Sequence[TokenSink | None]) -> list[tuple[Any, GenerationResult]]:
+        """Prefill ``conversations`` and add them to the batch. Returns those already finished
+        by their first token (end of turn, a one-token limit, or their sink stopping them)."""
+        import torch
+
+        loaded, tok = self.loaded, self.loaded.tokenizer
+        prompts = [tok(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"] for m in conversations]
+        now = time.perf_counter()
+        rows = []
+        for i, key in enumerate(keys):
+            gen = None
+            if temperature[i] > 0:
+                gen = torch.Generator(device=loaded.device)
+                gen.manual_seed(seeds[i] if seeds[i] is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            rows.append(_Row(key, len(prompts[i]), sinks[i], max(1, int(max_new_tokens[i])), float(temperature[i]),
+                             float(top_p[i]), tuple(s for s in stop[i] if s), gen, now))
+        pad = tok.pad_token_id
+        with loaded.lock:
+            shared, layers = _cached_prefix(loaded, self.internal, prompts)
+        fresh = not shared
+        if fresh:
+            shared = _shared_prefix_len(prompts)
+        if shared:
+            input_ids, mask = _split_pad(prompts, shared, pad)
+        else:
+            input_ids, mask = _left_pad(prompts, pad)
+        input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with _selected(loaded, self.adapter, self.internal) as model:
+            if shared:
+                if fresh:
+                    cache = _prefix_cache(model, prompts[0][:shared], 1, loaded.device)
+                    _remember_prefix(loaded, self.internal, prompts[0][:shared], cache)
+                    cache.batch_repeat_interleave(len(prompts))
+                else:
+                    cache = _cache_from(layers, len(prompts))
+                out = model(input_ids=input_ids[:, shared:], attention_mask=mask, cache=cache,
+                            position_ids=positions[:, shared:], use_cache=True, logits_to_keep=1)
+            else:
+                out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1)
+                if len(prompts) == 1:  # its prompt's start (a system prompt) may begin later ones
+                    _remember_prefix(loaded, self.internal, prompts[0][:-1], out.cache)
+        next_positions = mask.sum(-1)
+        self._merge(out.cache, mask, next_positions, len(rows), rows)
+        return self._advance(out.logits[:, -1, :].float(), first=len(self.rows) - len(rows))
+
+    def step(self) -> list[tuple[Any, GenerationResult]]:
+        """One decoding step for every row; returns the conversations that ended."""
+        import torch
+
+        if not self.rows:
+            return []
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        with _selected(self.loaded, self.adapter, self.internal) as model:
+            out = model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.positions[:, None],
+                        cache=self.cache, use_cache=True)
+        self.mask, self.cache = mask, out.cache
+        self.positions = self.positions + 1
+        self.steps += 1
+        return self._advance(out.logits[:, -1, :].float(), first=0)
+
+    def _merge(self, cache, mask, positions, n: int, rows: list[_Row]) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        last = torch.zeros(n, dtype=torch.long, device=mask.device)
+        if not self.rows:
+            self.cache, self.mask, self.positions, self.last = cache, mask, positions, last
+            self.rows = list(rows)
+            self._rebuffer([(layer.keys, layer.values) for layer in cache.layers])
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def left(t, extra):  # pad the sequence dimension (second to last for K/V, last for masks)
+            if not extra:
+                return t
+            return F.pad(t, (0, 0, extra, 0)) if t.dim() == 4 else F.pad(t, (extra, 0))
+
+        a, b = width - self.mask.shape[1], width - mask.shape[1]
+        self._rebuffer([(torch.cat([left(mine.keys, a), left(theirs.keys, b)], dim=0),
+                         torch.cat([left(mine.values, a), left(theirs.values, b)], dim=0))
+                        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)])
+        self.mask = torch.cat([left(self.mask, a), left(mask, b)], dim=0)
+        self.positions = torch.cat([self.positions, positions])
+        self.last = torch.cat([self.last, last])
+        self.rows.extend(rows)
+
+    def _advance(self, logits, first: int) -> list[tuple[Any, GenerationResult]]:
+        """Pick each row's next token from ``logits`` (rows ``first``.. of the batch), feed
+        the sinks, and drop the rows that ended."""
+        import torch
+
+        rows = self.rows[first:]
+        chosen = logits.argmax(dim=-1)
+        for r, row in enumerate(rows):
+            if row.temperature > 0:
+                chosen[r] = _sample(logits[r], row.temperature, row.top_p, row.generator)
+        tokens = chosen.tolist()
+        end_id = self.loaded.tokenizer.eos_token_id
+        ended: list[tuple[int, str]] = []
+        for r, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            finish = None
+            if token == end_id:
+                finish = "stop"
+            else:
+                row.tokens.append(token)
+                if len(row.tokens) >= row.max_new_tokens:
+                    finish = "length"
+            if row.sink is not None and row.sink(None if token == end_id else token, finish) and finish is None:
+                finish = "stop"
+            if finish is not None:
+                ended.append((first + r, finish))
+        self.last[first:] = chosen
+        if not ended:
+            return []
+        done = []
+        gone = {i for i, _ in ended}
+        for i, finish in ended:
+            done.append((self.rows[i].key, self._result(self.rows[i], finish)))
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self._keep(keep)
+        return done
+
+    def _keep(self, keep: list[int]) -> None:
+        import torch
+
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = self.last = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(dim=0).long().argmax())  # first column a remaining row still uses
+        self._rebuffer([(layer.keys.index_select(0, index)[:, :, start:, :],
+                         layer.values.index_select(0, index)[:, :, start:, :]) for layer in self.cache.layers])
+        self.mask = mask[:, start:]
+        self.positions = self.positions.index_select(0, index)
+        self.last = self.last.index_select(0, index)
+
+    def _rebuffer(self, kv) -> None:
+        """Hold the cache in buffered layers with room for the next steps."""
+        layer_type = _buffered_layer_type()
+        self.cache.layers = [layer_type(k, v, DECODE_SPARE_COLUMNS) for k, v in kv]
+
+    def _result(self, row: _Row, finish: str) -> GenerationResult:
+        text = self.loaded.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        for s in row.stop:
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return GenerationResult(text=text.strip(), prompt_tokens=row.prompt_tokens,
+                                completion_tokens=len(row.tokens), latency_s=time.perf_counter() - row.started,
+                                finish_reason=finish)
+
+
+def _sample(logits, temperature: float, top_p: float, generator):
+    """One token drawn from ``softmax(logits / temperature)`` restricted to the top-p nucleus."""
+    import torch
+
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order[pick].squeeze()
+    return torch.multinomial(probs, 1, generator=generator).squeeze()

@@ -1,10 +1,14 @@
-"""Dynamic batching: concurrent requests are grouped into one model call.
+"""Dynamic batching: concurrent requests share model calls.
 
-Requests wait in a queue; one worker takes the first, gathers what else arrives within
-``max_wait_s`` (up to ``max_batch``), and runs each group of compatible requests (same kind,
-adapter and decoding parameters) as one left-padded batch. On a CPU, decoding eight
-sequences together costs little more than one, so concurrent clients see several times the
-throughput of sequential ones.
+Requests wait in a queue that one scheduler thread serves. Generation is batched
+continuously (``scheduler="continuous"``, the default): between two decoding steps, waiting
+requests for the adapter being decoded join the running batch (up to ``max_batch`` rows), and
+each row leaves as soon as it ends, so a request never waits for a whole batch to finish and
+the batch stays full under load. Judge requests (scoring fixed choices: one forward pass) and
+seeded samples (reproducible only alone) run as static groups between steps: the scheduler
+takes what arrived within ``max_wait_s`` and runs each group of compatible requests (same
+kind, adapter and decoding parameters) as one batch. ``scheduler="static"`` runs generation
+that way too, one whole batch at a time (with ``max_batch=1``: one request at a time).
 
 Each generation request is hooked into the decoding loop: its tokens are timed (time to
 first token, time per token), handed to its ``on_token`` callback (streaming), and its row
@@ -48,6 +52,7 @@ class Job:
     started: float | None = None
     token_times: list[float] = field(default_factory=list)  # perf_counter of each decoding step
     error: BaseException | None = None
+    batch: int = 1  # rows decoding together when this request joined
 
     def group_key(self) -> tuple:
         if self.kind == "choice":
@@ -57,11 +62,20 @@ class Job:
         return ("generate", self.adapter, self.max_new_tokens, self.temperature, self.top_p, self.stop)
 
 
+SCHEDULERS = ("continuous", "static")
+
+
 class Batcher:
-    def __init__(self, loaded, max_batch: int = 8, max_wait_s: float = 0.01):
+    def __init__(self, loaded, max_batch: int = 8, max_wait_s: float = 0.01, scheduler: str = "continuous"):
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler '{scheduler}' (use one of {', '.join(SCHEDULERS)})")
         self.loaded = loaded
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max_wait_s
+        self.scheduler = scheduler
+        self._pending: list[Job] = []  # continuous generation requests not yet admitted
+        self._decode = None  # the running DecodeBatch
+        self._closing = False
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: set[Job] = set()
@@ -118,18 +132,121 @@ class Batcher:
                 jobs.append(nxt)
         return jobs
 
-    def _run(self) -> None:
+    def _drain(self) -> list[Job]:
+        """What is queued now, without waiting."""
+        jobs = []
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            if first.future.cancelled():
-                continue
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if nxt is None:
+                self._closing = True
+                return jobs
+            if not nxt.future.cancelled():
+                jobs.append(nxt)
+
+    def _continuous(self, job: Job) -> bool:
+        return self.scheduler == "continuous" and job.kind == "generate" and job.group_key()[0] == "generate"
+
+    def _run(self) -> None:
+        while not self._closing:
+            if self._decode is None and not self._pending:
+                first = self._queue.get()
+                if first is None:
+                    return
+                if first.future.cancelled():
+                    continue
+                arrived = self._collect(first)
+            else:
+                arrived = self._drain()
             groups: dict[tuple, list[Job]] = {}
-            for job in self._collect(first):
-                groups.setdefault(job.group_key(), []).append(job)
+            for job in arrived:
+                if self._continuous(job):
+                    self._pending.append(job)
+                else:
+                    groups.setdefault(job.group_key(), []).append(job)
             for jobs in groups.values():
                 self._execute(jobs)
+            self._admit()
+            self._step()
+        if self._decode is not None:
+            self._decode.close()
+
+    def _admit(self) -> None:
+        """Move waiting generation requests for the adapter being decoded into the running
+        batch (a new batch, for the oldest request's adapter, when none runs)."""
+        from genops_assets.lib.generation import DecodeBatch
+
+        if not self._pending:
+            return
+        if self._decode is None:
+            try:
+                self._decode = DecodeBatch(self.loaded, self._pending[0].adapter)
+            except Exception as exc:  # noqa: BLE001 - e.g. the adapter was removed meanwhile
+                job = self._pending.pop(0)
+                self._fail([job], exc)
+                return
+        batch = self._decode
+        room = self.max_batch - len(batch)
+        # A reloaded adapter: new requests wait for the batch on the old version to finish.
+        take = [j for j in self._pending if j.adapter == batch.adapter][:room] if batch.current() else []
+        if not take:
+            return
+        self._pending = [j for j in self._pending if j not in take]
+        jobs = self._start(take)
+        if not jobs:
+            return
+        self.batches += 1
+        self.batched_jobs += len(jobs)
+        for j in jobs:
+            j.batch = len(batch) + len(jobs)
+        try:
+            done = batch.admit(jobs, [j.messages for j in jobs], max_new_tokens=[j.max_new_tokens for j in jobs],
+                               temperature=[j.temperature for j in jobs], top_p=[j.top_p for j in jobs],
+                               stop=[j.stop for j in jobs], seeds=[j.seed for j in jobs],
+                               sinks=[self._row_hook(j) for j in jobs])
+        except Exception as exc:  # noqa: BLE001 - the joining requests fail; the running rows go on
+            self._fail(jobs, exc)
+            return
+        self._finish(done)
+
+    def _step(self) -> None:
+        batch = self._decode
+        if batch is None:
+            return
+        if len(batch):
+            try:
+                done = batch.step()
+            except Exception as exc:  # noqa: BLE001 - every row of the batch gets the error
+                jobs = [row.key for row in batch.rows]
+                batch.rows = []
+                self._fail(jobs, exc)
+                done = []
+            self._finish(done)
+        if not len(batch):
+            batch.close()
+            self._decode = None
+
+    def _finish(self, done) -> None:
+        now = time.perf_counter()
+        for job, result in done:
+            self._release(job)
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            else:
+                job.future.set_result((result, {"queue_s": (job.started or now) - job.enqueued,
+                                                "compute_s": now - (job.started or now),
+                                                "batch": getattr(job, "batch", 1)}))
+
+    def _fail(self, jobs: list[Job], exc: BaseException) -> None:
+        for j in jobs:
+            self._release(j)
+            with self._lock:
+                self._waiting.discard(j)
+            if not j.future.done():
+                if j.future.running() or j.future.set_running_or_notify_cancel():
+                    j.future.set_exception(exc)
 
     def _start(self, jobs: list[Job]) -> list[Job]:
         """Move the jobs not cancelled meanwhile from waiting to running."""

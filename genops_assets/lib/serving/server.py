@@ -177,7 +177,7 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
                request_timeout_s: float = 600.0, *, api_keys: Sequence[str] = (), max_input_tokens: int = 4096,
                max_output_tokens: int = 4096, max_body_bytes: int = 1 << 20, rate_limit_rpm: float = 0.0,
                rate_limit_burst: int | None = None, context_tokens: int | None = None,
-               canary_share: float = 0.0) -> FastAPI:
+               canary_share: float = 0.0, scheduler: str = "continuous") -> FastAPI:
     """The endpoint app. ``api_keys``: bearer keys accepted on /v1/* (empty: open, with a
     warning). ``max_input_tokens``: prompt tokens a request may send; ``max_output_tokens``: the
     highest ``max_tokens``; prompt plus ``max_tokens`` must also fit ``context_tokens`` (default:
@@ -186,7 +186,9 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
     bursts up to ``rate_limit_burst`` (default: one minute's worth). ``request_timeout_s``: a
     request still unanswered after this is cancelled and answered 504. ``canary_share``: the
     share of `champion` requests answered by `challenger` when one is loaded; every response
-    and log record says which one answered (``genops.served_by``)."""
+    and log record says which one answered (``genops.served_by``). ``scheduler``: how
+    generation requests share the model (see ``batching``): "continuous" joins them into the
+    running batch between decoding steps, "static" runs one whole batch at a time."""
     from jinja2 import TemplateError
 
     from genops_assets.lib.generation import add_adapter
@@ -202,7 +204,7 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
 
     app = FastAPI(title="genops endpoint", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=sampler_lifespan(state_dir))  # CPU, memory, GPU samples to resources.jsonl
-    batcher = Batcher(loaded, max_batch=max_batch, max_wait_s=batch_wait_s)
+    batcher = Batcher(loaded, max_batch=max_batch, max_wait_s=batch_wait_s, scheduler=scheduler)
     app.state.batcher = batcher
     log_lock = threading.Lock()
     started_at = int(time.time())
@@ -641,6 +643,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--scheduler", choices=("continuous", "static"), default="continuous",
+                        help="continuous: requests join the running batch between decoding steps; "
+                             "static: one whole batch at a time")
     parser.add_argument("--default-max-tokens", type=int, default=256)
     parser.add_argument("--max-input-tokens", type=int, default=4096)
     parser.add_argument("--max-output-tokens", type=int, default=4096, help="the highest max_tokens accepted")
@@ -675,7 +680,8 @@ def main(argv: list[str] | None = None) -> None:
                      request_timeout_s=args.request_timeout_s, api_keys=api_keys,
                      max_input_tokens=args.max_input_tokens, max_output_tokens=args.max_output_tokens,
                      max_body_bytes=args.max_body_bytes, rate_limit_rpm=args.rate_limit_rpm,
-                     rate_limit_burst=args.rate_limit_burst, canary_share=args.canary_share)
+                     rate_limit_burst=args.rate_limit_burst, canary_share=args.canary_share,
+                     scheduler=args.scheduler)
     watchers = []
     if args.watch_registry and args.watch_model:
         from genops_assets.lib.serving.registry_watch import AliasWatcher, version_loader
