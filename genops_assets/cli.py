@@ -156,7 +156,7 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
     from genops_assets.defs.datasets.assets import MART_SCHEMA
     from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
     from genops_assets.lib.cache import CallCache
-    from genops_assets.lib.evaluation import EvalExample, evaluate_model
+    from genops_assets.lib.evaluation import EvalExample, evaluate_model, examples_from_frame
     from genops_assets.lib.hashing import sha256_json
     from genops_assets.lib.prompts import PRODUCTION, load_prompt_file, prompt_registry_name
     from genops_assets.lib.tasks import load_task, read_raw_file
@@ -174,16 +174,17 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
     if db.exists():
         try:
             with duckdb.connect(str(db), read_only=True) as con:
-                rows = con.execute(f"select example_id, input_text, output_json from {MART_SCHEMA}.sft_dataset "
-                                   "where split = 'validation' order by example_id limit ?", [n]).fetchall()
-            examples = [EvalExample(i, t, json.loads(o)) for i, t, o in rows]
+                rows = con.execute(f"select * from {MART_SCHEMA}.sft_dataset "
+                                   "where split = 'validation' order by example_id limit ?", [n]).df()
+            examples = examples_from_frame(rows)
             source = f"validation split of {db}"
         except duckdb.Error:
             examples = []
     if not examples:  # no marts yet: the first rows of the task's raw files
         for path in spec.raw_files():
             for ex in read_raw_file(path, spec):
-                examples.append(EvalExample(f"{ex.source_file}:{ex.source_row}", ex.input_text, ex.output))
+                examples.append(EvalExample(f"{ex.source_file}:{ex.source_row}", ex.input_text, ex.output,
+                                            ex.contexts or (), ex.reference_contexts or ()))
                 if len(examples) >= n:
                     break
             if len(examples) >= n:

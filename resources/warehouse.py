@@ -11,6 +11,10 @@ import dagster as dg
 
 RAW_SCHEMA = "raw"
 RAW_TABLE = "task_examples"
+# Columns of raw.task_examples after ``task``; passages are JSON lists (NULL when a task has none).
+RAW_COLUMNS = (("source_file", "varchar"), ("source_row", "integer"), ("input_text", "varchar"),
+               ("output_json", "varchar"), ("contexts_json", "varchar"), ("reference_contexts_json", "varchar"),
+               ("loaded_at", "timestamp"))
 FEEDBACK_SCHEMA = "feedback"
 
 
@@ -52,20 +56,23 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             con.close()
 
     def replace_raw_examples(self, task: str, rows: Sequence[tuple]) -> int:
-        """Replace the task's rows of raw.task_examples in one transaction."""
+        """Replace the task's rows of raw.task_examples in one transaction. A row is
+        (source_file, source_row, input_text, output_json[, contexts_json, reference_contexts_json]);
+        the passages are NULL for a task whose examples carry none."""
+        width = len(RAW_COLUMNS) - 1  # every column but loaded_at
+        odd = [r for r in rows if len(r) not in (width - 2, width)]
+        if odd:
+            raise ValueError(f"{RAW_SCHEMA}.{RAW_TABLE}: a row has {width - 2} or {width} values, got {odd[0]!r}")
         con = self._connect(read_only=False)
         try:
-            con.execute(f"create schema if not exists {RAW_SCHEMA}")
-            con.execute(
-                f"""create table if not exists {RAW_SCHEMA}.{RAW_TABLE} (
-                    task varchar, source_file varchar, source_row integer,
-                    input_text varchar, output_json varchar, loaded_at timestamp)"""
-            )
+            _ensure_table(con, RAW_SCHEMA, RAW_TABLE, [("task", "varchar"), *RAW_COLUMNS])
+            names = ", ".join(["task", *(n for n, _ in RAW_COLUMNS)])
+            marks = ", ".join(["?"] * width)
             con.execute("begin transaction")
             con.execute(f"delete from {RAW_SCHEMA}.{RAW_TABLE} where task = ?", [task])
             con.executemany(
-                f"insert into {RAW_SCHEMA}.{RAW_TABLE} values (?, ?, ?, ?, ?, current_timestamp)",
-                [(task, *r) for r in rows],
+                f"insert into {RAW_SCHEMA}.{RAW_TABLE} ({names}) values (?, {marks}, current_timestamp)",
+                [(task, *r, *([None] * (width - len(r)))) for r in rows],
             )
             con.execute("commit")
             return len(rows)

@@ -10,6 +10,7 @@ import random
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from genops_assets.lib.validation import jaccard, normalise_text, word_set
@@ -95,3 +96,39 @@ def test_split_fractions_come_from_vars(tmp_path, wh):
 
 def test_project_is_not_a_python_package():
     assert not (DBT_PROJECT_DIR / "__init__.py").exists()
+
+
+def test_contexts_reach_the_marts_and_leave_ids_and_splits_alone(tmp_path, wh):
+    """Passages ride along (JSON lists, NULL where a task has none); identity, dedup and the
+    split still come from the input alone."""
+    messages = _messages(60, seed=4)
+    plain = _rows(messages)
+    wh.replace_raw_examples("t", plain)
+    _build(Path(wh.path), tmp_path, golden_fraction=0.5)
+    before = {m: wh.query_df(f"select * from main.{m} order by example_id") for m in ("golden_eval_dataset", "sft_dataset")}
+    for df in before.values():
+        assert df["contexts_json"].isna().all() and df["reference_contexts_json"].isna().all()
+
+    with_contexts = [r + (json.dumps([f"passage A of {r[2][:20]}", "passage B"]),
+                          json.dumps(["passage B"]) if i % 2 else None) for i, r in enumerate(plain)]
+    # the same question again with other passages is a duplicate: the first occurrence wins
+    with_contexts.append(("incoming/more.jsonl", 1, messages[0], plain[0][3], json.dumps(["other passage"]), None))
+    wh.replace_raw_examples("t", with_contexts)
+    _build(Path(wh.path), tmp_path, golden_fraction=0.5)
+    by_input = {r[2]: r for r in with_contexts[:-1]}
+    for mart, old in before.items():
+        new = wh.query_df(f"select * from main.{mart} order by example_id")
+        cols = [c for c in old.columns if not c.endswith("contexts_json")]
+        assert new[cols].equals(old[cols]), f"{mart}: ids, hashes, rows or split changed"
+        for r in new.itertuples():
+            src = by_input[r.input_text]
+            assert json.loads(r.contexts_json) == json.loads(src[4])
+            assert (src[5] is None and pd.isna(r.reference_contexts_json)) or json.loads(src[5]) == json.loads(
+                r.reference_contexts_json)
+    shots = wh.query_df("select * from main.few_shot_examples")
+    assert "contexts_json" not in shots.columns
+
+
+def test_raw_rows_need_four_or_six_values(wh):
+    with pytest.raises(ValueError, match="4 or 6 values"):
+        wh.replace_raw_examples("t", [("examples.jsonl", 1, "text", "{}", "[]")])

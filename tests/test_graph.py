@@ -20,6 +20,9 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
             "tuned_adapter", "eval_report", "sxs_evaluation", "deployed_endpoint"} <= materialized(result)
     checks = check_results(result)
     assert checks["gx_sft_dataset"] and checks["gx_golden_eval_dataset"] and checks["beats_champion"]
+    # A task without retrieved contexts: no RAG metrics, no judge calls from the evaluation.
+    assert result.output_for_node("eval_report")["rag"] is None
+    assert "rag" not in result.asset_materializations_for_node("eval_report")[0].metadata
 
     adapter = result.output_for_node("tuned_adapter")
     deployed = result.output_for_node("deployed_endpoint")

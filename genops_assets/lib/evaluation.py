@@ -25,6 +25,27 @@ class EvalExample:
     example_id: str
     input_text: str
     reference: dict[str, Any]
+    contexts: tuple[str, ...] = ()  # retrieved passages shown to the model (tasks with contexts)
+    reference_contexts: tuple[str, ...] = ()  # passages that should have been retrieved, when known
+
+    def identity(self) -> tuple:
+        """What the example is, for digests; a task without contexts keeps its historical form."""
+        base = (self.example_id, self.input_text, self.reference)
+        return base + (self.contexts, self.reference_contexts) if self.contexts else base
+
+
+def examples_from_frame(df) -> list[EvalExample]:
+    """EvalExamples from rows of a mart (golden_eval_dataset, sft_dataset), with their
+    passages when the mart has them."""
+    has_contexts = "contexts_json" in df.columns
+
+    def passages(value) -> tuple[str, ...]:
+        return tuple(json.loads(value)) if isinstance(value, str) else ()  # NULL: None or NaN
+
+    return [EvalExample(r.example_id, r.input_text, json.loads(r.output_json),
+                        passages(r.contexts_json) if has_contexts else (),
+                        passages(r.reference_contexts_json) if has_contexts else ())
+            for r in df.itertuples()]
 
 
 @dataclass
@@ -36,6 +57,8 @@ class ModelEval:
     cached: bool = False
     scores: list[ExampleScore] = field(default_factory=list)
     model_calls: int = 0
+    # 95% bootstrap intervals of metrics that are means of per-row scores (as Interval.as_dict())
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,7 +108,7 @@ def evaluate_model(
     if shots_per_example is not None and len(shots_per_example) != len(examples):
         raise ValueError("shots_per_example needs one entry per example")
     messages = [build_messages(task, ex.input_text, shots_per_example[i] if shots_per_example is not None else shots,
-                               prompt) for i, ex in enumerate(examples)]
+                               prompt, ex.contexts) for i, ex in enumerate(examples)]
     max_new_tokens = prompt.max_new_tokens if prompt else task.max_new_tokens
     decoding = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
     keys = [generation_key(model_digest, m, decoding) for m in messages]
@@ -129,6 +152,7 @@ def evaluate_model(
             "valid_json": s.valid_json,
             "field_match": s.field_match,
             "latency_s": lat,
+            **({"contexts": list(ex.contexts)} if ex.contexts else {}),
         }
         for ex, text, s, lat in zip(examples, final, scores, latencies, strict=True)
     ]
@@ -195,7 +219,7 @@ def sample_pass_rates(
     calls = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        messages = [build_messages(task, ex.input_text, [], prompt) for ex in chunk]
+        messages = [build_messages(task, ex.input_text, [], prompt, ex.contexts) for ex in chunk]
         counts = [0] * len(chunk)
         for s in range(n):
             decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "sample": s}

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from genops_assets.lib.prompts import FEW_SHOT_VARIABLE, PromptTemplate
+from genops_assets.lib.prompts import CONTEXTS_VARIABLE, FEW_SHOT_VARIABLE, PromptTemplate
 from genops_assets.lib.tasks import TaskSpec
 
 Message = dict[str, str]
@@ -36,10 +36,23 @@ def build_messages(
     input_text: str,
     shots: Sequence[tuple[str, Mapping[str, Any]]] = (),
     prompt: PromptTemplate | None = None,
+    contexts: Sequence[str] = (),
 ) -> list[Message]:
-    """Chat messages for one input: ``prompt`` (a registered version) or the task folder's."""
+    """Chat messages for one input: ``prompt`` (a registered version) or the task folder's.
+    ``contexts``: the example's retrieved passages, for tasks whose prompt shows them."""
     template = prompt or task.prompt
-    return template.render({template.input_field: input_text, FEW_SHOT_VARIABLE: format_few_shot(task, shots)})
+    return template.render(prompt_variables(task, input_text, contexts, template)
+                           | {FEW_SHOT_VARIABLE: format_few_shot(task, shots)})
+
+
+def prompt_variables(task: TaskSpec, input_text: str, contexts: Sequence[str] = (),
+                     prompt: PromptTemplate | None = None) -> dict[str, str | list[str]]:
+    """What a client sends the endpoint as ``prompt_variables`` for one input."""
+    template = prompt or task.prompt
+    variables: dict[str, str | list[str]] = {template.input_field: input_text}
+    if contexts:
+        variables[CONTEXTS_VARIABLE] = list(contexts)
+    return variables
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)

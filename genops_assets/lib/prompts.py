@@ -1,8 +1,9 @@
 """Prompt templates as versioned artifacts: one definition used by tuning, evaluation and serving.
 
 A ``PromptTemplate`` is the system and user templates (Python ``str.format`` syntax, literal
-braces doubled), the task's input variable, the optional ``{few_shot}`` slot and the
-generation parameters. Its digest identifies it: the same text twice is the same version.
+braces doubled), the task's input variable, the optional ``{few_shot}`` slot, the
+``{contexts}`` slot of tasks whose examples carry retrieved passages, and the generation
+parameters. Its digest identifies it: the same text twice is the same version.
 In MLflow's prompt registry it is stored as a chat template (``{{ variable }}`` syntax) with
 the generation parameters as the prompt's model config.
 """
@@ -23,6 +24,7 @@ import yaml
 from genops_assets.lib.hashing import sha256_json
 
 FEW_SHOT_VARIABLE = "few_shot"
+CONTEXTS_VARIABLE = "contexts"
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 DIGEST_TAG = "genops.template_digest"
@@ -41,6 +43,12 @@ def template_variables(template: str, where: str) -> set[str]:
         raise PromptError(f"{where}: malformed template ({exc}); write literal braces as {{{{ }}}}") from exc
 
 
+def format_contexts(passages: Sequence[str]) -> str:
+    """Retrieved passages as the ``{contexts}`` slot shows them: numbered, one block each, in
+    retrieval order (the model may cite them by number)."""
+    return "\n\n".join(f"[{i}] {p.strip()}" for i, p in enumerate(passages, start=1))
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     system: str
@@ -51,7 +59,7 @@ class PromptTemplate:
 
     def validate(self, where: str = "prompt") -> PromptTemplate:
         """Raise ``PromptError`` naming the template and variable when something is wrong."""
-        allowed = {self.input_field, FEW_SHOT_VARIABLE}
+        allowed = {self.input_field, FEW_SHOT_VARIABLE, CONTEXTS_VARIABLE}
         for role, text in (("system", self.system), ("user", self.user)):
             if not text.strip() and role == "user":
                 raise PromptError(f"{where}: the {role} template is empty")
@@ -72,10 +80,21 @@ class PromptTemplate:
         return sha256_json({"system": self.system, "user": self.user, "input_field": self.input_field,
                             "max_new_tokens": self.max_new_tokens, "temperature": self.temperature})
 
-    def render(self, variables: Mapping[str, str]) -> list[dict[str, str]]:
+    def render(self, variables: Mapping[str, str | Sequence[str]]) -> list[dict[str, str]]:
+        """Chat messages; ``contexts`` may be given as the list of passages (formatted here, so
+        evaluation, training and the endpoint show them alike)."""
         values = {FEW_SHOT_VARIABLE: "", **variables}
         if self.input_field not in values:
             raise PromptError(f"prompt needs the variable '{self.input_field}'")
+        passages = values.get(CONTEXTS_VARIABLE)
+        if passages is not None and not isinstance(passages, str):
+            if not passages:
+                raise PromptError(f"'{CONTEXTS_VARIABLE}' is an empty list; give at least one passage")
+            values[CONTEXTS_VARIABLE] = format_contexts(passages)
+        needed = template_variables(self.system, "system template") | template_variables(self.user, "user template")
+        missing = sorted(needed - set(values))
+        if missing:
+            raise PromptError(f"prompt needs the variable(s) {missing}")
         messages = []
         if self.system.strip():
             messages.append({"role": "system", "content": self.system.format(**values)})

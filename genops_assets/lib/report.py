@@ -69,15 +69,32 @@ def loss_curve_png(history: Sequence[Mapping[str, float]]) -> bytes:
     return buf.getvalue()
 
 
-def metrics_table_md(models: Mapping[str, Mapping[str, float]], metrics: Sequence[str]) -> str:
+def _cell(models: Mapping[str, Mapping[str, float]], intervals: Mapping[str, Mapping[str, Mapping[str, float]]],
+          name: str, metric: str) -> str:
+    iv = intervals.get(name, {}).get(metric)
+    if iv is not None:
+        return f"{iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
+    v = models[name].get(metric)
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _shared_cell(summary: Mapping[str, Any]) -> str:
+    if not summary.get("n"):
+        return "- (no example with reference passages)"
+    return f"{summary['estimate']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}] (n={summary['n']}, every model)"
+
+
+def metrics_table_md(models: Mapping[str, Mapping[str, float]], metrics: Sequence[str],
+                     intervals: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+                     shared: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """One row per metric, one column per model; a cell with an interval reads ``mean [low, high]``.
+    ``shared`` rows hold one value for every model (metrics of the data, not the answers)."""
     names = list(models)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for m in metrics:
-        cells = []
-        for n in names:
-            v = models[n].get(m)
-            cells.append("-" if v is None else f"{v:.3f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | " + " | ".join(_cell(models, intervals or {}, n, m) for n in names) + " |")
+    for m, summary in (shared or {}).items():
+        lines.append(f"| {m} | " + " | ".join(_shared_cell(summary) for _ in names) + " |")
     return "\n".join(lines)
 
 
@@ -89,13 +106,18 @@ def write_eval_report(
     gate: Mapping[str, Any],
     samples: Sequence[Mapping[str, Any]],
     sections: Sequence[tuple[str, str, str]] = (),
+    intervals: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    shared: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html (chart embedded) and metrics.png into ``out_dir``.
-    ``sections`` adds (title, markdown, html) blocks after the summary."""
+    ``sections`` adds (title, markdown, html) blocks after the summary; ``intervals`` (model ->
+    metric -> interval) and ``shared`` (metric -> summary of one value for every model) go
+    into the metrics table."""
+    intervals, shared = intervals or {}, shared or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     png = metric_chart_png(models, [m for m in REPORT_METRICS if m in metrics] or list(metrics)[:4])
     (out_dir / "metrics.png").write_bytes(png)
-    table = metrics_table_md(models, metrics)
+    table = metrics_table_md(models, metrics, intervals, shared)
     verdict = "PASSED" if gate.get("passed") else "FAILED"
     md = [f"# {title}", "", f"**Promotion gate: {verdict}** - {gate.get('reason', '')}", "", table, "",
           "![metrics](metrics.png)", ""]
@@ -108,13 +130,10 @@ def write_eval_report(
 
     rows = "".join(
         "<tr><td>{}</td>{}</tr>".format(
-            html.escape(m),
-            "".join(
-                f"<td>{models[n][m]:.3f}</td>" if m in models[n] else "<td>-</td>" for n in models
-            ),
-        )
+            html.escape(m), "".join(f"<td>{html.escape(_cell(models, intervals, n, m))}</td>" for n in models))
         for m in metrics
-    )
+    ) + "".join(f'<tr><td>{html.escape(m)}</td><td colspan="{len(models)}">{html.escape(_shared_cell(sm))}</td></tr>'
+                for m, sm in shared.items())
     head = "".join(f"<th>{html.escape(n)}</th>" for n in models)
     sample_rows = "".join(
         f"<tr><td>{html.escape(s['example_id'])}</td><td>{html.escape(s['model'])}</td>"
@@ -304,3 +323,44 @@ def prompt_comparison_section(old_label: str, new_label: str, diff: str, rows: S
             f"<th>{html.escape(old_label)}</th><th>{html.escape(new_label)}</th><th>delta</th></tr>{cells}</table>"
             f"<p>{html.escape(ci_text)}</p></div></div>")
     return title, md, page
+
+
+def rag_section(judged: Mapping[str, Mapping[str, Mapping[str, Any]]], retrieval: Mapping[str, Mapping[str, Any]],
+                failures: Mapping[str, Sequence[Mapping[str, str]]], rubrics: Mapping[str, str],
+                max_failures: int = 20) -> tuple[str, str, str]:
+    """(title, markdown, html) of the retrieval-augmented metrics: per model the judged
+    faithfulness / answer relevancy (mean, 95% interval, rows scored and failed), the
+    retrieval metrics once, and the failed judge calls by row."""
+    from genops_assets.lib.rag_metrics import interval_text
+
+    title = "Retrieval-augmented generation"
+    metrics = sorted({m for s in judged.values() for m in s})
+    names = list(judged)
+    md = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    md += [f"| {m} | " + " | ".join(interval_text(judged[n][m]) for n in names) + " |" for m in metrics]
+    md += ["", "| retrieval metric (same for every model) | value |", "|---|---|"]
+    md += [f"| {m} | {interval_text(s)}"
+           + (f"; {s['without_reference']} example(s) without reference passages" if s.get("without_reference")
+              else "") + " |" for m, s in retrieval.items()]
+    note = ("Judge rubrics: " + ", ".join(f"{k}: {v}" for k, v in rubrics.items())
+            + ". Scores are the judge's expected rating mapped onto [0, 1]; failed calls are left out of the means.")
+    md += ["", note]
+    failed = [(n, f) for n, fs in failures.items() for f in fs]
+    if failed:
+        md += ["", f"Failed judge calls ({len(failed)}):"]
+        md += [f"- {n} `{f['example_id']}` {f['metric']}: {f['error'][:160]}" for n, f in failed[:max_failures]]
+    esc = html.escape
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = "".join(f"<tr><td>{esc(m)}</td>" + "".join(f"<td>{esc(interval_text(judged[n][m]))}</td>" for n in names)
+                   + "</tr>" for m in metrics)
+    body += "".join(f'<tr><td>{esc(m)}</td><td colspan="{len(names)}">{esc(interval_text(s))} (same for every '
+                    f"model; {s.get('without_reference', 0)} without reference passages)</td></tr>"
+                    for m, s in retrieval.items())
+    fail_html = ""
+    if failed:
+        fail_html = (f"<h3>Failed judge calls ({len(failed)})</h3><table><tr><th>model</th><th>id</th><th>metric</th>"
+                     "<th>error</th></tr>" + "".join(
+                         f"<tr><td>{esc(n)}</td><td>{esc(f['example_id'])}</td><td>{esc(f['metric'])}</td>"
+                         f"<td>{esc(f['error'][:300])}</td></tr>" for n, f in failed[:max_failures]) + "</table>")
+    page = f"<table><tr><th>metric</th>{head}</tr>{body}</table><p>{esc(note)}</p>{fail_html}"
+    return title, "\n".join(md), page

@@ -15,7 +15,13 @@ from typing import Any
 
 import yaml
 
-from genops_assets.lib.prompts import FEW_SHOT_VARIABLE, PromptError, PromptTemplate, template_variables
+from genops_assets.lib.prompts import (
+    CONTEXTS_VARIABLE,
+    FEW_SHOT_VARIABLE,
+    PromptError,
+    PromptTemplate,
+    template_variables,
+)
 
 RAW_SUFFIXES = (".jsonl", ".csv")
 
@@ -38,6 +44,19 @@ class Splits:
 
 
 @dataclass(frozen=True)
+class ContextFields:
+    """Where the examples of a retrieval-augmented task keep their passages.
+
+    ``retrieved``: the passages a retriever returned for the input, shown to the model in
+    the ``{contexts}`` slot. ``reference``: the passages that should have been retrieved
+    (optional per example), for context precision / recall.
+    """
+
+    retrieved: str
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """Validated settings of one task folder."""
 
@@ -57,6 +76,7 @@ class TaskSpec:
     splits: Splits
     max_new_tokens: int
     template_files: dict[str, str] = field(default_factory=dict)
+    contexts: ContextFields | None = None
 
     @property
     def output_fields(self) -> tuple[str, ...]:
@@ -135,6 +155,8 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         if f not in props:
             raise TaskConfigError(f"{cfg_path}: field '{f}' is not a property of {schema_path.name}")
 
+    contexts = _context_fields(cfg, cfg_path, input_field, tuple(props))
+
     prompts = _require(cfg, "prompts", dict, cfg_path)
     templates: dict[str, str] = {}
     template_files: dict[str, str] = {}
@@ -147,7 +169,7 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
             raise TaskConfigError(f"{cfg_path}: prompts.{role} file '{rel}' does not exist")
         templates[role] = path.read_text(encoding="utf-8").strip("\n")
         template_files[role] = rel
-        allowed = {input_field, FEW_SHOT_VARIABLE}
+        allowed = {input_field, FEW_SHOT_VARIABLE} | ({CONTEXTS_VARIABLE} if contexts else set())
         try:
             unknown = template_variables(templates[role], str(path)) - allowed
         except PromptError as exc:
@@ -158,6 +180,9 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
             )
     if "{" + input_field + "}" not in templates["user"]:
         raise TaskConfigError(f"{root / template_files['user']}: must contain {{{input_field}}}")
+    if contexts and not any(CONTEXTS_VARIABLE in template_variables(t, role) for role, t in templates.items()):
+        raise TaskConfigError(f"{root / template_files['user']}: the task has retrieved contexts "
+                              f"('{contexts.retrieved}'), so a template must show them with {{{CONTEXTS_VARIABLE}}}")
 
     def _bounds(key: str, default: tuple[int, int]) -> tuple[int, int]:
         raw = cfg.get(key, {"min": default[0], "max": default[1]})
@@ -202,7 +227,39 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         splits=splits,
         max_new_tokens=int((cfg.get("generation") or {}).get("max_new_tokens", 128)),
         template_files=template_files,
+        contexts=contexts,
     )
+
+
+_CONTEXT_KEYS = ("retrieved_field", "reference_field")
+
+
+def _context_fields(cfg: dict[str, Any], where: Path, input_field: str,
+                    output_fields: tuple[str, ...]) -> ContextFields | None:
+    """The optional ``contexts:`` section: which example fields hold the passages."""
+    if "contexts" not in cfg or cfg["contexts"] is None:
+        return None
+    section = cfg["contexts"]
+    if not isinstance(section, dict):
+        raise TaskConfigError(f"{where}: 'contexts' must be a mapping with {list(_CONTEXT_KEYS)}, got {section!r}")
+    unknown = sorted(set(section) - set(_CONTEXT_KEYS))
+    if unknown:
+        raise TaskConfigError(f"{where}: unknown key(s) {unknown} in 'contexts'; allowed: {list(_CONTEXT_KEYS)}")
+    names: dict[str, str] = {}
+    for key in _CONTEXT_KEYS:
+        value = section.get(key)
+        if value is None and key == "reference_field":
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise TaskConfigError(f"{where}: contexts.{key} must name an example field, got {value!r}")
+        if value == input_field or value in output_fields:
+            raise TaskConfigError(f"{where}: contexts.{key} '{value}' is already the input field or an output "
+                                  "field; the passages need a field of their own")
+        names[key] = value
+    if names.get("reference_field") == names["retrieved_field"]:
+        raise TaskConfigError(f"{where}: contexts.reference_field and contexts.retrieved_field are both "
+                              f"'{names['retrieved_field']}'")
+    return ContextFields(names["retrieved_field"], names.get("reference_field"))
 
 
 @dataclass(frozen=True)
@@ -211,6 +268,29 @@ class RawExample:
     source_row: int
     input_text: str
     output: dict[str, Any]
+    contexts: tuple[str, ...] | None = None
+    reference_contexts: tuple[str, ...] | None = None
+
+
+def passages(value: Any, where: str, name: str, from_csv: bool = False) -> tuple[str, ...]:
+    """A list of passages as an example carries it; anything else raises ``TaskDataError``
+    naming ``where`` (file and row) and the field. A CSV cell holds the list as JSON."""
+    if from_csv and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise TaskDataError(f"{where}: field '{name}' must be a JSON list of strings in a CSV cell "
+                                f"({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(value, list):
+        raise TaskDataError(f"{where}: field '{name}' must be a list of strings, got {type(value).__name__}")
+    if not value:
+        raise TaskDataError(f"{where}: field '{name}' is an empty list; give at least one passage")
+    for i, item in enumerate(value, start=1):
+        if not isinstance(item, str):
+            raise TaskDataError(f"{where}: field '{name}' item {i} must be a string, got {type(item).__name__}")
+        if not item.strip():
+            raise TaskDataError(f"{where}: field '{name}' item {i} is empty")
+    return tuple(value)
 
 
 def read_raw_file(path: Path, task: TaskSpec) -> Iterator[RawExample]:
@@ -241,7 +321,19 @@ def read_raw_file(path: Path, task: TaskSpec) -> Iterator[RawExample]:
             missing = [f for f in fields if f not in row]
             if missing:
                 raise TaskDataError(f"{path}, row {line_no}: missing output field(s) {missing}")
-            yield RawExample(rel, line_no, text, {f: row[f] for f in fields})
+            retrieved = reference = None
+            if task.contexts is not None:
+                where, csv_cell = f"{path}, row {line_no}", path.suffix == ".csv"
+                name = task.contexts.retrieved
+                if row.get(name) is None:
+                    raise TaskDataError(f"{where}: field '{name}' (the retrieved contexts) is missing")
+                retrieved = passages(row[name], where, name, csv_cell)
+                # Reference passages are optional per example: context precision / recall are
+                # computed over the examples that have them.
+                ref_name = task.contexts.reference
+                if ref_name is not None and row.get(ref_name) is not None:
+                    reference = passages(row[ref_name], where, ref_name, csv_cell)
+            yield RawExample(rel, line_no, text, {f: row[f] for f in fields}, retrieved, reference)
 
 
 def _jsonl_rows(fh, path: Path) -> Iterator[tuple[int, Any]]:

@@ -7,6 +7,8 @@ select
     output_json,
     source_file,
     source_row,
+    contexts_json,
+    reference_contexts_json,
     case
         when split_bucket < {{ var("golden_fraction") }} + {{ var("validation_fraction") }} then 'validation'
         else 'train'

@@ -1,11 +1,15 @@
 -- The active task's examples: normalised, with stable ids and content hashes, exact and
 -- near duplicates removed. The first occurrence (by file, then row) of a duplicate wins.
+-- Identity is the input alone: the same question with other retrieved passages is the same
+-- example (it must not sit in both the golden set and training).
 with src as (
     select
         source_file,
         source_row,
         input_text,
         output_json,
+        contexts_json,
+        reference_contexts_json,
         {{ normalise_text('input_text') }} as normalised_text
     from {{ source('raw', 'task_examples') }}
     where task = '{{ var("task") }}'
@@ -54,6 +58,8 @@ select
     output_json,
     source_file,
     source_row,
+    contexts_json,
+    reference_contexts_json,
     {{ hash_bucket('content_hash') }} as split_bucket
 from tokens
 where example_id not in (select example_id from near_dups)

@@ -35,6 +35,12 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
         context.log.warning(f"label left out: {folder}/{issue}")
     if not scan.rows:
         return [], {}
+    if spec.contexts is not None:
+        # A label line holds a question and its answer, not the passages the model was shown.
+        context.log.warning(f"{len(scan.rows)} label(s) in {folder} left out: task '{spec.name}' needs the "
+                            f"retrieved contexts ('{spec.contexts.retrieved}') of each example, which labels "
+                            "do not carry")
+        return [], {}
     asked: dict[str, str] = {}
     wanted = sorted({r.request_id for r in scan.rows if r.input_text is None and r.request_id})
     if wanted and Path(warehouse.path).exists() and warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
@@ -69,7 +75,12 @@ def raw_task_examples(
     for path in spec.raw_files():
         before = len(rows)
         for ex in read_raw_file(path, spec):
-            rows.append((ex.source_file, ex.source_row, ex.input_text, json.dumps(ex.output, ensure_ascii=False)))
+            row = (ex.source_file, ex.source_row, ex.input_text, json.dumps(ex.output, ensure_ascii=False))
+            if spec.contexts is not None:
+                row += (json.dumps(ex.contexts, ensure_ascii=False),
+                        None if ex.reference_contexts is None else json.dumps(ex.reference_contexts,
+                                                                             ensure_ascii=False))
+            rows.append(row)
         rel = path.relative_to(spec.root).as_posix()
         files[rel] = {"rows": len(rows) - before, "sha256": sha256_file(path)}
     if not rows:

@@ -14,6 +14,8 @@ from resources.warehouse import DuckDBWarehouse
 
 BASE_COLUMNS = ("example_id", "content_hash", "input_text", "output_json", "source_file", "source_row")
 EXTRA_COLUMNS = {"sft_dataset": ("split",), "few_shot_examples": ("label",), "golden_eval_dataset": ()}
+# Marts that carry the passages of a task with contexts: every row must have its retrieved ones.
+CONTEXT_MARTS = ("golden_eval_dataset", "sft_dataset")
 
 
 def mart_rules(spec: TaskSpec, mart: str, golden=None):
@@ -26,6 +28,8 @@ def mart_rules(spec: TaskSpec, mart: str, golden=None):
         forbidden_hashes = frozenset(golden["content_hash"].tolist())
         forbidden_texts = [normalise_text(t) for t in golden["input_text"].tolist()]
     columns = BASE_COLUMNS + EXTRA_COLUMNS[mart]
+    if spec.contexts is not None and mart in CONTEXT_MARTS:
+        columns += ("contexts_json",)
     return MartRules(
         required_columns=list(columns),
         non_null_columns=list(columns),
@@ -48,6 +52,7 @@ def _make_check(mart: str) -> dg.AssetChecksDefinition:
         description=(
             f"Great Expectations suite on {mart}: columns, non-null, unique ids, length bounds, "
             "labels allowed by the task schema"
+            + (", retrieved contexts on every row (tasks with contexts)" if mart in CONTEXT_MARTS else "")
             + ("" if mart == "golden_eval_dataset" else ", no overlap (exact or near) with the golden set")
         ),
     )

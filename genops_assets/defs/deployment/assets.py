@@ -12,7 +12,7 @@ import dagster as dg
 from pydantic import Field
 
 from genops_assets.defs.evaluation.assets import fetch_registered_adapter
-from genops_assets.lib.formatting import build_messages
+from genops_assets.lib.formatting import build_messages, prompt_variables
 from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -31,12 +31,8 @@ def parity_check(client, model: str, cases: list[dict], spec, prompt_ref, render
     """Ask the endpoint for each case's greedy answer and compare with the offline one."""
 
     def ask(case):
-        if renders_prompts:
-            kwargs = {"messages": [], "extra_body": {"prompt_variables": {spec.input_field: case["input"]}}}
-        else:
-            kwargs = {"messages": build_messages(spec, case["input"], prompt=prompt_ref.template),
-                      "max_tokens": prompt_ref.template.max_new_tokens}
-        reply = client.chat.completions.create(model=model, temperature=0.0, **kwargs)
+        reply = client.chat.completions.create(model=model, temperature=0.0,
+                                               **request_for(case, spec, prompt_ref, renders_prompts))
         return reply.choices[0].message.content or ""
 
     started = time.monotonic()
@@ -46,6 +42,18 @@ def parity_check(client, model: str, cases: list[dict], spec, prompt_ref, render
                   for c, a in zip(cases, answers, strict=True) if a.strip() != c["prediction"].strip()]
     return {"checked": len(cases), "matched": len(cases) - len(mismatches), "mismatches": mismatches,
             "seconds": round(time.monotonic() - started, 2)}
+
+
+def request_for(case: dict, spec, prompt_ref, renders_prompts: bool) -> dict:
+    """The chat request for one evaluated example (input, and its passages for a task with
+    contexts): prompt variables when the endpoint renders the prompt, else the messages."""
+    contexts = case.get("contexts", ())
+    if renders_prompts:
+        return {"messages": [],
+                "extra_body": {"prompt_variables": prompt_variables(spec, case["input"], contexts,
+                                                                     prompt_ref.template)}}
+    return {"messages": build_messages(spec, case["input"], prompt=prompt_ref.template, contexts=contexts),
+            "max_tokens": prompt_ref.template.max_new_tokens}
 
 
 @dg.asset(group_name="deployment", kinds={"openai"})
@@ -124,13 +132,8 @@ def deployed_endpoint(
 
     first = eval_report["first_example"]
     started = time.monotonic()
-    if endpoint.renders_prompts:
-        reply = client.chat.completions.create(model=SERVED_NAME, messages=[], temperature=0.0,
-                                               extra_body={"prompt_variables": {spec.input_field: first["input"]}})
-    else:
-        reply = client.chat.completions.create(model=SERVED_NAME, temperature=0.0,
-                                               messages=build_messages(spec, first["input"], prompt=prompt_ref.template),
-                                               max_tokens=prompt_ref.template.max_new_tokens)
+    reply = client.chat.completions.create(model=SERVED_NAME, temperature=0.0,
+                                           **request_for(first, spec, prompt_ref, endpoint.renders_prompts))
     latency = time.monotonic() - started
     answer = reply.choices[0].message.content or ""
     answered_by = reply.system_fingerprint

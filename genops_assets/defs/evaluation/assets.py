@@ -10,9 +10,16 @@ import dagster as dg
 from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.defs.evaluation.config import EvalConfig
 from genops_assets.lib.cache import CallCache
-from genops_assets.lib.evaluation import EvalExample, ModelEval, evaluate_model, gate_decision, sample_pass_rates
+from genops_assets.lib.evaluation import (
+    ModelEval,
+    evaluate_model,
+    examples_from_frame,
+    gate_decision,
+    sample_pass_rates,
+)
 from genops_assets.lib.hashing import sha256_json
-from genops_assets.lib.report import write_eval_report
+from genops_assets.lib.report import rag_section, write_eval_report
+from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import CHAMPION, MlflowTracking
@@ -43,13 +50,18 @@ def eval_report(
     warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
     home: GenopsHome,
+    judge: JudgeResource,
 ) -> dg.Output[dict]:
     """Predictions on the held-out golden set for the base model (0-shot and k-shot), the tuned
     adapter and the current champion, all with the `production` prompt, scored (valid JSON,
     exact match per field, ROUGE-L/BLEU, latency), with the promotion decision and a
     Markdown/HTML report in MLflow. When the registry holds a `candidate` prompt, the tuned
     adapter is also run with it and the report shows the template diff beside the metric
-    deltas. Predictions are cached by content. Cost: 2-4 minutes on CPU for the embedded model."""
+    deltas. For a task whose examples carry retrieved contexts, also context precision / recall
+    (ragas, no LLM) and, through the judge, faithfulness and answer relevancy of every model's
+    answers, with 95% intervals. Predictions and verdicts are cached by content. Cost: 2-4
+    minutes on CPU for the embedded model (plus two judge calls per example and model for a
+    task with contexts)."""
     from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
     from genops_assets.lib.prompts import CANDIDATE
 
@@ -60,10 +72,10 @@ def eval_report(
     golden = warehouse.query_df(f"select * from {MART_SCHEMA}.golden_eval_dataset order by example_id")
     if config.max_examples:
         golden = golden.head(config.max_examples)
-    examples = [EvalExample(r.example_id, r.input_text, json.loads(r.output_json)) for r in golden.itertuples()]
+    examples = examples_from_frame(golden)
     if not examples:
         raise ValueError("golden_eval_dataset is empty: nothing to evaluate against")
-    golden_digest = sha256_json([(e.example_id, e.input_text, e.reference) for e in examples])
+    golden_digest = sha256_json([e.identity() for e in examples])
 
     shots_per_example = None
     selector_info = None
@@ -164,6 +176,12 @@ def eval_report(
         prompt_comparison = {"production_version": production.version, "candidate_version": cand_prompt.version,
                              "deltas": {m: b - a for m, a, b in rows}, "primary_interval": ci, "diff": diff}
 
+    rag = None
+    if spec.contexts is not None:
+        rag = rag_evaluation(context, config, spec, examples, evals, judge, base_model, cache)
+        if rag["models"]:
+            sections.append(rag_section(rag["models"], rag["retrieval"], rag["failures"], rag["rubrics"]))
+
     metric_names = metric_names_of(cand)
     samples = []
     for i in range(min(5, len(examples))):
@@ -178,7 +196,8 @@ def eval_report(
     out_dir = home.runs_dir / "eval" / run_id
     paths = write_eval_report(out_dir, f"{spec.name}: candidate v{version} on {len(examples)} golden examples",
                               {k: v.metrics for k, v in evals.items()}, metric_names, gate.as_dict(), samples,
-                              sections)
+                              sections, {k: v.intervals for k, v in evals.items()},
+                              rag["retrieval"] if rag else None)
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for label, ev in evals.items():
             for p in ev.predictions:
@@ -191,6 +210,9 @@ def eval_report(
     for key, ev in (("base_0shot", base0), ("base", base), ("candidate", cand), ("champion", champ_eval)):
         if ev is not None:
             prefixed.update({f"{key}.{m}": v for m, v in ev.metrics.items()})
+            prefixed.update({f"{key}.{m}_{b}": iv[b] for m, iv in ev.intervals.items() for b in ("low", "high")})
+    if rag:
+        prefixed.update(rag_mlflow_metrics(rag))
     mlflow.log_metrics(run_id, prefixed)
     mlflow.log_artifacts(run_id, out_dir, "report")
     mlflow.set_version_tags(model_name, version, {
@@ -212,15 +234,18 @@ def eval_report(
         "gate": gate.as_dict(),
         "golden_digest": golden_digest,
         "first_example": {"example_id": examples[0].example_id, "input": examples[0].input_text,
-                          "candidate_prediction": cand.predictions[0]["prediction"]},
+                          "candidate_prediction": cand.predictions[0]["prediction"],
+                          **({"contexts": list(examples[0].contexts)} if examples[0].contexts else {})},
         # Greedy answers the deployed endpoint must reproduce (serving parity).
-        "parity_examples": [{"example_id": p["example_id"], "input": p["input"], "prediction": p["prediction"]}
+        "parity_examples": [{"example_id": p["example_id"], "input": p["input"], "prediction": p["prediction"],
+                             **({"contexts": p["contexts"]} if "contexts" in p else {})}
                             for p in cand.predictions[:16]],
         "report_html": str(paths["html"]),
         "predictions_file": str(out_dir / "predictions.jsonl"),
         "sampling": sampling,
         "mlflow_run_id": run_id,
         "model_calls": sum(ev.model_calls for ev in evals.values()),
+        "rag": rag,
     }
     chart = base64.b64encode(paths["chart"].read_bytes()).decode()
     md = paths["markdown"].read_text().replace("![metrics](metrics.png)", f"![metrics](data:image/png;base64,{chart})")
@@ -241,4 +266,51 @@ def eval_report(
         **{f"base_{m}": float(base.metrics[m]) for m in SUMMARY_METRICS},
         "candidate_rouge_l": float(cand.metrics.get("rouge_l_summary", 0.0)),
         "base_rouge_l": float(base.metrics.get("rouge_l_summary", 0.0)),
+        **(rag_metadata(rag, cand) if rag else {}),
     })
+
+
+def rag_evaluation(context, config: EvalConfig, spec, examples, evals: dict[str, ModelEval], judge: JudgeResource,
+                   base_model: dict, cache: CallCache) -> dict:
+    """Retrieval metrics of the golden set and, unless turned off, the judged faithfulness and
+    answer relevancy of every evaluated model (their metrics and predictions gain them)."""
+    from genops_assets.lib.judging import BUILTIN_RUBRICS, load_rubrics
+    from genops_assets.lib.rag_metrics import evaluate_rag
+
+    client = judge.connect(base_model["path"], cache=cache) if config.judge_rag else None
+    if client is not None:
+        context.log.info(f"RAG metrics: judge {client.model} at {client.base_url}")
+    rag = evaluate_rag(client, load_rubrics(BUILTIN_RUBRICS, spec.root / "rubrics"), examples, evals,
+                       seed=config.seed, log=context.log.info)
+    rag["judge_usage"] = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k) if client else None
+    for label, failures in rag["failures"].items():
+        if failures:
+            context.log.warning(f"{label}: {len(failures)} judge call(s) failed and are left out of the means, "
+                                f"e.g. {failures[0]['example_id']} {failures[0]['metric']}: {failures[0]['error']}")
+    return rag
+
+
+def rag_mlflow_metrics(rag: dict) -> dict[str, float]:
+    """Retrieval metrics once (``retrieval.*``) and the judge's usage (``rag_judge.*``: calls,
+    cached, failures); the judged means and intervals are logged with each model's metrics."""
+    out: dict[str, float] = {}
+    for metric, summary in rag["retrieval"].items():
+        out[f"retrieval.{metric}_n"] = float(summary["n"])
+        if summary["n"]:
+            out.update({f"retrieval.{metric}": summary["estimate"], f"retrieval.{metric}_low": summary["low"],
+                        f"retrieval.{metric}_high": summary["high"]})
+    if rag["judge_usage"]:
+        out.update({f"rag_judge.{k}": float(v) for k, v in rag["judge_usage"].items()})
+    return out
+
+
+def rag_metadata(rag: dict, cand: ModelEval) -> dict:
+    """Dagster metadata of the RAG metrics: the candidate's and the retrieval's means, and the
+    whole summary (every model, intervals, failures) as JSON."""
+    from genops_assets.lib.rag_metrics import JUDGED_METRICS
+
+    out: dict = {"rag": dg.MetadataValue.json({k: rag[k] for k in ("retrieval", "models", "rubrics", "judge_usage")}),
+                 "rag_judge_failures": sum(len(f) for f in rag["failures"].values())}
+    out.update({metric: float(s["estimate"]) for metric, s in rag["retrieval"].items() if s["n"]})
+    out.update({f"candidate_{m}": float(cand.metrics[m]) for m in JUDGED_METRICS if m in cand.metrics})
+    return out

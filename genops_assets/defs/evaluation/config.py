@@ -17,6 +17,10 @@ class EvalConfig(dg.Config):
     sample_temperature: float = Field(0.7, description="Temperature of those samples.")
     margin: float = Field(0.02, description="How much the candidate must beat the champion (or the base model "
                                            "when there is no champion) by on the task's primary metric.")
+    judge_rag: bool = Field(True, description="Tasks with retrieved contexts: judge faithfulness and answer "
+                                              "relevancy of every evaluated model (two judge calls per golden "
+                                              "example and model, cached); False: retrieval metrics only.")
+    seed: int = Field(0, description="Seed of the bootstrap intervals of the RAG metrics.")
 
 
 class SxsConfig(dg.Config):

@@ -9,6 +9,7 @@ import dagster as dg
 from genops_assets.defs.evaluation.config import SxsConfig
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.formatting import build_messages
+from genops_assets.lib.prompts import PromptError
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -27,17 +28,18 @@ def _judge_human_agreement(client, rubric, path: Path, spec, log, seed: int, pro
                 continue
             try:
                 r = json.loads(line)
-                rows.append(SxsRow(f"human_{n}", _judge_input(spec, r["input"], prompt), r.get("reference", ""),
-                                   r["response_a"], r["response_b"], human=label[r["preferred"]]))
-            except (json.JSONDecodeError, KeyError) as exc:
+                rows.append(SxsRow(f"human_{n}", _judge_input(spec, r["input"], prompt, r.get("contexts") or ()),
+                                   r.get("reference", ""), r["response_a"], r["response_b"],
+                                   human=label[r["preferred"]]))
+            except (json.JSONDecodeError, KeyError, PromptError) as exc:
                 raise ValueError(f"{path}, row {n}: expected input, response_a, response_b and preferred "
-                                 f"(A, B or C): {exc}") from exc
+                                 f"(A, B or C), and contexts for a task with retrieved contexts: {exc}") from exc
     result = run_sxs(client, rubric, [], rows, log=log, seed=seed)
     return result.summary.get("judge_human", {"n": 0})
 
 
-def _judge_input(spec, text: str, prompt=None) -> str:
-    return "\n\n".join(m["content"] for m in build_messages(spec, text, [], prompt))
+def _judge_input(spec, text: str, prompt=None, contexts=()) -> str:
+    return "\n\n".join(m["content"] for m in build_messages(spec, text, [], prompt, contexts))
 
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"})
@@ -86,9 +88,10 @@ def sxs_evaluation(
     ids = list(preds[cand_label])
     if config.max_examples:
         ids = ids[: config.max_examples]
-    rows = [SxsRow(i, _judge_input(spec, preds[cand_label][i]["input"], prompt),
-                   json.dumps(preds[cand_label][i]["reference"], ensure_ascii=False),
-                   preds[cand_label][i]["prediction"], preds[base_label][i]["prediction"]) for i in ids]
+    cand_preds = preds[cand_label]
+    rows = [SxsRow(i, _judge_input(spec, cand_preds[i]["input"], prompt, cand_preds[i].get("contexts", ())),
+                   json.dumps(cand_preds[i]["reference"], ensure_ascii=False),
+                   cand_preds[i]["prediction"], preds[base_label][i]["prediction"]) for i in ids]
 
     cache = CallCache(home.cache_dir / "calls.sqlite")
     client = judge.connect(base_model["path"], cache=cache)

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.lib.cache import CallCache
-from genops_assets.lib.evaluation import EvalExample, evaluate_model
+from genops_assets.lib.evaluation import evaluate_model, examples_from_frame
 from genops_assets.lib.hashing import atomic_write_text, sha256_json
 from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, PromptRef, prompt_registry_name
 from resources.judge import JudgeResource
@@ -124,7 +124,7 @@ def prompt_candidates(
                              "order by example_id")
     if config.max_examples:
         val = val.head(config.max_examples)
-    examples = [EvalExample(r.example_id, r.input_text, json.loads(r.output_json)) for r in val.itertuples()]
+    examples = examples_from_frame(val)
     golden_ids = set(warehouse.query_df(f"select example_id from {MART_SCHEMA}.golden_eval_dataset")["example_id"])
 
     predictions = []

@@ -9,6 +9,7 @@ import dagster as dg
 from genops_assets import __version__
 from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.defs.tuning.config import TuningConfig
+from genops_assets.lib.evaluation import examples_from_frame
 from genops_assets.lib.formatting import build_messages, format_target
 from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.lib.report import loss_curve_png
@@ -30,14 +31,17 @@ def registered_model_name(task_name: str) -> str:
 
 def frame_digest(df) -> str:
     cols = ["example_id", "input_text", "output_json"]
+    # The passages are part of what is trained on; a task without them keeps its digests.
+    if "contexts_json" in df.columns and df["contexts_json"].notna().any():
+        cols += ["contexts_json", "reference_contexts_json"]
     return sha256_json(df[cols].to_dict(orient="records"))
 
 
 def to_sft_examples(spec, df, prompt=None) -> list[SftExample]:
     return [
-        SftExample(r.example_id, build_messages(spec, r.input_text, prompt=prompt),
-                   format_target(json.loads(r.output_json), spec.output_fields))
-        for r in df.itertuples()
+        SftExample(ex.example_id, build_messages(spec, ex.input_text, prompt=prompt, contexts=ex.contexts),
+                   format_target(ex.reference, spec.output_fields))
+        for ex in examples_from_frame(df)
     ]
 
 

@@ -75,7 +75,7 @@ class ChatRequest(BaseModel):
     model: str
     messages: list[ChatMessage] = Field(default_factory=list)
     # genops extension: variables of the deployed prompt template instead of messages.
-    prompt_variables: dict[str, str] | None = None
+    prompt_variables: dict[str, str | list[str]] | None = None  # a list: the passages of {contexts}
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
