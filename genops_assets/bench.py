@@ -54,8 +54,11 @@ def bench_eval(base_dir: str, task, examples, work: Path) -> dict:
             "predictions": [p["prediction"] for p in cold.predictions]}
 
 
-def bench_judging(base_dir: str, task, examples, predictions, work: Path, explain: bool, explain_tokens: int,
+def bench_judging(base_dir: str, task, examples, predictions, work: Path, modes: list[bool], explain_tokens: int,
                   concurrency: int) -> dict:
+    """Sequential vs concurrent judging on one local judge server, for each mode: verdicts only
+    (choice mode: one forward pass per verdict) and, when asked, verdicts with a written
+    explanation (a second, generated answer per verdict)."""
     from genops_assets.lib.formatting import build_messages
     from genops_assets.lib.judging import BUILTIN_RUBRICS, ChatJudge, load_rubrics
     from genops_assets.lib.serving import control
@@ -69,36 +72,43 @@ def bench_judging(base_dir: str, task, examples, predictions, work: Path, explai
 
     port = next(p for p in range(8090, 8190) if port_free("127.0.0.1", p))
     state = control.start_server(base_dir, {}, {}, work / "judge", port=port)
+    results = {}
     try:
         url = f"{state.url}/v1"
-        warm = ChatJudge(url, "base", explain=explain, explain_tokens=explain_tokens)
-        warm.choose(*items[0][:2])  # first call pays one-off costs; not timed
-        timings = {}
-        for label, limit in (("sequential", 1), ("concurrent", concurrency)):
-            judge = ChatJudge(url, "base", explain=explain, explain_tokens=explain_tokens, max_concurrency=limit)
-            t0 = time.perf_counter()
-            out = judge.choose_many(items)
-            timings[label] = time.perf_counter() - t0
-            failures = [o for o in out if not hasattr(o, "choice")]
-            if failures:
-                raise RuntimeError(f"{label} judging had {len(failures)} failed calls: {failures[:2]}")
-            _log(f"judging {label} (max {limit} in flight): {len(items)} verdicts in "
-                 f"{timings[label]:.1f}s, {judge.usage.calls} calls")
+        for explain in modes:
+            warm = ChatJudge(url, "base", explain=explain, explain_tokens=explain_tokens)
+            warm.choose(*items[0][:2])  # first call pays one-off costs; not timed
+            timings = {}
+            for label, limit in (("sequential", 1), ("concurrent", concurrency)):
+                judge = ChatJudge(url, "base", explain=explain, explain_tokens=explain_tokens, max_concurrency=limit)
+                t0 = time.perf_counter()
+                out = judge.choose_many(items)
+                timings[label] = time.perf_counter() - t0
+                failures = [o for o in out if not hasattr(o, "choice")]
+                if failures:
+                    raise RuntimeError(f"{label} judging had {len(failures)} failed calls: {failures[:2]}")
+                _log(f"judging{' + explanations' if explain else ''} {label} (max {limit} in flight): "
+                     f"{len(items)} verdicts in {timings[label]:.1f}s, {judge.usage.calls} calls")
+            results["explained" if explain else "choice"] = {
+                "verdicts": len(items), "explain": explain, "explain_tokens": explain_tokens,
+                "concurrency": concurrency, "sequential_s": round(timings["sequential"], 2),
+                "concurrent_s": round(timings["concurrent"], 2),
+                "speedup": round(timings["sequential"] / timings["concurrent"], 2), "target": ">= 3x"}
         with urllib.request.urlopen(f"{state.url}/health") as resp:
             health = json.loads(resp.read())
     finally:
         control.stop_server(work / "judge")
-    return {"verdicts": len(items), "explain": explain, "explain_tokens": explain_tokens, "concurrency": concurrency,
-            "sequential_s": round(timings["sequential"], 2), "concurrent_s": round(timings["concurrent"], 2),
-            "speedup": round(timings["sequential"] / timings["concurrent"], 2), "target": ">= 3x",
-            "server_batches": health.get("batches"), "server_batched_requests": health.get("batched_requests")}
+    results["server_batches"], results["server_batched_requests"] = health.get("batches"), health.get(
+        "batched_requests")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=24, help="golden examples in the evaluation benchmark")
     parser.add_argument("--judge-items", type=int, default=24, help="verdicts in the judging benchmark")
-    parser.add_argument("--explain", action="store_true", help="judges also write an explanation per verdict")
+    parser.add_argument("--judge-modes", default="choice,explained",
+                        help="comma-separated: choice (verdicts only), explained (verdict + explanation)")
     parser.add_argument("--explain-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
@@ -131,9 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             results["evaluation_cache"] = bench_eval(base.path, task, examples, work)
             preds = results["evaluation_cache"].pop("predictions")
             n = min(args.judge_items, len(examples))
-            _log(f"judging: {n} pointwise verdicts in choice mode, sequential then concurrent")
-            results["judging"] = bench_judging(base.path, task, examples[:n], preds[:n], work, args.explain,
-                                               args.explain_tokens, args.concurrency)
+            modes = [m.strip() for m in args.judge_modes.split(",") if m.strip()]
+            unknown = sorted(set(modes) - {"choice", "explained"})
+            if unknown or not modes:
+                parser.error(f"--judge-modes: unknown mode(s) {unknown} (use choice, explained)")
+            _log(f"judging: {n} pointwise verdicts ({', '.join(modes)}), sequential then concurrent")
+            results["judging"] = bench_judging(base.path, task, examples[:n], preds[:n], work,
+                                               [m == "explained" for m in modes], args.explain_tokens,
+                                               args.concurrency)
         if args.only in ("all", "serving"):
             from genops_assets.bench_serving import bench_serving
 
@@ -149,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp_out.replace(out)
     print(f"\ngenops bench ({results['machine']['cpus']} CPUs) -> {out}")
     if "evaluation_cache" in results:
-        e, j = results["evaluation_cache"], results["judging"]
-        print(f"""  golden-set evaluation, {e['examples']} examples: cold {e['cold_s']:.1f}s ({e['cold_model_calls']} model calls), cached {e['cached_s']:.3f}s (0 calls): {e['speedup']}x (target {e['target']})
-  judging, {j['verdicts']} verdicts{' + explanations' if j['explain'] else ''} (choice mode): sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: {j['speedup']}x (target {j['target']})""")
+        e = results["evaluation_cache"]
+        print(f"  golden-set evaluation, {e['examples']} examples: cold {e['cold_s']:.1f}s ({e['cold_model_calls']} "
+              f"model calls), cached {e['cached_s']:.3f}s (0 calls): {e['speedup']}x (target {e['target']})")
+        for mode in ("choice", "explained"):
+            if mode in results["judging"]:
+                j = results["judging"][mode]
+                print(f"  judging, {j['verdicts']} verdicts{' + explanations' if j['explain'] else ''} (choice mode): "
+                      f"sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: "
+                      f"{j['speedup']}x (target {j['target']})")
     if "serving" in results:
         from genops_assets.bench_serving import table
 
