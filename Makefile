@@ -70,8 +70,16 @@ test-fast: install
 # Side-by-side timings (ratios) written to $(GENOPS_HOME)/bench/results.json.
 # llama.cpp (llama-cpp-python, built from source: minutes) is installed here only, for the
 # serving comparison; the rest of genops does not need it.
+# llama.cpp is built for the CPU's vector units (AVX2, and AVX-512 where /proc/cpuinfo lists it)
+# but without -march=native: a native build also compiles AMX kernels, which crash in VMs that
+# do not grant AMX to the process (general protection fault in libggml-cpu on the first request).
+cpu_has = $(shell grep -s -m1 -o -w $(1) /proc/cpuinfo)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	$(if $(call cpu_has,avx512f),-DGGML_AVX512=ON) $(if $(call cpu_has,avx512_vnni),-DGGML_AVX512_VNNI=ON) \
+	$(if $(call cpu_has,avx512_bf16),-DGGML_AVX512_BF16=ON)
+
 bench: install
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
 	$(BIN)/python -m genops_assets.bench
 
 ui: install
