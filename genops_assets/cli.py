@@ -126,12 +126,18 @@ def _ask_endpoint(base_url: str) -> None:
     message = "Hi, my thermostat shows 'offline' in the app since the power cut yesterday and the house is cold."
     try:
         task = load_task(os.environ.get("GENOPS_TASKS_DIR") or REPO / "tasks", os.environ.get("GENOPS_TASK") or "support_triage")
+        from genops_assets.lib.formatting import prompt_variables
+        from genops_assets.lib.tasks import read_raw_file
         from resources.endpoint import client_api_key
 
+        contexts: tuple[str, ...] = ()
+        if task.contexts is not None:  # the task's first example, with the passages its prompt shows
+            first = next(r for f in task.raw_files() for r in read_raw_file(f, task))
+            message, contexts = first.input_text, first.contexts or ()
         client = OpenAI(base_url=base_url, api_key=client_api_key(), max_retries=0, timeout=120)
         # The server renders its deployed production prompt around the variables.
-        reply = client.chat.completions.create(model="champion", temperature=0, messages=[],
-                                               extra_body={"prompt_variables": {task.input_field: message}})
+        reply = client.chat.completions.create(model="champion", temperature=0, messages=[], extra_body={
+            "prompt_variables": prompt_variables(task, message, contexts)})
     except Exception as exc:  # noqa: BLE001 - reported, the demo itself already verified the endpoint
         print(f"\nendpoint request failed: {exc}", file=sys.stderr)
         return
