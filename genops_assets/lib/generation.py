@@ -9,6 +9,7 @@ swapped in under the lock, so a request never sees a half-loaded adapter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -187,6 +188,12 @@ def generate(
     return results
 
 
+def _encode(tok, messages: Messages) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the answer."""
+    return tok(tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+
+
 def _row_hooks(sinks: Sequence[TokenSink | None], prompt_len: int, end_id: int, max_new_tokens: int):
     """A stopping criterion that feeds each row's new token to its sink and stops the rows
     whose sink asks to. ``stopped_at[r]`` is the number of tokens row r kept when its sink
@@ -227,13 +234,9 @@ def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, 
     import torch
 
     tok = loaded.tokenizer
-    prompts = [tok(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"] for m in batch]
+    prompts = [_encode(tok, m) for m in batch]
     shared = _shared_prefix_len(prompts)
-    if shared:
-        input_ids, attention_mask = _split_pad(prompts, shared, tok.pad_token_id)
-    else:
-        input_ids, attention_mask = _left_pad(prompts, tok.pad_token_id)
+    input_ids, attention_mask = _left_pad(prompts, tok.pad_token_id, shared)
     input_ids, attention_mask = input_ids.to(loaded.device), attention_mask.to(loaded.device)
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
@@ -296,8 +299,7 @@ def score_choices(
     if adapter is not None and adapter not in loaded.internal:
         raise KeyError(f"adapter '{adapter}' is not loaded (loaded: {sorted(loaded.internal)})")
     tok = loaded.tokenizer
-    prompts = [tok(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"] for m in messages_batch]
+    prompts = [_encode(tok, m) for m in messages_batch]
     choice_ids = [[tok(c, add_special_tokens=False)["input_ids"] for c in choices] for choices in choices_batch]
     for choices, ids in zip(choices_batch, choice_ids, strict=True):
         if not choices:
@@ -334,15 +336,22 @@ def score_choices(
     return out
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad: int):
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int, shared: int = 0):
+    """Rows laid out as ``shared prefix | padding | own tail``, so that every row ends in the
+    last column (its next token is read there). With ``shared`` > 0 the prefix sits at the same
+    columns in every row, so its KV cache is computed once; masked padding in the middle
+    leaves the positions that generate() derives from the mask (its cumulative sum) unchanged."""
     import torch
 
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
-        input_ids[r, width - len(s):] = torch.tensor(list(s))
-        mask[r, width - len(s):] = 1
+        tail = len(s) - shared
+        input_ids[r, :shared] = torch.tensor(list(s[:shared]))
+        input_ids[r, width - tail:] = torch.tensor(list(s[shared:]))
+        mask[r, :shared] = 1
+        mask[r, width - tail:] = 1
     return input_ids, mask
 
 
@@ -390,25 +399,6 @@ def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
-def _split_pad(prompts: Sequence[Sequence[int]], shared: int, pad: int):
-    """Rows laid out as ``shared prefix | padding | own tail``: the prefix sits at the same
-    columns in every row (so its KV cache is computed once) and the tails end together (so the
-    next token of every row is read in the last column). Masked padding in the middle leaves
-    the positions that generate() derives from the mask (its cumulative sum) unchanged."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        tail = len(p) - shared
-        input_ids[r, :shared] = torch.tensor(list(p[:shared]))
-        input_ids[r, width - tail:] = torch.tensor(list(p[shared:]))
-        mask[r, :shared] = 1
-        mask[r, width - tail:] = 1
-    return input_ids, mask
-
-
 def _prefix_cache(model, prefix: Sequence[int], batch: int, device: str):
     """KV cache of ``prefix`` computed once and repeated for ``batch`` rows."""
     import torch
@@ -417,6 +407,14 @@ def _prefix_cache(model, prefix: Sequence[int], batch: int, device: str):
     cache = out.cache
     cache.batch_repeat_interleave(batch)
     return cache
+
+
+def _prefill(model, input_ids, mask, shared: int, cache):
+    """Forward pass over the columns after the ``shared`` ones already in ``cache`` (none:
+    ``shared`` 0, ``cache`` None), positions from the mask; logits of the last column only."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids[:, shared:], attention_mask=mask, cache=cache,
+                 position_ids=positions[:, shared:], use_cache=True, logits_to_keep=1)
 
 
 def _last_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], adapter: str | None):
@@ -430,13 +428,11 @@ def _last_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], adapter:
     if not shared:
         input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id)
         return _forward(loaded, input_ids, mask, adapter, last_only=True)[:, -1, :]
-    input_ids, mask = _split_pad(prompts, shared, loaded.tokenizer.pad_token_id)
+    input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id, shared)
     input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     with _selected(loaded, adapter) as model:
         cache = _prefix_cache(model, prompts[0][:shared], len(prompts), loaded.device)
-        logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, cache=cache,
-                       position_ids=positions, use_cache=True, logits_to_keep=1).logits.float()
+        logits = _prefill(model, input_ids, mask, shared, cache).logits.float()
     return logits[:, -1, :]
 
 
@@ -463,13 +459,10 @@ def _cache_from(layers, rows: int):
     return cache
 
 
+@functools.cache
 def _buffered_layer_type():
     """A KV-cache layer that appends in place into spare capacity (doubling when full), where
     the default layer concatenates, copying the whole cache at every decoding step."""
-    global _BUFFERED_LAYER
-    if _BUFFERED_LAYER is not None:
-        return _BUFFERED_LAYER
-    import torch
     from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):
@@ -497,22 +490,11 @@ def _buffered_layer_type():
             self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
             return self.keys, self.values
 
-    del torch
-    _BUFFERED_LAYER = BufferedLayer
     return BufferedLayer
 
 
-_BUFFERED_LAYER = None
 DECODE_SPARE_COLUMNS = 64
 PREFIX_CACHE_ENTRIES = 8
-
-
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _cached_prefix(loaded: LoadedModel, internal: str | None, prompts: Sequence[Sequence[int]]):
@@ -525,7 +507,7 @@ def _cached_prefix(loaded: LoadedModel, internal: str | None, prompts: Sequence[
     for owner, tokens, layers in reversed(loaded.prefixes):
         if owner != internal:
             continue
-        k = min([limit, *(_common_len(tokens, p) for p in prompts)])
+        k = min([limit, *(len(os.path.commonprefix([tokens, tuple(p)])) for p in prompts)])
         if k > best:
             best, kv = k, layers
     if best < MIN_SHARED_PREFIX:
@@ -533,13 +515,13 @@ def _cached_prefix(loaded: LoadedModel, internal: str | None, prompts: Sequence[
     return best, [(k_[:, :, :best], v_[:, :, :best]) for k_, v_ in kv]
 
 
-def _remember_prefix(loaded: LoadedModel, internal: str | None, tokens: Sequence[int], cache, row: int = 0) -> None:
-    """Keep the KV cache of ``tokens``, the first columns of ``row`` in ``cache`` (most recent
-    last, a bounded number), dropping entries of adapters no longer loaded."""
+def _remember_prefix(loaded: LoadedModel, internal: str | None, tokens: Sequence[int], cache) -> None:
+    """Keep the KV cache of ``tokens``, the first columns of the first row of ``cache`` (most
+    recent last, a bounded number), dropping entries of adapters no longer loaded."""
     if len(tokens) < MIN_SHARED_PREFIX:
         return
     n = len(tokens)
-    layers = [(layer.keys[row:row + 1, :, :n].clone(), layer.values[row:row + 1, :, :n].clone())
+    layers = [(layer.keys[:1, :, :n].clone(), layer.values[:1, :, :n].clone())
               for layer in cache.layers]
     with loaded.lock:
         live = set(loaded.internal.values())
@@ -590,7 +572,6 @@ class DecodeBatch:
         self.mask = None  # [rows, columns] 1 where the cache holds a real token
         self.positions = None  # [rows] position id of each row's next token
         self.last = None  # [rows] token each row feeds to the next step
-        self.steps = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -621,8 +602,7 @@ class DecodeBatch:
         import torch
 
         loaded, tok = self.loaded, self.loaded.tokenizer
-        prompts = [tok(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"] for m in conversations]
+        prompts = [_encode(tok, m) for m in conversations]
         now = time.perf_counter()
         rows = []
         for i, key in enumerate(keys):
@@ -632,35 +612,26 @@ class DecodeBatch:
                 gen.manual_seed(seeds[i] if seeds[i] is not None else int.from_bytes(os.urandom(8), "little") >> 1)
             rows.append(_Row(key, len(prompts[i]), sinks[i], max(1, int(max_new_tokens[i])), float(temperature[i]),
                              float(top_p[i]), tuple(s for s in stop[i] if s), gen, now))
-        pad = tok.pad_token_id
         with loaded.lock:
             shared, layers = _cached_prefix(loaded, self.internal, prompts)
         fresh = not shared
         if fresh:
             shared = _shared_prefix_len(prompts)
-        if shared:
-            input_ids, mask = _split_pad(prompts, shared, pad)
-        else:
-            input_ids, mask = _left_pad(prompts, pad)
+        input_ids, mask = _left_pad(prompts, tok.pad_token_id, shared)
         input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with _selected(loaded, self.adapter, self.internal) as model:
-            if shared:
-                if fresh:
-                    cache = _prefix_cache(model, prompts[0][:shared], 1, loaded.device)
-                    _remember_prefix(loaded, self.internal, prompts[0][:shared], cache)
-                    cache.batch_repeat_interleave(len(prompts))
-                else:
-                    cache = _cache_from(layers, len(prompts))
-                out = model(input_ids=input_ids[:, shared:], attention_mask=mask, cache=cache,
-                            position_ids=positions[:, shared:], use_cache=True, logits_to_keep=1)
-            else:
-                out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1)
-                if len(prompts) == 1:  # its prompt's start (a system prompt) may begin later ones
-                    _remember_prefix(loaded, self.internal, prompts[0][:-1], out.cache)
+            cache = None
+            if shared and fresh:
+                cache = _prefix_cache(model, prompts[0][:shared], 1, loaded.device)
+                _remember_prefix(loaded, self.internal, prompts[0][:shared], cache)
+                cache.batch_repeat_interleave(len(prompts))
+            elif shared:
+                cache = _cache_from(layers, len(prompts))
+            out = _prefill(model, input_ids, mask, shared, cache)
+            if not shared and len(prompts) == 1:  # its prompt's start (a system prompt) may begin later ones
+                _remember_prefix(loaded, self.internal, prompts[0][:-1], out.cache)
         next_positions = mask.sum(-1)
-        self._merge(out.cache, mask, next_positions, len(rows), rows)
+        self._merge(out.cache, mask, next_positions, rows)
         return self._advance(out.logits[:, -1, :].float(), first=len(self.rows) - len(rows))
 
     def step(self) -> list[tuple[Any, GenerationResult]]:
@@ -676,14 +647,13 @@ class DecodeBatch:
                         cache=self.cache, use_cache=True)
         self.mask, self.cache = mask, out.cache
         self.positions = self.positions + 1
-        self.steps += 1
         return self._advance(out.logits[:, -1, :].float(), first=0)
 
-    def _merge(self, cache, mask, positions, n: int, rows: list[_Row]) -> None:
+    def _merge(self, cache, mask, positions, rows: list[_Row]) -> None:
         import torch
         import torch.nn.functional as F
 
-        last = torch.zeros(n, dtype=torch.long, device=mask.device)
+        last = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
         if not self.rows:
             self.cache, self.mask, self.positions, self.last = cache, mask, positions, last
             self.rows = list(rows)

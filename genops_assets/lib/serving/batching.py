@@ -237,7 +237,7 @@ class Batcher:
             else:
                 job.future.set_result((result, {"queue_s": (job.started or now) - job.enqueued,
                                                 "compute_s": now - (job.started or now),
-                                                "batch": getattr(job, "batch", 1)}))
+                                                "batch": job.batch}))
 
     def _fail(self, jobs: list[Job], exc: BaseException) -> None:
         for j in jobs:
