@@ -4,6 +4,7 @@ queried over HTTP with the official openai client."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -153,6 +154,77 @@ def test_shared_prefix_choice_scoring_matches_one_by_one(tiny_model_dir, tiny_ad
             assert t == pytest.approx(a, abs=1e-4)
 
 
+def _tokens_computed(loaded):
+    """A list that grows by the number of tokens each forward pass computes."""
+    seen: list[int] = []
+    loaded.model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].numel()))
+    return seen
+
+
+def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
+    """Judge prompts reuse the prefix cache: a rubric seen before is not computed again, a
+    batch computes the rest of its common start once, and a judge's follow-up question
+    (verdict, then "why?") computes only its own tail. Probabilities equal those computed
+    from scratch; the cache is kept per adapter."""
+    from genops_assets.lib import generation
+    from genops_assets.lib.generation import DecodeBatch, load_model, score_choices
+
+    loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+    tok = loaded.tokenizer
+    rubric = "You grade answers on a 1-5 scale. " * 12
+    convs = [[{"role": "system", "content": rubric}, {"role": "user", "content": f"{i}. " + "ok " * i}]
+             for i in range(1, 6)]
+    choices = [("1", "2", "3", "4", "5")] * len(convs)
+    seen = _tokens_computed(loaded)
+    for adapter in (None, "cand"):
+        scratch = []
+        for m, c in zip(convs, choices):
+            loaded.prefixes.clear()
+            scratch.append(score_choices(loaded, [m], [c], adapter=adapter)[0])
+        loaded.prefixes.clear()
+        del seen[:]
+        lens = [len(generation._encode(tok, m)) for m in convs]
+        rubric_len = len(os.path.commonprefix([generation._encode(tok, m) for m in convs]))
+        first, n = score_choices(loaded, convs[:1], choices[:1], adapter=adapter)[0]
+        assert n == scratch[0][1] and first == pytest.approx(scratch[0][0], abs=1e-4)
+        assert seen == [lens[0]]
+        # the next ones begin with the cached rubric: only their own tails are computed
+        together = score_choices(loaded, convs[1:], choices[1:], adapter=adapter)
+        assert seen[1:] == [4 * (max(lens[1:]) - rubric_len)], seen
+        for (t, tn), (a, an) in zip(together, scratch[1:]):
+            assert tn == an and t == pytest.approx(a, abs=1e-4)
+        # the follow-up for an explanation continues a scored prompt
+        follow = [*convs[2], {"role": "assistant", "content": "4"}, {"role": "user", "content": "In one sentence, why?"}]
+        del seen[:]
+        batch = DecodeBatch(loaded, adapter)
+        _admit(batch, 0, follow, 1)
+        batch.close()
+        assert seen == [len(generation._encode(tok, follow)) - lens[2]], "only the follow-up's own tokens"
+    assert {o for o, _, _ in loaded.prefixes} == {loaded.internal["cand"]}
+    del seen[:]
+    score_choices(loaded, convs[3:4], choices[3:4])  # the base does not use the adapter's cache
+    assert seen == [lens[3]]
+
+
+def test_prefix_cache_is_bounded_in_bytes(tiny_model_dir, monkeypatch):
+    """The least recently used prompts leave the cache beyond its byte budget; a prompt that
+    starts a kept one adds no entry."""
+    from genops_assets.lib import generation
+    from genops_assets.lib.generation import load_model, score_choices
+
+    loaded = load_model(tiny_model_dir)
+    convs = [[{"role": "user", "content": f"{i} " + "grade this answer please " * 10}] for i in range(4)]
+    score_choices(loaded, convs[:1], [("1", "2")])
+    one = generation._kv_bytes(loaded.prefixes[0][2])
+    monkeypatch.setattr(generation, "PREFIX_CACHE_BYTES", int(2.5 * one))
+    for c in convs[1:]:
+        score_choices(loaded, [c], [("1", "2")])
+    kept = [t for _, t, _ in loaded.prefixes]
+    assert kept == [tuple(generation._encode(loaded.tokenizer, c)) for c in convs[2:]]
+    score_choices(loaded, convs[2:3], [("1", "2")])  # a hit makes it the most recent
+    assert [t for _, t, _ in loaded.prefixes] == [kept[1], kept[0]]
+
+
 def test_shared_prefix_generation_matches_one_by_one(tiny_model_dir, tiny_adapter_dir):
     """Requests that share a system prompt compute it once per batch (prefix laid out at the
     same columns, padding between prefix and tail): greedy answers, token counts and streamed
@@ -276,7 +348,8 @@ def test_continuous_batch_rows_join_and_leave_mid_way_with_their_solo_answers(ti
         batch = DecodeBatch(loaded, adapter)
         done = dict(batch.admit([0, 1], convs[:2], max_new_tokens=limits[:2], temperature=[0, 0], top_p=[1, 1],
                                 stop=[(), ()], seeds=[None, None], sinks=[None, None]))
-        assert len(loaded.prefixes) == 1, "the shared start of the first two is kept"
+        assert [len(t) for _, t, _ in loaded.prefixes] == [len(generation._encode(loaded.tokenizer, c))
+                                                           for c in convs[:2]], "each admitted prompt is kept"
         steps_seen = set()
         for step in range(40):
             if step in (2, 4, 6, 8):  # one more joins every other step; the cached start is reused

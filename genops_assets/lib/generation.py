@@ -54,8 +54,8 @@ class LoadedModel:
     # removed adapter that is pinned is deleted only when its last batch lets go of it
     pinned: dict[str, int] = field(default_factory=dict)
     retired: set[str] = field(default_factory=set)
-    # KV caches of recent prompt prefixes for continuous batching, newest last:
-    # (peft adapter or None, prefix tokens, [(keys, values) per layer] of one row)
+    # KV caches of recent prompts (generation and choice scoring), most recently used last:
+    # (peft adapter or None, prompt tokens, [(keys, values) per layer] of one row)
     prefixes: list[tuple[str | None, tuple[int, ...], list]] = field(default_factory=list)
 
 
@@ -418,22 +418,18 @@ def _prefill(model, input_ids, mask, shared: int, cache):
 
 
 def _last_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]], adapter: str | None):
-    """Next-token logits after each prompt. Prompts that start alike (a judge's rubric and
-    instructions) share one forward pass over the common prefix, whose KV cache is then
-    repeated for the batch, so only each prompt's own tail is computed per row; only the last
-    column goes through the output layer."""
-    import torch
-
-    shared = _shared_prefix_len(prompts)
-    if not shared:
-        input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id)
-        return _forward(loaded, input_ids, mask, adapter, last_only=True)[:, -1, :]
-    input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id, shared)
-    input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
+    """Next-token logits after each prompt. A start already in the prefix cache (a judge's
+    rubric seen before) is not computed again; prompts that start alike compute their common
+    start once; only the last column goes through the output layer. Each prompt's KV cache is
+    kept for the requests that continue it (a judge's follow-up question for its explanation)."""
     with _selected(loaded, adapter) as model:
-        cache = _prefix_cache(model, prompts[0][:shared], len(prompts), loaded.device)
-        logits = _prefill(model, input_ids, mask, shared, cache).logits.float()
-    return logits[:, -1, :]
+        internal = loaded.internal[adapter] if adapter is not None else None
+        shared, cache = _start_cache(loaded, model, internal, prompts)
+        input_ids, mask = _left_pad(prompts, loaded.tokenizer.pad_token_id, shared)
+        input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
+        out = _prefill(model, input_ids, mask, shared, cache)
+        _remember_prompts(loaded, internal, prompts, out.cache, mask)
+    return out.logits[:, -1, :].float()
 
 
 def _score_single_token_choices(loaded, prompts, choices_batch, choice_ids, adapter):
@@ -494,40 +490,86 @@ def _buffered_layer_type():
 
 
 DECODE_SPARE_COLUMNS = 64
-PREFIX_CACHE_ENTRIES = 8
+PREFIX_CACHE_BYTES = 256 * 2**20
+"""Bytes of KV cache the prefix cache keeps (least recently used dropped first; the newest
+entry is always kept). SmolLM2-135M: about 46 KiB a token, so about 5,700 tokens."""
 
 
 def _cached_prefix(loaded: LoadedModel, internal: str | None, prompts: Sequence[Sequence[int]]):
-    """The longest start of a cached prefix that every prompt begins with (leaving each prompt
-    a token of its own): (length, [(keys, values) per layer]) or (0, None). The KV cache of the
-    first k tokens of a prefix is the KV cache of those k tokens (attention is causal), so any
-    start of a cached prefix is reusable."""
-    best, kv = 0, None
+    """The longest start of a cached prompt that every prompt begins with (leaving each prompt
+    a token of its own): (length, [(keys, values) per layer]) or (0, None); the entry used
+    becomes the most recent. The KV cache of the first k tokens of a prompt is the KV cache of
+    those k tokens (attention is causal), so any start of a cached prompt is reusable.
+    Call with the model lock held."""
+    best, at = 0, None
     limit = min(len(p) for p in prompts) - 1
-    for owner, tokens, layers in reversed(loaded.prefixes):
+    for i, (owner, tokens, _layers) in enumerate(loaded.prefixes):
         if owner != internal:
             continue
         k = min([limit, *(len(os.path.commonprefix([tokens, tuple(p)])) for p in prompts)])
         if k > best:
-            best, kv = k, layers
+            best, at = k, i
     if best < MIN_SHARED_PREFIX:
         return 0, None
-    return best, [(k_[:, :, :best], v_[:, :, :best]) for k_, v_ in kv]
+    entry = loaded.prefixes.pop(at)
+    loaded.prefixes.append(entry)
+    return best, [(k_[:, :, :best], v_[:, :, :best]) for k_, v_ in entry[2]]
 
 
-def _remember_prefix(loaded: LoadedModel, internal: str | None, tokens: Sequence[int], cache) -> None:
-    """Keep the KV cache of ``tokens``, the first columns of the first row of ``cache`` (most
-    recent last, a bounded number), dropping entries of adapters no longer loaded."""
-    if len(tokens) < MIN_SHARED_PREFIX:
+def _start_cache(loaded: LoadedModel, model, internal: str | None, prompts: Sequence[Sequence[int]]):
+    """(shared, cache): the KV cache of the first ``shared`` tokens, which all ``prompts``
+    have in common, one row per prompt, or (0, None). It starts from the longest cached
+    prompt start and computes the rest of the common start once (not once per row)."""
+    import torch
+
+    cached, layers = _cached_prefix(loaded, internal, prompts)
+    shared = max(cached, _shared_prefix_len(prompts))
+    if not shared:
+        return 0, None
+    if shared > cached:
+        start = _cache_from(layers, 1) if cached else None
+        ids = torch.tensor([list(prompts[0][cached:shared])], device=loaded.device)
+        positions = torch.arange(cached, shared, device=loaded.device)[None]
+        cache = model(input_ids=ids, cache=start, position_ids=positions, use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(len(prompts))
+        return shared, cache
+    return shared, _cache_from(layers, len(prompts))
+
+
+def _kv_bytes(layers) -> int:
+    return sum(k.nelement() * k.element_size() + v.nelement() * v.element_size() for k, v in layers)
+
+
+def _remember_prompts(loaded: LoadedModel, internal: str | None, prompts: Sequence[Sequence[int]], cache,
+                      mask) -> None:
+    """Keep each prompt's KV cache (its row of ``cache`` at the columns ``mask`` marks) for
+    later requests that begin the same way: the next turn of a conversation, a judge's
+    follow-up question, the next request with the same system prompt. A prompt that starts a
+    kept one only refreshes that one; kept ones that start it are replaced by it. Entries of
+    adapters no longer loaded are dropped, then the least recently used beyond
+    PREFIX_CACHE_BYTES. Call with the model lock held."""
+    new = []
+    for r, p in enumerate(prompts):
+        if len(p) < MIN_SHARED_PREFIX:
+            continue
+        columns = mask[r].nonzero().squeeze(-1)
+        new.append((tuple(p), [(layer.keys[r:r + 1].index_select(2, columns),
+                                layer.values[r:r + 1].index_select(2, columns)) for layer in cache.layers]))
+    if not new:
         return
-    n = len(tokens)
-    layers = [(layer.keys[:1, :, :n].clone(), layer.values[:1, :, :n].clone())
-              for layer in cache.layers]
-    with loaded.lock:
-        live = set(loaded.internal.values())
-        kept = [e for e in loaded.prefixes if (e[0] is None or e[0] in live) and e[1] != tuple(tokens)]
-        kept.append((internal, tuple(tokens), layers))
-        loaded.prefixes = kept[-PREFIX_CACHE_ENTRIES:]
+    live = set(loaded.internal.values())
+    kept = [e for e in loaded.prefixes if e[0] is None or e[0] in live]
+    for tokens, layers in new:
+        mine = [i for i, (owner, t, _) in enumerate(kept) if owner == internal and t[:len(tokens)] == tokens]
+        if mine:
+            kept.append(kept.pop(mine[0]))
+            continue
+        kept = [e for e in kept if not (e[0] == internal and tokens[:len(e[1])] == e[1])]
+        kept.append((internal, tokens, layers))
+    total = sum(_kv_bytes(e[2]) for e in kept)
+    while len(kept) > 1 and total > PREFIX_CACHE_BYTES:
+        total -= _kv_bytes(kept.pop(0)[2])
+    loaded.prefixes = kept
 
 
 @dataclass(eq=False)
@@ -612,24 +654,12 @@ class DecodeBatch:
                 gen.manual_seed(seeds[i] if seeds[i] is not None else int.from_bytes(os.urandom(8), "little") >> 1)
             rows.append(_Row(key, len(prompts[i]), sinks[i], max(1, int(max_new_tokens[i])), float(temperature[i]),
                              float(top_p[i]), tuple(s for s in stop[i] if s), gen, now))
-        with loaded.lock:
-            shared, layers = _cached_prefix(loaded, self.internal, prompts)
-        fresh = not shared
-        if fresh:
-            shared = _shared_prefix_len(prompts)
-        input_ids, mask = _left_pad(prompts, tok.pad_token_id, shared)
-        input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
         with _selected(loaded, self.adapter, self.internal) as model:
-            cache = None
-            if shared and fresh:
-                cache = _prefix_cache(model, prompts[0][:shared], 1, loaded.device)
-                _remember_prefix(loaded, self.internal, prompts[0][:shared], cache)
-                cache.batch_repeat_interleave(len(prompts))
-            elif shared:
-                cache = _cache_from(layers, len(prompts))
+            shared, cache = _start_cache(loaded, model, self.internal, prompts)
+            input_ids, mask = _left_pad(prompts, tok.pad_token_id, shared)
+            input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
             out = _prefill(model, input_ids, mask, shared, cache)
-            if not shared and len(prompts) == 1:  # its prompt's start (a system prompt) may begin later ones
-                _remember_prefix(loaded, self.internal, prompts[0][:-1], out.cache)
+            _remember_prompts(loaded, self.internal, prompts, out.cache, mask)
         next_positions = mask.sum(-1)
         self._merge(out.cache, mask, next_positions, rows)
         return self._advance(out.logits[:, -1, :].float(), first=len(self.rows) - len(rows))
