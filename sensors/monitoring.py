@@ -258,9 +258,10 @@ def run_failure_alert_sensor(context: dg.RunFailureSensorContext, home: GenopsHo
                 log=context.log.warning)
 
 
-# Monitoring assets propagate with AutomationCondition.eager(); this sensor evaluates those
-# conditions. Declared explicitly with default_status RUNNING ("declared in code"), so it runs
-# without a switch in the UI and replaces Dagster's implicit default_automation_condition_sensor.
+# Monitoring assets propagate with eager_with_follow_up() (eager(), plus one more run for request
+# logs loaded during a run); this sensor evaluates those conditions. Declared explicitly with
+# default_status RUNNING ("declared in code"), so it runs without a switch in the UI and replaces
+# Dagster's implicit default_automation_condition_sensor.
 # It targets every asset: assets without a condition are never requested by it.
 automation_condition_sensor = dg.AutomationConditionSensorDefinition(
     "automation_condition_sensor",

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from genops_assets.defs.datasets.assets import MART_SCHEMA
+from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import (
     MONITORING_SCHEMA,
     daily,
@@ -115,7 +116,7 @@ def _publish_latest(projector_root: Path, partition_dir: Path, partition: str) -
     kinds={"duckdb", "mlflow"},
     deps=[dg.AssetKey("request_log"), dg.AssetKey("sft_dataset"), dg.AssetKey("golden_eval_dataset")],
     # New live prompts start a refresh; retraining (new marts) alone does not.
-    automation_condition=dg.AutomationCondition.eager().ignore(
+    automation_condition=eager_with_follow_up().ignore(
         dg.AssetSelection.assets("sft_dataset", "golden_eval_dataset")),
 )
 def prompt_drift(

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import dagster as dg
 from pydantic import Field
 
+from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import (
     MONITORING_SCHEMA,
     daily,
@@ -102,7 +103,7 @@ def _replace_partition(warehouse: DuckDBWarehouse, partition_key: str, rows: lis
           deps=[dg.AssetKey("request_log")],
           # New live answers start a refresh; a new evaluation alone does not (it is read when
           # the next answers arrive).
-          automation_condition=dg.AutomationCondition.eager().ignore(
+          automation_condition=eager_with_follow_up().ignore(
               dg.AssetSelection.assets("eval_report", "base_model")))
 def online_quality(
     context: dg.AssetExecutionContext,

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import (
     MONITORING_SCHEMA,
     daily,
@@ -59,7 +60,7 @@ def _partition_run(mlflow: MlflowTracking, experiment: str, kind: str, partition
 
 
 @dg.asset(group_name="monitoring", kinds={"duckdb", "mlflow"}, partitions_def=daily,
-          deps=[dg.AssetKey("request_log")], automation_condition=dg.AutomationCondition.eager())
+          deps=[dg.AssetKey("request_log")], automation_condition=eager_with_follow_up())
 def serving_metrics(
     context: dg.AssetExecutionContext,
     warehouse: DuckDBWarehouse,
@@ -144,7 +145,7 @@ def serving_metrics(
 
 
 @dg.asset(group_name="monitoring", kinds={"duckdb"}, partitions_def=daily,
-          deps=[dg.AssetKey("request_log")], automation_condition=dg.AutomationCondition.eager())
+          deps=[dg.AssetKey("request_log")], automation_condition=eager_with_follow_up())
 def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse,
                    home: GenopsHome) -> dg.MaterializeResult:
     """One UTC day of the endpoint process's resource samples (`<endpoint>/resources.jsonl`,
