@@ -2,7 +2,10 @@
 
 * golden-set evaluation, cold (model calls) vs fully cached (zero model calls);
 * judging against the local server, sequential (one call in flight) vs concurrent
-  (the server batches concurrent requests).
+  (the server batches concurrent requests);
+* serving (``bench_serving``): genops vs one-at-a-time vs llama.cpp;
+* serving latency beside monitoring work at normal and at background priority
+  (``bench_background``).
 
 Each comparison runs both sides in the same process, one after the other, and reports the
 ratio: absolute times on shared machines are noise, ratios are not.
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", choices=("all", "evaluation", "serving"), default="all")
+    parser.add_argument("--only", choices=("all", "evaluation", "serving", "background"), default="all")
     parser.add_argument("--serving-port", type=int, default=8028)
     parser.add_argument("--serving-max-tokens", type=int, default=48,
                         help="max_tokens per request (the task's answers need about 40)")
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
     from genops_assets.lib.evaluation import EvalExample
+    from genops_assets.lib.formatting import build_messages
     from genops_assets.lib.tasks import load_task, read_raw_file
 
     home = genops_home()
@@ -152,12 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in ("all", "serving"):
             from genops_assets.bench_serving import bench_serving
 
-            from genops_assets.lib.formatting import build_messages
-
             prompts = [build_messages(task, ex.input_text) for ex in examples[:16]]
             _log("serving: genops (batched) vs naive (one at a time) vs llama.cpp, concurrency 1/4/16")
             results["serving"] = bench_serving(base.path, find_embedded_gguf(), prompts, work / "serving",
                                                args.serving_port, max_tokens=args.serving_max_tokens, log=_log)
+        if args.only in ("all", "background"):
+            from genops_assets.bench_background import bench_background
+
+            prompts = [build_messages(task, ex.input_text) for ex in examples[:4]]
+            _log("background: serving latency alone, beside an embedding load at normal, then at background priority")
+            results["background"] = bench_background(base.path, prompts, work / "background", args.serving_port,
+                                                     log=_log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")
@@ -178,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(table(results["serving"]))
         print("  ratios:", results["serving"]["ratios"], " targets:", results["serving"]["targets"])
+    if "background" in results:
+        b = results["background"]
+        print(f"  serving p50 ({b['max_tokens']} tokens) alone {b['alone']['p50_s']}s; beside monitoring-like load at "
+              f"normal priority {b['beside_load_normal_priority']['p50_s']}s, at background priority "
+              f"{b['beside_load_background_priority']['p50_s']}s: {b['ratios']}")
     sys.stdout.flush()
     return 0
 

@@ -24,6 +24,7 @@ from genops_assets.defs.monitoring.common import (
     monitoring_experiment,
     naive_utc,
     png_md,
+    run_in_background,
     utc_day,
 )
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json
@@ -134,6 +135,7 @@ def prompt_drift(
     top terms) for turning into training or preference data. Grain: one partition per day;
     its rows in monitoring.flagged_prompts and in monitoring.prompt_clusters are each replaced
     in one transaction. Empty day: zero counts, no drift. Cost: seconds (embeddings are cached)."""
+    run_in_background(context)
     from genops_assets.lib import drift as d
     from genops_assets.lib.embeddings import Embedder
 

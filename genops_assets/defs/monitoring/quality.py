@@ -14,6 +14,7 @@ from genops_assets.defs.monitoring.common import (
     monitoring_experiment,
     naive_utc,
     png_md,
+    run_in_background,
     utc_day,
 )
 from genops_assets.lib.cache import CallCache
@@ -124,6 +125,7 @@ def online_quality(
     the partition replaced atomically. Metadata `regression` (bool) and `version` (str) are read
     by the rollback sensor. Judge calls are cached by content, so the offline side and re-runs
     cost nothing twice. Cost: about one judge call per sampled answer."""
+    run_in_background(context)
     from genops_assets.lib.hashing import atomic_dir
     from genops_assets.lib.judging import BUILTIN_RUBRICS, load_rubrics
     from genops_assets.lib.online_quality import (

@@ -661,9 +661,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--watch-alias", action="append", default=[],
                         help="alias=served name (e.g. champion=champion): hot-swap when the alias moves")
     parser.add_argument("--watch-interval-s", type=float, default=5.0)
+    parser.add_argument("--nice", type=int, default=0,
+                        help="run at this lower CPU priority (0-19), in an autogroup of its own: for background "
+                             "servers (the local judge) beside a production endpoint")
     args = parser.parse_args(argv)
     if not 0.0 <= args.canary_share <= 1.0:
         parser.error("--canary-share must be between 0 and 1")
+    if not 0 <= args.nice <= 19:
+        parser.error("--nice must be between 0 and 19")
+    if args.nice:
+        from genops_assets.lib.priority import lower_priority
+
+        lower_priority(args.nice, new_session=True)
 
     import uvicorn
 
