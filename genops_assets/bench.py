@@ -103,7 +103,37 @@ def bench_judging(base_dir: str, task, examples, predictions, work: Path, modes:
         control.stop_server(work / "judge")
     results["server_batches"], results["server_batched_requests"] = health.get("batches"), health.get(
         "batched_requests")
+    results["prefill"] = bench_prefill(base_dir, items, concurrency)
     return results
+
+
+def bench_prefill(base_dir: str, items, batch: int) -> dict:
+    """Why concurrent judging is bounded on CPU cores: the judge prompts' length and the start
+    they share, and the prompt tokens a second of one forward pass at batch 1 against batch
+    ``batch`` (distinct prompts of the mean length, nothing shared). Where the rate does not
+    grow with the batch, concurrency gains only the work requests share."""
+    import torch
+
+    from genops_assets.lib.generation import _encode, load_model
+
+    loaded = load_model(base_dir)
+    prompts = [_encode(loaded.tokenizer, messages) for messages, _choices, _version in items]
+    length = round(sum(map(len, prompts)) / len(prompts))
+    shared = len(os.path.commonprefix(prompts))
+    generator = torch.Generator().manual_seed(0)
+    rates = {}
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.randint(100, 30000, (1, length), generator=generator), logits_to_keep=1)
+        for rows in (1, batch):
+            ids = torch.randint(100, 30000, (rows, length), generator=generator)
+            reps = max(1, batch // rows)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                loaded.model(input_ids=ids, logits_to_keep=1)
+            rates[rows] = rows * length * reps / (time.perf_counter() - t0)
+    return {"judge_prompt_tokens_mean": length, "shared_prefix_tokens": shared,
+            "prefill_tokens_per_s": {str(k): round(v) for k, v in rates.items()},
+            "batch_gain": round(rates[batch] / rates[1], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  judging, {j['verdicts']} verdicts{' + explanations' if j['explain'] else ''} (choice mode): "
                       f"sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: "
                       f"{j['speedup']}x (target {j['target']})")
+        p = results["judging"]["prefill"]
+        print(f"  judge prompts: {p['judge_prompt_tokens_mean']} tokens, {p['shared_prefix_tokens']} shared; one forward "
+              f"pass: {p['prefill_tokens_per_s']} prompt tokens/s by batch size ({p['batch_gain']}x)")
     if "serving" in results:
         from genops_assets.bench_serving import table
 
