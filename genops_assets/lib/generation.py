@@ -376,12 +376,11 @@ def _selected(loaded: LoadedModel, adapter: str | None, internal: str | None = N
             yield model
 
 
-def _forward(loaded: LoadedModel, input_ids, mask, adapter: str | None, last_only: bool = False):
-    """Logits of one forward pass with the adapter selected."""
+def _forward(loaded: LoadedModel, input_ids, mask, adapter: str | None):
+    """Logits of one forward pass with the adapter selected (every column)."""
     input_ids, mask = input_ids.to(loaded.device), mask.to(loaded.device)
     with _selected(loaded, adapter) as model:
-        kwargs = {"logits_to_keep": 1} if last_only else {}
-        return model(input_ids=input_ids, attention_mask=mask, **kwargs).logits.float()
+        return model(input_ids=input_ids, attention_mask=mask).logits.float()
 
 
 MIN_SHARED_PREFIX = 32
