@@ -3,10 +3,25 @@ real dbt, Great Expectations, MLflow store and HTTP endpoint."""
 
 from __future__ import annotations
 
+import math
+
 import dagster as dg
 from graph_support import check_results, free_port, make_defs, materialized, tiny_run_config
 from openai import OpenAI
 
+
+
+def same_numbers(a, b) -> bool:
+    """Equal structures whose floats agree to 1e-6. Two identical judge prompts judged in one
+    run (base and candidate answered alike) can land in differently composed batches, with or
+    without a cached prefix, and differ in the last float digits; the cache then holds one."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_numbers(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+    return a == b
 
 
 def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
@@ -54,7 +69,8 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert again.output_for_node("eval_report")["model_calls"] == 0
     sxs = again.output_for_node("sxs_evaluation")
     assert sxs["usage"]["calls"] == 0 and sxs["usage"]["cached"] > 0
-    assert sxs["summary"] == result.output_for_node("sxs_evaluation")["summary"]
+    assert same_numbers(sxs["summary"], result.output_for_node("sxs_evaluation")["summary"])
+    assert not same_numbers({"x": 1.0}, {"x": 1.001})
     assert len(tracking.client().search_model_versions("name = 'genops-support_triage'")) == 1
 
 

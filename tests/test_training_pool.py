@@ -114,6 +114,36 @@ def test_with_the_limit_raised_trainings_overlap(dagster_home, tmp_path):
     assert second_start < first_end, "with two slots the trainings should have run side by side"
 
 
+def _hold(lock: str, log: str, name: str, start_at: float) -> None:
+    from genops_assets.lib.locks import exclusive
+
+    waited = []
+    while time.time() < start_at:
+        time.sleep(0.001)
+    with exclusive(Path(lock), on_wait=waited.append):
+        begin = time.time()
+        time.sleep(0.5)
+        end = time.time()
+    Path(log, name).write_text(json.dumps({"begin": begin, "end": end, "waited": bool(waited)}))
+
+
+def test_the_training_lock_keeps_two_processes_apart(tmp_path):
+    """The tuning step's own lock, beside the pool: two processes that ask for it in the same
+    millisecond hold it one after the other, and the second says it waited."""
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 5
+    procs = [ctx.Process(target=_hold, args=(str(tmp_path / "training.lock"), str(tmp_path), f"p{i}.json", start_at))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    first, second = sorted((json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)),
+                           key=lambda r: r["begin"])
+    assert first["end"] <= second["begin"] and second["waited"] and not first["waited"]
+
+
 def test_tuned_adapter_is_in_the_training_pool():
     from genops_assets.defs.tuning.assets import tuned_adapter
 

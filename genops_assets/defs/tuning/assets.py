@@ -12,6 +12,7 @@ from genops_assets.defs.tuning.config import TuningConfig
 from genops_assets.lib.evaluation import examples_from_frame
 from genops_assets.lib.formatting import build_messages, format_target
 from genops_assets.lib.hashing import file_digests, sha256_json
+from genops_assets.lib.locks import exclusive
 from genops_assets.lib.report import loss_curve_png
 from genops_assets.lib.training import TRAINING_CODE_VERSION, SftExample, TrainingInputError, train_lora
 from resources.paths import GenopsHome
@@ -22,6 +23,7 @@ from resources.warehouse import DuckDBWarehouse
 CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
 # Transient failures (preemption, OOM kill of a worker, a flaky MLflow store) are retried after
 # 10 s, then 20 s; each attempt resumes from the last complete checkpoint of the same version key.
+TRAINING_LOCK = "training.lock"  # in the runs folder: one training at a time on this machine
 TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
@@ -131,11 +133,15 @@ def tuned_adapter(
 
         adapter_dir = home.models_dir / "adapters" / version_key
         try:
-            result = train_lora(
-                base_model["path"], to_sft_examples(spec, train_df, prompt), to_sft_examples(spec, val_df, prompt),
-                cfg, adapter_dir=adapter_dir, work_dir=home.runs_dir / version_key, on_progress=on_progress,
-                data_digest=sha256_json(digests), resume=config.resume, on_message=context.log.info,
-            )
+            # The pool of one keeps trainings apart, except where Dagster's SQLite storage lets
+            # two steps claim its one slot within the same milliseconds; one machine, one lock.
+            with exclusive(home.runs_dir / TRAINING_LOCK, on_wait=context.log.warning):
+                result = train_lora(
+                    base_model["path"], to_sft_examples(spec, train_df, prompt),
+                    to_sft_examples(spec, val_df, prompt), cfg, adapter_dir=adapter_dir,
+                    work_dir=home.runs_dir / version_key, on_progress=on_progress, data_digest=sha256_json(digests),
+                    resume=config.resume, on_message=context.log.info,
+                )
         except TrainingInputError as exc:
             # Bad data or foreign checkpoints: the same inputs would fail the same way again.
             raise dg.Failure(str(exc), allow_retries=False) from exc
