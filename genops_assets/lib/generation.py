@@ -398,11 +398,14 @@ def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
-def _prefix_cache(model, prefix: Sequence[int], batch: int, device: str):
-    """KV cache of ``prefix`` computed once and repeated for ``batch`` rows."""
+def _prefix_cache(model, prefix: Sequence[int], batch: int, device: str, start=None, offset: int = 0):
+    """KV cache of ``prefix`` computed once and repeated for ``batch`` rows; with ``start``
+    (the one-row cache of the ``offset`` tokens before it) the prefix continues that cache."""
     import torch
 
-    out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
+    positions = torch.arange(offset, offset + len(prefix), device=device)[None]
+    out = model(input_ids=torch.tensor([list(prefix)], device=device), cache=start, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
     cache = out.cache
     cache.batch_repeat_interleave(batch)
     return cache
@@ -519,19 +522,13 @@ def _start_cache(loaded: LoadedModel, model, internal: str | None, prompts: Sequ
     """(shared, cache): the KV cache of the first ``shared`` tokens, which all ``prompts``
     have in common, one row per prompt, or (0, None). It starts from the longest cached
     prompt start and computes the rest of the common start once (not once per row)."""
-    import torch
-
     cached, layers = _cached_prefix(loaded, internal, prompts)
     shared = max(cached, _shared_prefix_len(prompts))
     if not shared:
         return 0, None
     if shared > cached:
         start = _cache_from(layers, 1) if cached else None
-        ids = torch.tensor([list(prompts[0][cached:shared])], device=loaded.device)
-        positions = torch.arange(cached, shared, device=loaded.device)[None]
-        cache = model(input_ids=ids, cache=start, position_ids=positions, use_cache=True, logits_to_keep=1).cache
-        cache.batch_repeat_interleave(len(prompts))
-        return shared, cache
+        return shared, _prefix_cache(model, prompts[0][cached:shared], len(prompts), loaded.device, start, cached)
     return shared, _cache_from(layers, len(prompts))
 
 
