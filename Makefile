@@ -44,7 +44,7 @@ demo: install
 # labels -> sensor -> retrain -> evaluate -> promote -> the endpoint serves the new champion.
 # Own data directory (.genops-ct) and ports; writes the latency breakdown to .genops-ct/ct/.
 ct-demo: install
-	$(BIN)/python -m genops_assets.ct_demo
+	$(BIN)/python -m genops_assets.cli.demo_ct
 
 TENSORBOARD_PORT ?= 6006
 PROJECTOR_DIR := $(GENOPS_HOME)/monitoring/projector/latest

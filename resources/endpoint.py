@@ -88,7 +88,7 @@ class LocalEndpoint(ServingBackend):
 
     def deploy(self, base_model: str, name: str, adapter_dir: str, version: str) -> DeployOutcome:
         """Serve ``adapter_dir`` as model ``name`` on ``base_model``; a no-op when already serving it."""
-        from genops_assets.lib.serving import control
+        from genops_assets.serving import control
 
         state_dir = Path(self.state_dir)
         state = control.read_state(state_dir)
@@ -123,7 +123,7 @@ class LocalEndpoint(ServingBackend):
         return args
 
     def stop(self) -> None:
-        from genops_assets.lib.serving import control
+        from genops_assets.serving import control
 
         control.stop_server(Path(self.state_dir))
 
@@ -133,7 +133,7 @@ class VllmError(RuntimeError):
 
 
 class VllmEndpoint(ServingBackend):
-    """A running vLLM OpenAI-compatible server (e.g. on GKE, see genops_assets/deploy/k8s/)."""
+    """A running vLLM OpenAI-compatible server (e.g. on GKE, see deploy/k8s/)."""
 
     base_url: str = Field(description="The server's OpenAI base URL, ending in /v1")
     api_key: str = Field("unused", description="Bind with dg.EnvVar('GENOPS_VLLM_API_KEY'); never a literal")

@@ -34,7 +34,7 @@ class JudgeResource(dg.ConfigurableResource):
         """The judge's base URL, starting the local judge server when none is configured."""
         if self.base_url:
             return self.base_url
-        from genops_assets.lib.serving import control
+        from genops_assets.serving import control
 
         if not self.local_state_dir or not base_model_path:
             raise ValueError("no judge base_url set and no local judge state_dir / base model to start one")
@@ -61,7 +61,7 @@ class JudgeResource(dg.ConfigurableResource):
                          max_concurrency=self.max_concurrency, explain=self.explain, cache=cache)
 
     def stop_local(self) -> None:
-        from genops_assets.lib.serving import control
+        from genops_assets.serving import control
 
         if self.local_state_dir:
             control.stop_server(Path(self.local_state_dir))

@@ -39,6 +39,11 @@ class GenopsHome(dg.ConfigurableResource):
         return self.sub("cache")
 
     @property
+    def registry_cache(self) -> Path:
+        """Local copies of registered adapters, one folder per model and version."""
+        return self.cache_dir / "registry"
+
+    @property
     def endpoint_dir(self) -> Path:
         return self.sub("endpoint")
 

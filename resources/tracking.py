@@ -5,16 +5,46 @@ MLflow is imported inside methods so loading the Dagster definitions stays fast.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from genops_assets.lib.prompts import DIGEST_TAG, PRODUCTION, PromptError, PromptRef, PromptTemplate, prompt_registry_name
+from genops_assets.serving.registry_watch import fetch_adapter
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 VERSION_KEY_TAG = "genops.version_key"
+PREVIOUS_CHAMPION_TAG = "genops.previous_champion"
+
+
+def registered_model_name(task_name: str) -> str:
+    """The MLflow registered model that holds a task's adapters."""
+    return f"genops-{task_name}"
+
+
+def prompt_tags(ref: PromptRef) -> dict[str, str]:
+    """What a consumer records about the prompt it used."""
+    return {"genops.prompt_name": ref.name, "genops.prompt_version": str(ref.version),
+            "genops.prompt_digest": ref.digest}
+
+
+class RollbackError(RuntimeError):
+    """The champion cannot be moved back; the message says why."""
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    model: str
+    action: str  # "rolled_back" or "skipped"
+    from_version: str | None
+    to_version: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,18 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client().set_terminated(run_id, status=status)
+
+    @contextmanager
+    def run(self, experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+        """A tracked run that always ends: FINISHED when the block completes, FAILED when it
+        raises (the exception goes on). Every asset that records to MLflow opens its run here."""
+        run_id = self.start_run(experiment, run_name, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -146,6 +188,44 @@ class MlflowTracking(dg.ConfigurableResource):
         for k, v in tags.items():
             client.set_model_version_tag(model_name, version, k, str(v))
 
+    def fetch_registered_adapter(self, cache_dir: Path, model_name: str, version: str) -> Path:
+        """A local copy of a registered adapter in ``cache_dir``, checked against the digest
+        recorded at registration."""
+        return fetch_adapter(self.client(), self.tracking_uri, model_name, str(version), cache_dir)
+
+    def rollback_champion(self, model_name: str, *, to_version: str | None = None,
+                          only_if_champion: str | None = None, reason: str = "manual") -> RollbackResult:
+        """Move alias ``champion`` back to ``to_version``, or to the previous champion recorded at
+        promotion (version tag ``genops.previous_champion``). With ``only_if_champion`` nothing moves
+        unless that version is still the champion (a regression seen on a version that was already
+        replaced must not roll the newer one back). The demoted version gets ``genops.rolled_back_*``
+        tags. A server following the registry hot-swaps to the new champion."""
+        from mlflow.exceptions import MlflowException
+
+        current = self.alias(model_name, CHAMPION)
+        if current is None:
+            raise RollbackError(f"{model_name} has no champion")
+        if only_if_champion is not None and current.version != str(only_if_champion):
+            return RollbackResult(model_name, "skipped", current.version, None,
+                                  f"champion is v{current.version}, not v{only_if_champion}: nothing to roll back")
+        target = str(to_version or current.tags.get(PREVIOUS_CHAMPION_TAG) or "")
+        if not target:
+            raise RollbackError(f"{model_name} v{current.version} records no previous champion; name a version")
+        if target == current.version:
+            return RollbackResult(model_name, "skipped", current.version, target,
+                                  f"v{target} is already the champion")
+        try:
+            self.get_version(model_name, target)
+        except MlflowException as exc:
+            raise RollbackError(f"{model_name} has no version {target!r}: {exc.message}") from exc
+        self.set_alias(model_name, CHAMPION, target)
+        self.set_version_tags(model_name, current.version, {
+            "genops.rolled_back_at": datetime.now(timezone.utc).isoformat(),
+            "genops.rolled_back_to": target,
+            "genops.rolled_back_reason": reason,
+        })
+        return RollbackResult(model_name, "rolled_back", current.version, target, reason)
+
     def download(self, artifact_uri: str, dst: str | Path) -> Path:
         import mlflow.artifacts
 
@@ -159,8 +239,6 @@ class MlflowTracking(dg.ConfigurableResource):
     # -- prompt registry --------------------------------------------------------------------
 
     def _prompt_ref(self, pv, input_field: str):
-        from genops_assets.lib.prompts import PromptRef, PromptTemplate
-
         chat = pv.template if isinstance(pv.template, list) else [{"role": "user", "content": pv.template}]
         template = PromptTemplate.from_registry(chat, pv.model_config, input_field)
         return PromptRef(pv.name, int(pv.version), template, tuple(pv.aliases or ()), pv.commit_message or "",
@@ -184,8 +262,6 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def register_prompt(self, name: str, template, commit_message: str, tags: Mapping[str, str] | None = None):
         """Register ``template`` unless a version with the same digest exists: returns (ref, created)."""
-        from genops_assets.lib.prompts import DIGEST_TAG
-
         template.validate(name)
         for ref in self.prompt_versions(name, template.input_field):
             if ref.tags.get(DIGEST_TAG) == template.digest:
@@ -200,8 +276,6 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def prompt_version(self, name: str, version: int | str, input_field: str):
         from mlflow.exceptions import MlflowException
-
-        from genops_assets.lib.prompts import PromptError
 
         try:
             pv = self.client().get_prompt_version(name, int(version))
@@ -223,11 +297,13 @@ class MlflowTracking(dg.ConfigurableResource):
             return None
         return self._prompt_ref(client.get_prompt_version(name, pv.version), input_field)
 
+    def resolve_prompt(self, spec, alias: str = PRODUCTION) -> PromptRef:
+        """The registered prompt version of a task behind ``alias`` (a clear error when it is missing)."""
+        return self.require_prompt_alias(prompt_registry_name(spec.name), alias, spec.input_field)
+
     def require_prompt_alias(self, name: str, alias: str, input_field: str):
         ref = self.prompt_alias(name, alias, input_field)
         if ref is None:
-            from genops_assets.lib.prompts import PromptError
-
             raise PromptError(f"prompt '{name}' has no alias '{alias}' (materialize prompt_templates first, "
                               f"or set it: genops prompt alias --task ... {alias} VERSION)")
         return ref

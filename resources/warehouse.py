@@ -16,6 +16,8 @@ RAW_COLUMNS = (("source_file", "varchar"), ("source_row", "integer"), ("input_te
                ("output_json", "varchar"), ("contexts_json", "varchar"), ("reference_contexts_json", "varchar"),
                ("loaded_at", "timestamp"))
 FEEDBACK_SCHEMA = "feedback"
+# where dbt builds the marts (golden_eval_dataset, sft_dataset, few_shot_examples)
+MART_SCHEMA = "main"
 
 
 class DuckDBWarehouse(dg.ConfigurableResource):

@@ -9,8 +9,7 @@ handled in its cursor, so a materialization is acted on once.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict
 from typing import Any
 
 import dagster as dg
@@ -18,65 +17,15 @@ import dagster as dg
 from genops_assets.lib.alerts import AutomationSettings, raise_alert
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHAMPION, MlflowTracking
+from resources.tracking import CHAMPION, MlflowTracking, RollbackError, registered_model_name
 from sensors.run_config import ct_run_config
 
 PROMPT_DRIFT = dg.AssetKey("prompt_drift")
 ONLINE_QUALITY = dg.AssetKey("online_quality")
-PREVIOUS_CHAMPION_TAG = "genops.previous_champion"
 # Materializations read per tick; more wait for the next tick (the cursor moves in order).
 BATCH = 100
 # Partitions already acted on, remembered so a re-materialized drifting day does not act twice.
 ACTED_PARTITIONS_KEPT = 120
-
-
-# -- champion rollback (shared with `genops rollback`) ---------------------------------------
-
-
-class RollbackError(RuntimeError):
-    """The champion cannot be moved back; the message says why."""
-
-
-@dataclass(frozen=True)
-class RollbackResult:
-    model: str
-    action: str  # "rolled_back" or "skipped"
-    from_version: str | None
-    to_version: str | None
-    reason: str
-
-
-def rollback_champion(mlflow: MlflowTracking, model_name: str, *, to_version: str | None = None,
-                      only_if_champion: str | None = None, reason: str = "manual") -> RollbackResult:
-    """Move alias ``champion`` back to ``to_version``, or to the previous champion recorded at
-    promotion (version tag ``genops.previous_champion``). With ``only_if_champion`` nothing moves
-    unless that version is still the champion (a regression seen on a version that was already
-    replaced must not roll the newer one back). The demoted version gets ``genops.rolled_back_*``
-    tags. A server following the registry hot-swaps to the new champion."""
-    from mlflow.exceptions import MlflowException
-
-    current = mlflow.alias(model_name, CHAMPION)
-    if current is None:
-        raise RollbackError(f"{model_name} has no champion")
-    if only_if_champion is not None and current.version != str(only_if_champion):
-        return RollbackResult(model_name, "skipped", current.version, None,
-                              f"champion is v{current.version}, not v{only_if_champion}: nothing to roll back")
-    target = str(to_version or current.tags.get(PREVIOUS_CHAMPION_TAG) or "")
-    if not target:
-        raise RollbackError(f"{model_name} v{current.version} records no previous champion; name a version")
-    if target == current.version:
-        return RollbackResult(model_name, "skipped", current.version, target, f"v{target} is already the champion")
-    try:
-        mlflow.get_version(model_name, target)
-    except MlflowException as exc:
-        raise RollbackError(f"{model_name} has no version {target!r}: {exc.message}") from exc
-    mlflow.set_alias(model_name, CHAMPION, target)
-    mlflow.set_version_tags(model_name, current.version, {
-        "genops.rolled_back_at": datetime.now(timezone.utc).isoformat(),
-        "genops.rolled_back_to": target,
-        "genops.rolled_back_reason": reason,
-    })
-    return RollbackResult(model_name, "rolled_back", current.version, target, reason)
 
 
 # -- reading monitoring materializations ------------------------------------------------------
@@ -192,7 +141,6 @@ def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: Ta
 )
 def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource,
                               mlflow: MlflowTracking):
-    from genops_assets.defs.tuning.assets import registered_model_name
 
     settings = AutomationSettings.from_env()
     records = new_materializations(context.instance, ONLINE_QUALITY, _after(context.cursor))
@@ -212,8 +160,8 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
             rollback = {"action": "skipped", "reason": "the materialization names no version"}
         else:
             try:
-                rollback = asdict(rollback_champion(
-                    mlflow, model_name, only_if_champion=version,
+                rollback = asdict(mlflow.rollback_champion(
+                    model_name, only_if_champion=version,
                     reason=f"online_quality regression on {partition} (materialization {rec.storage_id})"))
             except RollbackError as exc:
                 rollback = {"action": "failed", "reason": str(exc)}

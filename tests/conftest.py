@@ -76,7 +76,7 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture()
 def home(tmp_path):
     """A fresh data directory; the endpoint and judge servers a test starts in it are stopped."""
-    from genops_assets.lib.serving import control
+    from genops_assets.serving import control
 
     h = tmp_path / "home"
     yield h

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from genops_assets.ct_demo import TASK_DIR, breakdown, breakdown_markdown, reviewer_labels
+from genops_assets.cli.demo_ct import TASK_DIR, breakdown, breakdown_markdown, reviewer_labels
 from genops_assets.lib.labels import validate_label
 from genops_assets.lib.tasks import load_task
 

@@ -14,18 +14,15 @@ import dagster as dg
 import pytest
 from dagster._core.scheduler.instigation import InstigatorType, TickStatus
 
-from genops_assets.defs.tuning.assets import registered_model_name
 from genops_assets.lib.alerts import AutomationSettings, raise_alert, read_alerts
 from genops_assets.lib.labels import scan_labels
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import MlflowTracking
+from resources.tracking import MlflowTracking, RollbackError, registered_model_name
 from sensors.feedback import feedback_labels_sensor
 from sensors.monitoring import (
-    RollbackError,
     drift_sensor,
     quality_regression_sensor,
-    rollback_champion,
     run_failure_alert_sensor,
 )
 
@@ -277,13 +274,13 @@ def test_regression_only_alerts_when_rollback_is_disabled(res, registry):
 def test_rollback_function_errors(registry):
     tracking, name = registry
     with pytest.raises(RollbackError, match="has no version '7'"):
-        rollback_champion(tracking, name, to_version="7")
+        tracking.rollback_champion(name, to_version="7")
     tracking.set_alias(name, "champion", "1")
     with pytest.raises(RollbackError, match="v1 records no previous champion"):
-        rollback_champion(tracking, name)
+        tracking.rollback_champion(name)
     with pytest.raises(RollbackError, match="has no champion"):
-        rollback_champion(tracking, "genops-other-task")
-    manual = rollback_champion(tracking, name, to_version="2")
+        tracking.rollback_champion("genops-other-task")
+    manual = tracking.rollback_champion(name, to_version="2")
     assert manual.action == "rolled_back" and tracking.alias(name, "champion").version == "2"
 
 

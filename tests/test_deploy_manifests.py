@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parents[1] / "genops_assets" / "deploy"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S_VERSION = "1.33.0"
 
 

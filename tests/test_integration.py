@@ -9,7 +9,7 @@ import pytest
 from graph_support import check_results, free_port, make_defs, materialized
 from openai import OpenAI
 
-from genops_assets.lib.serving import control
+from genops_assets.serving import control
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from genops_assets.lib.judging import (
     load_rubrics,
     pairwise_outcome,
 )
-from genops_assets.lib.serving import control
+from genops_assets.serving import control
 from genops_assets.lib.sxs import SxsRow, run_sxs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from genops_assets.lib.monitoring import (
     serving_report,
     summarize_resources,
 )
-from genops_assets.lib.serving.sampler import ResourceSampler, interval_from_env, sampler_lifespan
+from genops_assets.serving.sampler import ResourceSampler, interval_from_env, sampler_lifespan
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
@@ -368,7 +368,7 @@ def test_sample_interval_setting():
 def test_the_endpoint_samples_its_own_process(tmp_path, tiny_model_dir):
     from graph_support import free_port
 
-    from genops_assets.lib.serving import control
+    from genops_assets.serving import control
 
     state_dir = tmp_path / "endpoint"
     state = control.start_server(str(tiny_model_dir), {}, {}, state_dir, port=free_port(), ready_timeout_s=180,

@@ -83,7 +83,7 @@ def test_local_judge_server_runs_at_background_priority(tiny_model_dir, tmp_path
     judge = JudgeResource(local_state_dir=str(tmp_path / "judge"), local_port=free_port(), local_nice=11)
     try:
         judge.endpoint_url(tiny_model_dir)
-        from genops_assets.lib.serving import control
+        from genops_assets.serving import control
 
         pid = control.read_state(tmp_path / "judge").pid
         assert os.getpriority(os.PRIO_PROCESS, pid) == 11

@@ -15,13 +15,13 @@ import pytest
 from graph_support import free_port
 from openai import OpenAI
 
-from genops_assets.lib.serving import control
+from genops_assets.serving import control
 
 MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
 
 
 def test_generation_base_and_adapter_differ_and_respect_limits(tiny_model_dir, tiny_adapter_dir):
-    from genops_assets.lib.generation import generate, load_model
+    from genops_assets.serving.generation import generate, load_model
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     batch = [MSG, [{"role": "user", "content": "hi"}], [{"role": "system", "content": "Answer in JSON."}, *MSG]]
@@ -39,7 +39,7 @@ def test_generation_base_and_adapter_differ_and_respect_limits(tiny_model_dir, t
 
 
 def test_token_sinks_stream_each_row_and_stop_one_while_the_batch_goes_on(tiny_model_dir, tiny_adapter_dir):
-    from genops_assets.lib.generation import generate, load_model
+    from genops_assets.serving.generation import generate, load_model
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     batch = [MSG, [{"role": "user", "content": "hi"}], [{"role": "user", "content": "Reset the camera, please."}]]
@@ -139,7 +139,7 @@ def test_server_that_cannot_start_reports_its_log(tmp_path):
 def test_shared_prefix_choice_scoring_matches_one_by_one(tiny_model_dir, tiny_adapter_dir):
     """Judge prompts share a long rubric prefix: scoring them together (prefix computed once)
     gives the same probabilities as scoring each alone."""
-    from genops_assets.lib.generation import load_model, score_choices
+    from genops_assets.serving.generation import load_model, score_choices
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     rubric = "You grade answers on a 1-5 scale. " * 12
@@ -166,8 +166,8 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
     batch computes the rest of its common start once, and a judge's follow-up question
     (verdict, then "why?") computes only its own tail. Probabilities equal those computed
     from scratch; the cache is kept per adapter."""
-    from genops_assets.lib import generation
-    from genops_assets.lib.generation import DecodeBatch, load_model, score_choices
+    from genops_assets.serving import generation
+    from genops_assets.serving.generation import DecodeBatch, load_model, score_choices
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     tok = loaded.tokenizer
@@ -209,8 +209,8 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
 def test_prefix_cache_is_bounded_in_bytes(tiny_model_dir, monkeypatch):
     """The least recently used prompts leave the cache beyond its byte budget; a prompt that
     starts a kept one adds no entry."""
-    from genops_assets.lib import generation
-    from genops_assets.lib.generation import load_model, score_choices
+    from genops_assets.serving import generation
+    from genops_assets.serving.generation import load_model, score_choices
 
     loaded = load_model(tiny_model_dir)
     convs = [[{"role": "user", "content": f"{i} " + "grade this answer please " * 10}] for i in range(4)]
@@ -229,8 +229,8 @@ def test_shared_prefix_generation_matches_one_by_one(tiny_model_dir, tiny_adapte
     """Requests that share a system prompt compute it once per batch (prefix laid out at the
     same columns, padding between prefix and tail): greedy answers, token counts and streamed
     tokens are those of each request generated alone, with and without an adapter."""
-    from genops_assets.lib import generation
-    from genops_assets.lib.generation import generate, load_model
+    from genops_assets.serving import generation
+    from genops_assets.serving.generation import generate, load_model
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     system = "You triage support tickets into JSON with category and priority. " * 6
@@ -302,7 +302,7 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
 def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir, tiny_adapter_dir):
     import shutil
 
-    from genops_assets.lib.generation import add_adapter, load_model
+    from genops_assets.serving.generation import add_adapter, load_model
 
     loaded = load_model(str(tiny_model_dir), {})
     foreign = tmp_path / "foreign"
@@ -320,7 +320,7 @@ def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir,
 
 
 def _alone(loaded, messages, adapter, max_new_tokens):
-    from genops_assets.lib.generation import generate
+    from genops_assets.serving.generation import generate
 
     return generate(loaded, [messages], adapter=adapter, max_new_tokens=max_new_tokens)[0]
 
@@ -334,8 +334,8 @@ def test_continuous_batch_rows_join_and_leave_mid_way_with_their_solo_answers(ti
     """Conversations join a running decode batch at different steps, with different limits,
     and leave when they end: each gets exactly the greedy answer it gets alone. A prompt whose
     start was seen before reuses that start's KV cache (the prefix cache) with the same result."""
-    from genops_assets.lib import generation
-    from genops_assets.lib.generation import DecodeBatch, load_model
+    from genops_assets.serving import generation
+    from genops_assets.serving.generation import DecodeBatch, load_model
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     system = "You triage support tickets into JSON with category and priority. " * 6
@@ -376,7 +376,7 @@ def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_
 
     from safetensors.torch import load_file, save_file
 
-    from genops_assets.lib.generation import DecodeBatch, add_adapter, load_model
+    from genops_assets.serving.generation import DecodeBatch, add_adapter, load_model
 
     other = tmp_path / "other"
     shutil.copytree(tiny_adapter_dir, other)
@@ -405,7 +405,7 @@ def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_
 
 
 def test_continuous_batch_streams_stops_a_row_on_request_and_samples_reproducibly(tiny_model_dir):
-    from genops_assets.lib.generation import DecodeBatch, load_model
+    from genops_assets.serving.generation import DecodeBatch, load_model
 
     loaded = load_model(tiny_model_dir)
     seen = []
@@ -437,8 +437,8 @@ def test_continuous_batch_streams_stops_a_row_on_request_and_samples_reproducibl
 def test_a_request_joins_the_running_batch_only_with_continuous_scheduling(tiny_model_dir, scheduler):
     """A short request sent while a long one decodes: continuous scheduling answers it while the
     long one is still decoding; static scheduling makes it wait for the whole batch."""
-    from genops_assets.lib.generation import load_model
-    from genops_assets.lib.serving.batching import Batcher, Job
+    from genops_assets.serving.generation import load_model
+    from genops_assets.serving.batching import Batcher, Job
 
     loaded = load_model(tiny_model_dir)
     batcher = Batcher(loaded, max_batch=4, scheduler=scheduler)

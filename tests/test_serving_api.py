@@ -17,9 +17,9 @@ import pytest
 from graph_support import free_port
 from openai import OpenAI
 
-from genops_assets.lib.serving import control
-from genops_assets.lib.serving.metrics import Registry
-from genops_assets.lib.serving.protection import ApiKeys, RateLimiter, parse_api_keys
+from genops_assets.serving import control
+from genops_assets.serving.metrics import Registry
+from genops_assets.serving.protection import ApiKeys, RateLimiter, parse_api_keys
 
 MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
 KEY = "test-key-alpha"
@@ -388,7 +388,7 @@ class _PieceTokenizer:
 
 
 def test_text_stream_holds_back_what_the_final_answer_would_drop():
-    from genops_assets.lib.serving.server import TextStream
+    from genops_assets.serving.server import TextStream
 
     stream = TextStream(_PieceTokenizer(), stop=["STOP"])
     deltas = []

@@ -15,7 +15,7 @@ from graph_support import free_port
 from openai import OpenAI
 
 from genops_assets.lib.hashing import file_digests, sha256_json
-from genops_assets.lib.serving import control
+from genops_assets.serving import control
 from resources.tracking import MlflowTracking
 
 MSG = [{"role": "user", "content": "my camera is offline"}]

@@ -101,7 +101,7 @@ def evaluate_model(
     Only the examples missing from the cache reach the model, so a re-run of an unchanged
     evaluation makes no model call and a failed run resumes where it stopped.
     """
-    from genops_assets.lib.generation import generate
+    from genops_assets.serving.generation import generate
 
     if not examples:
         raise ValueError("the golden evaluation set is empty: nothing to evaluate")
@@ -209,7 +209,7 @@ def sample_pass_rates(
 ) -> dict[str, Any]:
     """n sampled answers per example; pass = every label field right. pass@k and pass^k per k,
     averaged over examples, with bootstrap intervals. Samples are cached like greedy answers."""
-    from genops_assets.lib.generation import generate
+    from genops_assets.serving.generation import generate
     from genops_assets.lib.stats import bootstrap_ci, pass_at_k, pass_hat_k
 
     if n < 2:

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from genops_assets.lib.formatting import parse_prediction
-from genops_assets.lib.serving.protection import error_class
+from genops_assets.serving.protection import error_class
 
 PERCENTILE_METHOD = "linear"
 REQUIRED_COLUMNS = ("ts", "event", "model", "adapter_version", "prompt_version", "status", "latency_s",

@@ -16,10 +16,9 @@ from genops_assets.lib.tasks import read_raw_file
 from resources import DBT_PROJECT_DIR
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
+from resources.warehouse import FEEDBACK_SCHEMA, MART_SCHEMA, DuckDBWarehouse
 
 RAW_ASSET = dg.AssetKey("raw_task_examples")
-MART_SCHEMA = "main"
 MARTS = ("golden_eval_dataset", "sft_dataset", "few_shot_examples")
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.lib.tasks import TaskSpec
 from resources.task import TaskResource
-from resources.warehouse import DuckDBWarehouse
+from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 
 BASE_COLUMNS = ("example_id", "content_hash", "input_text", "output_json", "source_file", "source_row")
 EXTRA_COLUMNS = {"sft_dataset": ("split",), "few_shot_examples": ("label",), "golden_eval_dataset": ()}

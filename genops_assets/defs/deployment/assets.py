@@ -11,12 +11,11 @@ from datetime import datetime, timezone
 import dagster as dg
 from pydantic import Field
 
-from genops_assets.defs.evaluation.assets import fetch_registered_adapter
 from genops_assets.lib.formatting import build_messages, prompt_variables
 from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHAMPION, MlflowTracking
+from resources.tracking import CHAMPION, PREVIOUS_CHAMPION_TAG, MlflowTracking
 
 SERVED_NAME = "champion"
 CHALLENGER_NAME = "challenger"
@@ -76,7 +75,6 @@ def deployed_endpoint(
     hot-swaps it. Deploying the serving version again is a no-op. Cost: seconds to a minute."""
     from openai import OpenAI
 
-    from genops_assets.defs.prompts.assets import resolve_prompt
 
     gate = eval_report["gate"]
     if not gate["passed"]:
@@ -87,13 +85,13 @@ def deployed_endpoint(
         raise dg.Failure(f"eval_report is for v{eval_report['candidate']['version']}, tuned_adapter is v{version}")
 
     spec = task.load()
-    prompt_ref = resolve_prompt(mlflow, spec)
+    prompt_ref = mlflow.resolve_prompt(spec)
     if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
         raise dg.Failure(f"production prompt moved to v{prompt_ref.version} after the evaluation (which used "
                          f"v{eval_report['prompt']['version']}); re-run eval_report before deploying")
     endpoint.publish_prompt({"name": prompt_ref.name, "version": prompt_ref.version, "digest": prompt_ref.digest,
                              "template": asdict(prompt_ref.template)})
-    adapter_dir = fetch_registered_adapter(mlflow, home, model_name, version)
+    adapter_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, version)
     staged = endpoint.deploy(base_model["path"], CHALLENGER_NAME, str(adapter_dir), version)
     context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {CHALLENGER_NAME}")
     client = OpenAI(base_url=staged.url, api_key=endpoint.client_key(), timeout=300, max_retries=0)
@@ -116,7 +114,7 @@ def deployed_endpoint(
     promoted = previous is None or previous.version != version
     if promoted:
         mlflow.set_version_tags(model_name, version, {
-            "genops.previous_champion": previous.version if previous else "",
+            PREVIOUS_CHAMPION_TAG: previous.version if previous else "",
             "genops.promoted_at": datetime.now(timezone.utc).isoformat(),
             "genops.promoted_by_run": context.run.run_id,
             "genops.serving_prompt_version": prompt_ref.version,

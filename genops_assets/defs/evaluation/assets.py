@@ -7,7 +7,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.defs.evaluation.config import EvalConfig
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.evaluation import (
@@ -22,17 +21,10 @@ from genops_assets.lib.report import rag_section, write_eval_report
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHAMPION, MlflowTracking
-from resources.warehouse import DuckDBWarehouse
+from resources.tracking import CHAMPION, MlflowTracking, prompt_tags
+from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 
 SUMMARY_METRICS = ("valid_json_rate", "mean_field_exact_match", "overall_exact_match")
-
-
-def fetch_registered_adapter(mlflow: MlflowTracking, home: GenopsHome, model_name: str, version: str) -> Path:
-    """A local copy of a registered adapter, checked against the digest recorded at registration."""
-    from genops_assets.lib.serving.registry_watch import fetch_adapter
-
-    return fetch_adapter(mlflow.client(), mlflow.tracking_uri, model_name, str(version), home.cache_dir / "registry")
 
 
 def metric_names_of(ev: ModelEval) -> list[str]:
@@ -62,11 +54,10 @@ def eval_report(
     answers, with 95% intervals. Predictions and verdicts are cached by content. Cost: 2-4
     minutes on CPU for the embedded model (plus two judge calls per example and model for a
     task with contexts)."""
-    from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
     from genops_assets.lib.prompts import CANDIDATE
 
     spec = task.load()
-    production = resolve_prompt(mlflow, spec)
+    production = mlflow.resolve_prompt(spec)
     prompt = production.template
     context.log.info(f"prompt: {production.name} v{production.version} (alias production)")
     golden = warehouse.query_df(f"select * from {MART_SCHEMA}.golden_eval_dataset order by example_id")
@@ -99,13 +90,13 @@ def eval_report(
     champion = mlflow.alias(model_name, CHAMPION)
     adapters = {"candidate": tuned_adapter["adapter_dir"]}
     if champion is not None and champion.version != version:
-        adapters["champion"] = str(fetch_registered_adapter(mlflow, home, model_name, champion.version))
+        adapters["champion"] = str(mlflow.fetch_registered_adapter(home.registry_cache, model_name, champion.version))
 
     holder: dict = {}
 
     def load():
         if "m" not in holder:
-            from genops_assets.lib.generation import load_model
+            from genops_assets.serving.generation import load_model
 
             context.log.info(f"loading {base_model['path']} with adapters {sorted(adapters)}")
             holder["m"] = load_model(base_model["path"], adapters)

@@ -13,7 +13,7 @@ from genops_assets.lib.prompts import PromptError
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import MlflowTracking
+from resources.tracking import MlflowTracking, prompt_tags
 
 
 def _judge_human_agreement(client, rubric, path: Path, spec, log, seed: int, prompt=None) -> dict:
@@ -61,11 +61,10 @@ def sxs_evaluation(
     from genops_assets.lib.report import write_sxs_report
     from genops_assets.lib.sxs import SxsRow, run_sxs
 
-    from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
 
     spec = task.load()
     # The judge sees the task as the models saw it: the production prompt, rendered.
-    prompt_ref = resolve_prompt(mlflow, spec)
+    prompt_ref = mlflow.resolve_prompt(spec)
     prompt = prompt_ref.template
     rubrics = load_rubrics(BUILTIN_RUBRICS, spec.root / "rubrics")
     missing = [n for n in [config.pairwise_rubric, *config.pointwise_rubrics] if n not in rubrics]

@@ -16,7 +16,6 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
-from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import (
     MONITORING_SCHEMA,
@@ -31,7 +30,7 @@ from genops_assets.lib.hashing import atomic_dir, atomic_write_json
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
+from resources.warehouse import FEEDBACK_SCHEMA, MART_SCHEMA, DuckDBWarehouse
 
 FLAGGED_TABLE = "flagged_prompts"
 CLUSTERS_TABLE = "prompt_clusters"

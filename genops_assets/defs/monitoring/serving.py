@@ -164,7 +164,7 @@ def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
         resource_row,
         summarize_resources,
     )
-    from genops_assets.lib.serving.sampler import RESOURCES_FILE
+    from genops_assets.serving.sampler import RESOURCES_FILE
 
     partition = context.partition_key
     start, end = utc_day(context)

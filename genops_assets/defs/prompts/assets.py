@@ -5,7 +5,6 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.evaluation import evaluate_model, examples_from_frame
 from genops_assets.lib.hashing import atomic_write_text, sha256_json
@@ -13,19 +12,8 @@ from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, PromptRef, prompt_r
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import MlflowTracking
-from resources.warehouse import DuckDBWarehouse
-
-
-def resolve_prompt(mlflow: MlflowTracking, spec, alias: str = PRODUCTION) -> PromptRef:
-    """The registered prompt version behind ``alias`` (a clear error when it is missing)."""
-    return mlflow.require_prompt_alias(prompt_registry_name(spec.name), alias, spec.input_field)
-
-
-def prompt_tags(ref: PromptRef) -> dict[str, str]:
-    """What a consumer records about the prompt it used."""
-    return {"genops.prompt_name": ref.name, "genops.prompt_version": str(ref.version),
-            "genops.prompt_digest": ref.digest}
+from resources.tracking import MlflowTracking, prompt_tags
+from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 
 
 class PromptTemplatesConfig(dg.Config):
@@ -117,7 +105,7 @@ def prompt_candidates(
     if config.target not in ("tuned", "base"):
         raise ValueError(f"target must be 'tuned' or 'base', got {config.target!r}")
     spec = task.load()
-    production = resolve_prompt(mlflow, spec)
+    production = mlflow.resolve_prompt(spec)
     name = production.name
 
     val = warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset where split = 'validation' "
@@ -160,7 +148,7 @@ def prompt_candidates(
 
     def load():
         if "m" not in holder:
-            from genops_assets.lib.generation import load_model
+            from genops_assets.serving.generation import load_model
 
             adapters = {"candidate": tuned_adapter["adapter_dir"]} if config.target == "tuned" else {}
             holder["m"] = load_model(base_model["path"], adapters)

@@ -7,7 +7,6 @@ import time
 import dagster as dg
 
 from genops_assets import __version__
-from genops_assets.defs.datasets.assets import MART_SCHEMA
 from genops_assets.defs.tuning.config import TuningConfig
 from genops_assets.lib.evaluation import examples_from_frame
 from genops_assets.lib.formatting import build_messages, format_target
@@ -17,18 +16,14 @@ from genops_assets.lib.report import loss_curve_png
 from genops_assets.lib.training import TRAINING_CODE_VERSION, SftExample, TrainingInputError, train_lora
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHALLENGER, VERSION_KEY_TAG, MlflowTracking
-from resources.warehouse import DuckDBWarehouse
+from resources.tracking import CHALLENGER, VERSION_KEY_TAG, MlflowTracking, prompt_tags, registered_model_name
+from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 
 CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
 # Transient failures (preemption, OOM kill of a worker, a flaky MLflow store) are retried after
 # 10 s, then 20 s; each attempt resumes from the last complete checkpoint of the same version key.
 TRAINING_LOCK = "training.lock"  # in the runs folder: one training at a time on this machine
 TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
-
-
-def registered_model_name(task_name: str) -> str:
-    return f"genops-{task_name}"
 
 
 def frame_digest(df) -> str:
@@ -72,10 +67,9 @@ def tuned_adapter(
     Cost: minutes on CPU (about 5 s/step for the embedded model on 2 cores). An interrupted run
     (retried by the retry policy, or re-launched) resumes from the last complete checkpoint in
     runs/<version_key>/checkpoints."""
-    from genops_assets.defs.prompts.assets import prompt_tags, resolve_prompt
 
     spec = task.load()
-    prompt_ref = resolve_prompt(mlflow, spec)
+    prompt_ref = mlflow.resolve_prompt(spec)
     prompt = prompt_ref.template
     df = warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset order by example_id")
     train_df = df[df["split"] == "train"]

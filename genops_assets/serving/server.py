@@ -1,7 +1,7 @@
 """OpenAI-compatible chat completions over one base model plus LoRA adapters (FastAPI).
 
-Run as ``python -m genops_assets.lib.serving.server``; started and stopped by
-``genops_assets.lib.serving.control``. Models served: ``base`` (the base model alone) and one
+Run as ``python -m genops_assets.serving.server``; started and stopped by
+``genops_assets.serving.control``. Models served: ``base`` (the base model alone) and one
 name per adapter. ``POST /admin/reload`` swaps an adapter in place (bearer token from
 ``<state_dir>/admin_token``). Every request is appended to ``<state_dir>/requests.jsonl``
 (model, tokens, latency, status) for monitoring.
@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from genops_assets.lib.serving.protection import (
+from genops_assets.serving.protection import (
     API_KEYS_ENV,
     ERROR_CLASSES,
     ApiKeys,
@@ -191,10 +191,10 @@ def create_app(loaded, versions: dict[str, str], state_dir: Path, admin_token: s
     running batch between decoding steps, "static" runs one whole batch at a time."""
     from jinja2 import TemplateError
 
-    from genops_assets.lib.generation import add_adapter
-    from genops_assets.lib.serving.batching import Batcher, Job
-    from genops_assets.lib.serving.metrics import CONTENT_TYPE, Registry
-    from genops_assets.lib.serving.sampler import sampler_lifespan
+    from genops_assets.serving.generation import add_adapter
+    from genops_assets.serving.batching import Batcher, Job
+    from genops_assets.serving.metrics import CONTENT_TYPE, Registry
+    from genops_assets.serving.sampler import sampler_lifespan
 
     keys = ApiKeys(api_keys)
     if not keys:
@@ -676,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from genops_assets.lib.generation import load_model
+    from genops_assets.serving.generation import load_model
 
     api_keys = parse_api_keys(os.environ.get(API_KEYS_ENV))
     state_dir = Path(args.state_dir)
@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
                      scheduler=args.scheduler)
     watchers = []
     if args.watch_registry and args.watch_model:
-        from genops_assets.lib.serving.registry_watch import AliasWatcher, version_loader
+        from genops_assets.serving.registry_watch import AliasWatcher, version_loader
 
         app.state.version_loader = version_loader(args.watch_registry, args.watch_model, state_dir / "registry",
                                                   app.state.swap_adapter)

@@ -32,7 +32,7 @@ from pathlib import Path
 from genops_assets.lib.hashing import atomic_write_text
 from resources.paths import GenopsHome
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tasks" / "support_triage" / "ct_demo"
 LABEL_FIELDS = ("category", "priority", "product", "summary")
 
@@ -86,7 +86,7 @@ def _champion(env: dict[str, str]):
     from resources import build_resources
 
     res = build_resources(Path(env["GENOPS_HOME"]))
-    from genops_assets.defs.tuning.assets import registered_model_name
+    from resources.tracking import registered_model_name
 
     name = registered_model_name(res["task"].name)
     return res, name, res["mlflow"].alias(name, "champion")

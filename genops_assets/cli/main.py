@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 GENERATED_MARK = "# Written by `genops init-home`"
 DAGSTER_YAML = f"""\
@@ -205,15 +205,14 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
         info = convert_gguf(find_embedded_gguf(), root / "models" / "base", log=lambda m: None)
     adapters, adapter, digest = {}, None, info.folder_digest
     if model != "base":
-        from genops_assets.defs.evaluation.assets import fetch_registered_adapter
-        from genops_assets.defs.tuning.assets import registered_model_name
+        from resources.tracking import registered_model_name
 
         name = registered_model_name(spec.name)
         ref = mlflow.alias(name, model) if not model.isdigit() else mlflow.get_version(name, model)
         if ref is None:
             print(f"{name} has no alias or version '{model}'", file=sys.stderr)
             return 2
-        adapters = {"adapter": str(fetch_registered_adapter(mlflow, gh, name, ref.version))}
+        adapters = {"adapter": str(mlflow.fetch_registered_adapter(gh.registry_cache, name, ref.version))}
         adapter = "adapter"
         digest = sha256_json([info.folder_digest, ref.tags.get("genops.adapter_digest", ref.version)])
 
@@ -221,7 +220,7 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
 
     def load():
         if "m" not in holder:
-            from genops_assets.lib.generation import load_model
+            from genops_assets.serving.generation import load_model
 
             holder["m"] = load_model(info.path, adapters)
         return holder["m"]
@@ -282,7 +281,7 @@ def serve(host: str, port: int) -> int:
 
     from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
     from genops_assets.lib.hashing import atomic_write_text
-    from genops_assets.lib.serving import control, server
+    from genops_assets.serving import control, server
 
     root = init_home()
     base = os.environ.get("GENOPS_BASE_MODEL") or convert_gguf(find_embedded_gguf(), root / "models" / "base").path
@@ -301,14 +300,13 @@ def serve(host: str, port: int) -> int:
 def model_rollback(task_name: str | None, version: str | None) -> int:
     """Move `champion` back (to ``version``, or the previous champion recorded at promotion);
     a server following the registry hot-swaps it."""
-    from genops_assets.defs.tuning.assets import registered_model_name
-    from sensors.monitoring import RollbackError, rollback_champion
+    from resources.tracking import RollbackError, registered_model_name
 
     init_home()
     mlflow, _, task_res = _tracking()
     name = registered_model_name(task_name or task_res.name)
     try:
-        result = rollback_champion(mlflow, name, to_version=version, reason="manual (genops rollback)")
+        result = mlflow.rollback_champion(name, to_version=version, reason="manual (genops rollback)")
     except RollbackError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -357,7 +355,7 @@ def ui() -> int:
 
 
 def stop() -> int:
-    from genops_assets.lib.serving import control
+    from genops_assets.serving import control
 
     init_home()
     for name in ("endpoint", "judge"):

@@ -3,9 +3,9 @@
 * golden-set evaluation, cold (model calls) vs fully cached (zero model calls);
 * judging against the local server, sequential (one call in flight) vs concurrent
   (the server batches concurrent requests);
-* serving (``bench_serving``): genops vs one-at-a-time vs llama.cpp;
+* serving (``genops_assets.bench.serving``): genops vs one-at-a-time vs llama.cpp;
 * serving latency beside monitoring work at normal and at background priority
-  (``bench_background``).
+  (``genops_assets.bench.background``).
 
 Each comparison runs both sides in the same process, one after the other, and reports the
 ratio: absolute times on shared machines are noise, ratios are not.
@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _log(msg: str) -> None:
@@ -33,7 +33,7 @@ def _log(msg: str) -> None:
 def bench_eval(base_dir: str, task, examples, work: Path) -> dict:
     from genops_assets.lib.cache import CallCache
     from genops_assets.lib.evaluation import evaluate_model
-    from genops_assets.lib.generation import load_model
+    from genops_assets.serving.generation import load_model
 
     loaded = load_model(base_dir)
     digest = "bench-" + Path(base_dir).name
@@ -64,14 +64,14 @@ def bench_judging(base_dir: str, task, examples, predictions, work: Path, modes:
     explanation (a second, generated answer per verdict)."""
     from genops_assets.lib.formatting import build_messages
     from genops_assets.lib.judging import BUILTIN_RUBRICS, ChatJudge, load_rubrics
-    from genops_assets.lib.serving import control
+    from genops_assets.serving import control
 
     rubric = load_rubrics(BUILTIN_RUBRICS)["instruction_following"]
     items = []
     for ex, pred in zip(examples, predictions, strict=True):
         request = "\n\n".join(m["content"] for m in build_messages(task, ex.input_text, []))
         items.append((rubric.render(input=request, response=pred, reference=""), rubric.choices, rubric.version))
-    from genops_assets.lib.serving.control import port_free
+    from genops_assets.serving.control import port_free
 
     port = next(p for p in range(8090, 8190) if port_free("127.0.0.1", p))
     state = control.start_server(base_dir, {}, {}, work / "judge", port=port)
@@ -114,7 +114,7 @@ def bench_prefill(base_dir: str, items, batch: int) -> dict:
     grow with the batch, concurrency gains only the work requests share."""
     import torch
 
-    from genops_assets.lib.generation import _encode, load_model
+    from genops_assets.serving.generation import _encode, load_model
 
     loaded = load_model(base_dir)
     prompts = [_encode(loaded.tokenizer, messages) for messages, _choices, _version in items]
@@ -184,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                                                [m == "explained" for m in modes], args.explain_tokens,
                                                args.concurrency)
         if args.only in ("all", "serving"):
-            from genops_assets.bench_serving import bench_serving
+            from genops_assets.bench.serving import bench_serving
 
             prompts = [build_messages(task, ex.input_text) for ex in examples[:16]]
             _log("serving: genops (batched) vs naive (one at a time) vs llama.cpp, concurrency 1/4/16")
             results["serving"] = bench_serving(base.path, find_embedded_gguf(), prompts, work / "serving",
                                                args.serving_port, max_tokens=args.serving_max_tokens, log=_log)
         if args.only in ("all", "background"):
-            from genops_assets.bench_background import bench_background
+            from genops_assets.bench.background import bench_background
 
             prompts = [build_messages(task, ex.input_text) for ex in examples[:4]]
             _log("background: serving latency alone, beside an embedding load at normal, then at background priority")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  judge prompts: {p['judge_prompt_tokens_mean']} tokens, {p['shared_prefix_tokens']} shared; one forward "
               f"pass: {p['prefill_tokens_per_s']} prompt tokens/s by batch size ({p['batch_gain']}x)")
     if "serving" in results:
-        from genops_assets.bench_serving import table
+        from genops_assets.bench.serving import table
 
         print(table(results["serving"]))
         print("  ratios:", results["serving"]["ratios"], " targets:", results["serving"]["targets"])

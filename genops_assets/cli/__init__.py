@@ -1,0 +1,4 @@
+"""Operator tooling: the ``genops`` command and the demos (not part of the code location)."""
+from genops_assets.cli.main import main
+
+__all__ = ["main"]

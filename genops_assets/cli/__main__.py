@@ -1,0 +1,3 @@
+from genops_assets.cli.main import main
+
+raise SystemExit(main())
