@@ -21,7 +21,8 @@ MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update
 
 
 def test_generation_base_and_adapter_differ_and_respect_limits(tiny_model_dir, tiny_adapter_dir):
-    from genops_assets.serving.generation import generate, load_model
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.generation import generate
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     batch = [MSG, [{"role": "user", "content": "hi"}], [{"role": "system", "content": "Answer in JSON."}, *MSG]]
@@ -39,7 +40,8 @@ def test_generation_base_and_adapter_differ_and_respect_limits(tiny_model_dir, t
 
 
 def test_token_sinks_stream_each_row_and_stop_one_while_the_batch_goes_on(tiny_model_dir, tiny_adapter_dir):
-    from genops_assets.serving.generation import generate, load_model
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.generation import generate
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     batch = [MSG, [{"role": "user", "content": "hi"}], [{"role": "user", "content": "Reset the camera, please."}]]
@@ -139,7 +141,8 @@ def test_server_that_cannot_start_reports_its_log(tmp_path):
 def test_shared_prefix_choice_scoring_matches_one_by_one(tiny_model_dir, tiny_adapter_dir):
     """Judge prompts share a long rubric prefix: scoring them together (prefix computed once)
     gives the same probabilities as scoring each alone."""
-    from genops_assets.serving.generation import load_model, score_choices
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.scoring import score_choices
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     rubric = "You grade answers on a 1-5 scale. " * 12
@@ -166,8 +169,10 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
     batch computes the rest of its common start once, and a judge's follow-up question
     (verdict, then "why?") computes only its own tail. Probabilities equal those computed
     from scratch; the cache is kept per adapter."""
-    from genops_assets.serving import generation
-    from genops_assets.serving.generation import DecodeBatch, load_model, score_choices
+    from genops_assets.serving import kv_cache
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.decode import DecodeBatch
+    from genops_assets.serving.scoring import score_choices
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     tok = loaded.tokenizer
@@ -183,8 +188,8 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
             scratch.append(score_choices(loaded, [m], [c], adapter=adapter)[0])
         loaded.prefixes.clear()
         del seen[:]
-        lens = [len(generation._encode(tok, m)) for m in convs]
-        rubric_len = len(os.path.commonprefix([generation._encode(tok, m) for m in convs]))
+        lens = [len(kv_cache.encode(tok, m)) for m in convs]
+        rubric_len = len(os.path.commonprefix([kv_cache.encode(tok, m) for m in convs]))
         first, n = score_choices(loaded, convs[:1], choices[:1], adapter=adapter)[0]
         assert n == scratch[0][1] and first == pytest.approx(scratch[0][0], abs=1e-4)
         assert seen == [lens[0]]
@@ -199,7 +204,7 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
         batch = DecodeBatch(loaded, adapter)
         _admit(batch, 0, follow, 1)
         batch.close()
-        assert seen == [len(generation._encode(tok, follow)) - lens[2]], "only the follow-up's own tokens"
+        assert seen == [len(kv_cache.encode(tok, follow)) - lens[2]], "only the follow-up's own tokens"
     assert {o for o, _, _ in loaded.prefixes} == {loaded.internal["cand"]}
     del seen[:]
     score_choices(loaded, convs[3:4], choices[3:4])  # the base does not use the adapter's cache
@@ -209,18 +214,19 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
 def test_prefix_cache_is_bounded_in_bytes(tiny_model_dir, monkeypatch):
     """The least recently used prompts leave the cache beyond its byte budget; a prompt that
     starts a kept one adds no entry."""
-    from genops_assets.serving import generation
-    from genops_assets.serving.generation import load_model, score_choices
+    from genops_assets.serving import kv_cache
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.scoring import score_choices
 
     loaded = load_model(tiny_model_dir)
     convs = [[{"role": "user", "content": f"{i} " + "grade this answer please " * 10}] for i in range(4)]
     score_choices(loaded, convs[:1], [("1", "2")])
-    one = generation._kv_bytes(loaded.prefixes[0][2])
-    monkeypatch.setattr(generation, "PREFIX_CACHE_BYTES", int(2.5 * one))
+    one = kv_cache.kv_bytes(loaded.prefixes[0][2])
+    monkeypatch.setattr(kv_cache, "PREFIX_CACHE_BYTES", int(2.5 * one))
     for c in convs[1:]:
         score_choices(loaded, [c], [("1", "2")])
     kept = [t for _, t, _ in loaded.prefixes]
-    assert kept == [tuple(generation._encode(loaded.tokenizer, c)) for c in convs[2:]]
+    assert kept == [tuple(kv_cache.encode(loaded.tokenizer, c)) for c in convs[2:]]
     score_choices(loaded, convs[2:3], [("1", "2")])  # a hit makes it the most recent
     assert [t for _, t, _ in loaded.prefixes] == [kept[1], kept[0]]
 
@@ -229,8 +235,9 @@ def test_shared_prefix_generation_matches_one_by_one(tiny_model_dir, tiny_adapte
     """Requests that share a system prompt compute it once per batch (prefix laid out at the
     same columns, padding between prefix and tail): greedy answers, token counts and streamed
     tokens are those of each request generated alone, with and without an adapter."""
-    from genops_assets.serving import generation
-    from genops_assets.serving.generation import generate, load_model
+    from genops_assets.serving import kv_cache
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.generation import generate
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     system = "You triage support tickets into JSON with category and priority. " * 6
@@ -239,7 +246,7 @@ def test_shared_prefix_generation_matches_one_by_one(tiny_model_dir, tiny_adapte
     tok = loaded.tokenizer
     ids = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
            ["input_ids"] for m in batch]
-    assert generation._shared_prefix_len(ids) >= generation.MIN_SHARED_PREFIX, "the batch must take the prefix path"
+    assert kv_cache.shared_prefix_len(ids) >= kv_cache.MIN_SHARED_PREFIX, "the batch must take the prefix path"
     for adapter in (None, "cand"):
         streamed: dict[int, list] = {r: [] for r in range(len(batch))}
 
@@ -302,7 +309,7 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
 def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir, tiny_adapter_dir):
     import shutil
 
-    from genops_assets.serving.generation import add_adapter, load_model
+    from genops_assets.serving.adapters import add_adapter, load_model
 
     loaded = load_model(str(tiny_model_dir), {})
     foreign = tmp_path / "foreign"
@@ -334,8 +341,9 @@ def test_continuous_batch_rows_join_and_leave_mid_way_with_their_solo_answers(ti
     """Conversations join a running decode batch at different steps, with different limits,
     and leave when they end: each gets exactly the greedy answer it gets alone. A prompt whose
     start was seen before reuses that start's KV cache (the prefix cache) with the same result."""
-    from genops_assets.serving import generation
-    from genops_assets.serving.generation import DecodeBatch, load_model
+    from genops_assets.serving import kv_cache
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.decode import DecodeBatch
 
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     system = "You triage support tickets into JSON with category and priority. " * 6
@@ -348,7 +356,7 @@ def test_continuous_batch_rows_join_and_leave_mid_way_with_their_solo_answers(ti
         batch = DecodeBatch(loaded, adapter)
         done = dict(batch.admit([0, 1], convs[:2], max_new_tokens=limits[:2], temperature=[0, 0], top_p=[1, 1],
                                 stop=[(), ()], seeds=[None, None], sinks=[None, None]))
-        assert [len(t) for _, t, _ in loaded.prefixes] == [len(generation._encode(loaded.tokenizer, c))
+        assert [len(t) for _, t, _ in loaded.prefixes] == [len(kv_cache.encode(loaded.tokenizer, c))
                                                            for c in convs[:2]], "each admitted prompt is kept"
         steps_seen = set()
         for step in range(40):
@@ -365,7 +373,7 @@ def test_continuous_batch_rows_join_and_leave_mid_way_with_their_solo_answers(ti
             assert (res.text, res.completion_tokens, res.finish_reason, res.prompt_tokens) == (
                 solo[k].text, solo[k].completion_tokens, solo[k].finish_reason, solo[k].prompt_tokens), k
         batch.close()
-    assert generation.MIN_SHARED_PREFIX <= len(loaded.prefixes[0][1])
+    assert kv_cache.MIN_SHARED_PREFIX <= len(loaded.prefixes[0][1])
 
 
 def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_dir, tiny_adapter_dir, tmp_path):
@@ -376,7 +384,8 @@ def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_
 
     from safetensors.torch import load_file, save_file
 
-    from genops_assets.serving.generation import DecodeBatch, add_adapter, load_model
+    from genops_assets.serving.adapters import add_adapter, load_model
+    from genops_assets.serving.decode import DecodeBatch
 
     other = tmp_path / "other"
     shutil.copytree(tiny_adapter_dir, other)
@@ -405,7 +414,8 @@ def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_
 
 
 def test_continuous_batch_streams_stops_a_row_on_request_and_samples_reproducibly(tiny_model_dir):
-    from genops_assets.serving.generation import DecodeBatch, load_model
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.decode import DecodeBatch
 
     loaded = load_model(tiny_model_dir)
     seen = []
@@ -437,7 +447,7 @@ def test_continuous_batch_streams_stops_a_row_on_request_and_samples_reproducibl
 def test_a_request_joins_the_running_batch_only_with_continuous_scheduling(tiny_model_dir, scheduler):
     """A short request sent while a long one decodes: continuous scheduling answers it while the
     long one is still decoding; static scheduling makes it wait for the whole batch."""
-    from genops_assets.serving.generation import load_model
+    from genops_assets.serving.adapters import load_model
     from genops_assets.serving.batching import Batcher, Job
 
     loaded = load_model(tiny_model_dir)

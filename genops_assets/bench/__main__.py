@@ -33,7 +33,7 @@ def _log(msg: str) -> None:
 def bench_eval(base_dir: str, task, examples, work: Path) -> dict:
     from genops_assets.lib.cache import CallCache
     from genops_assets.lib.evaluation import evaluate_model
-    from genops_assets.serving.generation import load_model
+    from genops_assets.serving.adapters import load_model
 
     loaded = load_model(base_dir)
     digest = "bench-" + Path(base_dir).name
@@ -114,7 +114,8 @@ def bench_prefill(base_dir: str, items, batch: int) -> dict:
     grow with the batch, concurrency gains only the work requests share."""
     import torch
 
-    from genops_assets.serving.generation import _encode, load_model
+    from genops_assets.serving.adapters import load_model
+    from genops_assets.serving.kv_cache import encode as _encode
 
     loaded = load_model(base_dir)
     prompts = [_encode(loaded.tokenizer, messages) for messages, _choices, _version in items]

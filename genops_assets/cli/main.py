@@ -220,7 +220,7 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
 
     def load():
         if "m" not in holder:
-            from genops_assets.serving.generation import load_model
+            from genops_assets.serving.adapters import load_model
 
             holder["m"] = load_model(info.path, adapters)
         return holder["m"]

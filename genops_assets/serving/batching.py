@@ -176,7 +176,7 @@ class Batcher:
     def _admit(self) -> None:
         """Move waiting generation requests for the adapter being decoded into the running
         batch (a new batch, for the oldest request's adapter, when none runs)."""
-        from genops_assets.serving.generation import DecodeBatch
+        from genops_assets.serving.decode import DecodeBatch
 
         if not self._pending:
             return
@@ -281,7 +281,8 @@ class Batcher:
         return hook
 
     def _execute(self, jobs: list[Job]) -> None:
-        from genops_assets.serving.generation import generate, score_choices
+        from genops_assets.serving.generation import generate
+        from genops_assets.serving.scoring import score_choices
 
         jobs = self._start(jobs)
         if not jobs:

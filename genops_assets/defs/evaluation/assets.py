@@ -96,7 +96,7 @@ def eval_report(
 
     def load():
         if "m" not in holder:
-            from genops_assets.serving.generation import load_model
+            from genops_assets.serving.adapters import load_model
 
             context.log.info(f"loading {base_model['path']} with adapters {sorted(adapters)}")
             holder["m"] = load_model(base_model["path"], adapters)

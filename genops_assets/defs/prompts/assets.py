@@ -148,7 +148,7 @@ def prompt_candidates(
 
     def load():
         if "m" not in holder:
-            from genops_assets.serving.generation import load_model
+            from genops_assets.serving.adapters import load_model
 
             adapters = {"candidate": tuned_adapter["adapter_dir"]} if config.target == "tuned" else {}
             holder["m"] = load_model(base_model["path"], adapters)
