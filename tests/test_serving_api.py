@@ -388,7 +388,7 @@ class _PieceTokenizer:
 
 
 def test_text_stream_holds_back_what_the_final_answer_would_drop():
-    from genops_assets.serving.server import TextStream
+    from genops_assets.serving.text_stream import TextStream
 
     stream = TextStream(_PieceTokenizer(), stop=["STOP"])
     deltas = []

@@ -83,9 +83,9 @@ def load(url: str, model: str, prompts: list[list[dict]], concurrency: int, max_
 def bench_serving(base_dir: str, gguf: Path, prompts: list[list[dict]], work: Path, port: int,
                   max_tokens: int = 48, log=print) -> dict:
     engines: dict[str, list[str] | None] = {
-        "genops": [sys.executable, "-m", "genops_assets.serving.server", "--base-model", base_dir,
+        "genops": [sys.executable, "-m", "genops_assets.serving.cli", "--base-model", base_dir,
                    "--state-dir", str(work / "genops"), "--port", str(port), "--max-batch", "16"],
-        "naive": [sys.executable, "-m", "genops_assets.serving.server", "--base-model", base_dir,
+        "naive": [sys.executable, "-m", "genops_assets.serving.cli", "--base-model", base_dir,
                   "--state-dir", str(work / "naive"), "--port", str(port), "--max-batch", "1",
                   "--scheduler", "static"],
         "llama_cpp": None,

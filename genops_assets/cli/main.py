@@ -281,7 +281,8 @@ def serve(host: str, port: int) -> int:
 
     from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
     from genops_assets.lib.hashing import atomic_write_text
-    from genops_assets.serving import control, server
+    from genops_assets.serving import cli as server
+    from genops_assets.serving import control
 
     root = init_home()
     base = os.environ.get("GENOPS_BASE_MODEL") or convert_gguf(find_embedded_gguf(), root / "models" / "base").path

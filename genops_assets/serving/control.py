@@ -132,7 +132,7 @@ def start_server(
     token_path = state_dir / TOKEN_FILE
     atomic_write_text(token_path, secrets.token_urlsafe(32))
     os.chmod(token_path, 0o600)
-    cmd = [sys.executable, "-m", "genops_assets.serving.server", "--base-model", str(base_model),
+    cmd = [sys.executable, "-m", "genops_assets.serving.cli", "--base-model", str(base_model),
            "--state-dir", str(state_dir), "--host", host, "--port", str(port), "--dtype", dtype]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]

@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-API_KEYS_ENV = "GENOPS_API_KEYS"
-
 # status -> error class (the label of genops:request_errors_total) and OpenAI error type.
 ERROR_CLASSES = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
                  405: "method_not_allowed", 408: "timeout", 413: "too_large", 422: "invalid_request",

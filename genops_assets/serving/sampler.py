@@ -4,8 +4,8 @@ seconds to ``<state_dir>/resources.jsonl``.
 A line: ``ts`` (Unix seconds), ``pid``, ``cpu_percent`` (since the previous sample, percent of one
 core: above 100 when several cores work), ``rss_bytes``, ``num_threads``, and ``gpu_mem_bytes`` /
 ``gpu_mem_reserved_bytes`` (PyTorch's allocated and reserved CUDA memory over all devices; null
-when the process has not initialised CUDA). The interval is ``GENOPS_RESOURCE_SAMPLE_S`` seconds
-(default 5; 0 turns sampling off).
+when the process has not initialised CUDA). The interval is the ``resource_sample_s`` setting
+(``GENOPS_RESOURCE_SAMPLE_S``, default 5 seconds; 0 turns sampling off).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -21,25 +20,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SAMPLE_ENV = "GENOPS_RESOURCE_SAMPLE_S"
-DEFAULT_INTERVAL_S = 5.0
+from genops_assets.serving.settings import ServerSettings
+
 RESOURCES_FILE = "resources.jsonl"
 
 log = logging.getLogger("genops.serving")
 
 
 def interval_from_env(env: Mapping[str, str] | None = None) -> float:
-    """Seconds between samples from ``GENOPS_RESOURCE_SAMPLE_S``; 0: off."""
-    raw = (os.environ if env is None else env).get(SAMPLE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_INTERVAL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{SAMPLE_ENV} must be a number of seconds, got {raw!r}") from None
-    if value < 0 or value != value:
-        raise ValueError(f"{SAMPLE_ENV} must be 0 (off) or a positive number of seconds, got {raw!r}")
-    return value
+    """Seconds between samples from ``GENOPS_RESOURCE_SAMPLE_S`` of ``env`` (by default the
+    process environment); 0: off."""
+    return ServerSettings.from_env(env).resource_sample_s
 
 
 def gpu_memory() -> tuple[int | None, int | None]:
@@ -56,7 +47,7 @@ def gpu_memory() -> tuple[int | None, int | None]:
 class ResourceSampler:
     """Samples this process every ``interval_s`` seconds into ``path`` from a daemon thread."""
 
-    def __init__(self, path: str | Path, interval_s: float = DEFAULT_INTERVAL_S):
+    def __init__(self, path: str | Path, interval_s: float):
         import psutil
 
         if interval_s <= 0:
@@ -111,10 +102,11 @@ class ResourceSampler:
             self._thread = None
 
 
-def sampler_lifespan(state_dir: str | Path):
-    """A FastAPI/Starlette lifespan that samples the server process while the app runs. The
-    interval is read now, so a malformed ``GENOPS_RESOURCE_SAMPLE_S`` fails at start-up."""
-    interval = interval_from_env()
+def sampler_lifespan(state_dir: str | Path, interval_s: float | None = None):
+    """A FastAPI/Starlette lifespan that samples the server process while the app runs, every
+    ``interval_s`` seconds (0: off; None: the setting, read now, so a malformed
+    ``GENOPS_RESOURCE_SAMPLE_S`` fails at start-up)."""
+    interval = interval_from_env() if interval_s is None else interval_s
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -1,0 +1,572 @@
+"""OpenAI-compatible chat completions over one base model plus LoRA adapters (FastAPI).
+
+Models served: ``base`` (the base model alone) and one name per adapter. ``POST /admin/reload``
+swaps an adapter in place (bearer token from ``<state_dir>/admin_token``). Every request is
+appended to ``<state_dir>/requests.jsonl`` (model, tokens, latency, status) for monitoring.
+
+Prompt serving: a request may send ``prompt_variables`` (e.g. ``{"message": "..."}``) instead
+of ``messages``; the server renders the deployed prompt version from ``<state_dir>/prompt.json``
+(written by the deploy step, re-read when it changes) and records that version.
+
+Streaming: ``stream: true`` answers with server-sent ``chat.completion.chunk`` events as the
+tokens are decoded (inside the dynamic batch); a client that goes away stops its row.
+
+Protection: bearer API keys on ``/v1/*`` (``GENOPS_API_KEYS``, comma-separated; none: open),
+a per-client rate limit, limits on body size, input tokens and ``max_tokens``, a request
+timeout. Only the routes below exist; every error has OpenAI's shape. ``GET /metrics`` is in
+Prometheus' text format with vLLM's metric names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import logging
+import random
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genops_assets.serving.adapters import LoadedModel, add_adapter
+from genops_assets.serving.batching import Batcher, Job
+from genops_assets.serving.metrics import CONTENT_TYPE, Registry
+from genops_assets.serving.protection import (
+    ERROR_CLASSES,
+    ApiKeys,
+    ProtectionMiddleware,
+    RateLimiter,
+    error_body,
+    error_class,
+)
+from genops_assets.serving.protocol import (
+    BASE_NAME,
+    CHALLENGER,
+    CHAMPION,
+    ROUTES,
+    VERSION_NAME,
+    ChatRequest,
+    ReloadRequest,
+    choice_logprobs,
+    usage,
+)
+from genops_assets.serving.sampler import sampler_lifespan
+from genops_assets.serving.settings import API_KEYS_ENV, ServerSettings
+from genops_assets.serving.text_stream import TextStream
+
+log = logging.getLogger("genops.serving")
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                   80.0, 160.0, 320.0, 640.0]
+TOKEN_GAP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+
+
+class EndpointMetrics:
+    """The endpoint's Prometheus metrics, with vLLM's names where they mean the same thing."""
+
+    def __init__(self, loaded: LoadedModel, versions: dict[str, str], batcher: Batcher):
+        self.loaded = loaded
+        self.registry = registry = Registry()
+        registry.gauge("vllm:num_requests_running", "Requests whose tokens are being generated (in a batch).",
+                       ["model_name"], collect=lambda: self._per_model(batcher.load()[1]))
+        registry.gauge("vllm:num_requests_waiting", "Requests queued for the next batch.",
+                       ["model_name"], collect=lambda: self._per_model(batcher.load()[0]))
+        registry.gauge("genops:loaded_adapters", "LoRA adapters served (1 per adapter and version).",
+                       ["adapter", "version"],
+                       collect=lambda: {(n, str(versions.get(n, ""))): 1.0 for n in sorted(loaded.adapters)})
+        self.ttft = registry.histogram("vllm:time_to_first_token_seconds",
+                                       "Time from the request's arrival to its first generated token.",
+                                       LATENCY_BUCKETS, ["model_name"])
+        self.tpot = registry.histogram("vllm:time_per_output_token_seconds",
+                                       "Time between consecutive generated tokens of a request.",
+                                       TOKEN_GAP_BUCKETS, ["model_name"])
+        self.e2e = registry.histogram("vllm:e2e_request_latency_seconds",
+                                      "Time from a request's arrival to its answer.", LATENCY_BUCKETS, ["model_name"])
+        self.prompt_total = registry.counter("vllm:prompt_tokens_total", "Prompt tokens processed.", ["model_name"])
+        self.generation_total = registry.counter("vllm:generation_tokens_total", "Tokens generated.", ["model_name"])
+        self.success_total = registry.counter("vllm:request_success_total", "Requests answered, by finish reason.",
+                                              ["model_name", "finished_reason"])
+        self.errors_total = registry.counter("genops:request_errors_total",
+                                             "Requests refused or failed, by error class.", ["class"])
+        for cls in sorted({*ERROR_CLASSES.values(), "server"}):
+            self.errors_total.inc(0, **{"class": cls})
+
+    def served_names(self) -> list[str]:
+        return [BASE_NAME, *sorted(self.loaded.adapters)]
+
+    def _per_model(self, counts) -> dict[tuple[str, ...], float]:
+        return {(n,): float(counts.get(None if n == BASE_NAME else n, 0)) for n in self.served_names()}
+
+    def error(self, status: int) -> None:
+        self.errors_total.inc(**{"class": error_class(status)})
+
+    def account(self, model: str, job: Job, t0: float, prompt_tokens: int, completion_tokens: int,
+                finish: str | None) -> None:
+        """Token counters for work done; latency histograms and the success count when answered."""
+        self.prompt_total.inc(prompt_tokens, model_name=model)
+        self.generation_total.inc(completion_tokens, model_name=model)
+        if finish is None:
+            return
+        now = time.perf_counter()
+        self.success_total.inc(model_name=model, finished_reason=finish)
+        self.e2e.observe(now - t0, model_name=model)
+        times = list(job.token_times)
+        self.ttft.observe((times[0] if times else now) - t0, model_name=model)
+        for a, b in itertools.pairwise(times):
+            self.tpot.observe(b - a, model_name=model)
+
+
+class RequestLog:
+    """``requests.jsonl``: one JSON line per request answered, refused late or abandoned, and per reload."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+class DeployedPrompt:
+    """The prompt version the deploy step wrote to ``prompt.json``, re-read when the file changes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cache: dict[str, Any] = {}
+
+    def current(self):
+        """(version, template), or None when no prompt is deployed."""
+        from genops_assets.lib.prompts import PromptTemplate
+
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if self._cache.get("mtime") != mtime:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self._cache.update(mtime=mtime, version=str(data["version"]), template=PromptTemplate(**data["template"]))
+        return self._cache["version"], self._cache["template"]
+
+
+@dataclass
+class Prepared:
+    """A valid request, ready for the batcher."""
+
+    req: ChatRequest
+    job: Job
+    request_id: str
+    t0: float
+    prompt_tokens: int
+    stop: list[str]
+    entry: dict[str, Any]  # what every request-log record of this request holds
+
+
+def _context_tokens(loaded: LoadedModel) -> int | None:
+    config = getattr(loaded.model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
+class ChatService:
+    """Chat completions: ``validate`` turns a request into a job (or an OpenAI-shaped refusal),
+    ``run`` answers it at once, ``stream`` as server-sent events; a request that will not be
+    answered is ``abandon``ed. Every request is counted in the metrics and logged once."""
+
+    def __init__(self, loaded: LoadedModel, settings: ServerSettings, versions: dict[str, str], batcher: Batcher,
+                 metrics: EndpointMetrics, request_log: RequestLog, prompt: DeployedPrompt):
+        self.loaded, self.settings, self.versions = loaded, settings, versions
+        self.batcher, self.metrics, self.request_log, self.prompt = batcher, metrics, request_log, prompt
+        self.context = settings.context_tokens or _context_tokens(loaded)
+        # The batcher thread encodes with loaded.tokenizer; the event loop counts prompt tokens with
+        # its own copy, so the two never share a tokenizer (fast tokenizers are not re-entrant).
+        self._counting_tokenizer = copy.deepcopy(loaded.tokenizer)
+        # Set by the CLI when it follows a registry: loads a version asked by name ("v3").
+        self.version_loader: Callable[[str], Any] | None = None
+
+    def fail(self, status: int, message: str, param: str | None = None, code: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+        self.metrics.error(status)
+        return JSONResponse(status_code=status, content=error_body(status, message, param, code), headers=headers)
+
+    def _count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        tok = self._counting_tokenizer
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    async def validate(self, req: ChatRequest) -> Prepared | JSONResponse:
+        t0 = time.perf_counter()
+        settings, served_names = self.settings, self.metrics.served_names
+        if req.model not in served_names() and self.version_loader is not None and VERSION_NAME.fullmatch(req.model):
+            try:  # a registry version asked by name: fetched, digest-checked and loaded once
+                await asyncio.to_thread(self.version_loader, req.model)
+            except Exception as exc:  # noqa: BLE001 - an unknown version is a 404 below
+                log.warning("cannot load %s from the registry: %s", req.model, exc)
+        if req.model not in served_names():
+            return self.fail(404, f"The model '{req.model}' does not exist (served: {served_names()})",
+                             param="model", code="model_not_found")
+        if req.n != 1:
+            return self.fail(400, f"n must be 1 (got {req.n}): this endpoint returns one choice per request",
+                             param="n")
+        if req.stream_options is not None and not req.stream:
+            return self.fail(400, "stream_options is only allowed with stream=true", param="stream_options")
+        if req.logprobs and not req.guided_choice:
+            return self.fail(400, "logprobs are returned only with guided_choice", param="logprobs",
+                             code="unsupported_parameter")
+        limit_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > settings.max_output_tokens:
+            return self.fail(400, f"{limit_param} is {asked}, above this endpoint's limit of "
+                                  f"{settings.max_output_tokens}", param=limit_param)
+        stop = req.stops
+        served = req.model
+        if (req.model == CHAMPION and settings.canary_share > 0 and CHALLENGER in self.loaded.adapters
+                and random.random() < settings.canary_share):
+            served = CHALLENGER
+        adapter = None if served == BASE_NAME else served
+        messages = [m.model_dump() for m in req.messages]
+        prompt_version = None
+        max_tokens = asked
+        if req.prompt_variables is not None:
+            if messages:
+                return self.fail(400, "send either messages or prompt_variables, not both", param="prompt_variables")
+            deployed = self.prompt.current()
+            if deployed is None:
+                return self.fail(400, "no prompt is deployed on this endpoint; send messages",
+                                 param="prompt_variables")
+            prompt_version, template = deployed
+            try:
+                messages = template.render(req.prompt_variables)
+            except (KeyError, ValueError) as exc:
+                return self.fail(400, f"prompt v{prompt_version}: {exc}", param="prompt_variables")
+            if max_tokens is None:
+                max_tokens = min(template.max_new_tokens, settings.max_output_tokens)
+        elif not messages:
+            return self.fail(400, "messages must not be empty", param="messages")
+        try:
+            prompt_tokens = self._count_prompt_tokens(messages)
+        except (TemplateError, ValueError) as exc:  # the chat template refuses these messages
+            return self.fail(400, f"the messages do not fit the model's chat template: {exc}", param="messages")
+        if prompt_tokens > settings.max_input_tokens:
+            return self.fail(400, f"The messages have {prompt_tokens} tokens, over this endpoint's limit of "
+                                  f"{settings.max_input_tokens} input tokens; shorten them", param="messages",
+                             code="context_length_exceeded")
+        if req.guided_choice:
+            job = Job("choice", messages, adapter, choices=tuple(req.guided_choice))
+        else:
+            context = self.context
+            room = (context - prompt_tokens) if context else None
+            if max_tokens is None:
+                default = settings.default_max_tokens
+                max_tokens = default if room is None else min(default, room)
+                if max_tokens < 1:
+                    return self.fail(400, f"The messages have {prompt_tokens} tokens and fill the model's context "
+                                          f"of {context} tokens; shorten them", param="messages",
+                                     code="context_length_exceeded")
+            elif room is not None and max_tokens > room:
+                return self.fail(400, f"The model's context is {context} tokens, but {prompt_tokens} input tokens "
+                                      f"plus {limit_param}={max_tokens} need {prompt_tokens + max_tokens}; shorten "
+                                      f"the messages or lower {limit_param}", param=limit_param,
+                                 code="context_length_exceeded")
+            job = Job("generate", messages, adapter, max_new_tokens=max_tokens, temperature=req.temperature,
+                      top_p=req.top_p, stop=tuple(stop), seed=req.seed)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        entry = {"request_id": request_id, "model": req.model, "served_by": served,
+                 "version": self.versions.get(served),
+                 "prompt_version": prompt_version, "guided": bool(req.guided_choice), "stream": req.stream,
+                 # what was asked, for monitoring, drift and online quality (the redaction hook
+                 # scrubs it on its way into the feedback store)
+                 "prompt_variables": req.prompt_variables, "messages": messages}
+        return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry)
+
+    async def run(self, p: Prepared, request: Request) -> dict[str, Any] | JSONResponse:
+        """The whole answer at once; 504 past the request timeout, 499 when the client leaves."""
+        req, job, t0, timeout_s = p.req, p.job, p.t0, self.settings.request_timeout_s
+        future = asyncio.wrap_future(self.batcher.submit(job))
+        deadline = t0 + timeout_s
+        while not future.done():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                message = f"Request timed out after {timeout_s:g} s"
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it now
+                self.abandon(p, 504, message)
+                return self.fail(504, message, code="timeout")
+            await asyncio.wait({future}, timeout=min(0.5, remaining))
+            if not future.done() and await request.is_disconnected():
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+                self.abandon(p, 499, "client disconnected")
+                return self.fail(499, "client disconnected", code="client_disconnected")
+        try:
+            result, timing = future.result()
+        except Exception as exc:  # noqa: BLE001 - reported to the client in OpenAI's shape
+            self.request_log.write({"ts": time.time(), **p.entry, "status": 500, "error": str(exc)[:300]})
+            return self.fail(500, f"generation failed: {exc}")
+        logprobs = None
+        if req.guided_choice:
+            scores, prompt_tokens = result
+            text = max(scores, key=scores.get)
+            completion_tokens, finish = 1, "stop"
+            if req.logprobs:
+                logprobs = choice_logprobs(scores, text, req.top_logprobs)
+        else:
+            text, prompt_tokens = result.text, result.prompt_tokens
+            completion_tokens, finish = result.completion_tokens, result.finish_reason
+        self.metrics.account(req.model, job, t0, prompt_tokens, completion_tokens, finish)
+        latency = time.perf_counter() - t0
+        self.request_log.write({"ts": time.time(), **p.entry, "status": 200, "prompt_tokens": prompt_tokens,
+                                "completion_tokens": completion_tokens, "latency_s": round(latency, 4),
+                                "queue_s": round(timing["queue_s"], 4), "batch": timing["batch"],
+                                "finish_reason": finish, "response": text})
+        return {
+            "id": p.request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": p.entry["version"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs, "finish_reason": finish}],
+            "usage": usage(prompt_tokens, completion_tokens),
+            **_genops_extra(p.entry),
+        }
+
+    def abandon(self, p: Prepared, status: int, message: str) -> None:
+        """Stop a request that will not be answered (timeout, client gone, failure). Its tokens
+        are counted and it is logged once its row has really stopped, with what it generated."""
+        job = p.job
+        self.batcher.cancel(job)
+
+        def settled(_future) -> None:
+            generated = len(job.token_times)
+            self.metrics.account(p.entry["model"], job, p.t0, p.prompt_tokens if job.started else 0, generated, None)
+            self.request_log.write({"ts": time.time(), **p.entry, "status": status, "error": message,
+                                    "prompt_tokens": p.prompt_tokens, "completion_tokens": generated,
+                                    "latency_s": round(time.perf_counter() - p.t0, 4)})
+
+        job.future.add_done_callback(settled)
+
+    async def stream(self, p: Prepared):
+        """Server-sent ``chat.completion.chunk`` events as the tokens are decoded."""
+        req, job, t0, prompt_tokens = p.req, p.job, p.t0, p.prompt_tokens
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def push(item) -> bool:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+                return False
+            return True
+
+        text_stream = TextStream(self.loaded.tokenizer, p.stop)
+
+        def on_token(token: int | None, finish: str | None) -> bool:
+            # Runs in the batcher thread, inside the decoding step.
+            if token is not None:
+                text_stream.feed(token)
+            delta, stopped = text_stream.advance(final=finish is not None)
+            alive = True
+            if delta:
+                alive = push(("delta", delta))
+            if stopped or finish is not None:
+                push(("end", "stop" if stopped else finish, len(text_stream.tokens)))
+                return True
+            return not alive
+
+        def event(body: dict[str, Any]) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None) -> str:
+            body = {"id": p.request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "system_fingerprint": p.entry["version"],
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            if include_usage:
+                body["usage"] = None
+            return event(body)
+
+        if job.kind == "generate":
+            job.on_token = on_token
+        future = self.batcher.submit(job)
+        future.add_done_callback(lambda f: push(("done", f)))
+        finished = False
+        outcome = (499, "client disconnected")
+        timeout_s = self.settings.request_timeout_s
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            deadline = t0 + timeout_s
+            completion_tokens, finish, logprobs = 0, None, None
+            answer: list[str] = []
+            while finish is None:
+                try:
+                    item = await asyncio.wait_for(items.get(), timeout=max(0.0, deadline - time.perf_counter()))
+                except TimeoutError:
+                    outcome = (504, f"Request timed out after {timeout_s:g} s")
+                    yield event(error_body(504, outcome[1], code="timeout"))
+                    return
+                if item[0] == "delta":
+                    answer.append(item[1])
+                    yield chunk({"content": item[1]})
+                elif item[0] == "end":
+                    finish, completion_tokens = item[1], item[2]
+                elif item[0] == "done":
+                    done = item[1]
+                    if done.cancelled() or done.exception() is not None:
+                        reason = "cancelled" if done.cancelled() else f"generation failed: {done.exception()}"
+                        outcome = (500, reason)
+                        yield event(error_body(500, reason))
+                        return
+                    result = done.result()[0]
+                    if job.kind == "choice":
+                        scores, prompt_tokens = result
+                        text = max(scores, key=scores.get)
+                        if req.logprobs:
+                            logprobs = choice_logprobs(scores, text, req.top_logprobs)
+                        answer.append(text)
+                        yield chunk({"content": text}, logprobs=logprobs)
+                        finish, completion_tokens = "stop", 1
+                    else:  # the row ended without a last decoding step reaching us: send the rest
+                        rest = result.text[len(text_stream.sent):] if result.text.startswith(text_stream.sent) else ""
+                        if rest:
+                            answer.append(rest)
+                            yield chunk({"content": rest})
+                        finish, completion_tokens = result.finish_reason, result.completion_tokens
+            # Answered: accounted for now, so a client leaving during the last events is no failure.
+            finished = True
+            self.metrics.account(req.model, job, t0, prompt_tokens, completion_tokens, finish)
+            self.request_log.write({"ts": time.time(), **p.entry, "status": 200, "prompt_tokens": prompt_tokens,
+                                    "completion_tokens": completion_tokens,
+                                    "latency_s": round(time.perf_counter() - t0, 4),
+                                    "queue_s": round((job.started or t0) - job.enqueued, 4), "finish_reason": finish,
+                                    "response": "".join(answer)})
+            yield chunk({}, finish=finish)
+            if include_usage:
+                yield event({"id": p.request_id, "object": "chat.completion.chunk", "created": created,
+                             "model": req.model, "system_fingerprint": p.entry["version"], "choices": [],
+                             "usage": usage(prompt_tokens, completion_tokens)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                status, message = outcome
+                self.metrics.error(status)
+                self.abandon(p, status, message)
+
+    def swap_adapter(self, name: str, folder: str, version: str) -> None:
+        """Load ``folder`` as ``name`` beside the running one, then switch: requests in flight
+        finish on the adapter they started with."""
+        add_adapter(self.loaded, name, folder)
+        self.versions[name] = version
+        self.request_log.write({"ts": time.time(), "event": "reload", "model": name, "version": version})
+
+
+def _genops_extra(entry: dict[str, Any]) -> dict[str, Any]:
+    extra = {k: entry[k] for k in ("prompt_version",) if entry.get(k)}
+    if entry["served_by"] != entry["model"]:
+        extra["served_by"] = entry["served_by"]
+    return {"genops": extra} if extra else {}
+
+
+def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, admin_token: str,
+               versions: dict[str, str] | None = None) -> FastAPI:
+    """The endpoint app over ``loaded``, serving adapter ``versions`` (served name -> registry
+    version), writing its request log and resource samples under ``state_dir``. ``canary_share``
+    of the settings sends that share of `champion` requests to `challenger` when one is loaded;
+    every response and log record says which one answered (``genops.served_by``)."""
+    versions = {} if versions is None else versions
+    keys = ApiKeys(settings.api_keys)
+    if not keys:
+        log.warning("%s is not set: /v1/* answers requests without an API key", API_KEYS_ENV)
+    limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst)
+    app = FastAPI(title="genops endpoint", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=sampler_lifespan(state_dir, settings.resource_sample_s))
+    batcher = Batcher(loaded, max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s,
+                      scheduler=settings.scheduler)
+    metrics = EndpointMetrics(loaded, versions, batcher)
+    chat = ChatService(loaded, settings, versions, batcher, metrics, RequestLog(state_dir / "requests.jsonl"),
+                       DeployedPrompt(state_dir / "prompt.json"))
+    app.state.batcher, app.state.chat, app.state.swap_adapter = batcher, chat, chat.swap_adapter
+    started_at = int(time.time())
+    fail = chat.fail
+    app.add_middleware(ProtectionMiddleware, api_keys=keys, limiter=limiter, max_body_bytes=settings.max_body_bytes,
+                       on_error=fail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            where = first.get("loc", ("body", None))[-1]
+            reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+            return fail(400, f"Malformed JSON body: {reason} at character {where}")
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        if not loc and isinstance(first.get("input"), bytes | str):
+            return fail(400, "The body must be a JSON object sent with Content-Type: application/json")
+        shown = repr(first.get("input"))
+        got = f" (got {shown[:80]})" if "input" in first and loc and first.get("type") != "missing" else ""
+        return fail(400, f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'malformed')}{got}",
+                    param=".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return fail(404, f"Unknown path {request.url.path}: this endpoint serves {ROUTES}", code="unknown_url")
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            return fail(405, f"Method {request.method} is not allowed on {request.url.path} (allowed: {allowed})",
+                        code="method_not_allowed", headers=exc.headers)
+        return fail(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception):  # Starlette logs the traceback after this answer
+        return fail(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "base_model": loaded.base_dir, "adapters": dict(versions),
+                "started_at": started_at, "queue_depth": batcher.depth, "batches": batcher.batches,
+                "batched_requests": batcher.batched_jobs}
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return Response(metrics.registry.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": started_at, "owned_by": "genops",
+             "version": versions.get(n)} for n in metrics.served_names()]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(req: ChatRequest, request: Request):
+        prepared = await chat.validate(req)
+        if isinstance(prepared, JSONResponse):
+            return prepared
+        if req.stream:
+            return StreamingResponse(chat.stream(prepared), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await chat.run(prepared, request)
+
+    @app.post("/admin/reload")
+    def reload(req: ReloadRequest, authorization: str | None = Header(None)):
+        if not authorization or not secrets.compare_digest(authorization.encode(), f"Bearer {admin_token}".encode()):
+            return fail(401, "missing or wrong admin token")
+        if req.name == BASE_NAME:
+            return fail(400, f"'{BASE_NAME}' names the base model and cannot be replaced", param="name")
+        try:
+            chat.swap_adapter(req.name, req.adapter_dir, req.version)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            return fail(400, str(exc), param="adapter_dir")
+        return {"status": "reloaded", "adapters": dict(versions)}
+
+    return app
