@@ -30,7 +30,9 @@ def client_api_key() -> str:
     ``GENOPS_API_KEYS`` when the endpoint requires keys."""
     import os
 
-    keys = [k.strip() for k in (os.environ.get("GENOPS_API_KEYS") or "").split(",") if k.strip()]
+    from genops_assets.serving.protection import parse_api_keys
+
+    keys = parse_api_keys(os.environ.get("GENOPS_API_KEYS"))
     return keys[0] if keys else "local"
 
 

@@ -15,10 +15,9 @@ from typing import Any
 import dagster as dg
 
 from genops_assets.lib.prompts import DIGEST_TAG, PRODUCTION, PromptError, PromptRef, PromptTemplate, prompt_registry_name
+from genops_assets.serving.protocol import CHAMPION
 from genops_assets.serving.registry_watch import fetch_adapter
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 VERSION_KEY_TAG = "genops.version_key"
 PREVIOUS_CHAMPION_TAG = "genops.previous_champion"
 

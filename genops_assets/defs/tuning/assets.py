@@ -14,9 +14,10 @@ from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.report import loss_curve_png
 from genops_assets.lib.training import TRAINING_CODE_VERSION, SftExample, TrainingInputError, train_lora
+from genops_assets.serving.protocol import CHALLENGER
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHALLENGER, VERSION_KEY_TAG, MlflowTracking, prompt_tags, registered_model_name
+from resources.tracking import VERSION_KEY_TAG, MlflowTracking, prompt_tags, registered_model_name
 from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 
 CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
