@@ -81,7 +81,6 @@ def serving_metrics(
     from genops_assets.lib.hashing import atomic_dir
     from genops_assets.lib.monitoring import (
         SERVING_COLUMNS,
-        AnswerSchema,
         error_chart_png,
         latency_chart_png,
         serving_report,
@@ -95,7 +94,7 @@ def serving_metrics(
     if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
     df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None)])
-    report = serving_report(df, start, end, AnswerSchema.from_json_schema(spec.schema), now=datetime.now(timezone.utc))
+    report = serving_report(df, start, end, spec.output_schema, now=datetime.now(timezone.utc))
     warehouse.replace_partition(MONITORING_SCHEMA, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,
                                 report.rows(partition))
     o = report.overall
