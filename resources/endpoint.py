@@ -25,12 +25,10 @@ class DeployOutcome:
     version: str
 
 
-def client_api_key() -> str:
-    """The key genops' own clients (deploy checks, the demo) send: the first of
-    ``GENOPS_API_KEYS`` when the endpoint requires keys."""
-    import os
-
-    keys = [k.strip() for k in (os.environ.get("GENOPS_API_KEYS") or "").split(",") if k.strip()]
+def client_api_key(api_keys: str | None) -> str:
+    """The key genops' own clients (deploy checks, the demo) send: the first of ``api_keys``
+    (``GENOPS_API_KEYS``, comma-separated) when the endpoint requires keys."""
+    keys = [k.strip() for k in (api_keys or "").split(",") if k.strip()]
     return keys[0] if keys else "local"
 
 
@@ -48,7 +46,7 @@ class ServingBackend(dg.ConfigurableResource):
 
     def client_key(self) -> str:
         """The bearer key genops' own requests to this endpoint send."""
-        return client_api_key()
+        raise NotImplementedError
 
     def publish_prompt(self, prompt: dict) -> None:
         """Make ``prompt`` (name, version, digest, template) the one the endpoint renders."""
@@ -68,6 +66,8 @@ class LocalEndpoint(ServingBackend):
                                        "`champion` alias of watch_model (manual promotion or rollback in MLflow)")
     watch_model: str | None = None
     canary_share: float = Field(0.0, description="Share of champion requests answered by challenger")
+    api_keys: str = Field("", description="Bind with dg.EnvVar('GENOPS_API_KEYS') when the endpoint requires "
+                          "keys; never a literal")
 
     @property
     def url(self) -> str:
@@ -76,6 +76,9 @@ class LocalEndpoint(ServingBackend):
     @property
     def renders_prompts(self) -> bool:
         return True
+
+    def client_key(self) -> str:
+        return client_api_key(self.api_keys)
 
     def publish_prompt(self, prompt: dict) -> None:
         import json

@@ -77,7 +77,7 @@ def serving_metrics(
     replaced in one transaction: an `overall` row and one `version` row per group); plots and a
     JSON summary to the day's MLflow run in `genops/<task>/monitoring`. A day without requests is
     a result: request_count 0, no plots. Cost: seconds."""
-    run_in_background(context)
+    run_in_background(context, home.background_nice)
     from genops_assets.lib.hashing import atomic_dir
     from genops_assets.lib.monitoring import (
         SERVING_COLUMNS,
@@ -155,7 +155,7 @@ def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
     day in `monitoring.resource_usage` (replaced in one transaction). Refreshed with the request
     log, which the same server writes. A day without samples (the server was down, or a vLLM
     backend serves) is a result with sample_count 0. Cost: one pass over the samples file."""
-    run_in_background(context)
+    run_in_background(context, home.background_nice)
     from genops_assets.lib.monitoring import (
         RESOURCE_COLUMNS,
         read_resource_samples,
