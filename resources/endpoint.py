@@ -78,7 +78,10 @@ class LocalEndpoint(ServingBackend):
         return True
 
     def client_key(self) -> str:
-        return client_api_key(self.api_keys)
+        # Dagster resolves a dg.EnvVar field for a run; used outside one (the demos), the field
+        # still holds the variable's name.
+        keys = self.api_keys.get_value() if isinstance(self.api_keys, dg.EnvVar) else self.api_keys
+        return client_api_key(keys)
 
     def publish_prompt(self, prompt: dict) -> None:
         import json
