@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,10 @@ def test_one_validator_judges_an_answer_and_names_the_field():
         "summary: 'Short' is too short",
     ]
     assert spec.output_schema.errors({**good, "summary": 7})[0].field == "summary"
+    # a loaded task is a value: equal when loaded twice, and it survives a trip to another process
+    copy = pickle.loads(pickle.dumps(spec))
+    assert copy == spec == load_task(REPO / "tasks", "support_triage")
+    assert [str(i) for i in copy.output_schema.errors(bad)] == [str(i) for i in spec.output_schema.errors(bad)]
 
 
 def test_raw_reader_names_file_and_row(task_copy):

@@ -48,6 +48,14 @@ class OutputSchema:
         self.fields: tuple[str, ...] = tuple(props)
         self._validator = cls(self.schema)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OutputSchema) and other.schema == self.schema
+
+    __hash__ = None  # type: ignore[assignment]  # a schema is a mutable mapping
+
+    def __reduce__(self):
+        return OutputSchema, (self.schema,)  # the validator is rebuilt: it does not pickle
+
     def errors(self, value: Any) -> list[SchemaIssue]:
         """Every way ``value`` breaks the schema, sorted by field; empty when it conforms."""
         found = [SchemaIssue("/".join(map(str, e.absolute_path)), e.message)
