@@ -1,4 +1,5 @@
-"""Resources of genops. ``defs()`` is the one place that reads the environment."""
+"""Resources of genops. ``defs()`` / ``build_resources`` is the one place that reads the environment
+(``resources.settings.GenopsSettings``); the resources carry the values as fields."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from pathlib import Path
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
+from resources.automation import AutomationResource
 from resources.endpoint import LocalEndpoint, VllmEndpoint
 from resources.feedback_store import BigQueryFeedbackStore, DuckDBFeedbackStore, FeedbackStore
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
+from resources.settings import REPO_ROOT, GenopsSettings
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 from resources.warehouse import DuckDBWarehouse
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DBT_PROJECT_DIR = REPO_ROOT / "dbt"
 
 # Telemetry off and nothing fetched from a hub at run time, for every process genops starts.
@@ -35,7 +37,7 @@ QUIET_ENV = {
 
 
 def genops_home() -> Path:
-    return Path(os.environ.get("GENOPS_HOME") or REPO_ROOT / ".genops").resolve()
+    return GenopsSettings.from_env().home.resolve()
 
 
 def dbt_executable() -> str:
@@ -43,34 +45,41 @@ def dbt_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("dbt") or "dbt")
 
 
+def _secret(name: str, value: object, unset: str | None) -> dg.EnvVar | str | None:
+    """A secret the resource reads from the environment at run time, never copied into config."""
+    return dg.EnvVar(name) if value is not None else unset
+
+
 def build_resources(home: Path | None = None, task: str | None = None, port: int | None = None,
-                    judge_port: int | None = None) -> dict:
-    home = (home or genops_home()).resolve()
+                    judge_port: int | None = None, settings: GenopsSettings | None = None) -> dict:
+    """Every resource, from ``settings`` (read from the environment when not given); the
+    arguments override the settings of the same name."""
+    settings = settings or GenopsSettings.from_env()
+    home = (home or settings.home).resolve()
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     mlflow_dir = home / "mlflow"
     mlflow_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = os.environ.get("GENOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    artifact_root = os.environ.get("GENOPS_MLFLOW_ARTIFACT_ROOT") or (mlflow_dir / "artifacts").as_uri()
-    task_name = task or os.environ.get("GENOPS_TASK") or "support_triage"
+    tracking_uri = settings.mlflow_tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+    artifact_root = settings.mlflow_artifact_root or (mlflow_dir / "artifacts").as_uri()
+    task_name = task or settings.task
     warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
     return {
-        "home": GenopsHome(root=str(home)),
-        "task": TaskResource(
-            tasks_dir=os.environ.get("GENOPS_TASKS_DIR") or str(REPO_ROOT / "tasks"),
-            name=task_name,
-        ),
+        "home": GenopsHome(root=str(home), background_nice=settings.background_nice),
+        "task": TaskResource(tasks_dir=str(settings.tasks_dir), name=task_name),
         "warehouse": warehouse,
-        "feedback_store": feedback_store_backend(warehouse),
+        "feedback_store": feedback_store_backend(warehouse, settings),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
-        "endpoint": serving_backend(home, port, tracking_uri, f"genops-{task_name}"),
+        "endpoint": serving_backend(home, settings, port, tracking_uri, f"genops-{task_name}"),
         "judge": JudgeResource(
-            base_url=os.environ.get("GENOPS_JUDGE_BASE_URL") or None,
-            model=os.environ.get("GENOPS_JUDGE_MODEL") or "base",
-            api_key=dg.EnvVar("GENOPS_JUDGE_API_KEY") if os.environ.get("GENOPS_JUDGE_API_KEY") else "unused",
+            base_url=settings.judge_base_url,
+            model=settings.judge_model,
+            api_key=_secret("GENOPS_JUDGE_API_KEY", settings.judge_api_key, "unused"),
             local_state_dir=str(home / "judge"),
-            local_port=judge_port or int(os.environ.get("GENOPS_JUDGE_PORT") or 8018),
+            local_port=judge_port or settings.judge_port,
+            local_nice=settings.background_nice,
         ),
+        "automation": AutomationResource.from_settings(settings),
         "dbt": DbtCliResource(
             project_dir=str(DBT_PROJECT_DIR),
             profiles_dir=str(DBT_PROJECT_DIR),
@@ -79,48 +88,42 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     }
 
 
-def serving_backend(home: Path, port: int | None = None, tracking_uri: str | None = None,
+def serving_backend(home: Path, settings: GenopsSettings, port: int | None = None, tracking_uri: str | None = None,
                     model_name: str | None = None):
     """genops' local server, or a running vLLM server when ``GENOPS_SERVING_BACKEND=vllm``."""
-    backend = os.environ.get("GENOPS_SERVING_BACKEND", "local")
-    if backend == "vllm":
-        url = os.environ.get("GENOPS_VLLM_BASE_URL")
-        if not url:
+    if settings.serving_backend == "vllm":
+        if not settings.vllm_base_url:
             raise ValueError("GENOPS_SERVING_BACKEND=vllm needs GENOPS_VLLM_BASE_URL (the server's .../v1 URL)")
         return VllmEndpoint(
-            base_url=url,
-            api_key=dg.EnvVar("GENOPS_VLLM_API_KEY") if os.environ.get("GENOPS_VLLM_API_KEY") else "unused",
-            base_model_name=os.environ.get("GENOPS_VLLM_BASE_MODEL") or None,
-            lora_path_template=os.environ.get("GENOPS_VLLM_LORA_PATH") or "{adapter_dir}",
+            base_url=settings.vllm_base_url,
+            api_key=_secret("GENOPS_VLLM_API_KEY", settings.vllm_api_key, "unused"),
+            base_model_name=settings.vllm_base_model,
+            lora_path_template=settings.vllm_lora_path,
         )
-    if backend != "local":
-        raise ValueError(f"GENOPS_SERVING_BACKEND must be 'local' or 'vllm', got {backend!r}")
-    return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or int(os.environ.get("GENOPS_ENDPOINT_PORT") or 8008),
-                         watch_registry=tracking_uri, watch_model=model_name,
-                         canary_share=float(os.environ.get("GENOPS_CANARY_SHARE") or 0.0))
+    return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or settings.endpoint_port,
+                         watch_registry=tracking_uri, watch_model=model_name, canary_share=settings.canary_share,
+                         api_keys=_secret("GENOPS_API_KEYS", settings.api_keys, ""))
 
 
-def feedback_store_backend(warehouse: DuckDBWarehouse) -> FeedbackStore:
+def feedback_store_backend(warehouse: DuckDBWarehouse, settings: GenopsSettings) -> FeedbackStore:
     """Request records in the local warehouse, or in BigQuery when ``GENOPS_FEEDBACK_STORE=bigquery``
     (``GENOPS_GCP_PROJECT``, ``GENOPS_BQ_DATASET``, ``GENOPS_BQ_LOCATION``; credentials from
-    application default credentials, or a base64 service-account key in ``GENOPS_GCP_CREDENTIALS``)."""
-    store = os.environ.get("GENOPS_FEEDBACK_STORE", "duckdb")
-    if store == "bigquery":
-        project = os.environ.get("GENOPS_GCP_PROJECT")
-        if not project:
+    application default credentials, or a base64 service-account key in ``GENOPS_GCP_CREDENTIALS``).
+    Records pass the ``GENOPS_REDACTOR`` hook before either stores them."""
+    if settings.feedback_store == "bigquery":
+        if not settings.gcp_project:
             raise ValueError("GENOPS_FEEDBACK_STORE=bigquery needs GENOPS_GCP_PROJECT (the Google Cloud project "
                              "that holds the feedback dataset)")
         from dagster_gcp import BigQueryResource  # only in the cloud profile: it imports google-cloud-bigquery
 
-        key = dg.EnvVar("GENOPS_GCP_CREDENTIALS") if os.environ.get("GENOPS_GCP_CREDENTIALS") else None
         return BigQueryFeedbackStore(
-            bigquery=BigQueryResource(project=project, location=os.environ.get("GENOPS_BQ_LOCATION") or None,
-                                      gcp_credentials=key),
-            dataset=os.environ.get("GENOPS_BQ_DATASET") or "genops_feedback",
+            bigquery=BigQueryResource(project=settings.gcp_project, location=settings.bq_location,
+                                      gcp_credentials=_secret("GENOPS_GCP_CREDENTIALS", settings.gcp_credentials,
+                                                              None)),
+            dataset=settings.bq_dataset,
+            redactor=settings.redactor,
         )
-    if store != "duckdb":
-        raise ValueError(f"GENOPS_FEEDBACK_STORE must be 'duckdb' or 'bigquery', got {store!r}")
-    return DuckDBFeedbackStore(warehouse=warehouse)
+    return DuckDBFeedbackStore(warehouse=warehouse, redactor=settings.redactor)
 
 
 def defs() -> dg.Definitions:

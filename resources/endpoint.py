@@ -15,6 +15,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from genops_assets.serving.protection import parse_api_keys
+
 
 @dataclass(frozen=True)
 class DeployOutcome:
@@ -25,14 +27,10 @@ class DeployOutcome:
     version: str
 
 
-def client_api_key() -> str:
-    """The key genops' own clients (deploy checks, the demo) send: the first of
-    ``GENOPS_API_KEYS`` when the endpoint requires keys."""
-    import os
-
-    from genops_assets.serving.protection import parse_api_keys
-
-    keys = parse_api_keys(os.environ.get("GENOPS_API_KEYS"))
+def client_api_key(api_keys: str | None) -> str:
+    """The key genops' own clients (deploy checks, the demo) send: the first of ``api_keys``
+    (``GENOPS_API_KEYS``, comma-separated) when the endpoint requires keys."""
+    keys = parse_api_keys(api_keys)
     return keys[0] if keys else "local"
 
 
@@ -50,7 +48,7 @@ class ServingBackend(dg.ConfigurableResource):
 
     def client_key(self) -> str:
         """The bearer key genops' own requests to this endpoint send."""
-        return client_api_key()
+        raise NotImplementedError
 
     def publish_prompt(self, prompt: dict) -> None:
         """Make ``prompt`` (name, version, digest, template) the one the endpoint renders."""
@@ -70,6 +68,8 @@ class LocalEndpoint(ServingBackend):
                                        "`champion` alias of watch_model (manual promotion or rollback in MLflow)")
     watch_model: str | None = None
     canary_share: float = Field(0.0, description="Share of champion requests answered by challenger")
+    api_keys: str = Field("", description="Bind with dg.EnvVar('GENOPS_API_KEYS') when the endpoint requires "
+                          "keys; never a literal")
 
     @property
     def url(self) -> str:
@@ -78,6 +78,12 @@ class LocalEndpoint(ServingBackend):
     @property
     def renders_prompts(self) -> bool:
         return True
+
+    def client_key(self) -> str:
+        # Dagster resolves a dg.EnvVar field for a run; used outside one (the demos), the field
+        # still holds the variable's name.
+        keys = self.api_keys.get_value() if isinstance(self.api_keys, dg.EnvVar) else self.api_keys
+        return client_api_key(keys)
 
     def publish_prompt(self, prompt: dict) -> None:
         import json

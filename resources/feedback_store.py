@@ -37,6 +37,8 @@ _DATASET_ID = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 class FeedbackStore(dg.ConfigurableResource):
     """Where request records land: one table of rows plus a byte offset per source file."""
 
+    redactor: str | None = Field(None, description="module:function each record passes before it is stored")
+
     @abstractmethod
     def offset(self, source: str) -> int:
         """The byte offset of ``source`` that ingestion has loaded up to (0 before the first load)."""

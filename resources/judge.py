@@ -12,6 +12,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from resources.settings import DEFAULT_BACKGROUND_NICE
+
 
 class JudgeResource(dg.ConfigurableResource):
     base_url: str | None = Field(None, description="OpenAI-compatible base URL (…/v1); empty: local judge server")
@@ -26,9 +28,8 @@ class JudgeResource(dg.ConfigurableResource):
     price_out_per_1k: float | None = Field(None, description="Price per 1k completion tokens")
     local_port: int = Field(8018, description="Port of the local judge server")
     local_state_dir: str | None = Field(None, description="State folder of the local judge server")
-    local_nice: int | None = Field(None, ge=0, le=19, description=(
-        "CPU priority (nice) of the local judge server, beside the production endpoint; unset: "
-        "GENOPS_BACKGROUND_NICE, or 10"))
+    local_nice: int = Field(DEFAULT_BACKGROUND_NICE, ge=0, le=19, description=(
+        "CPU priority (nice) of the local judge server, beside the production endpoint (GENOPS_BACKGROUND_NICE)"))
 
     def endpoint_url(self, base_model_path: str | None) -> str:
         """The judge's base URL, starting the local judge server when none is configured."""
@@ -44,13 +45,10 @@ class JudgeResource(dg.ConfigurableResource):
             control.stop_server(state_dir)
             state = None
         if state is None:
-            from genops_assets.lib.priority import background_nice
-
             # The local judge is internal: no API keys, whatever the public endpoint requires.
             # It is background work: the production endpoint comes first on shared cores.
-            nice = background_nice() if self.local_nice is None else self.local_nice
             state = control.start_server(str(base_model_path), {}, {}, state_dir, port=self.local_port,
-                                         env={"GENOPS_API_KEYS": ""}, extra_args=["--nice", str(nice)])
+                                         env={"GENOPS_API_KEYS": ""}, extra_args=["--nice", str(self.local_nice)])
         return f"{state.url}/v1"
 
     def connect(self, base_model_path: str | None = None, cache=None):

@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
+
+from resources.settings import DEFAULT_BACKGROUND_NICE
 
 
 class GenopsHome(dg.ConfigurableResource):
     """Root of all local state: Dagster home, MLflow store, DuckDB, model cache, endpoint."""
 
     root: str
+    background_nice: int = Field(DEFAULT_BACKGROUND_NICE, ge=0, le=19, description=(
+        "CPU nice value of background work on this machine (monitoring runs) beside the endpoint; "
+        "0 leaves the priority alone (GENOPS_BACKGROUND_NICE)"))
 
     @property
     def path(self) -> Path:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from genops_assets.lib.alerts import AutomationSettings
 from genops_assets.lib.labels import LabelScan, scan_labels
+from resources.automation import AutomationResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from sensors.run_config import ct_run_config
 
 MAX_LOGGED_ISSUES = 50
 # Row digests kept in the cursor are shortened: 64 bits tell apart far more rows than a
@@ -48,8 +47,8 @@ def log_issues(context: dg.SensorEvaluationContext, folder: Path, scan: LabelSca
     "valid labelled rows are in <GENOPS_HOME>/feedback/labels/*.jsonl. run_key = digest of all valid label rows, "
     "so the same labels never train twice; invalid lines are logged with file:line.",
 )
-def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResource, home: GenopsHome):
-    settings = AutomationSettings.from_env()
+def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResource, home: GenopsHome,
+                           automation: AutomationResource):
     spec = task.load()
     folder = home.labels_dir
     scan = scan_labels(folder, spec)
@@ -62,9 +61,9 @@ def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResour
 
     consumed = _consumed(context.cursor, spec.name)
     new = [r for r in scan.rows if r.digest[:CURSOR_DIGEST_CHARS] not in consumed]
-    if len(new) < settings.label_threshold:
+    if len(new) < automation.label_threshold:
         return dg.SkipReason(f"{len(new)} new labelled row(s) of {len(scan.rows)} valid, "
-                             f"threshold {settings.label_threshold}{bad}")
+                             f"threshold {automation.label_threshold}{bad}")
 
     digest = scan.digest
     context.log.info(f"{len(new)} new labelled rows ({len(scan.rows)} valid in {len(scan.files)} file(s)) "
@@ -76,7 +75,7 @@ def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResour
         run_requests=[
             dg.RunRequest(
                 run_key=f"feedback_labels:{spec.name}:{digest}",
-                run_config=ct_run_config(),
+                run_config=automation.run_config(),
                 tags={
                     "genops/trigger": "feedback_labels",
                     "genops/task": spec.name,

@@ -7,8 +7,8 @@ import dagster as dg
 
 from genops_assets.lib.hashing import sha256_file, sha256_json
 from genops_assets.lib.tasks import RAW_SUFFIXES
+from resources.automation import AutomationResource
 from resources.task import TaskResource
-from sensors.run_config import ct_run_config
 
 
 def incoming_digest(incoming: Path) -> tuple[str, list[str]]:
@@ -29,7 +29,7 @@ def incoming_digest(incoming: Path) -> tuple[str, list[str]]:
     description="Requests a continuous-training run when files in the task's incoming/ folder are "
     "added or changed. run_key = content digest, so the same data never trains twice.",
 )
-def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskResource):
+def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskResource, automation: AutomationResource):
     spec = task.load()
     digest, names = incoming_digest(spec.incoming_dir)
     if not digest:
@@ -41,7 +41,7 @@ def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskResource
         run_requests=[
             dg.RunRequest(
                 run_key=f"{spec.name}:{digest}",
-                run_config=ct_run_config(),
+                run_config=automation.run_config(),
                 tags={"genops/trigger": "incoming_data", "genops/task": spec.name, "genops/incoming_digest": digest},
             )
         ],

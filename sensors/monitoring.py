@@ -14,11 +14,11 @@ from typing import Any
 
 import dagster as dg
 
-from genops_assets.lib.alerts import AutomationSettings, raise_alert
+from genops_assets.lib.alerts import raise_alert
+from resources.automation import AutomationResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import CHAMPION, MlflowTracking, RollbackError, registered_model_name
-from sensors.run_config import ct_run_config
 
 PROMPT_DRIFT = dg.AssetKey("prompt_drift")
 ONLINE_QUALITY = dg.AssetKey("online_quality")
@@ -78,8 +78,8 @@ def _flag(meta: dict[str, Any], key: str, record: dg.EventLogRecord) -> bool:
     description="Acts on prompt drift (prompt_drift materialization with drift=True) once per partition: "
     "a continuous-training run (GENOPS_DRIFT_ACTION=retrain, default) or an alert (=alert).",
 )
-def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource):
-    settings = AutomationSettings.from_env()
+def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource,
+                 automation: AutomationResource):
     state = json.loads(context.cursor) if context.cursor else {}
     acted: list[str] = list(state.get("acted") or [])
     records = new_materializations(context.instance, PROMPT_DRIFT, _after(context.cursor))
@@ -108,14 +108,14 @@ def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: Ta
     acted = (acted + partitions)[-ACTED_PARTITIONS_KEPT:]
     cursor = json.dumps({"after": after, "acted": acted})
     details = {"partitions": partitions, "flagged_share": {p: fresh[p][1].get("flagged_share") for p in partitions},
-               "storage_id": rec.storage_id, "run_id": rec.run_id, "action": settings.drift_action,
+               "storage_id": rec.storage_id, "run_id": rec.run_id, "action": automation.drift_action,
                "task": task.name}
     share = meta.get("flagged_share")
     share_text = f"{share:.1%}" if isinstance(share, (int, float)) else "unknown share"
-    if settings.drift_action == "alert":
+    if automation.drift_action == "alert":
         raise_alert(home.path, "prompt_drift", "warning",
                     f"prompt drift on {', '.join(partitions)} ({share_text} of prompts flagged on {newest_partition})",
-                    details, webhook_url=settings.webhook_url, webhook_timeout_s=settings.webhook_timeout_s,
+                    details, webhook_url=automation.webhook_url, webhook_timeout_s=automation.webhook_timeout_s,
                     log=context.log.warning)
         return dg.SensorResult(skip_reason=f"drift on {partitions}: alert written (GENOPS_DRIFT_ACTION=alert)",
                                cursor=cursor)
@@ -123,7 +123,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: Ta
     return dg.SensorResult(
         run_requests=[dg.RunRequest(
             run_key=f"prompt_drift:{newest_partition}:{rec.storage_id}",
-            run_config=ct_run_config(),
+            run_config=automation.run_config(),
             tags={"genops/trigger": "prompt_drift", "genops/task": task.name,
                   "genops/drift_partition": newest_partition, "genops/drift_partitions": ",".join(partitions),
                   "genops/flagged_share": str(share)},
@@ -140,9 +140,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: Ta
     "regressing version is still the champion. Once per materialization.",
 )
 def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource,
-                              mlflow: MlflowTracking):
-
-    settings = AutomationSettings.from_env()
+                              mlflow: MlflowTracking, automation: AutomationResource):
     records = new_materializations(context.instance, ONLINE_QUALITY, _after(context.cursor))
     if not records:
         return dg.SkipReason("no new online_quality materialization")
@@ -154,7 +152,7 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
             continue
         version = str(meta.get("version") or "").removeprefix("v")
         partition = rec.partition_key or "-"
-        if not settings.auto_rollback:
+        if not automation.auto_rollback:
             rollback: dict[str, Any] = {"action": "disabled", "reason": "GENOPS_AUTO_ROLLBACK is not 1"}
         elif not version:
             rollback = {"action": "skipped", "reason": "the materialization names no version"}
@@ -174,7 +172,7 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
                     message, {"model": model_name, "version": version, "partition": partition,
                               "storage_id": rec.storage_id, "run_id": rec.run_id, "metadata": meta,
                               "rollback": rollback},
-                    webhook_url=settings.webhook_url, webhook_timeout_s=settings.webhook_timeout_s,
+                    webhook_url=automation.webhook_url, webhook_timeout_s=automation.webhook_timeout_s,
                     log=context.log.warning)
         handled.append(f"{partition}: {rollback['action']}")
     cursor = json.dumps({"after": max(r.storage_id for r in records)})
@@ -187,8 +185,7 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Writes an alert (alerts.jsonl and the optional webhook) for every failed run.",
 )
-def run_failure_alert_sensor(context: dg.RunFailureSensorContext, home: GenopsHome):
-    settings = AutomationSettings.from_env()
+def run_failure_alert_sensor(context: dg.RunFailureSensorContext, home: GenopsHome, automation: AutomationResource):
     run = context.dagster_run
     steps = []
     for ev in context.get_step_failure_events():
@@ -202,7 +199,7 @@ def run_failure_alert_sensor(context: dg.RunFailureSensorContext, home: GenopsHo
     raise_alert(home.path, "run_failure", "error", f"run {run.run_id[:8]} of job {run.job_name} failed{first}",
                 {"run_id": run.run_id, "job": run.job_name, "tags": tags, "steps": steps,
                  "failure": context.failure_event.message},
-                webhook_url=settings.webhook_url, webhook_timeout_s=settings.webhook_timeout_s,
+                webhook_url=automation.webhook_url, webhook_timeout_s=automation.webhook_timeout_s,
                 log=context.log.warning)
 
 

@@ -14,8 +14,9 @@ import dagster as dg
 import pytest
 from dagster._core.scheduler.instigation import InstigatorType, TickStatus
 
-from genops_assets.lib.alerts import AutomationSettings, raise_alert, read_alerts
+from genops_assets.lib.alerts import raise_alert, read_alerts
 from genops_assets.lib.labels import scan_labels
+from resources.automation import AutomationResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking, RollbackError, registered_model_name
@@ -27,8 +28,6 @@ from sensors.monitoring import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS_ENV = ("GENOPS_FEEDBACK_MIN_LABELS", "GENOPS_DRIFT_ACTION", "GENOPS_AUTO_ROLLBACK", "GENOPS_ALERT_WEBHOOK",
-                "GENOPS_ALERT_WEBHOOK_TIMEOUT")
 
 
 def label(i: int, **over) -> dict:
@@ -40,16 +39,16 @@ def label(i: int, **over) -> dict:
     return row
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for k in SETTINGS_ENV:
-        monkeypatch.delenv(k, raising=False)
-
-
 @pytest.fixture()
 def res(home):
     return {"home": GenopsHome(root=str(home)),
-            "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+            "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage"),
+            "automation": AutomationResource()}
+
+
+def automation(res, **settings) -> dict:
+    """``res`` with the automation settings changed (what the GENOPS_* variables would set)."""
+    return {**res, "automation": AutomationResource(**settings)}
 
 
 def write_labels(res, name: str, rows: list, raw_lines: list[str] | None = None) -> Path:
@@ -102,8 +101,8 @@ def test_labels_below_threshold_skip_and_at_threshold_one_run(res):
     assert isinstance(labels_tick(res, cursor=got.cursor)[0], dg.SkipReason)
 
 
-def test_threshold_from_environment_and_new_rows_counted_from_cursor(res, monkeypatch):
-    monkeypatch.setenv("GENOPS_FEEDBACK_MIN_LABELS", "2")
+def test_threshold_from_settings_and_new_rows_counted_from_cursor(res):
+    res = automation(res, label_threshold=2)
     write_labels(res, "a.jsonl", [label(0), label(1)])
     first, _ = labels_tick(res)
     assert len(first.run_requests) == 1
@@ -115,13 +114,9 @@ def test_threshold_from_environment_and_new_rows_counted_from_cursor(res, monkey
     assert second.run_requests[0].tags["genops/label_rows"] == "4"
     assert second.run_requests[0].run_key != first.run_requests[0].run_key
 
-    monkeypatch.setenv("GENOPS_FEEDBACK_MIN_LABELS", "ten")
-    with pytest.raises(ValueError, match="GENOPS_FEEDBACK_MIN_LABELS"):
-        labels_tick(res)
 
-
-def test_invalid_label_lines_are_reported_with_file_and_line(res, monkeypatch):
-    monkeypatch.setenv("GENOPS_FEEDBACK_MIN_LABELS", "2")
+def test_invalid_label_lines_are_reported_with_file_and_line(res):
+    res = automation(res, label_threshold=2)
     path = write_labels(res, "mixed.jsonl", [label(0)], raw_lines=[
         '{"input": "broken json',                                                      # line 2
         json.dumps(label(1, output={**label(1)["output"], "priority": "asap"})),       # line 3
@@ -183,8 +178,8 @@ def test_drift_requests_retraining_once_per_partition(res):
     assert read_alerts(res["home"].path) == []
 
 
-def test_drift_alert_mode_writes_an_alert_and_requests_no_run(res, monkeypatch):
-    monkeypatch.setenv("GENOPS_DRIFT_ACTION", "alert")
+def test_drift_alert_mode_writes_an_alert_and_requests_no_run(res):
+    res = automation(res, drift_action="alert")
     instance = dg.DagsterInstance.ephemeral()
     materialize(instance, "prompt_drift", "2026-03-01", drift=True, flagged_share=0.25)
     got = drift_tick(res, instance)
@@ -231,8 +226,8 @@ def quality_tick(res, registry, instance, cursor=None):
     return quality_regression_sensor(ctx)
 
 
-def test_regression_alerts_and_rolls_back_the_champion_when_enabled(res, registry, monkeypatch):
-    monkeypatch.setenv("GENOPS_AUTO_ROLLBACK", "1")
+def test_regression_alerts_and_rolls_back_the_champion_when_enabled(res, registry):
+    res = automation(res, auto_rollback=True)
     tracking, name = registry
     instance = dg.DagsterInstance.ephemeral()
     materialize(instance, "online_quality", "2026-03-01", regression=False, version="2")
@@ -303,7 +298,8 @@ def failure_tick(res):
     assert not result.success
     ctx = dg.build_run_status_sensor_context(
         sensor_name="run_failure_alert_sensor", dagster_instance=instance, dagster_run=result.dagster_run,
-        dagster_event=result.get_run_failure_event(), resources={"home": res["home"]},
+        dagster_event=result.get_run_failure_event(),
+        resources={"home": res["home"], "automation": res["automation"]},
     ).for_run_failure()
     run_failure_alert_sensor(ctx)
     return result
@@ -344,9 +340,9 @@ def webhook():
     server.server_close()
 
 
-def test_webhook_receives_the_alert(res, webhook, monkeypatch):
+def test_webhook_receives_the_alert(res, webhook):
     url, hook = webhook
-    monkeypatch.setenv("GENOPS_ALERT_WEBHOOK", url)
+    res = automation(res, webhook_url=url)
     failure_tick(res)
     [alert] = read_alerts(res["home"].path)
     [(path, content_type, body)] = hook.received
@@ -354,7 +350,7 @@ def test_webhook_receives_the_alert(res, webhook, monkeypatch):
     assert body == alert
 
 
-def test_webhook_failure_is_logged_and_the_alert_kept(res, webhook, monkeypatch):
+def test_webhook_failure_is_logged_and_the_alert_kept(res, webhook):
     url, hook = webhook
     hook.status = 500
     logged: list[str] = []
@@ -365,8 +361,7 @@ def test_webhook_failure_is_logged_and_the_alert_kept(res, webhook, monkeypatch)
     assert closed.webhook_error and len(logged) == 2
     assert [a["message"] for a in read_alerts(res["home"].path)] == ["server error", "nobody listens"]
     # the sensor goes on when the webhook is down
-    monkeypatch.setenv("GENOPS_ALERT_WEBHOOK", "http://127.0.0.1:9/none")
-    failure_tick(res)
+    failure_tick(automation(res, webhook_url="http://127.0.0.1:9/none"))
     assert read_alerts(res["home"].path)[-1]["kind"] == "run_failure"
 
 
@@ -381,12 +376,30 @@ def test_concurrent_alerts_are_whole_lines(res):
     assert len(alerts) == 80 and len({a["message"] for a in alerts}) == 80
 
 
-def test_settings_reject_unknown_values():
-    with pytest.raises(ValueError, match="GENOPS_DRIFT_ACTION"):
-        AutomationSettings.from_env({"GENOPS_DRIFT_ACTION": "panic"})
-    with pytest.raises(ValueError, match="GENOPS_AUTO_ROLLBACK"):
-        AutomationSettings.from_env({"GENOPS_AUTO_ROLLBACK": "maybe"})
-    assert AutomationSettings.from_env({}) == AutomationSettings(10, "retrain", False, None, 5.0)
+def test_settings_come_from_the_environment_and_reject_unknown_values(monkeypatch, tmp_path):
+    from resources import build_resources
+
+    for name in ("FEEDBACK_MIN_LABELS", "DRIFT_ACTION", "AUTO_ROLLBACK", "ALERT_WEBHOOK", "ALERT_WEBHOOK_TIMEOUT",
+                 "CT_RUN_CONFIG"):
+        monkeypatch.delenv(f"GENOPS_{name}", raising=False)
+    assert build_resources(home=tmp_path)["automation"] == AutomationResource(
+        label_threshold=10, drift_action="retrain", auto_rollback=False, webhook_url=None, webhook_timeout_s=5.0,
+        run_config_file=None)
+    env = {"GENOPS_FEEDBACK_MIN_LABELS": "2", "GENOPS_DRIFT_ACTION": "Alert", "GENOPS_AUTO_ROLLBACK": "1",
+           "GENOPS_ALERT_WEBHOOK": "http://hooks.example/genops", "GENOPS_ALERT_WEBHOOK_TIMEOUT": "1.5",
+           "GENOPS_CT_RUN_CONFIG": str(tmp_path / "ct.yaml")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert build_resources(home=tmp_path)["automation"] == AutomationResource(
+        label_threshold=2, drift_action="alert", auto_rollback=True, webhook_url="http://hooks.example/genops",
+        webhook_timeout_s=1.5, run_config_file=str(tmp_path / "ct.yaml"))
+    for name, bad in [("GENOPS_DRIFT_ACTION", "panic"), ("GENOPS_AUTO_ROLLBACK", "maybe"),
+                      ("GENOPS_FEEDBACK_MIN_LABELS", "ten"), ("GENOPS_FEEDBACK_MIN_LABELS", "0"),
+                      ("GENOPS_ALERT_WEBHOOK_TIMEOUT", "-1")]:
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=f"{name} must be .*, got '{bad}'"):
+            build_resources(home=tmp_path)
+        monkeypatch.setenv(name, env[name])
 
 
 def test_sensors_are_registered_and_running_by_default():
@@ -403,6 +416,7 @@ def test_sensors_are_registered_and_running_by_default():
 
 CODE_LOCATION = '''
 import dagster as dg
+from resources.automation import AutomationResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from sensors.feedback import feedback_labels_sensor
@@ -420,7 +434,8 @@ def continuous_training():
 
 defs = dg.Definitions(jobs=[continuous_training], sensors=[feedback_labels_sensor],
                       resources={{"home": GenopsHome(root={home!r}),
-                                  "task": TaskResource(tasks_dir={tasks!r}, name="support_triage")}})
+                                  "task": TaskResource(tasks_dir={tasks!r}, name="support_triage"),
+                                  "automation": AutomationResource()}})
 '''
 
 

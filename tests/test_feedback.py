@@ -28,14 +28,14 @@ def rec(i: int, **kw) -> str:
 
 def run(tmp_path):
     wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
-    res = {"warehouse": wh, "feedback_store": DuckDBFeedbackStore(warehouse=wh), "home": GenopsHome(root=str(tmp_path))}
+    store = DuckDBFeedbackStore(warehouse=wh, redactor="test_feedback:mask_user")
+    res = {"warehouse": wh, "feedback_store": store, "home": GenopsHome(root=str(tmp_path))}
     result = dg.materialize([request_log], resources=res)
     assert result.success
     return result.output_for_node("request_log"), res["warehouse"]
 
 
-def test_records_load_once_with_torn_lines_rotation_and_redaction(tmp_path, monkeypatch):
-    monkeypatch.setenv("GENOPS_REDACTOR", "test_feedback:mask_user")
+def test_records_load_once_with_torn_lines_rotation_and_redaction(tmp_path):
     log = tmp_path / "endpoint" / "requests.jsonl"
     log.parent.mkdir(parents=True)
     torn = rec(3)

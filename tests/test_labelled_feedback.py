@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from genops_assets.defs.datasets.assets import raw_task_examples
 from genops_assets.defs.feedback.assets import request_log
@@ -63,3 +64,17 @@ def test_labels_join_the_raw_examples(tmp_path):
     assert json.loads(df.loc[0, "output_json"]) == OUT
     files = mat.metadata["files"].value["feedback/labels"]
     assert files["issues"] == 1 and files["missing"] == 1
+
+
+def test_a_label_is_judged_by_the_task_schema_naming_the_field():
+    from genops_assets.lib.labels import LabelError, validate_label
+    from genops_assets.lib.tasks import load_task
+
+    spec = load_task(REPO / "tasks", "support_triage")
+    text = "the hub blinks orange since I moved house"
+    assert validate_label({"input": text, "output": OUT}, spec)[2] == OUT
+    for output, needle in [({**OUT, "priority": "asap"}, "output field 'priority': 'asap' is not one of"),
+                           ({**OUT, "summary": "Short"}, "output field 'summary': 'Short' is too short"),
+                           ({**OUT, "product": None}, "output field 'product': None is not of type 'string'")]:
+        with pytest.raises(LabelError, match=needle):
+            validate_label({"input": text, "output": output}, spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from genops_assets.lib.evaluation import gate_decision
 from genops_assets.lib.formatting import build_messages, format_target, parse_prediction
 from genops_assets.lib.hashing import atomic_dir, atomic_write_text, sha256_dir, sha256_json
 from genops_assets.lib.metrics import aggregate, rouge_l_f1, score_example, sentence_bleu
-from genops_assets.lib.tasks import TaskConfigError, TaskDataError, load_task, read_raw_file
+from genops_assets.lib.tasks import TaskConfigError, TaskDataError, TaskSettings, load_task, read_raw_file
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("category", "priority", "product", "summary")
@@ -28,7 +29,8 @@ def task_copy(tmp_path: Path) -> Path:
 def test_demo_task_loads_with_schema_and_templates():
     spec = load_task(REPO / "tasks", "support_triage")
     assert spec.output_fields == FIELDS
-    assert spec.allowed_values()["priority"] == ["low", "medium", "high", "urgent"]
+    assert spec.schema["properties"]["priority"]["enum"] == ["low", "medium", "high", "urgent"]
+    assert spec.splits.few_shot_label_field == "category" and spec.max_new_tokens == 72
     assert spec.label_fields == ("category", "priority", "product")
     assert "{message}" in spec.user_template
 
@@ -55,6 +57,69 @@ def test_malformed_yaml_and_bad_setting_name_the_file(task_copy):
         load_task(task_copy, "support_triage")
 
 
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("golden_fraction: 0.08", "golden_fraction: 1.5", "splits.golden_fraction: Input should be less than 1"),
+    ("input_length: {min: 10, max: 1200}", "input_length: {min: 10}", "input_length.max: Field required"),
+    ("input_length: {min: 10, max: 1200}", "input_length: {min: 50, max: 20}",
+     "input_length: needs min < max, got 50..20"),
+    ("max_new_tokens: 72", "max_new_tokens: lots", "generation.max_new_tokens: Input should be a valid integer"),
+    ("label_fields: [", "labels_fields: [", "label_fields: Field required"),
+    ("label_fields: [", "labels_fields: [", "labels_fields: Extra inputs are not permitted"),
+    ("data_files: [examples.jsonl]", "data_files: [examples.jsonl, more.txt]",
+     r"data_files.1: 'more.txt' must be one of \('.jsonl', '.csv'\)"),
+    ("data_files: [examples.jsonl]", "data_files: [missing.jsonl]", "data_files.0: 'missing.jsonl' does not exist"),
+    ("prompts:\n  system: prompts/system.txt", "prompts:\n  system: prompts/nope.txt",
+     "prompts.system: file 'prompts/nope.txt' does not exist"),
+])
+def test_bad_setting_names_the_file_and_the_setting(task_copy, old, new, message):
+    cfg = task_copy / "support_triage" / "task.yaml"
+    text = cfg.read_text()
+    assert old in text
+    cfg.write_text(text.replace(old, new))
+    with pytest.raises(TaskConfigError, match=f"support_triage/task.yaml: {message}"):
+        load_task(task_copy, "support_triage")
+
+
+def test_defaults_are_those_of_the_settings_model(task_copy):
+    cfg = task_copy / "support_triage" / "task.yaml"
+    text = cfg.read_text()
+    cut = text.index("primary_metric:")
+    cfg.write_text(text[:cut])  # no metric, lengths, splits or generation settings
+    spec = load_task(task_copy, "support_triage")
+    defaults = TaskSettings.model_fields
+    assert spec.splits == defaults["splits"].default.model_copy(update={"few_shot_label_field": "category"})
+    assert spec.input_length == (1, 4000) and spec.text_length == (1, 1000)
+    assert spec.max_new_tokens == 128 and spec.primary_metric == "mean_field_exact_match"
+
+
+def test_output_schema_is_validated_with_its_draft(task_copy):
+    schema = task_copy / "support_triage" / "output_schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"category": {"type": "colour"}}}))
+    with pytest.raises(TaskConfigError, match="output_schema.json: not a valid JSON schema at properties/category"):
+        load_task(task_copy, "support_triage")
+    schema.write_text(json.dumps({"type": "object"}))
+    with pytest.raises(TaskConfigError, match="output_schema.json: needs an object schema with 'properties'"):
+        load_task(task_copy, "support_triage")
+
+
+def test_one_validator_judges_an_answer_and_names_the_field():
+    spec = load_task(REPO / "tasks", "support_triage")
+    good = {"category": "billing", "priority": "low", "product": "hub", "summary": "Customer asks about a charge."}
+    assert spec.output_schema.errors(good) == [] and spec.output_schema.is_valid(good)
+    bad = {**good, "priority": "asap", "summary": "Short"}
+    del bad["product"]
+    assert [str(i) for i in spec.output_schema.errors(bad)] == [
+        "'product' is a required property",
+        "priority: 'asap' is not one of ['low', 'medium', 'high', 'urgent']",
+        "summary: 'Short' is too short",
+    ]
+    assert spec.output_schema.errors({**good, "summary": 7})[0].field == "summary"
+    # a loaded task is a value: equal when loaded twice, and it survives a trip to another process
+    copy = pickle.loads(pickle.dumps(spec))
+    assert copy == spec == load_task(REPO / "tasks", "support_triage")
+    assert [str(i) for i in copy.output_schema.errors(bad)] == [str(i) for i in spec.output_schema.errors(bad)]
+
+
 def test_raw_reader_names_file_and_row(task_copy):
     spec = load_task(task_copy, "support_triage")
     bad = spec.root / "incoming" / "bad.jsonl"
@@ -62,7 +127,7 @@ def test_raw_reader_names_file_and_row(task_copy):
     good = json.dumps({"message": "hello there", "category": "billing", "priority": "low",
                        "product": "none", "summary": "Customer says hello."})
     bad.write_text(good + "\n" + '{"message": "broken"' + "\n")
-    with pytest.raises(TaskDataError, match=r"bad.jsonl, row 2: invalid JSON"):
+    with pytest.raises(TaskDataError, match=r"bad.jsonl, line 2: invalid JSON"):
         list(read_raw_file(bad, spec))
     bad.write_text(good + "\n" + json.dumps({"message": "no labels here"}) + "\n")
     with pytest.raises(TaskDataError, match=r"row 2: missing output field"):

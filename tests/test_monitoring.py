@@ -18,13 +18,13 @@ from genops_assets.defs.monitoring.serving import resource_usage, serving_metric
 from genops_assets.lib.feedback import COLUMNS, Chunk, to_row
 from genops_assets.lib.monitoring import (
     SERVING_COLUMNS,
-    AnswerSchema,
     check_answer,
     percentile,
     read_resource_samples,
     serving_report,
     summarize_resources,
 )
+from genops_assets.lib.output_schema import OutputSchema
 from genops_assets.serving.sampler import ResourceSampler, interval_from_env, sampler_lifespan
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -39,7 +39,7 @@ T0 = START.timestamp()
 SCHEMA = json.loads((ROOT / "tasks" / "support_triage" / "output_schema.json").read_text())
 
 GOOD = '{"category": "billing", "priority": "low", "product": "hub", "summary": "Refund the double charge"}'
-PROSE = 'Sure! {"category": "billing", "priority": "low", "product": "hub", "summary": "x"}'
+PROSE = 'Sure! {"category": "billing", "priority": "low", "product": "hub", "summary": "Double charge"}'
 BAD_LABEL = '{"category": "weather", "priority": "low", "product": "hub", "summary": "s"}'
 
 
@@ -91,7 +91,7 @@ def test_percentile_is_numpy_linear():
 
 
 def test_overall_statistics_match_hand_computed_values():
-    report = serving_report(frame(records()), START, END, AnswerSchema.from_json_schema(SCHEMA))
+    report = serving_report(frame(records()), START, END, OutputSchema(SCHEMA))
     o = report.overall
     assert report.reloads == 1
     # In the day: a1..a5, b1, b2, c1 = 8 requests; answered (200): a1 a2 a3 b1 c1 = 5
@@ -119,7 +119,7 @@ def test_overall_statistics_match_hand_computed_values():
     assert o.active_requests_per_s == pytest.approx(8 / 1_900)
     assert o.active_output_tokens_per_s == pytest.approx(77 / 1_900)
     # Live answers checked: a1 a2 a3 b1 (c1 is a guided choice). Strict JSON: a1 a3; lenient: a1 a2 a3;
-    # schema (required fields, allowed labels): strict a1, lenient a1 a2 ("weather" is no category)
+    # schema (the task's validator): strict a1, lenient a1 a2 ("weather" is no category)
     assert o.answers_checked == 4
     assert o.valid_json_rate == pytest.approx(0.5)  # 2 / 4
     assert o.json_found_rate == pytest.approx(0.75)  # 3 / 4
@@ -128,7 +128,7 @@ def test_overall_statistics_match_hand_computed_values():
 
 
 def test_groups_by_served_adapter_and_prompt_version():
-    report = serving_report(frame(records()), START, END, AnswerSchema.from_json_schema(SCHEMA))
+    report = serving_report(frame(records()), START, END, OutputSchema(SCHEMA))
     assert [(g.served_by, g.adapter_version, g.prompt_version) for g in report.groups] == [
         ("base", "none", "none"), ("challenger", "4", "1"), ("champion", "3", "1")]
     groups = by_name(report)
@@ -152,9 +152,15 @@ def test_answers_without_a_schema_report_json_rates_only():
     strict = check_answer(PROSE)
     assert (strict.valid_json, strict.json_found, strict.schema_valid) == (False, True, None)
     assert check_answer("[1, 2]").json_found is False  # a JSON array is no answer object
-    schema = AnswerSchema.from_json_schema(SCHEMA)
+    schema = OutputSchema(SCHEMA)
     missing = check_answer('{"category": "billing", "priority": "low", "product": "hub"}', schema)
     assert (missing.valid_json, missing.schema_valid) == (True, False)  # summary is required
+    # the task's JSON-schema validator judges types, lengths and extra keys too
+    for answer in ('{"category": "billing", "priority": "low", "product": "hub", "summary": "Short"}',
+                   '{"category": "billing", "priority": 3, "product": "hub", "summary": "Refund the double charge"}',
+                   GOOD[:-1] + ', "mood": "angry"}'):
+        assert (check_answer(answer, schema).valid_json, check_answer(answer, schema).schema_valid) == (True, False)
+    assert check_answer(GOOD, schema).schema_valid is True
     report = serving_report(frame(records()), START, END, schema=None)
     assert report.overall.valid_json_rate == pytest.approx(0.5) and report.overall.schema_valid_rate is None
 

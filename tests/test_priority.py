@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 from graph_support import free_port
 
-from genops_assets.lib.priority import BACKGROUND_NICE_ENV, autogroup_nice, background_nice
+from genops_assets.lib.priority import autogroup_nice
 
 PROBE = """
 import json, os, sys
@@ -30,15 +30,19 @@ def _probe(nice: int, session: str) -> dict:
     return json.loads(out.stdout)
 
 
-def test_background_nice_reads_the_environment(monkeypatch):
-    monkeypatch.delenv(BACKGROUND_NICE_ENV, raising=False)
-    assert background_nice() == 10
-    monkeypatch.setenv(BACKGROUND_NICE_ENV, "7")
-    assert background_nice() == 7
+def test_background_nice_reads_the_environment(monkeypatch, tmp_path):
+    from resources import build_resources
+
+    monkeypatch.delenv("GENOPS_BACKGROUND_NICE", raising=False)
+    res = build_resources(home=tmp_path)
+    assert res["home"].background_nice == 10 and res["judge"].local_nice == 10
+    monkeypatch.setenv("GENOPS_BACKGROUND_NICE", "7")
+    res = build_resources(home=tmp_path)
+    assert res["home"].background_nice == 7 and res["judge"].local_nice == 7
     for bad in ("high", "20", "-1"):
-        monkeypatch.setenv(BACKGROUND_NICE_ENV, bad)
-        with pytest.raises(ValueError, match=BACKGROUND_NICE_ENV):
-            background_nice()
+        monkeypatch.setenv("GENOPS_BACKGROUND_NICE", bad)
+        with pytest.raises(ValueError, match="GENOPS_BACKGROUND_NICE"):
+            build_resources(home=tmp_path)
 
 
 def test_lower_priority_moves_into_its_own_session_and_never_renices_the_callers():
@@ -56,16 +60,15 @@ def test_lower_priority_moves_into_its_own_session_and_never_renices_the_callers
 def _background_child(queue) -> None:
     from genops_assets.defs.monitoring.common import run_in_background
 
-    run_in_background(dg.build_asset_context())
+    run_in_background(dg.build_asset_context(), 9)
     queue.put((os.getsid(0) == os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice()))
 
 
-def test_monitoring_runs_lower_their_priority_only_in_a_process_of_their_own(monkeypatch):
+def test_monitoring_runs_lower_their_priority_only_in_a_process_of_their_own():
     from genops_assets.defs.monitoring.common import run_in_background
 
-    monkeypatch.setenv(BACKGROUND_NICE_ENV, "9")
     before = (os.getsid(0), os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice())
-    run_in_background(dg.build_asset_context())  # in-process: a test, a notebook
+    run_in_background(dg.build_asset_context(), 9)  # in-process: a test, a notebook
     assert (os.getsid(0), os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice()) == before
     ctx = multiprocessing.get_context("spawn")  # how Dagster's code server starts a launched run
     queue = ctx.Queue()

@@ -43,13 +43,13 @@ def _set_contexts(tasks_dir: Path, section: str) -> None:
 
 
 @pytest.mark.parametrize("section,needle", [
-    ("contexts: retrieved_contexts", "'contexts' must be a mapping"),
-    ("contexts: {reference_field: reference_contexts}", "contexts.retrieved_field must name an example field, got None"),
-    ("contexts: {retrieved_field: question}", "contexts.retrieved_field 'question' is already the input field"),
-    ("contexts: {retrieved_field: answer}", "contexts.retrieved_field 'answer' is already the input field or an output"),
+    ("contexts: retrieved_contexts", "contexts: Input should be a valid dictionary"),
+    ("contexts: {reference_field: reference_contexts}", "contexts.retrieved_field: Field required"),
+    ("contexts: {retrieved_field: question}", "contexts.retrieved_field: 'question' is already the input field"),
+    ("contexts: {retrieved_field: answer}", "contexts.retrieved_field: 'answer' is already the input field or an output"),
     ("contexts: {retrieved_field: a, reference_field: a}", "both 'a'"),
-    ("contexts: {retrieved_field: a, ranking: b}", r"unknown key\(s\) \['ranking'\] in 'contexts'"),
-    ("contexts: {retrieved_field: [a, b]}", "contexts.retrieved_field must name an example field"),
+    ("contexts: {retrieved_field: a, ranking: b}", "contexts.ranking: Extra inputs are not permitted"),
+    ("contexts: {retrieved_field: [a, b]}", "contexts.retrieved_field: Input should be a valid string"),
 ])
 def test_bad_contexts_setting_names_the_file_and_key(tasks_dir, section, needle):
     _set_contexts(tasks_dir, section)

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from resources.automation import AutomationResource
 from resources.task import TaskResource
 from sensors.incoming import incoming_data_sensor
 
@@ -25,8 +26,9 @@ def task(tmp_path):
     return TaskResource(tasks_dir=str(tmp_path / "tasks"), name="support_triage"), dst / "incoming"
 
 
-def _tick(task_res, cursor=None):
-    ctx = dg.build_sensor_context(cursor=cursor, resources={"task": task_res})
+def _tick(task_res, cursor=None, automation=None):
+    ctx = dg.build_sensor_context(cursor=cursor, resources={"task": task_res,
+                                                            "automation": automation or AutomationResource()})
     return incoming_data_sensor(ctx), ctx
 
 
@@ -90,16 +92,14 @@ def test_request_log_sensor_ingests_each_new_size_once(tmp_path, monkeypatch):
     assert isinstance(second, dg.SensorResult) and second.run_requests[0].run_key != first.run_requests[0].run_key
 
 
-def test_the_ct_run_config_file_reaches_every_retrain(tmp_path, monkeypatch, task):
-    from sensors.run_config import ct_run_config
-
+def test_the_ct_run_config_file_reaches_every_retrain(tmp_path, task):
     cfg = tmp_path / "ct.yaml"
     cfg.write_text("ops:\n  eval_report:\n    config:\n      max_examples: 40\n")
-    monkeypatch.setenv("GENOPS_CT_RUN_CONFIG", str(cfg))
+    automation = AutomationResource(run_config_file=str(cfg))
     task_res, incoming = task
     (incoming / "batch1.jsonl").write_text(json.dumps(ROW) + "\n")
-    res, _ = _tick(task_res)
+    res, _ = _tick(task_res, automation=automation)
     assert res.run_requests[0].run_config == {"ops": {"eval_report": {"config": {"max_examples": 40}}}}
     cfg.write_text("- not a mapping\n")
-    with pytest.raises(ValueError, match="must be a mapping"):
-        ct_run_config()
+    with pytest.raises(ValueError, match="GENOPS_CT_RUN_CONFIG=.*ct.yaml: the run config must be a mapping"):
+        automation.run_config()

@@ -49,10 +49,10 @@ def _embedding_load(nice: int, ready, stop, out) -> None:
 
 def bench_background(base_dir: str, prompts: list, work: Path, port: int, max_tokens: int = 32,
                      requests: int = 3, log: Callable[[str], None] = print) -> dict:
-    from genops_assets.lib.priority import background_nice
     from genops_assets.serving import control
+    from resources.settings import GenopsSettings
 
-    nice = background_nice()
+    nice = GenopsSettings.from_env().background_nice
     state = control.start_server(base_dir, {}, {}, work / "endpoint", port=port)
 
     def ask(messages) -> float:

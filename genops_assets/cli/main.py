@@ -134,7 +134,8 @@ def _ask_endpoint(base_url: str) -> None:
         if task.contexts is not None:  # the task's first example, with the passages its prompt shows
             first = next(r for f in task.raw_files() for r in read_raw_file(f, task))
             message, contexts = first.input_text, first.contexts or ()
-        client = OpenAI(base_url=base_url, api_key=client_api_key(), max_retries=0, timeout=120)
+        client = OpenAI(base_url=base_url, api_key=client_api_key(os.environ.get("GENOPS_API_KEYS")), max_retries=0,
+                        timeout=120)
         # The server renders its deployed production prompt around the variables.
         reply = client.chat.completions.create(model="champion", temperature=0, messages=[], extra_body={
             "prompt_variables": prompt_variables(task, message, contexts)})

@@ -1,17 +1,10 @@
-"""Alerts of the continuous-training loop, and the settings that steer its automation.
+"""Alerts of the continuous-training loop.
 
 An alert is one JSON line appended to ``<GENOPS_HOME>/alerts.jsonl`` (``ts``, ``kind``,
-``severity``, ``message``, ``details``) and, when ``GENOPS_ALERT_WEBHOOK`` is set, POSTed as
-JSON to that URL. The file is the record; the webhook is a notification: when it fails the
-failure is logged and returned, and the caller (a sensor) goes on.
-
-Settings (read from the environment at each sensor evaluation, so no code reload is needed):
-
-``GENOPS_FEEDBACK_MIN_LABELS``  new valid labelled rows that trigger retraining (default 10)
-``GENOPS_DRIFT_ACTION``         ``retrain`` (default) or ``alert``: what prompt drift does
-``GENOPS_AUTO_ROLLBACK``        ``1`` moves ``champion`` back when online quality regresses (default 0)
-``GENOPS_ALERT_WEBHOOK``        URL that receives each alert as a JSON POST (default: none)
-``GENOPS_ALERT_WEBHOOK_TIMEOUT`` seconds before a webhook POST gives up (default 5)
+``severity``, ``message``, ``details``) and, when a webhook URL is given (``GENOPS_ALERT_WEBHOOK``,
+carried by ``resources.automation.AutomationResource``), POSTed as JSON to that URL. The file is
+the record; the webhook is a notification: when it fails the failure is logged and returned, and
+the caller (a sensor) goes on.
 """
 
 from __future__ import annotations
@@ -28,50 +21,10 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from genops_assets.lib.jsonl import read_jsonl
+
 ALERTS_FILE = "alerts.jsonl"
 SEVERITIES = ("info", "warning", "error", "critical")
-DRIFT_ACTIONS = ("retrain", "alert")
-DEFAULT_LABEL_THRESHOLD = 10
-
-
-@dataclass(frozen=True)
-class AutomationSettings:
-    label_threshold: int = DEFAULT_LABEL_THRESHOLD
-    drift_action: str = "retrain"
-    auto_rollback: bool = False
-    webhook_url: str | None = None
-    webhook_timeout_s: float = 5.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AutomationSettings:
-        """The settings above; a malformed value raises naming the variable."""
-        env = os.environ if env is None else env
-
-        def _get(key: str) -> str:
-            return (env.get(key) or "").strip()
-
-        threshold_raw = _get("GENOPS_FEEDBACK_MIN_LABELS") or str(DEFAULT_LABEL_THRESHOLD)
-        try:
-            threshold = int(threshold_raw)
-        except ValueError:
-            threshold = 0
-        if threshold < 1:
-            raise ValueError(f"GENOPS_FEEDBACK_MIN_LABELS must be a positive integer, got {threshold_raw!r}")
-        action = (_get("GENOPS_DRIFT_ACTION") or "retrain").lower()
-        if action not in DRIFT_ACTIONS:
-            raise ValueError(f"GENOPS_DRIFT_ACTION must be one of {DRIFT_ACTIONS}, got {action!r}")
-        rollback_raw = (_get("GENOPS_AUTO_ROLLBACK") or "0").lower()
-        if rollback_raw not in ("0", "1", "true", "false", "yes", "no"):
-            raise ValueError(f"GENOPS_AUTO_ROLLBACK must be 1 or 0, got {rollback_raw!r}")
-        timeout_raw = _get("GENOPS_ALERT_WEBHOOK_TIMEOUT") or "5"
-        try:
-            timeout = float(timeout_raw)
-        except ValueError:
-            timeout = 0.0
-        if timeout <= 0:
-            raise ValueError(f"GENOPS_ALERT_WEBHOOK_TIMEOUT must be a positive number of seconds, got {timeout_raw!r}")
-        return cls(threshold, action, rollback_raw in ("1", "true", "yes"), _get("GENOPS_ALERT_WEBHOOK") or None,
-                   timeout)
 
 
 @dataclass(frozen=True)
@@ -161,6 +114,4 @@ def raise_alert(
 def read_alerts(home: str | Path) -> list[dict[str, Any]]:
     """Every recorded alert, oldest first."""
     path = alerts_path(home)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path) if path.exists() else []

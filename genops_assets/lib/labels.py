@@ -8,8 +8,8 @@ One JSON object per line::
      "labeler": "alice",             optional
      "note": "free text"}            optional
 
-Every line is checked against the task (output fields, JSON-schema type / enum / length of
-each field, input length); a bad line becomes a :class:`LabelIssue` naming ``file:line`` and
+Every line is checked against the task (its output fields, the task's JSON-schema validator,
+the input length); a bad line becomes a :class:`LabelIssue` naming ``file:line`` and
 the field, never a silently dropped row. A row's identity is its content (request id, input,
 output): the same correction dropped twice, or by two labellers, counts once.
 """
@@ -27,15 +27,6 @@ from genops_assets.lib.tasks import TaskSpec
 
 LABEL_SUFFIX = ".jsonl"
 KNOWN_KEYS = frozenset({"request_id", "input", "output", "labeler", "note"})
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "array": (list,),
-    "object": (dict,),
-    "null": (type(None),),
-}
 
 
 class LabelError(ValueError):
@@ -90,24 +81,6 @@ def labels_digest(rows: Iterable[LabelRow]) -> str:
     return sha256_json(digests) if digests else ""
 
 
-def _check_value(name: str, value: Any, prop: Mapping[str, Any]) -> None:
-    kind = prop.get("type")
-    kinds = [kind] if isinstance(kind, str) else list(kind or [])
-    if kinds:
-        allowed = tuple(t for k in kinds for t in _JSON_TYPES.get(k, ()))
-        is_bool = isinstance(value, bool)
-        if not isinstance(value, allowed) or (is_bool and "boolean" not in kinds):
-            raise LabelError(f"output field '{name}' must be {'/'.join(kinds)}, got {value!r}")
-    if "enum" in prop and value not in prop["enum"]:
-        raise LabelError(f"output field '{name}' has value {value!r}, allowed: {list(prop['enum'])}")
-    if isinstance(value, str):
-        lo, hi = prop.get("minLength"), prop.get("maxLength")
-        if lo is not None and len(value) < lo:
-            raise LabelError(f"output field '{name}' is {len(value)} characters, minimum {lo}")
-        if hi is not None and len(value) > hi:
-            raise LabelError(f"output field '{name}' is {len(value)} characters, maximum {hi}")
-
-
 def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
     value = obj.get(key)
     if value is None:
@@ -140,15 +113,16 @@ def validate_label(obj: Any, task: TaskSpec) -> tuple[str | None, str | None, di
     if not isinstance(output, dict):
         raise LabelError(f"'output' must be an object with the task's fields {list(task.output_fields)}, "
                          f"got {output!r}")
-    props = task.schema.get("properties", {})
     missing = [f for f in task.output_fields if f not in output]
     if missing:
         raise LabelError(f"'output' misses field(s) {missing}")
     extra = sorted(set(output) - set(task.output_fields))
     if extra:
         raise LabelError(f"'output' has unknown field(s) {extra}; the task's fields are {list(task.output_fields)}")
-    for name in task.output_fields:
-        _check_value(name, output[name], props[name])
+    issues = task.output_schema.errors(output)
+    if issues:
+        raise LabelError("; ".join(f"output field '{i.field}': {i.message}" if i.field else f"'output': {i.message}"
+                                   for i in issues))
     return request_id, text, {f: output[f] for f in task.output_fields}, _opt_str(obj, "labeler"), _opt_str(obj, "note")
 
 

@@ -24,10 +24,11 @@ Definitions (every statistic below is over the group's request rows in the windo
 - Task health, over live answers (status 200, a response recorded, not a ``guided_choice``
   request, whose answer is one of the given strings by construction): ``valid_json_rate`` and
   ``json_found_rate`` use the offline evaluation's parser (``formatting.parse_prediction``) strict
-  and lenient, so they compare with the evaluation's metrics of the same names. With an output
-  schema, ``schema_valid_rate`` (strict) and ``schema_valid_lenient_rate`` also need every
-  required field present (not null) and every enumerated field's value among its allowed labels
-  (exact match, as a JSON-schema validator would judge it).
+  and lenient, so they compare with the evaluation's metrics of the same names. With the task's
+  output schema, ``schema_valid_rate`` (strict) and ``schema_valid_lenient_rate`` also need the
+  extracted object to pass the task's JSON-schema validator (required fields, types, allowed
+  labels, lengths, extra keys), the one that checks label files and marts; a null field counts
+  as absent.
 
 A statistic over zero values is None, never 0: an empty window has ``request_count`` 0 and no
 rates.
@@ -38,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from genops_assets.lib.formatting import parse_prediction
+from genops_assets.lib.output_schema import OutputSchema
 from genops_assets.serving.protection import error_class
 
 PERCENTILE_METHOD = "linear"
@@ -85,33 +87,6 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 @dataclass(frozen=True)
-class AnswerSchema:
-    """What a task's answer must hold: its fields, the required ones, the allowed labels."""
-
-    fields: tuple[str, ...]
-    required: tuple[str, ...]
-    enums: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-
-    @classmethod
-    def from_json_schema(cls, schema: Mapping[str, Any]) -> AnswerSchema:
-        props = schema.get("properties") or {}
-        if not isinstance(props, Mapping) or not props:
-            raise ValueError("output schema needs an object schema with 'properties'")
-        names = tuple(props)
-        required = tuple(schema.get("required") or names)
-        unknown = [f for f in required if f not in props]
-        if unknown:
-            raise ValueError(f"output schema: required field(s) {unknown} are not properties")
-        enums = {f: tuple(p["enum"]) for f, p in props.items() if isinstance(p, Mapping) and "enum" in p}
-        return cls(names, required, enums)
-
-    def allows(self, parsed: Mapping[str, Any]) -> bool:
-        if any(parsed.get(f) is None for f in self.required):
-            return False
-        return all(parsed.get(f) is None or parsed.get(f) in allowed for f, allowed in self.enums.items())
-
-
-@dataclass(frozen=True)
 class AnswerCheck:
     valid_json: bool
     json_found: bool
@@ -119,7 +94,14 @@ class AnswerCheck:
     schema_valid_lenient: bool | None
 
 
-def check_answer(text: str, schema: AnswerSchema | None = None) -> AnswerCheck:
+def _answer_object(parsed: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer object as the extraction saw it: its fields with a value, and its other keys
+    (their values are not kept; a schema that allows them sets no rule on them)."""
+    extra = {k: None for k in parsed.get("_extra_keys", ())}
+    return extra | {k: v for k, v in parsed.items() if k != "_extra_keys" and v is not None}
+
+
+def check_answer(text: str, schema: OutputSchema | None = None) -> AnswerCheck:
     """Strict and lenient JSON extraction of one answer and, with a schema, whether it conforms."""
     names = schema.fields if schema else ()
     strict = parse_prediction(text, names)
@@ -127,8 +109,8 @@ def check_answer(text: str, schema: AnswerSchema | None = None) -> AnswerCheck:
     if schema is None:
         return AnswerCheck(strict is not None, lenient is not None, None, None)
     return AnswerCheck(strict is not None, lenient is not None,
-                       strict is not None and schema.allows(strict),
-                       lenient is not None and schema.allows(lenient))
+                       strict is not None and schema.is_valid(_answer_object(strict)),
+                       lenient is not None and schema.is_valid(_answer_object(lenient)))
 
 
 # -- request windows -----------------------------------------------------------------------------
@@ -258,7 +240,7 @@ def prepare_requests(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def _group_stats(rows: pd.DataFrame, scope: str, key: tuple[str | None, str | None, str | None], window_s: float,
-                 schema: AnswerSchema | None) -> GroupStats:
+                 schema: OutputSchema | None) -> GroupStats:
     n = len(rows)
     ok = rows[rows["ok"]]
     errors = rows["error_class"].dropna().value_counts()
@@ -296,7 +278,7 @@ def _group_stats(rows: pd.DataFrame, scope: str, key: tuple[str | None, str | No
 
 
 def serving_report(df: pd.DataFrame, window_start: datetime, window_end: datetime,
-                   schema: AnswerSchema | None = None, now: datetime | None = None) -> ServingReport:
+                   schema: OutputSchema | None = None, now: datetime | None = None) -> ServingReport:
     """Statistics of the request rows of ``[window_start, window_end)`` (rows outside are ignored;
     naive timestamps are UTC). A window still in progress (``now`` before its end) counts its
     length up to ``now`` for throughput."""

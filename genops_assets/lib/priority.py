@@ -15,24 +15,7 @@ from __future__ import annotations
 
 import os
 
-BACKGROUND_NICE_ENV = "GENOPS_BACKGROUND_NICE"
-DEFAULT_BACKGROUND_NICE = 10
 AUTOGROUP = "/proc/self/autogroup"
-
-
-def background_nice() -> int:
-    """The nice value of background work: ``GENOPS_BACKGROUND_NICE`` (0-19; 0 leaves the
-    priority alone), 10 when unset."""
-    raw = os.environ.get(BACKGROUND_NICE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_BACKGROUND_NICE
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 19:
-        raise ValueError(f"{BACKGROUND_NICE_ENV}={raw!r}: expected a whole number from 0 to 19")
-    return value
 
 
 def lower_priority(nice: int, new_session: bool = False) -> list[str]:

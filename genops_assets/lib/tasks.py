@@ -1,7 +1,9 @@
 """A task is a folder of data, not code: examples, prompt templates, output schema, settings.
 
-``load_task`` reads and validates ``tasks/<name>/task.yaml``; every error names the file and
-the setting, row or field that is wrong.
+``task.yaml`` is read into :class:`TaskSettings` (pydantic: every default is stated there) and
+the folder's files are checked against it; :func:`load_task` returns the result as a
+:class:`TaskSpec`. Every error names the file and the setting (``splits.golden_fraction``),
+row or field that is wrong.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from genops_assets.lib.jsonl import iter_jsonl
+from genops_assets.lib.output_schema import OutputSchema, OutputSchemaError
 from genops_assets.lib.prompts import (
     CONTEXTS_VARIABLE,
     FEW_SHOT_VARIABLE,
@@ -34,17 +39,19 @@ class TaskDataError(ValueError):
     """A raw data file cannot be read; the message names the file and row."""
 
 
-@dataclass(frozen=True)
-class Splits:
-    golden_fraction: float = 0.12
-    validation_fraction: float = 0.08
-    few_shot_per_label: int = 2
-    few_shot_label_field: str = ""
-    near_duplicate_jaccard: float = 0.8
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-@dataclass(frozen=True)
-class ContextFields:
+class Splits(_Section):
+    golden_fraction: float = Field(0.12, gt=0, lt=1)
+    validation_fraction: float = Field(0.08, gt=0, lt=1)
+    few_shot_per_label: int = Field(2, ge=0)
+    few_shot_label_field: str = Field("", description="Empty: the first label field")
+    near_duplicate_jaccard: float = Field(0.8, gt=0, lt=1)
+
+
+class ContextFields(_Section):
     """Where the examples of a retrieval-augmented task keep their passages.
 
     ``retrieved``: the passages a retriever returned for the input, shown to the model in
@@ -52,20 +59,77 @@ class ContextFields:
     (optional per example), for context precision / recall.
     """
 
-    retrieved: str
-    reference: str | None = None
+    retrieved: str = Field(alias="retrieved_field")
+    reference: str | None = Field(None, alias="reference_field")
+
+    @field_validator("retrieved", "reference")
+    @classmethod
+    def _named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must name an example field")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ContextFields:
+        if self.reference == self.retrieved:
+            raise ValueError(f"reference_field and retrieved_field are both '{self.retrieved}'")
+        return self
+
+
+class Bounds(_Section):
+    """An inclusive length range in characters."""
+
+    min: int = Field(ge=0)
+    max: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if not self.min < self.max:
+            raise ValueError(f"needs min < max, got {self.min}..{self.max}")
+        return self
+
+    def pair(self) -> tuple[int, int]:
+        return self.min, self.max
+
+
+class PromptFiles(_Section):
+    system: str = Field(min_length=1, description="Template file of the system message")
+    user: str = Field(min_length=1, description="Template file of the user message")
+
+
+class Generation(_Section):
+    max_new_tokens: int = Field(128, gt=0)
+
+
+class TaskSettings(_Section):
+    """What ``task.yaml`` says, with its defaults; files are checked by :func:`load_task`."""
+
+    name: str | None = Field(None, description="Empty: the folder's name")
+    description: str = ""
+    input_field: str = Field(min_length=1)
+    data_files: tuple[str, ...]
+    schema_file: str = Field(min_length=1)
+    prompts: PromptFiles
+    label_fields: tuple[str, ...]
+    text_fields: tuple[str, ...] = ()
+    contexts: ContextFields | None = None
+    primary_metric: str = "mean_field_exact_match"
+    input_length: Bounds = Bounds(min=1, max=4000)
+    text_length: Bounds = Bounds(min=1, max=1000)
+    splits: Splits = Splits()
+    generation: Generation = Generation()
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Validated settings of one task folder."""
+    """A loaded task folder: its settings, output schema (with its validator) and templates."""
 
     name: str
     root: Path
     description: str
     input_field: str
     data_files: tuple[str, ...]
-    schema: dict[str, Any]
+    output_schema: OutputSchema
     system_template: str
     user_template: str
     label_fields: tuple[str, ...]
@@ -79,8 +143,12 @@ class TaskSpec:
     contexts: ContextFields | None = None
 
     @property
+    def schema(self) -> dict[str, Any]:
+        return self.output_schema.schema
+
+    @property
     def output_fields(self) -> tuple[str, ...]:
-        return tuple(self.schema.get("properties", {}).keys())
+        return self.output_schema.fields
 
     @property
     def prompt(self) -> PromptTemplate:
@@ -90,11 +158,6 @@ class TaskSpec:
     @property
     def incoming_dir(self) -> Path:
         return self.root / "incoming"
-
-    def allowed_values(self) -> dict[str, list[str]]:
-        """Enumerated values per label field, from the JSON schema."""
-        props = self.schema.get("properties", {})
-        return {f: list(props[f]["enum"]) for f in self.label_fields if "enum" in props.get(f, {})}
 
     def raw_files(self) -> list[Path]:
         """The task's data files plus every file dropped into ``incoming/``, in a stable order."""
@@ -106,15 +169,28 @@ class TaskSpec:
         return files
 
 
-def _require(cfg: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
-    if key not in cfg:
-        raise TaskConfigError(f"{where}: missing required setting '{key}'")
-    value = cfg[key]
-    if not isinstance(value, kind):
-        raise TaskConfigError(
-            f"{where}: setting '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}"
-        )
-    return value
+def _validation_message(exc: ValidationError, where: Path) -> str:
+    """One line per problem: ``<file>: <setting path>: <what is wrong>``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err["loc"])
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        lines.append(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}")
+    return "\n".join(lines)
+
+
+def read_task_settings(cfg_path: Path) -> TaskSettings:
+    """``task.yaml`` parsed and typed; a bad value raises naming the file and the setting."""
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise TaskConfigError(f"{cfg_path}: not valid YAML: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise TaskConfigError(f"{cfg_path}: expected a mapping of settings at top level")
+    try:
+        return TaskSettings.model_validate(cfg)
+    except ValidationError as exc:
+        raise TaskConfigError(_validation_message(exc, cfg_path)) from exc
 
 
 def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
@@ -123,53 +199,49 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
     if not cfg_path.is_file():
         available = sorted(p.name for p in Path(tasks_dir).glob("*/task.yaml")) if Path(tasks_dir).is_dir() else []
         raise TaskConfigError(f"task '{name}': {cfg_path} not found (tasks with a task.yaml: {available or 'none'})")
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise TaskConfigError(f"{cfg_path}: not valid YAML: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise TaskConfigError(f"{cfg_path}: expected a mapping of settings at top level")
+    cfg = read_task_settings(cfg_path)
 
-    input_field = _require(cfg, "input_field", str, cfg_path)
-    data_files = tuple(_require(cfg, "data_files", list, cfg_path))
-    for f in data_files:
-        if not (root / f).is_file():
-            raise TaskConfigError(f"{cfg_path}: data_files entry '{f}' does not exist")
+    def fail(setting: str, message: str) -> TaskConfigError:
+        return TaskConfigError(f"{cfg_path}: {setting}: {message}")
+
+    for i, f in enumerate(cfg.data_files):
         if Path(f).suffix not in RAW_SUFFIXES:
-            raise TaskConfigError(f"{cfg_path}: data_files entry '{f}' must be one of {RAW_SUFFIXES}")
+            raise fail(f"data_files.{i}", f"'{f}' must be one of {RAW_SUFFIXES}")
+        if not (root / f).is_file():
+            raise fail(f"data_files.{i}", f"'{f}' does not exist")
 
-    schema_path = root / _require(cfg, "schema_file", str, cfg_path)
+    schema_path = root / cfg.schema_file
     try:
-        schema = json.loads(schema_path.read_text(encoding="utf-8"))
+        raw_schema = json.loads(schema_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise TaskConfigError(f"{cfg_path}: schema_file '{schema_path.name}' does not exist") from exc
+        raise fail("schema_file", f"'{cfg.schema_file}' does not exist") from exc
     except json.JSONDecodeError as exc:
         raise TaskConfigError(f"{schema_path}: not valid JSON: {exc}") from exc
-    props = schema.get("properties")
-    if not isinstance(props, dict) or not props:
-        raise TaskConfigError(f"{schema_path}: needs an object schema with 'properties'")
+    try:
+        output_schema = OutputSchema(raw_schema, str(schema_path))
+    except OutputSchemaError as exc:
+        raise TaskConfigError(str(exc)) from exc
+    props = output_schema.fields
 
-    label_fields = tuple(_require(cfg, "label_fields", list, cfg_path))
-    text_fields = tuple(cfg.get("text_fields", []))
-    for f in label_fields + text_fields:
-        if f not in props:
-            raise TaskConfigError(f"{cfg_path}: field '{f}' is not a property of {schema_path.name}")
+    for key in ("label_fields", "text_fields"):
+        for f in getattr(cfg, key):
+            if f not in props:
+                raise fail(key, f"field '{f}' is not a property of {schema_path.name}")
+    contexts = cfg.contexts
+    if contexts is not None:
+        for key, value in (("retrieved_field", contexts.retrieved), ("reference_field", contexts.reference)):
+            if value is not None and (value == cfg.input_field or value in props):
+                raise fail(f"contexts.{key}", f"'{value}' is already the input field or an output field; "
+                           "the passages need a field of their own")
 
-    contexts = _context_fields(cfg, cfg_path, input_field, tuple(props))
-
-    prompts = _require(cfg, "prompts", dict, cfg_path)
     templates: dict[str, str] = {}
-    template_files: dict[str, str] = {}
-    for role in ("system", "user"):
-        rel = prompts.get(role)
-        if not isinstance(rel, str):
-            raise TaskConfigError(f"{cfg_path}: prompts.{role} must name a template file")
+    template_files = {"system": cfg.prompts.system, "user": cfg.prompts.user}
+    allowed = {cfg.input_field, FEW_SHOT_VARIABLE} | ({CONTEXTS_VARIABLE} if contexts else set())
+    for role, rel in template_files.items():
         path = root / rel
         if not path.is_file():
-            raise TaskConfigError(f"{cfg_path}: prompts.{role} file '{rel}' does not exist")
+            raise fail(f"prompts.{role}", f"file '{rel}' does not exist")
         templates[role] = path.read_text(encoding="utf-8").strip("\n")
-        template_files[role] = rel
-        allowed = {input_field, FEW_SHOT_VARIABLE} | ({CONTEXTS_VARIABLE} if contexts else set())
         try:
             unknown = template_variables(templates[role], str(path)) - allowed
         except PromptError as exc:
@@ -178,88 +250,34 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
             raise TaskConfigError(
                 f"{path}: unknown template variable(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
             )
-    if "{" + input_field + "}" not in templates["user"]:
-        raise TaskConfigError(f"{root / template_files['user']}: must contain {{{input_field}}}")
+    if "{" + cfg.input_field + "}" not in templates["user"]:
+        raise TaskConfigError(f"{root / template_files['user']}: must contain {{{cfg.input_field}}}")
     if contexts and not any(CONTEXTS_VARIABLE in template_variables(t, role) for role, t in templates.items()):
         raise TaskConfigError(f"{root / template_files['user']}: the task has retrieved contexts "
                               f"('{contexts.retrieved}'), so a template must show them with {{{CONTEXTS_VARIABLE}}}")
 
-    def _bounds(key: str, default: tuple[int, int]) -> tuple[int, int]:
-        raw = cfg.get(key, {"min": default[0], "max": default[1]})
-        try:
-            lo, hi = int(raw["min"]), int(raw["max"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise TaskConfigError(f"{cfg_path}: '{key}' needs integer min and max") from exc
-        if not 0 <= lo < hi:
-            raise TaskConfigError(f"{cfg_path}: '{key}' needs 0 <= min < max, got {lo}..{hi}")
-        return lo, hi
-
-    split_cfg = cfg.get("splits", {}) or {}
-    try:
-        splits = Splits(
-            golden_fraction=float(split_cfg.get("golden_fraction", 0.12)),
-            validation_fraction=float(split_cfg.get("validation_fraction", 0.08)),
-            few_shot_per_label=int(split_cfg.get("few_shot_per_label", 2)),
-            few_shot_label_field=str(split_cfg.get("few_shot_label_field", label_fields[0] if label_fields else "")),
-            near_duplicate_jaccard=float(split_cfg.get("near_duplicate_jaccard", 0.8)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise TaskConfigError(f"{cfg_path}: malformed 'splits': {exc}") from exc
-    for key in ("golden_fraction", "validation_fraction", "near_duplicate_jaccard"):
-        if not 0 < getattr(splits, key) < 1:
-            raise TaskConfigError(f"{cfg_path}: splits.{key} must be between 0 and 1")
-
-    primary = str(cfg.get("primary_metric", "mean_field_exact_match"))
+    splits = cfg.splits
+    if not splits.few_shot_label_field and cfg.label_fields:
+        splits = splits.model_copy(update={"few_shot_label_field": cfg.label_fields[0]})
     return TaskSpec(
-        name=str(cfg.get("name", name)),
+        name=cfg.name or name,
         root=root,
-        description=str(cfg.get("description", "")).strip(),
-        input_field=input_field,
-        data_files=data_files,
-        schema=schema,
+        description=cfg.description.strip(),
+        input_field=cfg.input_field,
+        data_files=cfg.data_files,
+        output_schema=output_schema,
         system_template=templates["system"],
         user_template=templates["user"],
-        label_fields=label_fields,
-        text_fields=text_fields,
-        primary_metric=primary,
-        input_length=_bounds("input_length", (1, 4000)),
-        text_length=_bounds("text_length", (1, 1000)),
+        label_fields=cfg.label_fields,
+        text_fields=cfg.text_fields,
+        primary_metric=cfg.primary_metric,
+        input_length=cfg.input_length.pair(),
+        text_length=cfg.text_length.pair(),
         splits=splits,
-        max_new_tokens=int((cfg.get("generation") or {}).get("max_new_tokens", 128)),
+        max_new_tokens=cfg.generation.max_new_tokens,
         template_files=template_files,
         contexts=contexts,
     )
-
-
-_CONTEXT_KEYS = ("retrieved_field", "reference_field")
-
-
-def _context_fields(cfg: dict[str, Any], where: Path, input_field: str,
-                    output_fields: tuple[str, ...]) -> ContextFields | None:
-    """The optional ``contexts:`` section: which example fields hold the passages."""
-    if "contexts" not in cfg or cfg["contexts"] is None:
-        return None
-    section = cfg["contexts"]
-    if not isinstance(section, dict):
-        raise TaskConfigError(f"{where}: 'contexts' must be a mapping with {list(_CONTEXT_KEYS)}, got {section!r}")
-    unknown = sorted(set(section) - set(_CONTEXT_KEYS))
-    if unknown:
-        raise TaskConfigError(f"{where}: unknown key(s) {unknown} in 'contexts'; allowed: {list(_CONTEXT_KEYS)}")
-    names: dict[str, str] = {}
-    for key in _CONTEXT_KEYS:
-        value = section.get(key)
-        if value is None and key == "reference_field":
-            continue
-        if not isinstance(value, str) or not value.strip():
-            raise TaskConfigError(f"{where}: contexts.{key} must name an example field, got {value!r}")
-        if value == input_field or value in output_fields:
-            raise TaskConfigError(f"{where}: contexts.{key} '{value}' is already the input field or an output "
-                                  "field; the passages need a field of their own")
-        names[key] = value
-    if names.get("reference_field") == names["retrieved_field"]:
-        raise TaskConfigError(f"{where}: contexts.reference_field and contexts.retrieved_field are both "
-                              f"'{names['retrieved_field']}'")
-    return ContextFields(names["retrieved_field"], names.get("reference_field"))
 
 
 @dataclass(frozen=True)
@@ -301,58 +319,41 @@ def read_raw_file(path: Path, task: TaskSpec) -> Iterator[RawExample]:
     """
     rel = path.relative_to(task.root).as_posix() if path.is_relative_to(task.root) else str(path)
     fields = task.output_fields
+    if path.suffix not in RAW_SUFFIXES:
+        raise TaskDataError(f"{path}: unsupported data file type (use {RAW_SUFFIXES})")
     try:
-        fh = open(path, encoding="utf-8", newline="")
+        path.open("rb").close()
     except OSError as exc:
         raise TaskDataError(f"{path}: cannot read data file: {exc}") from exc
-    with fh:
-        if path.suffix == ".jsonl":
-            rows: Iterator[tuple[int, Any]] = _jsonl_rows(fh, path)
-        elif path.suffix == ".csv":
-            rows = _csv_rows(fh, path)
-        else:
-            raise TaskDataError(f"{path}: unsupported data file type (use {RAW_SUFFIXES})")
-        for line_no, row in rows:
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}, row {line_no}: expected an object, got {type(row).__name__}")
-            text = row.get(task.input_field)
-            if not isinstance(text, str) or not text.strip():
-                raise TaskDataError(f"{path}, row {line_no}: field '{task.input_field}' is missing or empty")
-            missing = [f for f in fields if f not in row]
-            if missing:
-                raise TaskDataError(f"{path}, row {line_no}: missing output field(s) {missing}")
-            retrieved = reference = None
-            if task.contexts is not None:
-                where, csv_cell = f"{path}, row {line_no}", path.suffix == ".csv"
-                name = task.contexts.retrieved
-                if row.get(name) is None:
-                    raise TaskDataError(f"{where}: field '{name}' (the retrieved contexts) is missing")
-                retrieved = passages(row[name], where, name, csv_cell)
-                # Reference passages are optional per example: context precision / recall are
-                # computed over the examples that have them.
-                ref_name = task.contexts.reference
-                if ref_name is not None and row.get(ref_name) is not None:
-                    reference = passages(row[ref_name], where, ref_name, csv_cell)
-            yield RawExample(rel, line_no, text, {f: row[f] for f in fields}, retrieved, reference)
+    rows = iter_jsonl(path, error=TaskDataError) if path.suffix == ".jsonl" else _csv_rows(path)
+    for line_no, row in rows:
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}, row {line_no}: expected an object, got {type(row).__name__}")
+        text = row.get(task.input_field)
+        if not isinstance(text, str) or not text.strip():
+            raise TaskDataError(f"{path}, row {line_no}: field '{task.input_field}' is missing or empty")
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise TaskDataError(f"{path}, row {line_no}: missing output field(s) {missing}")
+        retrieved = reference = None
+        if task.contexts is not None:
+            where, csv_cell = f"{path}, row {line_no}", path.suffix == ".csv"
+            name = task.contexts.retrieved
+            if row.get(name) is None:
+                raise TaskDataError(f"{where}: field '{name}' (the retrieved contexts) is missing")
+            retrieved = passages(row[name], where, name, csv_cell)
+            # Reference passages are optional per example: context precision / recall are
+            # computed over the examples that have them.
+            ref_name = task.contexts.reference
+            if ref_name is not None and row.get(ref_name) is not None:
+                reference = passages(row[ref_name], where, ref_name, csv_cell)
+        yield RawExample(rel, line_no, text, {f: row[f] for f in fields}, retrieved, reference)
 
 
-def _jsonl_rows(fh, path: Path) -> Iterator[tuple[int, Any]]:
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}, row {line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-    except UnicodeDecodeError as exc:
-        raise TaskDataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-
-
-def _csv_rows(fh, path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        reader = csv.DictReader(fh)
-        for line_no, row in enumerate(reader, start=2):
-            yield line_no, {k: (v if v != "" else None) for k, v in row.items()}
+        with open(path, encoding="utf-8", newline="") as fh:
+            for line_no, row in enumerate(csv.DictReader(fh), start=2):
+                yield line_no, {k: (v if v != "" else None) for k, v in row.items()}
     except (csv.Error, UnicodeDecodeError) as exc:
         raise TaskDataError(f"{path}: unreadable CSV: {exc}") from exc

@@ -55,7 +55,7 @@ class LoraTrainConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     learning_rate: float = 1e-3
-    max_steps: int = 120
+    max_steps: int = 100
     epochs: float = 1.0
     max_length: int = 384
     batch_size: int = 4
@@ -63,8 +63,8 @@ class LoraTrainConfig:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     seed: int = 0
-    eval_every: int = 40
-    save_every: int = 40
+    eval_every: int = 50
+    save_every: int = 50
     log_every: int = 5
     bf16: bool = False
     gradient_checkpointing: bool = False

@@ -2,7 +2,6 @@
 
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -146,6 +145,6 @@ def dbt_marts(
     """dbt-duckdb staging and marts: dedup (exact and near), stable ids, held-out golden set,
     train/validation split, few-shot pool. Cost: seconds."""
     spec = task.load()
-    # The dbt profile reads the warehouse path from the environment of the dbt process.
-    os.environ["GENOPS_DUCKDB_PATH"] = warehouse.path
-    yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(spec))], context=context).stream()
+    # The dbt profile takes the warehouse path as a variable (dbt/profiles.yml).
+    dbt_args = ["build", "--vars", json.dumps({**dbt_vars(spec), "duckdb_path": warehouse.path})]
+    yield from dbt.cli(dbt_args, context=context).stream()

@@ -35,7 +35,7 @@ def mart_rules(spec: TaskSpec, mart: str, golden=None):
         unique_column="example_id",
         input_column="input_text",
         input_length=spec.input_length,
-        label_allowed=spec.allowed_values(),
+        output_schema=spec.output_schema,
         text_length={f: spec.text_length for f in spec.text_fields},
         forbidden_hashes=forbidden_hashes,
         forbidden_texts=forbidden_texts,
@@ -50,7 +50,7 @@ def _make_check(mart: str) -> dg.AssetChecksDefinition:
         blocking=True,
         description=(
             f"Great Expectations suite on {mart}: columns, non-null, unique ids, length bounds, "
-            "labels allowed by the task schema"
+            "outputs valid by the task's output schema"
             + (", retrieved contexts on every row (tasks with contexts)" if mart in CONTEXT_MARTS else "")
             + ("" if mart == "golden_eval_dataset" else ", no overlap (exact or near) with the golden set")
         ),

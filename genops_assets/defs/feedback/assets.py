@@ -1,7 +1,5 @@
 """The feedback store: every request the endpoint served, in a table of the feedback store."""
 
-import os
-
 import dagster as dg
 
 from genops_assets.lib.feedback import COLUMNS, load_redactor, read_new_records
@@ -14,12 +12,12 @@ def request_log(context: dg.AssetExecutionContext, feedback_store: FeedbackStore
     """New lines of the endpoint's request log (request id, timestamps, model and adapter
     version, prompt version, latency, tokens, status) appended to the feedback store's requests
     table (`feedback.requests` in DuckDB, or BigQuery in the cloud profile), each exactly once.
-    Records pass the redaction hook (`GENOPS_REDACTOR=module:function`) before they are stored.
+    Records pass the store's redaction hook (`GENOPS_REDACTOR=module:function`) before they are stored.
     Cost: seconds."""
     path = home.endpoint_dir / "requests.jsonl"
     source = str(path)
     offset = feedback_store.offset(source)
-    chunk = read_new_records(path, offset, load_redactor(os.environ.get("GENOPS_REDACTOR")))
+    chunk = read_new_records(path, offset, load_redactor(feedback_store.redactor))
     for problem in chunk.malformed:
         context.log.warning(f"skipped malformed request record: {problem}")
     loaded = feedback_store.append(source, chunk, COLUMNS)

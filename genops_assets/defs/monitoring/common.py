@@ -31,18 +31,17 @@ def png_md(name: str, png: bytes) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def run_in_background(context: dg.AssetExecutionContext) -> None:
+def run_in_background(context: dg.AssetExecutionContext, nice: int) -> None:
     """Give the CPU to the endpoint first: a monitoring run that has a process of its own
-    (Dagster starts every launched run in one) moves into an autogroup of its own at
-    ``GENOPS_BACKGROUND_NICE`` (10 unless set; see ``genops_assets.lib.priority``). An
-    in-process materialization (a test, a notebook) keeps its caller's priority."""
+    (Dagster starts every launched run in one) moves into an autogroup of its own at ``nice``
+    (``GenopsHome.background_nice``; see ``genops_assets.lib.priority``). An in-process
+    materialization (a test, a notebook) keeps its caller's priority."""
     import multiprocessing
 
-    from genops_assets.lib.priority import background_nice, lower_priority
+    from genops_assets.lib.priority import lower_priority
 
     if multiprocessing.parent_process() is None:
         context.log.debug("in-process run: CPU priority unchanged")
         return
-    done = lower_priority(background_nice(), new_session=True)
+    done = lower_priority(nice, new_session=True)
     context.log.info(f"background CPU priority: {', '.join(done) or 'unchanged'}")
-

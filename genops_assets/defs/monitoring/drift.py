@@ -134,7 +134,7 @@ def prompt_drift(
     top terms) for turning into training or preference data. Grain: one partition per day;
     its rows in monitoring.flagged_prompts and in monitoring.prompt_clusters are each replaced
     in one transaction. Empty day: zero counts, no drift. Cost: seconds (embeddings are cached)."""
-    run_in_background(context)
+    run_in_background(context, home.background_nice)
     from genops_assets.lib import drift as d
     from genops_assets.lib.embeddings import Embedder
 

@@ -125,7 +125,7 @@ def online_quality(
     the partition replaced atomically. Metadata `regression` (bool) and `version` (str) are read
     by the rollback sensor. Judge calls are cached by content, so the offline side and re-runs
     cost nothing twice. Cost: about one judge call per sampled answer."""
-    run_in_background(context)
+    run_in_background(context, home.background_nice)
     from genops_assets.lib.hashing import atomic_dir
     from genops_assets.lib.judging import BUILTIN_RUBRICS, load_rubrics
     from genops_assets.lib.online_quality import (

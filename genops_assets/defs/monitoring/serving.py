@@ -77,11 +77,10 @@ def serving_metrics(
     replaced in one transaction: an `overall` row and one `version` row per group); plots and a
     JSON summary to the day's MLflow run in `genops/<task>/monitoring`. A day without requests is
     a result: request_count 0, no plots. Cost: seconds."""
-    run_in_background(context)
+    run_in_background(context, home.background_nice)
     from genops_assets.lib.hashing import atomic_dir
     from genops_assets.lib.monitoring import (
         SERVING_COLUMNS,
-        AnswerSchema,
         error_chart_png,
         latency_chart_png,
         serving_report,
@@ -95,7 +94,7 @@ def serving_metrics(
     if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
     df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None)])
-    report = serving_report(df, start, end, AnswerSchema.from_json_schema(spec.schema), now=datetime.now(timezone.utc))
+    report = serving_report(df, start, end, spec.output_schema, now=datetime.now(timezone.utc))
     warehouse.replace_partition(MONITORING_SCHEMA, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,
                                 report.rows(partition))
     o = report.overall
@@ -156,7 +155,7 @@ def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
     day in `monitoring.resource_usage` (replaced in one transaction). Refreshed with the request
     log, which the same server writes. A day without samples (the server was down, or a vLLM
     backend serves) is a result with sample_count 0. Cost: one pass over the samples file."""
-    run_in_background(context)
+    run_in_background(context, home.background_nice)
     from genops_assets.lib.monitoring import (
         RESOURCE_COLUMNS,
         read_resource_samples,

@@ -1,32 +1,43 @@
-"""Typed tuning configuration, converted once into the training library's dataclass."""
+"""Typed tuning configuration, converted once into the training library's dataclass.
+
+The defaults are those of ``LoraTrainConfig``: stated once, in the library.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import dagster as dg
 from pydantic import Field
 
-from genops_assets.lib.training import DEFAULT_TARGET_MODULES, LoraTrainConfig
+from genops_assets.lib.training import LoraTrainConfig
+
+_LIB = LoraTrainConfig()
 
 
 class TuningConfig(dg.Config):
-    rank: int = Field(16, description="LoRA rank r.")
-    alpha: int = Field(32, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, description="LoRA dropout.")
-    target_modules: list[str] = Field(list(DEFAULT_TARGET_MODULES), description="Module names that get adapters.")
-    learning_rate: float = Field(1e-3, description="Peak learning rate (cosine schedule, linear warm-up).")
-    max_steps: int = Field(100, description="Optimizer steps; <= 0 means use `epochs`.")
-    epochs: float = Field(1.0, description="Epochs over the train split when max_steps <= 0.")
-    max_length: int = Field(384, description="Longest prompt+answer in tokens; longer examples are skipped and reported.")
-    batch_size: int = Field(4, description="Per-device batch size.")
-    grad_accum: int = Field(1, description="Gradient accumulation steps.")
-    warmup_steps: int = Field(5, description="Linear warm-up steps.")
-    seed: int = Field(0, description="Seed for initialisation, shuffling and dropout.")
-    eval_every: int = Field(50, description="Validation loss every N steps (0: only at the end).")
-    save_every: int = Field(50, description="Checkpoint every N steps.")
-    log_every: int = Field(5, description="Log training loss every N steps.")
-    bf16: bool = Field(False, description="bf16 mixed precision (GPU only).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on big models.")
-    deepspeed_config: str | None = Field(None, description="Path to a DeepSpeed JSON config (multi-GPU).")
+    rank: int = Field(_LIB.rank, description="LoRA rank r.")
+    alpha: int = Field(_LIB.alpha, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(_LIB.dropout, description="LoRA dropout.")
+    target_modules: list[str] = Field(list(_LIB.target_modules), description="Module names that get adapters.")
+    learning_rate: float = Field(_LIB.learning_rate,
+        description="Peak learning rate (cosine schedule, linear warm-up).")
+    max_steps: int = Field(_LIB.max_steps, description="Optimizer steps; <= 0 means use `epochs`.")
+    epochs: float = Field(_LIB.epochs, description="Epochs over the train split when max_steps <= 0.")
+    max_length: int = Field(_LIB.max_length,
+        description="Longest prompt+answer in tokens; longer examples are skipped and reported.")
+    batch_size: int = Field(_LIB.batch_size, description="Per-device batch size.")
+    grad_accum: int = Field(_LIB.grad_accum, description="Gradient accumulation steps.")
+    warmup_steps: int = Field(_LIB.warmup_steps, description="Linear warm-up steps.")
+    seed: int = Field(_LIB.seed, description="Seed for initialisation, shuffling and dropout.")
+    eval_every: int = Field(_LIB.eval_every, description="Validation loss every N steps (0: only at the end).")
+    save_every: int = Field(_LIB.save_every, description="Checkpoint every N steps.")
+    log_every: int = Field(_LIB.log_every, description="Log training loss every N steps.")
+    bf16: bool = Field(_LIB.bf16, description="bf16 mixed precision (GPU only).")
+    gradient_checkpointing: bool = Field(_LIB.gradient_checkpointing,
+        description="Trade compute for memory on big models.")
+    deepspeed_config: str | None = Field(_LIB.deepspeed_config,
+        description="Path to a DeepSpeed JSON config (multi-GPU).")
     max_train_examples: int | None = Field(None, description="Use only the first N train examples (quick runs).")
     resume: bool = Field(
         True,
@@ -35,23 +46,6 @@ class TuningConfig(dg.Config):
     )
 
     def to_train_config(self) -> LoraTrainConfig:
-        return LoraTrainConfig(
-            rank=self.rank,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            target_modules=tuple(self.target_modules),
-            learning_rate=self.learning_rate,
-            max_steps=self.max_steps,
-            epochs=self.epochs,
-            max_length=self.max_length,
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            warmup_steps=self.warmup_steps,
-            seed=self.seed,
-            eval_every=self.eval_every,
-            save_every=self.save_every,
-            log_every=self.log_every,
-            bf16=self.bf16,
-            gradient_checkpointing=self.gradient_checkpointing,
-            deepspeed_config=self.deepspeed_config,
-        )
+        names = {f.name for f in dataclasses.fields(LoraTrainConfig)} & set(type(self).model_fields)
+        values = {name: getattr(self, name) for name in names}
+        return LoraTrainConfig(**{**values, "target_modules": tuple(self.target_modules)})

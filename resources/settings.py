@@ -1,0 +1,97 @@
+"""The environment genops' code location reads: every ``GENOPS_*`` setting, typed, in one object.
+
+``resources/__init__.py`` reads it once (``GenopsSettings.from_env``) when the definitions load
+and hands the values to the resources it builds; sensors and assets get them from those
+resources. A change takes effect when the code location reloads. An empty variable counts as
+unset; a malformed one fails the load with a message naming the variable.
+
+Secrets (``*_API_KEY``, ``GENOPS_API_KEYS``, ``GENOPS_GCP_CREDENTIALS``) are only checked for
+presence here: resources bind them with ``dg.EnvVar``, so their values never enter run config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV_PREFIX = "GENOPS_"
+DEFAULT_LABEL_THRESHOLD = 10
+DEFAULT_BACKGROUND_NICE = 10
+
+
+class SettingsError(ValueError):
+    """A ``GENOPS_*`` variable holds a value genops cannot use; the message names it."""
+
+
+class GenopsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore",
+                                      str_strip_whitespace=True, frozen=True)
+
+    # where state and tasks live
+    home: Path = Field(REPO_ROOT / ".genops", description="The data directory: every piece of local state")
+    task: str = Field("support_triage", description="The task folder the graph works on")
+    tasks_dir: Path = Field(REPO_ROOT / "tasks", description="Folder of task folders")
+    mlflow_tracking_uri: str | None = Field(None, description="Unset: SQLite under <home>/mlflow")
+    mlflow_artifact_root: str | None = Field(None, description="Unset: <home>/mlflow/artifacts")
+
+    # serving
+    serving_backend: Literal["local", "vllm"] = "local"
+    endpoint_port: int = Field(8008, ge=1, le=65535, description="Port of the local endpoint")
+    canary_share: float = Field(0.0, ge=0, le=1, description="Share of champion requests answered by challenger")
+    api_keys: SecretStr | None = Field(None, description="Keys the endpoint accepts (comma-separated)")
+    vllm_base_url: str | None = Field(None, description="A vLLM server's .../v1 URL (serving_backend vllm)")
+    vllm_api_key: SecretStr | None = None
+    vllm_base_model: str | None = Field(None, description="Model id the vLLM server serves as the base")
+    vllm_lora_path: str = Field("{adapter_dir}", description="Adapter path as the vLLM server sees it")
+
+    # judge
+    judge_base_url: str | None = Field(None, description="Unset: genops' local judge server on the base model")
+    judge_model: str = "base"
+    judge_api_key: SecretStr | None = None
+    judge_port: int = Field(8018, ge=1, le=65535, description="Port of the local judge server")
+
+    # feedback store
+    feedback_store: Literal["duckdb", "bigquery"] = "duckdb"
+    gcp_project: str | None = None
+    bq_dataset: str = "genops_feedback"
+    bq_location: str | None = None
+    gcp_credentials: SecretStr | None = Field(None, description="Base64 service-account key; unset: ADC")
+    redactor: str | None = Field(None, description="module:function applied to request records before storage")
+
+    # automation
+    feedback_min_labels: int = Field(DEFAULT_LABEL_THRESHOLD, ge=1,
+                                     description="New valid labelled rows that trigger retraining")
+    drift_action: Literal["retrain", "alert"] = "retrain"
+    auto_rollback: bool = Field(False, description="Move champion back when online quality regresses")
+    alert_webhook: str | None = Field(None, description="URL that receives each alert as a JSON POST")
+    alert_webhook_timeout: float = Field(5.0, gt=0, description="Seconds before a webhook POST gives up")
+    ct_run_config: str | None = Field(None, description="YAML run config of every sensor-started retrain")
+    background_nice: int = Field(DEFAULT_BACKGROUND_NICE, ge=0, le=19,
+                                 description="CPU nice of background work beside the endpoint (0: unchanged)")
+
+    @field_validator("drift_action", "serving_backend", "feedback_store", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @classmethod
+    def from_env(cls) -> GenopsSettings:
+        """The settings from the environment; a bad value raises :class:`SettingsError` naming it."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise SettingsError(describe(exc)) from exc
+
+
+def describe(exc: ValidationError) -> str:
+    """``GENOPS_X must be ..., got '...'`` for each bad variable."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        name = ENV_PREFIX + "_".join(str(part) for part in err["loc"]).upper()
+        rule = err["msg"].removeprefix("Input should be ")
+        lines.append(f"{name} must be {rule}, got {err['input']!r}")
+    return "; ".join(lines)
