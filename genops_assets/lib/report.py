@@ -260,7 +260,8 @@ def write_sxs_report(out_dir: Path, title: str, candidate: str, baseline: str, s
                              f"{iv(p['candidate'])} / {iv(p['baseline'])} / {iv(p['delta'])}"))
     if summary.get("judge_human"):
         jh = summary["judge_human"]
-        summary_rows.append(("judge-human agreement", f"accuracy {jh['accuracy']:.3f}, kappa {jh['cohen_kappa']:.3f} (n={jh['n']})"))
+        kappa = "not computed" if jh["cohen_kappa"] is None else f"{jh['cohen_kappa']:.3f}"
+        summary_rows.append(("judge-human agreement", f"accuracy {jh['accuracy']:.3f}, kappa {kappa} (n={jh['n']})"))
     summary_rows += [(f"judge {k}", v) for k, v in usage.items()]
     table = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in summary_rows)
     imgs = "".join(f'<img alt="{esc(n)}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
