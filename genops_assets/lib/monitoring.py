@@ -381,24 +381,11 @@ def resource_row(partition_key: str, start: datetime, end: datetime, summary: Ma
 # -- presentation ----------------------------------------------------------------------------------
 
 
-def _fmt(v: Any, spec: str = ".3f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def serving_table_md(report: ServingReport) -> str:
     """One Markdown row per group, then the overall row."""
-    head = ("| served by | adapter | prompt | requests | errors (rate) | p50 s | p95 s | p99 s | queue p95 s "
-            "| tokens in / out | valid JSON (strict / lenient) | schema valid |")
-    lines = [head, "|" + "---|" * 12]
-    for g in (*report.groups, report.overall):
-        name = "**overall**" if g.scope == "overall" else g.served_by
-        lines.append(
-            f"| {name} | {g.adapter_version or ''} | {g.prompt_version or ''} | {g.request_count} "
-            f"| {g.error_count} ({_fmt(g.error_rate)}) | {_fmt(g.latency_p50_s)} | {_fmt(g.latency_p95_s)} "
-            f"| {_fmt(g.latency_p99_s)} | {_fmt(g.queue_p95_s)} "
-            f"| {g.prompt_tokens_total} / {g.completion_tokens_total} "
-            f"| {_fmt(g.valid_json_rate)} / {_fmt(g.json_found_rate)} | {_fmt(g.schema_valid_rate)} |")
-    return "\n".join(lines)
+    from genops_assets.lib.report import render
+
+    return render("serving_table.md", groups=[*report.groups, report.overall]).rstrip("\n")
 
 
 def latency_chart_png(groups: Sequence[GroupStats]) -> bytes:

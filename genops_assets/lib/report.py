@@ -28,13 +28,20 @@ REPORT_METRICS = (
 )
 
 
+def number(value: float | None, spec: str = ".3f") -> str:
+    """A statistic as report text; a missing one (None) reads "-"."""
+    return "-" if value is None else format(value, spec)
+
+
 @functools.cache
 def _templates() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("genops_assets.lib", "templates"),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
         trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
     )
+    env.filters["num"] = number
+    return env
 
 
 def render(template: str, **context: Any) -> str:
@@ -67,11 +74,7 @@ def metric_chart_png(models: Mapping[str, Mapping[str, float]], metrics: Sequenc
     ax.set_ylim(0, 1.1)
     ax.set_title("Golden-set metrics")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def loss_curve_png(history: Sequence[Mapping[str, float]]) -> bytes:
@@ -87,11 +90,7 @@ def loss_curve_png(history: Sequence[Mapping[str, float]]) -> bytes:
     ax.set_ylabel("loss")
     ax.set_title("LoRA SFT loss")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _cell(models: Mapping[str, Mapping[str, float]], intervals: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -99,8 +98,7 @@ def _cell(models: Mapping[str, Mapping[str, float]], intervals: Mapping[str, Map
     iv = intervals.get(name, {}).get(metric)
     if iv is not None:
         return f"{iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
-    v = models[name].get(metric)
-    return "-" if v is None else f"{v:.3f}"
+    return number(models[name].get(metric))
 
 
 def _shared_cell(summary: Mapping[str, Any]) -> str:
