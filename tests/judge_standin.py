@@ -47,19 +47,22 @@ class BackgroundServer:
 
 
 class StandInJudge(BackgroundServer):
-    """``script(call_number, body) -> (status, json)``; requests are counted."""
+    """``script(call_number, body) -> (status, json)`` or ``(status, json, headers)``; requests
+    are counted and their arrival times (``time.monotonic``) kept."""
 
-    def __init__(self, script: Callable[[int, dict], tuple[int, dict]], port: int):
+    def __init__(self, script: Callable[[int, dict], tuple], port: int):
         self.calls = 0
         self.bodies: list[dict] = []
+        self.arrivals: list[float] = []
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
+            self.arrivals.append(time.monotonic())
             body = await request.json()
             self.calls += 1
             self.bodies.append(body)
-            status, payload = script(self.calls, body)
-            return JSONResponse(payload, status_code=status)
+            status, payload, *headers = script(self.calls, body)
+            return JSONResponse(payload, status_code=status, headers=headers[0] if headers else None)
 
         self.serve(app, port)

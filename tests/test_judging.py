@@ -12,6 +12,7 @@ from judge_standin import StandInJudge, completion
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.judging import (
     BUILTIN_RUBRICS,
+    MAX_RETRY_AFTER_S,
     ChatJudge,
     Failure,
     RubricError,
@@ -19,9 +20,10 @@ from genops_assets.lib.judging import (
     load_rubric,
     load_rubrics,
     pairwise_outcome,
+    retry_after_s,
 )
-from genops_assets.serving import control
 from genops_assets.lib.sxs import SxsRow, run_sxs
+from genops_assets.serving import control
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +82,50 @@ def test_flaky_judge_is_retried_then_answers(tmp_path):
     assert v.choice == "A" and v.probabilities["A"] == pytest.approx(0.7)
     assert client.usage.retries == 2 and client.usage.calls == 1
     assert slept[1] > slept[0] >= 0.1, "exponential backoff"
+
+
+def test_rate_limited_judge_waits_as_long_as_retry_after_says():
+    """A 429 with ``Retry-After: 1`` is retried after a second, not after the 10 ms backoff."""
+    def script(n, body):
+        if n == 1:
+            return 429, {"error": {"message": "Rate limit reached; retry in 1 s"}}, {"Retry-After": "1"}
+        return 200, completion("B", {"A": 0.1, "B": 0.8, "C": 0.1})
+
+    with StandInJudge(script, free_port()) as judge:
+        client = ChatJudge(judge.url, "judge", max_retries=2, backoff_s=0.01)
+        v = client.choose([{"role": "user", "content": "which?"}], ["A", "B", "C"])
+        assert judge.calls == 2 and judge.arrivals[1] - judge.arrivals[0] >= 1.0
+    assert v.choice == "B" and client.usage.retries == 1 and client.usage.calls == 1
+
+
+def test_rate_limit_without_retry_after_backs_off_then_gives_up():
+    def script(n, body):
+        return 429, {"error": {"message": "slow down"}}
+
+    slept: list[float] = []
+    with StandInJudge(script, free_port()) as judge:
+        client = ChatJudge(judge.url, "judge", max_retries=2, backoff_s=0.05, sleep=slept.append)
+        [out] = client.choose_many([([{"role": "user", "content": "q"}], ["A", "B"], "v1")])
+        assert judge.calls == 3
+    assert isinstance(out, Failure) and "RateLimitError" in out.error
+    assert client.usage.retries == 2 and client.usage.failures == 1
+    assert 0.05 <= slept[0] < slept[1], "exponential backoff when the server names no wait"
+
+
+def test_retry_after_forms():
+    import httpx
+
+    def error(headers):
+        exc = Exception("rate limited")
+        exc.response = httpx.Response(429, headers=headers)
+        return exc
+
+    assert retry_after_s(error({"Retry-After": "2"})) == 2.0
+    assert retry_after_s(error({"retry-after-ms": "250"})) == 0.25
+    assert retry_after_s(error({"Retry-After": "86400"})) == MAX_RETRY_AFTER_S
+    assert retry_after_s(error({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0  # a date already past
+    assert retry_after_s(error({"Retry-After": "soon"})) is None
+    assert retry_after_s(error({})) is None and retry_after_s(Exception("no response")) is None
 
 
 def test_garbage_and_unreachable_judges_are_recorded_per_row(tmp_path):

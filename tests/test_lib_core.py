@@ -204,6 +204,8 @@ def test_scores_and_aggregate_by_hand():
     assert m["mean_field_exact_match"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)
     assert m["overall_exact_match"] == pytest.approx(1 / 3)
     assert m["latency_p50_s"] == pytest.approx(0.2)
+    # numpy's linear percentile, as online monitoring and the benchmarks: h = 2 * 0.95 = 1.9 -> 0.2 + 0.9 * 0.1
+    assert m["latency_p95_s"] == pytest.approx(0.29)
     with pytest.raises(ValueError, match="zero examples"):
         aggregate([])
 

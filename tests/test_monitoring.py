@@ -19,12 +19,12 @@ from genops_assets.lib.feedback import COLUMNS, Chunk, to_row
 from genops_assets.lib.monitoring import (
     SERVING_COLUMNS,
     check_answer,
-    percentile,
     read_resource_samples,
     serving_report,
     summarize_resources,
 )
 from genops_assets.lib.output_schema import OutputSchema
+from genops_assets.lib.stats import percentile
 from genops_assets.serving.sampler import ResourceSampler, interval_from_env, sampler_lifespan
 from resources.paths import GenopsHome
 from resources.task import TaskResource

@@ -1,6 +1,6 @@
 """Tasks whose examples carry retrieved contexts: the `contexts:` setting and the data it
-names, the passages in the prompt, and the RAG metrics of an evaluation (ragas' non-LLM
-context precision / recall; faithfulness and answer relevancy through a scripted judge)."""
+names, the passages in the prompt, and the RAG metrics of an evaluation (non-LLM
+context precision / recall by string similarity; faithfulness and answer relevancy through a scripted judge)."""
 
 from __future__ import annotations
 

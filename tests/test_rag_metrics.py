@@ -1,4 +1,4 @@
-"""ragas' non-LLM context metrics on hand-checked cases."""
+"""Non-LLM context precision and recall (string similarity) on hand-checked cases."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def test_relevant_passage_second_halves_average_precision():
 def test_missing_reference_passage_lowers_recall():
     m = context_metrics([PARIS], [PARIS, TIDE])
     assert m["context_recall"] == pytest.approx(0.5) and m["context_precision"] == pytest.approx(1.0)
+
+
+def test_similarity_of_one_half_is_relevant_for_precision_but_not_retrieved_for_recall():
+    # "abcd" vs "abxy": 2 edits over 4 characters, similarity 0.5; precision needs >= 0.5, recall > 0.5
+    assert context_metrics(["abxy"], ["abcd"]) == pytest.approx({"context_precision": 1.0, "context_recall": 0.0})
+    assert context_metrics(["abcx"], ["abcd"]) == pytest.approx({"context_precision": 1.0, "context_recall": 1.0})
+    assert context_metrics(["wxyz"], ["abcd"]) == pytest.approx({"context_precision": 0.0, "context_recall": 0.0})
 
 
 def test_empty_contexts_are_refused():

@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from sklearn.metrics import cohen_kappa_score
 
 from genops_assets.lib.stats import (
+    accuracy,
     bootstrap_ci,
     cohen_kappa,
     paired_difference_ci,
     pass_at_k,
     pass_hat_k,
+    percentile,
+    unpaired_difference_ci,
     win_rates,
 )
+
+
+@pytest.mark.parametrize("values", [
+    [0.3],
+    [0.5, 0.1],
+    [4.0, 1.0, 3.0, 2.0],
+    [0.12, 0.5, 0.07, 2.4, 0.9, 0.33, 0.31, 1.7, 0.05, 0.6, 0.8],
+    list(np.random.default_rng(3).lognormal(size=97)),
+])
+@pytest.mark.parametrize("q", [0, 25, 50, 95, 99, 100])
+def test_percentile_is_numpy_linear(values, q):
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+
+
+def test_percentile_between_two_values_and_without_values():
+    # 5 values: the p95 sits at h = 4 * 0.95 = 3.8, between the 4th and 5th sorted value
+    assert percentile([0.1, 0.2, 0.3, 0.4, 1.0], 95) == pytest.approx(0.4 + 0.8 * 0.6)
+    assert percentile([None, 2.0, float("nan"), 1.0], 50) == pytest.approx(1.5)
+    assert percentile([], 95) is None and percentile([None], 95) is None
 
 
 def test_bootstrap_of_a_constant_is_a_point():
@@ -48,12 +72,37 @@ def test_win_rates_shares_and_bad_labels():
         win_rates(["win", "draw"])
 
 
+def test_unpaired_difference_resamples_each_side():
+    iv = unpaired_difference_ci([1.0] * 30, [0.0] * 10 + [1.0] * 10, seed=0)
+    assert iv.estimate == pytest.approx(0.5) and 0.25 < iv.low < 0.5 < iv.high < 0.75
+    assert iv == unpaired_difference_ci([1.0] * 30, [0.0] * 10 + [1.0] * 10, seed=0), "seeded: reproducible"
+
+
 def test_cohen_kappa_by_hand():
     # observed 3/4; chance: A 0.5*0.25 + B 0.5*0.75 = 0.5; kappa = (0.75 - 0.5) / 0.5
     assert cohen_kappa(["A", "A", "B", "B"], ["A", "B", "B", "B"]) == pytest.approx(0.5)
     assert cohen_kappa(["win", "loss"], ["win", "loss"]) == pytest.approx(1.0)
     # Worse than chance: always disagreeing on a balanced set.
     assert cohen_kappa(["A", "B"], ["B", "A"]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("a,b", [
+    (["A", "A", "B", "B"], ["A", "B", "B", "B"]),
+    (["win", "tie", "loss", "win", "win", "tie"], ["win", "loss", "loss", "tie", "win", "tie"]),
+    (["A", "A", "A"], ["B", "B", "B"]),  # never agreeing, each rater with one label: 0
+    (["x", "y", "z", "x", "y"], ["x", "y", "z", "x", "y"]),
+])
+def test_cohen_kappa_and_accuracy_match_scikit_learn(a, b):
+    assert cohen_kappa(a, b) == pytest.approx(cohen_kappa_score(a, b))
+    assert accuracy(a, b) == pytest.approx(sum(x == y for x, y in zip(a, b, strict=True)) / len(a))
+
+
+def test_cohen_kappa_is_not_computed_when_both_raters_use_one_label():
+    """Chance agreement is 1, kappa 0/0 (scikit-learn: NaN): None, which no threshold passes."""
+    assert math.isnan(cohen_kappa_score(["win", "win"], ["win", "win"]))
+    assert cohen_kappa(["win", "win"], ["win", "win"]) is None
+    with pytest.raises(ValueError, match="equally long"):
+        cohen_kappa(["win"], ["win", "loss"])
 
 
 def test_pass_at_k_and_pass_hat_k_by_hand():

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from genops_assets.lib.stats import percentile
 
 LEVELS = (1, 4, 16)
 
@@ -72,12 +73,11 @@ def load(url: str, model: str, prompts: list[list[dict]], concurrency: int, max_
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(one, prompts))
     wall = time.perf_counter() - t0
-    lat = sorted(r[0] for r in results)
+    lat = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
     return {"requests": len(prompts), "wall_s": round(wall, 2), "output_tokens": tokens,
             "tokens_per_s": round(tokens / wall, 2),
-            "p50_s": round(statistics.median(lat), 3),
-            "p99_s": round(lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], 3)}
+            "p50_s": round(percentile(lat, 50), 3), "p99_s": round(percentile(lat, 99), 3)}
 
 
 def bench_serving(base_dir: str, gguf: Path, prompts: list[list[dict]], work: Path, port: int,

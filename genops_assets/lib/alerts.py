@@ -9,7 +9,6 @@ the caller (a sensor) goes on.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import urllib.error
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from genops_assets.lib.jsonl import read_jsonl
+from genops_assets.lib.locks import exclusive
 
 ALERTS_FILE = "alerts.jsonl"
 SEVERITIES = ("info", "warning", "error", "critical")
@@ -52,22 +52,19 @@ def alerts_path(home: str | Path) -> Path:
 
 
 def append_alert(path: Path, alert: Alert) -> None:
-    """Append one line under an exclusive lock, in one write, flushed to disk: concurrent
-    writers never interleave and a reader never sees half a line from a finished append."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Append one line under an exclusive lock (``<file>.lock`` beside it), in one write,
+    flushed to disk: concurrent writers never interleave and a reader never sees half a line
+    from a finished append."""
     data = alert.line().encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive(path.with_name(path.name + ".lock")):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, data)
             while written < len(data):  # a short write (signal, full pipe) continues where it stopped
                 written += os.write(fd, data[written:])
             os.fsync(fd)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            os.close(fd)
 
 
 def post_webhook(url: str, alert: Alert, timeout_s: float) -> int:

@@ -8,8 +8,9 @@
   A pointwise score is the expectation of the scale under those probabilities.
 * Pairwise (AutoSxS): each pair is judged in both orders; a verdict that changes with the
   order is a tie and counted as position-inconsistent.
-* Calls are cached by content, run concurrently up to a limit, and retried with exponential
-  backoff on rate limits, server errors and timeouts. A call that still fails, or a judge
+* Calls are cached by content, run concurrently up to a limit, and retried (tenacity) on rate
+  limits, server errors and timeouts: after the ``Retry-After`` the server sent (genops' endpoint
+  sends one with every 429), else with exponential backoff. A call that still fails, or a judge
   that answers outside the choices, is a recorded per-row failure, never a default score.
 """
 
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +146,38 @@ class Usage:
         return d
 
 
+# A Retry-After longer than this is cut to it: a judge call waits minutes at most, not hours.
+MAX_RETRY_AFTER_S = 60.0
+
+
 def _retryable(exc: BaseException) -> bool:
     import openai
 
     if isinstance(exc, (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError)):
         return True
     return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
+
+
+def retry_after_s(exc: BaseException | None) -> float | None:
+    """The wait an HTTP error asked for (``Retry-After``: seconds or an HTTP date; or
+    ``retry-after-ms``), at most ``MAX_RETRY_AFTER_S``; None when it asked for none."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return min(max(float(headers["retry-after-ms"]) / 1000.0, 0.0), MAX_RETRY_AFTER_S)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 class ChatJudge:
@@ -169,17 +198,19 @@ class ChatJudge:
         self._client = client or OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
 
     # -- one call -----------------------------------------------------------------------
+    def _wait(self, state) -> float:
+        asked = retry_after_s(state.outcome.exception())
+        if asked is not None:
+            return asked
+        return self.backoff_s * (2 ** (state.attempt_number - 1)) * (1 + 0.25 * random.random())
+
     def _with_retries(self, fn: Callable[[], Any]) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except Exception as exc:
-                if not _retryable(exc) or attempt >= self.max_retries:
-                    raise
-                self.usage.add(retries=1)
-                self._sleep(self.backoff_s * (2**attempt) * (1 + 0.25 * random.random()))
-                attempt += 1
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt
+
+        retrying = Retrying(stop=stop_after_attempt(self.max_retries + 1), retry=retry_if_exception(_retryable),
+                            wait=self._wait, sleep=self._sleep, reraise=True,
+                            before_sleep=lambda state: self.usage.add(retries=1))
+        return retrying(fn)
 
     def _choose_uncached(self, messages: Sequence[Mapping[str, str]], choices: Sequence[str]) -> Verdict:
         resp = self._with_retries(lambda: self._client.chat.completions.create(

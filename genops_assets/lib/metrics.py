@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from genops_assets.lib.formatting import parse_prediction
+from genops_assets.lib.stats import percentile
 
 PRIMARY_METRICS = ("mean_field_exact_match", "overall_exact_match", "valid_json_rate")
 
@@ -34,12 +36,16 @@ def _norm_label(value: Any) -> str | None:
     return None if value is None else str(value).strip().lower()
 
 
-def rouge_l_f1(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (rouge-score's implementation, stemmed tokens)."""
+@functools.cache
+def _rouge_l_scorer():
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(scorer.score(reference, prediction)["rougeL"].fmeasure)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (rouge-score's implementation, stemmed tokens)."""
+    return float(_rouge_l_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
 def sentence_bleu(prediction: str, reference: str) -> float:
@@ -98,10 +104,9 @@ def aggregate(scores: Sequence[ExampleScore], latencies_s: Sequence[float] = ())
         out[f"rouge_l_{f}"] = statistics.fmean(s.rouge_l[f] for s in scores)
         out[f"bleu_{f}"] = statistics.fmean(s.bleu[f] for s in scores)
     if latencies_s:
-        ordered = sorted(latencies_s)
-        out["latency_mean_s"] = statistics.fmean(ordered)
-        out["latency_p50_s"] = ordered[len(ordered) // 2]
-        out["latency_p95_s"] = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        out["latency_mean_s"] = statistics.fmean(latencies_s)
+        out["latency_p50_s"] = percentile(latencies_s, 50)
+        out["latency_p95_s"] = percentile(latencies_s, 95)
     return out
 
 

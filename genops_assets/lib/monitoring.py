@@ -16,8 +16,9 @@ Definitions (every statistic below is over the group's request rows in the windo
   instead (None with fewer than two requests or a zero span).
 - Latency and queue time: of answered (status 200) requests only; a failed request's latency is
   the time to its timeout or disconnect, which says nothing about serving speed.
-  Percentiles use numpy's ``method="linear"`` (Hyndman & Fan type 7, numpy's default): for the
-  n sorted values x[0..n-1], percentile p sits at position h = (n - 1) * p / 100 and is
+  Percentiles are ``stats.percentile``: numpy's ``method="linear"`` (Hyndman & Fan type 7), the
+  definition the offline evaluation and the benchmarks use too: for the n sorted values
+  x[0..n-1], percentile p sits at position h = (n - 1) * p / 100 and is
   x[floor(h)] + (h - floor(h)) * (x[floor(h) + 1] - x[floor(h)]).
 - Tokens: totals over all request rows (a failed request still spent the tokens it processed);
   means over answered requests.
@@ -44,14 +45,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from genops_assets.lib.formatting import parse_prediction
 from genops_assets.lib.output_schema import OutputSchema
+from genops_assets.lib.stats import PERCENTILE_METHOD, finite_values, percentile
 from genops_assets.serving.protection import error_class
 
-PERCENTILE_METHOD = "linear"
 REQUIRED_COLUMNS = ("ts", "event", "model", "adapter_version", "prompt_version", "status", "latency_s",
                     "queue_s", "prompt_tokens", "completion_tokens", "response_text", "record_json")
 UNKNOWN_CLASS = "unknown"
@@ -61,21 +61,8 @@ NONE_LABEL = "none"
 # -- statistics ------------------------------------------------------------------------------------
 
 
-def _clean(values: Any) -> np.ndarray:
-    arr = pd.to_numeric(pd.Series(values, dtype="object"), errors="coerce").to_numpy(dtype=float)
-    return arr[~np.isnan(arr)]
-
-
-def percentile(values: Any, q: float) -> float | None:
-    """The ``q``-th percentile (0-100) of the non-null values by numpy's 'linear' method; None if none."""
-    arr = _clean(values)
-    if arr.size == 0:
-        return None
-    return float(np.percentile(arr, q, method=PERCENTILE_METHOD))
-
-
 def _mean(values: Any) -> float | None:
-    arr = _clean(values)
+    arr = finite_values(values)
     return float(arr.mean()) if arr.size else None
 
 
@@ -244,8 +231,8 @@ def _group_stats(rows: pd.DataFrame, scope: str, key: tuple[str | None, str | No
     n = len(rows)
     ok = rows[rows["ok"]]
     errors = rows["error_class"].dropna().value_counts()
-    completion_total = int(_clean(rows["completion_tokens"]).sum())
-    prompt_total = int(_clean(rows["prompt_tokens"]).sum())
+    completion_total = int(finite_values(rows["completion_tokens"]).sum())
+    prompt_total = int(finite_values(rows["prompt_tokens"]).sum())
     span = None
     if n >= 2:
         span = (rows["ts"].max() - rows["ts"].min()).total_seconds()
@@ -338,8 +325,8 @@ def summarize_resources(df: pd.DataFrame) -> dict[str, Any]:
     reserved (None without GPU samples). Percentiles as in ``percentile``."""
     n = len(df)
     cpu, rss = df["cpu_percent"], df["rss_bytes"]
-    gpu, reserved = _clean(df["gpu_mem_bytes"]), _clean(df["gpu_mem_reserved_bytes"])
-    threads = _clean(df["num_threads"])
+    gpu, reserved = finite_values(df["gpu_mem_bytes"]), finite_values(df["gpu_mem_reserved_bytes"])
+    threads = finite_values(df["num_threads"])
     return {
         "sample_count": n,
         "pids": sorted({int(p) for p in df["pid"].dropna()}),
@@ -347,10 +334,10 @@ def summarize_resources(df: pd.DataFrame) -> dict[str, Any]:
         "last_ts": float(df["ts"].max()) if n else None,
         "cpu_percent_mean": _mean(cpu),
         "cpu_percent_p95": percentile(cpu, 95),
-        "cpu_percent_max": float(_clean(cpu).max()) if _clean(cpu).size else None,
+        "cpu_percent_max": float(finite_values(cpu).max()) if finite_values(cpu).size else None,
         "rss_bytes_mean": _mean(rss),
         "rss_bytes_p95": percentile(rss, 95),
-        "rss_bytes_max": int(_clean(rss).max()) if n else None,
+        "rss_bytes_max": int(finite_values(rss).max()) if n else None,
         "rss_bytes_last": int(rss.iloc[-1]) if n else None,
         "num_threads_max": int(threads.max()) if threads.size else None,
         "gpu_mem_bytes_max": int(gpu.max()) if gpu.size else None,
@@ -376,24 +363,11 @@ def resource_row(partition_key: str, start: datetime, end: datetime, summary: Ma
 # -- presentation ----------------------------------------------------------------------------------
 
 
-def _fmt(v: Any, spec: str = ".3f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def serving_table_md(report: ServingReport) -> str:
     """One Markdown row per group, then the overall row."""
-    head = ("| served by | adapter | prompt | requests | errors (rate) | p50 s | p95 s | p99 s | queue p95 s "
-            "| tokens in / out | valid JSON (strict / lenient) | schema valid |")
-    lines = [head, "|" + "---|" * 12]
-    for g in (*report.groups, report.overall):
-        name = "**overall**" if g.scope == "overall" else g.served_by
-        lines.append(
-            f"| {name} | {g.adapter_version or ''} | {g.prompt_version or ''} | {g.request_count} "
-            f"| {g.error_count} ({_fmt(g.error_rate)}) | {_fmt(g.latency_p50_s)} | {_fmt(g.latency_p95_s)} "
-            f"| {_fmt(g.latency_p99_s)} | {_fmt(g.queue_p95_s)} "
-            f"| {g.prompt_tokens_total} / {g.completion_tokens_total} "
-            f"| {_fmt(g.valid_json_rate)} / {_fmt(g.json_found_rate)} | {_fmt(g.schema_valid_rate)} |")
-    return "\n".join(lines)
+    from genops_assets.lib.report import render
+
+    return render("serving_table.md", groups=[*report.groups, report.overall]).rstrip("\n")
 
 
 def latency_chart_png(groups: Sequence[GroupStats]) -> bytes:

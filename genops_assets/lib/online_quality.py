@@ -22,10 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
-
 from genops_assets.lib.judging import Failure, Rubric, Verdict, expected_score
-from genops_assets.lib.stats import Interval, bootstrap_ci
+from genops_assets.lib.stats import Interval, bootstrap_ci, unpaired_difference_ci
 
 NO_REFERENCE = "(none)"
 SAMPLING_SALT = "genops.online_quality"
@@ -138,22 +136,6 @@ def load_offline_predictions(path: str | Path, labels: Mapping[str, str]) -> dic
 
 
 # -- comparison ---------------------------------------------------------------------------
-
-def unpaired_difference_ci(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
-                           seed: int = 0) -> Interval:
-    """Percentile bootstrap interval of mean(a) - mean(b) for two independent samples: each
-    resample draws a with replacement from a and b from b."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.size == 0 or y.size == 0:
-        raise ValueError(f"difference of means needs two non-empty samples (sizes {x.size}, {y.size})")
-    rng = np.random.default_rng(seed)
-    mx = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
-    my = y[rng.integers(0, y.size, size=(n_resamples, y.size))].mean(axis=1)
-    diffs = mx - my
-    alpha = (1.0 - level) / 2.0
-    return Interval(float(x.mean() - y.mean()), float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha)),
-                    level)
-
 
 @dataclass(frozen=True)
 class Comparison:

@@ -11,7 +11,6 @@ the generation parameters as the prompt's model config.
 from __future__ import annotations
 
 import difflib
-import html
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -213,9 +212,9 @@ def template_diff(old: PromptTemplate, new: PromptTemplate, old_label: str, new_
 
 def diff_html(diff: str) -> str:
     """The unified diff as coloured HTML lines."""
-    rows = []
-    for line in diff.splitlines():
-        cls = "add" if line.startswith("+") and not line.startswith("+++") else \
-              "del" if line.startswith("-") and not line.startswith("---") else "ctx"
-        rows.append(f'<div class="{cls}">{html.escape(line) or "&nbsp;"}</div>')
-    return '<pre class="diff">' + "".join(rows) + "</pre>"
+    from genops_assets.lib.report import render
+
+    lines = [{"text": line, "cls": "add" if line.startswith("+") and not line.startswith("+++")
+              else "del" if line.startswith("-") and not line.startswith("---") else "ctx"}
+             for line in diff.splitlines()]
+    return render("diff.html", lines=lines).rstrip("\n")

@@ -1,10 +1,13 @@
 """Metrics of tasks whose examples carry retrieved contexts (retrieval-augmented answers).
 
-* Retrieval, without an LLM (ragas): context precision (are the retrieved passages relevant,
-  relevant ones ranked first) and context recall (were the reference passages retrieved),
-  with ragas' non-LLM string similarity deciding whether two passages match. They depend on
-  the passages the examples carry, not on the model: one value for every model evaluated,
-  over the examples that have reference passages.
+* Retrieval, without an LLM: context precision (are the retrieved passages relevant, relevant
+  ones ranked first) and context recall (were the reference passages retrieved), as ragas
+  defines its non-LLM versions. Two passages match by string similarity, 1 - the normalized
+  Levenshtein distance (rapidfuzz): a retrieved passage is relevant when its best similarity
+  to a reference passage is at least 0.5, and it is average precision over the ranking; a
+  reference passage counts as retrieved when its best similarity to a retrieved one is above
+  0.5. They depend on the passages the examples carry, not on the model: one value for every
+  model evaluated, over the examples that have reference passages.
 * Answers, through the judge (choice mode): faithfulness with the ``groundedness`` rubric,
   the answer judged against the retrieved passages, and answer relevancy with the
   ``answer_relevancy`` rubric, the answer judged against the question alone. A verdict's
@@ -17,9 +20,7 @@ Every mean comes with a 95% percentile-bootstrap interval over the examples.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,22 +36,25 @@ RETRIEVAL_METRICS = ("context_precision", "context_recall")
 JUDGED_METRICS = ("faithfulness", "answer_relevancy")
 
 
+SIMILARITY_THRESHOLD = 0.5
+
+
+def _best_similarity(passage: str, others: Sequence[str]) -> float:
+    from rapidfuzz.distance import Levenshtein
+
+    return max(1.0 - Levenshtein.normalized_distance(other, passage) for other in others)
+
+
 def context_metrics(retrieved: Sequence[str], reference: Sequence[str]) -> dict[str, float]:
-    """ragas NonLLMContextPrecisionWithReference and NonLLMContextRecall of one example."""
+    """Context precision (average precision of the relevant retrieved passages) and context
+    recall (share of reference passages retrieved) of one example."""
     if not retrieved or not reference:
         raise ValueError("context metrics need at least one retrieved and one reference context")
-    os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
-    from ragas.dataset_schema import SingleTurnSample
-    from ragas.metrics import NonLLMContextPrecisionWithReference, NonLLMContextRecall
-
-    sample = SingleTurnSample(retrieved_contexts=list(retrieved), reference_contexts=list(reference))
-    precision, recall = NonLLMContextPrecisionWithReference(), NonLLMContextRecall()
-
-    async def score() -> tuple[float, float]:
-        return await precision.single_turn_ascore(sample), await recall.single_turn_ascore(sample)
-
-    p, r = asyncio.run(score())
-    return {"context_precision": float(p), "context_recall": float(r)}
+    relevant = [_best_similarity(rc, reference) >= SIMILARITY_THRESHOLD for rc in retrieved]
+    hits = [sum(relevant[: i + 1]) / (i + 1) for i, rel in enumerate(relevant) if rel]
+    precision = sum(hits) / len(hits) if hits else 0.0
+    recall = sum(_best_similarity(ref, retrieved) > SIMILARITY_THRESHOLD for ref in reference) / len(reference)
+    return {"context_precision": float(precision), "context_recall": float(recall)}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """LoRA supervised fine-tuning with PEFT on the Hugging Face Trainer (accelerate underneath).
 
-Loss is computed on the response tokens only. Every knob lives in ``LoraTrainConfig``;
+Loss is computed on the response tokens only: the rows carry their labels and TRL's
+collator pads them into batches. Every knob lives in ``LoraTrainConfig``;
 ``to_lora_config`` is the one place that turns it into a PEFT ``LoraConfig``. Progress and
 losses go to a callback so the caller (a Dagster asset) decides where they are logged.
 
@@ -119,9 +120,10 @@ def to_lora_config(cfg: LoraTrainConfig):
 def tokenize_example(tokenizer, ex: SftExample, max_length: int) -> dict[str, list[int]] | None:
     """Prompt (chat template + generation prompt) followed by the target and end-of-turn token.
 
-    Prompt tokens get label -100 so the loss covers only the answer. Returns None when the
-    whole sequence does not fit in ``max_length`` (cutting would drop the answer or the
-    instructions; the caller reports the skipped ids).
+    Prompt tokens get label -100 so the loss covers only the answer (TRL's collator pads the
+    rows and keeps these labels). Returns None when the whole sequence does not fit in
+    ``max_length``: cutting, as TRL's own dataset preparation would, drops the answer or the
+    instructions; the caller reports the skipped ids.
     """
     prompt = tokenizer.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -134,24 +136,6 @@ def tokenize_example(tokenizer, ex: SftExample, max_length: int) -> dict[str, li
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
     }
 
-
-class _Collator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: Sequence[dict[str, list[int]]]):
-        import torch
-
-        width = max(len(b["input_ids"]) for b in batch)
-
-        def pad(key: str, value: int):
-            return torch.tensor([b[key] + [value] * (width - len(b[key])) for b in batch])
-
-        return {
-            "input_ids": pad("input_ids", self.pad_id),
-            "attention_mask": pad("attention_mask", 0),
-            "labels": pad("labels", IGNORE_INDEX),
-        }
 
 def examples_digest(train: Sequence[SftExample], validation: Sequence[SftExample]) -> str:
     """Digest of the examples themselves, so the library notices changed data on its own."""
@@ -355,6 +339,7 @@ def train_lora(
         TrainingArguments,
         set_seed,
     )
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     if not train:
         raise TrainingInputError("no training examples: the sft_dataset train split is empty")
@@ -460,7 +445,7 @@ def train_lora(
         args=args,
         train_dataset=train_rows,
         eval_dataset=val_rows or None,
-        data_collator=_Collator(tokenizer.pad_token_id),
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
         callbacks=[_Progress(), _MarkComplete()],
     )
     if resume_ckpt is not None and start_step >= total_steps:
