@@ -48,5 +48,5 @@ def test_local_folder_is_described_and_bad_folders_named(tmp_path, tiny_model_di
     with pytest.raises(BaseModelError, match=r"model\.safetensors: unreadable safetensors header"):
         resolve_local_folder(broken)
     (broken / "config.json").unlink()
-    with pytest.raises(BaseModelError, match="missing config.json"):
+    with pytest.raises(BaseModelError, match=r"missing config\.json"):
         resolve_local_folder(broken)

@@ -26,6 +26,8 @@ from sensors.monitoring import (
     run_failure_alert_sensor,
 )
 
+pytestmark = pytest.mark.server
+
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS_ENV = ("GENOPS_FEEDBACK_MIN_LABELS", "GENOPS_DRIFT_ACTION", "GENOPS_AUTO_ROLLBACK", "GENOPS_ALERT_WEBHOOK",
                 "GENOPS_ALERT_WEBHOOK_TIMEOUT")
