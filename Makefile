@@ -61,7 +61,7 @@ enhance: install
 	$(BIN)/python -m genops_assets.cli enhance
 
 # Every tier: unit, graph (the asset graph in-process on a tiny model), server (HTTP servers and
-# subprocesses) and integration (the real SmolLM2). Markers in pyproject.toml.
+# subprocesses) and integration (the real bundled models). Markers in pyproject.toml.
 test: install
 	$(BIN)/python -m genops_assets.cli init-home
 	$(BIN)/python -m pytest -q --timeout=900 --durations=15
