@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 MANIFEST := dbt/target/manifest.json
 DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
 
-.PHONY: install demo ct-demo enhance test test-fast bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard
+.PHONY: install demo ct-demo enhance test test-fast lint bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard
 
 install: $(STAMP) $(MANIFEST)
 
@@ -60,12 +60,20 @@ tensorboard: install
 enhance: install
 	$(BIN)/python -m genops_assets.cli enhance
 
+# Every tier: unit, graph (the asset graph in-process on a tiny model), server (HTTP servers and
+# subprocesses) and integration (the real bundled models). Markers in pyproject.toml.
 test: install
 	$(BIN)/python -m genops_assets.cli init-home
 	$(BIN)/python -m pytest -q --timeout=900 --durations=15
 
+# The unit tier only: pure code and single assets over temporary stores (under 2 minutes).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m genops_assets.cli init-home
+	$(BIN)/python -m pytest -q -m unit --timeout=300 --durations=10
+
+# ruff comes with the pinned set; the dbt manifest is not needed to lint.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # Side-by-side timings (ratios) written to $(GENOPS_HOME)/bench/results.json.
 # llama.cpp (llama-cpp-python, built from source: minutes) is installed here only, for the

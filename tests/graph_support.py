@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def make_defs(home: Path, port: int, tasks_dir: Path | None = None) -> dg.Defini
 def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: float = -1.0) -> dict:
     """Seconds-long settings: the tiny model, a few steps, a few golden examples.
 
-    margin=-1 lets the random tiny model pass the gate so the deploy step runs too.
+    The default margin of -1 opens the gate for tests of the stages after it (deployment,
+    prompts, RAG); tests of the gate itself pass a margin set from ``probe_eval_report``.
     """
     return {
         "ops": {
@@ -56,3 +58,38 @@ def check_results(result) -> dict[str, bool]:
 
 def materialized(result) -> set[str]:
     return {e.asset_key.to_user_string() for e in events_by_type(result, dg.DagsterEventType.ASSET_MATERIALIZATION)}
+
+
+def probe_eval_report(job: dg.JobDefinition, instance: dg.DagsterInstance, run_config: dict) -> dict:
+    """Materialize ``job``'s assets up to ``eval_report`` (nothing is deployed) and return its
+    value, whose gate holds the candidate's paired improvement interval over the base model.
+
+    The trained adapter (same version key) and the answers (call cache) are reused by a later
+    run of the whole job in the same data directory, so a gate test can set its margin from
+    the measured interval at little cost.
+    """
+    selected = dg.AssetSelection.assets("eval_report").upstream().resolve(job.asset_layer.asset_graph)
+    names = {key.to_user_string() for key in selected}
+    ops = run_config["ops"]
+    # The gate's blocking check fails the run when the bound is below the margin: not an error here.
+    result = job.execute_in_process(run_config={"ops": {k: v for k, v in ops.items() if k in names}},
+                                    instance=instance, asset_selection=list(selected), raise_on_error=False)
+    if "eval_report" not in materialized(result):
+        raise AssertionError("the probe run did not materialize eval_report")
+    report = result.output_for_node("eval_report")
+    if report["gate"]["improvement_low"] is None:
+        raise AssertionError(f"the gate did not use the paired interval: {report['gate']['reason']}")
+    return report
+
+
+def same_numbers(a, b) -> bool:
+    """Equal structures whose floats agree to 1e-6. Two identical judge prompts judged in one
+    run (base and candidate answered alike) can land in differently composed batches, with or
+    without a cached prefix, and differ in the last float digits; the cache then holds one."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_numbers(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+    return a == b

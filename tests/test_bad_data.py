@@ -11,6 +11,8 @@ import dagster as dg
 import pytest
 from graph_support import check_results, free_port, make_defs, materialized, tiny_run_config
 
+pytestmark = pytest.mark.graph
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_AND_TUNING = dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset", "sft_dataset",
                                            "few_shot_examples", "base_model", "tuned_adapter")

@@ -36,6 +36,7 @@ def test_truncated_gguf_fails_and_leaves_no_cache_folder(tmp_path):
     assert leftovers == []
 
 
+@pytest.mark.graph
 def test_local_folder_is_described_and_bad_folders_named(tmp_path, tiny_model_dir):
     info = resolve_local_folder(tiny_model_dir)
     assert info.parameters > 1_000_000 and info.dtype == "F32" and len(info.folder_digest) == 64
@@ -48,5 +49,5 @@ def test_local_folder_is_described_and_bad_folders_named(tmp_path, tiny_model_di
     with pytest.raises(BaseModelError, match=r"model\.safetensors: unreadable safetensors header"):
         resolve_local_folder(broken)
     (broken / "config.json").unlink()
-    with pytest.raises(BaseModelError, match="missing config.json"):
+    with pytest.raises(BaseModelError, match=r"missing config\.json"):
         resolve_local_folder(broken)

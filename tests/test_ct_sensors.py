@@ -27,6 +27,8 @@ from sensors.monitoring import (
     run_failure_alert_sensor,
 )
 
+pytestmark = pytest.mark.server
+
 REPO = Path(__file__).resolve().parents[1]
 
 

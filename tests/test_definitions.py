@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "GENOPS_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dh")}
 
 
+@pytest.mark.server
 def test_loading_definitions_imports_no_heavy_library(tmp_path):
     code = (
         "import sys, json; import genops_assets.definitions as d; "
@@ -30,11 +32,12 @@ def test_loading_definitions_imports_no_heavy_library(tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.server
 def test_dagster_definitions_validate(tmp_path):
     (tmp_path / "dh").mkdir()
     res = subprocess.run([str(Path(sys.executable).with_name("dagster")), "definitions", "validate",
                           "-m", "genops_assets.definitions"], cwd=REPO, env=_env(tmp_path),
-                         capture_output=True, text=True, timeout=180)
+                         capture_output=True, text=True, timeout=180, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -43,7 +46,7 @@ def test_asset_graph_has_the_lifecycle_and_gates():
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert REQUIRED_ASSETS <= keys
+    assert keys >= REQUIRED_ASSETS
     upstream = {k.to_user_string() for k in graph.get(__import__("dagster").AssetKey("tuned_adapter")).parent_keys}
     assert {"base_model", "sft_dataset"} <= upstream
     checks = {c.name for c in graph.asset_check_keys}

@@ -67,7 +67,6 @@ def test_the_proxy_passes_only_the_v1_inference_paths():
 
 def test_dockerfile_serves_the_genops_server():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert text.splitlines()[[i for i, ln in enumerate(text.splitlines()) if ln and not ln.startswith("#")][0]] \
-        .startswith("FROM python:3.11")
+    assert next(ln for ln in text.splitlines() if ln and not ln.startswith("#")).startswith("FROM python:3.11")
     assert "torch==2.13.0" in text and "-c constraints.txt" in text
     assert re.search(r'CMD \["genops", "serve"', text) and "HEALTHCHECK" in text and "USER genops" in text

@@ -14,6 +14,8 @@ import pytest
 from genops_assets.lib import drift as d
 from genops_assets.lib.tasks import load_task, read_raw_file
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 COOKING = [

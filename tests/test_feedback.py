@@ -1,16 +1,20 @@
-"""The feedback store: request records loaded exactly once into DuckDB, torn and malformed lines
-handled, rotation detected, the redaction hook applied before storage."""
+"""The feedback store: request records loaded exactly once, by every FeedbackStore implementation
+(DuckDB, and BigQuery through a fake of its client); through the request_log asset into DuckDB,
+torn and malformed lines handled, rotation detected, the redaction hook applied before storage."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import dagster as dg
 import pytest
+from bigquery_fake import REQUESTS, fake_bigquery, fake_store
 
 from genops_assets.defs.feedback.assets import request_log
-from genops_assets.lib.feedback import load_redactor
-from resources.feedback_store import DuckDBFeedbackStore
+from genops_assets.lib.feedback import COLUMNS, Chunk, load_redactor, read_new_records
+from resources.feedback_store import DuckDBFeedbackStore, FeedbackStore
 from resources.paths import GenopsHome
 from resources.warehouse import DuckDBWarehouse
 
@@ -67,22 +71,53 @@ def test_redactor_spec_errors_are_clear():
         load_redactor("test_feedback:missing")
 
 
-def test_overlapping_ingestions_load_each_line_once(tmp_path):
+@dataclass
+class StoreUnderTest:
+    store: FeedbackStore
+    request_ids: Callable[[], list[str]]  # what the store's requests table holds, sorted
+
+
+@pytest.fixture(params=["duckdb", "bigquery"])
+def feedback_store(request, tmp_path):
+    """Each FeedbackStore implementation; BigQuery through the fake of its client."""
+    if request.param == "duckdb":
+        wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
+        yield StoreUnderTest(DuckDBFeedbackStore(warehouse=wh), lambda: sorted(
+            wh.query_df("select request_id from feedback.requests")["request_id"]))
+    else:
+        with fake_bigquery() as bq:
+            yield StoreUnderTest(fake_store(), lambda: sorted(r["request_id"] for r in bq.tables[REQUESTS]))
+
+
+def test_overlapping_ingestions_load_each_line_once(feedback_store, tmp_path):
     """Two ingestions that read the log from the same offset (say, two runs started by the
     sensor): the second commit keeps only the lines the first did not load."""
-    from genops_assets.lib.feedback import COLUMNS, read_new_records
-
+    s = feedback_store.store
     log = tmp_path / "requests.jsonl"
     log.write_text(rec(1) + rec(2))
-    wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
+    assert s.offset(str(log)) == 0 and s.count() == 0
     first = read_new_records(log, 0)
     with open(log, "a") as fh:
         fh.write(rec(3))
     second = read_new_records(log, 0)  # read before the first committed
-    assert wh.append_feedback(str(log), first, COLUMNS) == 2
-    assert wh.append_feedback(str(log), second, COLUMNS) == 1
-    assert list(wh.query_df("select request_id from feedback.requests order by 1")["request_id"]) == ["r1", "r2", "r3"]
-    assert wh.feedback_offset(str(log)) == log.stat().st_size
+    assert s.append(str(log), first, COLUMNS) == 2
+    assert s.append(str(log), second, COLUMNS) == 1
+    assert feedback_store.request_ids() == ["r1", "r2", "r3"]
+    assert s.offset(str(log)) == log.stat().st_size and s.count() == 3
+
+
+def test_rotation_keeps_every_row_of_the_new_file_even_below_the_stored_offset(feedback_store, tmp_path):
+    s = feedback_store.store
+    source = str(tmp_path / "requests.jsonl")
+    s.append(source, Chunk([], 0, 500, False, []), COLUMNS)
+    row = {"request_id": "r9", "ts": None, "event": "request", "model": "m", "adapter_version": None,
+           "prompt_version": None, "status": 200, "error": None, "latency_s": 0.1, "queue_s": 0.0,
+           "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": None, "input_text": None,
+           "response_text": None, "source_file": "requests.jsonl", "source_offset": 0, "record_json": "{}"}
+    assert list(row) == [n for n, _ in COLUMNS]
+    # A rotated file's first line, at offset 0, far below the 500 bytes stored for the old file.
+    assert s.append(source, Chunk([tuple(row.values())], 0, 40, True, []), COLUMNS) == 1
+    assert s.offset(source) == 40 and feedback_store.request_ids() == ["r9"]
 
 
 def test_live_question_and_answer_are_stored(tmp_path):

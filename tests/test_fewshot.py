@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from genops_assets.lib.embeddings import DIM, Embedder, cosine_top_k, minilm_path  # noqa: E402
-from genops_assets.lib.fewshot import STRATEGIES, FewShotSelector, Shot, shots_as_pairs  # noqa: E402
+from genops_assets.lib.embeddings import DIM, Embedder, cosine_top_k, minilm_path
+from genops_assets.lib.fewshot import STRATEGIES, FewShotSelector, Shot, shots_as_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,6 +164,7 @@ print(emb.model_calls)
 """
 
 
+@pytest.mark.server
 def test_cache_takes_concurrent_writers(tmp_path, embedder):
     cache = tmp_path / "emb.sqlite"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -194,7 +194,7 @@ def test_cache_takes_concurrent_writers(tmp_path, embedder):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(shared.embed, batches))
     assert shared.model_calls == 6
-    for batch, vecs in zip(batches, results):
+    for batch, vecs in zip(batches, results, strict=True):
         np.testing.assert_allclose(vecs, reader.embed(batch), atol=1e-5)
     assert reader.model_calls == 0
 
@@ -234,7 +234,7 @@ def test_stratified_is_deterministic_per_seed_and_input_and_covers_labels():
         assert len({s.label for s in shots}) == 3
         assert len({s.example_id for s in shots}) == 3
     other = FewShotSelector(pool, "stratified", k=3, seed=8).select_many(inputs)
-    assert sum(x != y for x, y in zip(first, other)) >= 3
+    assert sum(x != y for x, y in zip(first, other, strict=True)) >= 3
     # Different inputs under one seed do not all get the same draw.
     assert len({tuple(s.example_id for s in shots) for shots in first}) > 1
 
@@ -252,7 +252,7 @@ def test_nearest_picks_same_topic_examples(embedder):
     picks = sel.select_many(list(QUERIES.values()))
     # One batch for the pool, one for all the inputs.
     assert embedder.model_calls - before == 2
-    for label, shots in zip(QUERIES, picks):
+    for label, shots in zip(QUERIES, picks, strict=True):
         assert [s.label for s in shots] == [label, label], (label, [s.example_id for s in shots])
     assert sel.select(QUERIES["account"]) == picks[1]
 
@@ -323,6 +323,7 @@ def test_shots_as_pairs():
     assert shots_as_pairs([]) == []
 
 
+@pytest.mark.server
 def test_modules_import_without_torch():
     code = ("import sys, genops_assets.lib.fewshot, genops_assets.lib.embeddings; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")

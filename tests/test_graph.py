@@ -3,25 +3,24 @@ real dbt, Great Expectations, MLflow store and HTTP endpoint."""
 
 from __future__ import annotations
 
-import math
-
 import dagster as dg
-from graph_support import check_results, free_port, make_defs, materialized, tiny_run_config
+import pytest
+from graph_support import (
+    check_results,
+    free_port,
+    make_defs,
+    materialized,
+    probe_eval_report,
+    same_numbers,
+    tiny_run_config,
+)
 from openai import OpenAI
 
+pytestmark = pytest.mark.graph
 
-
-def same_numbers(a, b) -> bool:
-    """Equal structures whose floats agree to 1e-6. Two identical judge prompts judged in one
-    run (base and candidate answered alike) can land in differently composed batches, with or
-    without a cached prefix, and differ in the last float digits; the cache then holds one."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_numbers(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-    return a == b
+# The gate compares the lower bound of the paired interval with the margin; the margins below
+# sit this far on either side of the bound measured on the same adapter and golden examples.
+MARGIN_STEP = 0.01
 
 
 def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
@@ -29,8 +28,15 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     defs = make_defs(home, port)
     job = defs.resolve_job_def("genops_loop")
     instance = dg.DagsterInstance.ephemeral()
-    result = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
+    probe = probe_eval_report(job, instance, tiny_run_config(tiny_model_dir, margin=0.0))
+    assert probe["model_calls"] > 0
+    low = probe["gate"]["improvement_low"]
+    run_config = tiny_run_config(tiny_model_dir, margin=low - MARGIN_STEP)
+    result = job.execute_in_process(run_config=run_config, instance=instance)
     assert result.success
+    gate = result.output_for_node("eval_report")["gate"]
+    assert gate["baseline_name"] == "base model" and gate["improvement_low"] == low
+    assert gate["passed"] and gate["margin"] < low
     assert {"raw_task_examples", "golden_eval_dataset", "sft_dataset", "few_shot_examples", "base_model",
             "tuned_adapter", "eval_report", "sxs_evaluation", "deployed_endpoint"} <= materialized(result)
     checks = check_results(result)
@@ -53,33 +59,38 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     for tag in ("genops.base_model_digest", "genops.train_digest", "genops.dagster_run_id", "genops.code_version"):
         assert mv.tags[tag]
     run = tracking.client().get_run(adapter["run_id"])
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["support_triage-sft-train", "support_triage-sft-validation"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["support_triage-sft-train",
+                                                                   "support_triage-sft-validation"]
     assert "train_loss" in run.data.metrics
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     assert {m.id for m in client.models.list().data} >= {"base", "champion", "challenger"}
 
     # Same data, config and base model: no second training, no new version, deploy is a no-op.
-    again = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
+    again = job.execute_in_process(run_config=run_config, instance=instance)
     assert again.success
     assert again.output_for_node("tuned_adapter")["version"] == "1"
     assert again.output_for_node("deployed_endpoint")["action"] == "unchanged"
     # Unchanged evaluation and judging: everything comes from the call cache.
-    assert result.output_for_node("eval_report")["model_calls"] > 0
+    assert result.output_for_node("eval_report")["model_calls"] == 0  # answered in the probe
     assert again.output_for_node("eval_report")["model_calls"] == 0
     sxs = again.output_for_node("sxs_evaluation")
     assert sxs["usage"]["calls"] == 0 and sxs["usage"]["cached"] > 0
     assert same_numbers(sxs["summary"], result.output_for_node("sxs_evaluation")["summary"])
-    assert not same_numbers({"x": 1.0}, {"x": 1.001})
     assert len(tracking.client().search_model_versions("name = 'genops-support_triage'")) == 1
 
 
 def test_gate_failure_blocks_deployment(home, tiny_model_dir):
     defs = make_defs(home, free_port())
-    cfg = tiny_run_config(tiny_model_dir, margin=2.0)  # impossible margin: metrics are in [0, 1]
-    result = defs.resolve_job_def("genops_loop").execute_in_process(
-        run_config=cfg, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    job = defs.resolve_job_def("genops_loop")
+    instance = dg.DagsterInstance.ephemeral()
+    low = probe_eval_report(job, instance, tiny_run_config(tiny_model_dir, margin=0.0))["gate"]["improvement_low"]
+    cfg = tiny_run_config(tiny_model_dir, margin=low + MARGIN_STEP)
+    result = job.execute_in_process(run_config=cfg, instance=instance, raise_on_error=False)
     assert not result.success
+    gate = result.output_for_node("eval_report")["gate"]
+    assert gate["baseline_name"] == "base model" and gate["improvement_low"] == low
+    assert not gate["passed"] and "lower bound vs margin" in gate["reason"]
     assert check_results(result)["beats_champion"] is False
     assert "deployed_endpoint" not in materialized(result)
     from resources import build_resources

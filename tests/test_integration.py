@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from graph_support import check_results, free_port, make_defs, materialized
+from graph_support import check_results, free_port, make_defs, materialized, probe_eval_report
 from openai import OpenAI
 
 from genops_assets.serving import control
@@ -18,16 +18,23 @@ def test_loop_on_embedded_smollm2(tmp_path):
     home = tmp_path / "home"
     port = free_port()
     defs = make_defs(home, port)  # the judge gets its own free port
-    run_config = {"ops": {
-        "tuned_adapter": {"config": {"max_steps": 4, "max_train_examples": 16, "eval_every": 0, "save_every": 2,
-                                     "log_every": 1}},
-        "eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": -1.0, "base_few_shot": 0}},
-        "sxs_evaluation": {"config": {"max_examples": 4}},
-    }}
+    job = defs.resolve_job_def("genops_loop")
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run_config(margin: float) -> dict:
+        return {"ops": {
+            "tuned_adapter": {"config": {"max_steps": 4, "max_train_examples": 16, "eval_every": 0, "save_every": 2,
+                                         "log_every": 1}},
+            "eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": margin, "base_few_shot": 0}},
+            "sxs_evaluation": {"config": {"max_examples": 4}},
+        }}
+
     try:
-        result = defs.resolve_job_def("genops_loop").execute_in_process(
-            run_config=run_config, instance=dg.DagsterInstance.ephemeral())
+        # The gate on the measured improvement: the margin just below the interval's lower bound.
+        low = probe_eval_report(job, instance, run_config(0.0))["gate"]["improvement_low"]
+        result = job.execute_in_process(run_config=run_config(low - 0.01), instance=instance)
         assert result.success
+        assert result.output_for_node("eval_report")["gate"]["improvement_low"] == low
         assert all(check_results(result).values())
         assert "deployed_endpoint" in materialized(result)
         base = result.output_for_node("base_model")

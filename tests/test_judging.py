@@ -25,6 +25,8 @@ from genops_assets.lib.judging import (
 from genops_assets.lib.sxs import SxsRow, run_sxs
 from genops_assets.serving import control
 
+pytestmark = pytest.mark.server
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -12,7 +12,7 @@ import pytest
 from genops_assets.lib.evaluation import gate_decision
 from genops_assets.lib.formatting import build_messages, format_target, parse_prediction
 from genops_assets.lib.hashing import atomic_dir, atomic_write_text, sha256_dir, sha256_json
-from genops_assets.lib.metrics import aggregate, rouge_l_f1, score_example, sentence_bleu
+from genops_assets.lib.metrics import ExampleScore, aggregate, rouge_l_f1, score_example, sentence_bleu
 from genops_assets.lib.tasks import TaskConfigError, TaskDataError, TaskSettings, load_task, read_raw_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_demo_task_loads_with_schema_and_templates():
 
 
 def test_unknown_task_names_the_missing_file(tmp_path):
-    with pytest.raises(TaskConfigError, match="nope/task.yaml"):
+    with pytest.raises(TaskConfigError, match=r"nope/task\.yaml"):
         load_task(tmp_path, "nope")
 
 
@@ -53,7 +53,7 @@ def test_malformed_yaml_and_bad_setting_name_the_file(task_copy):
     with pytest.raises(TaskConfigError, match="field 'colour' is not a property"):
         load_task(task_copy, "support_triage")
     cfg.write_text("name: [unclosed")
-    with pytest.raises(TaskConfigError, match="task.yaml: not valid YAML"):
+    with pytest.raises(TaskConfigError, match=r"task\.yaml: not valid YAML"):
         load_task(task_copy, "support_triage")
 
 
@@ -215,7 +215,8 @@ def test_text_metrics_known_values():
     # LCS "the cat" of 2 tokens: P = 2/2, R = 2/3 -> F = 0.8
     assert rouge_l_f1("the cat", "the cat sat") == pytest.approx(0.8)
     assert sentence_bleu("completely different words", "the customer was charged twice") < 0.1
-    assert sentence_bleu("the customer was charged twice today", "the customer was charged twice today") == pytest.approx(1.0)
+    same = "the customer was charged twice today"
+    assert sentence_bleu(same, same) == pytest.approx(1.0)
 
 
 def test_gate_uses_margin_and_names_baseline():
@@ -227,16 +228,72 @@ def test_gate_uses_margin_and_names_baseline():
         gate_decision({}, {"m": 1}, "b", "m", 0)
 
 
+def scored(matches: list[list[bool]]) -> list[ExampleScore]:
+    """Per-example scores of a two-field task: each inner list says which fields matched."""
+    return [ExampleScore(f"e{i}", True, dict(zip(("category", "priority"), m, strict=True)), {}, {})
+            for i, m in enumerate(matches)]
+
+
+FEM = "mean_field_exact_match"
+
+
+@pytest.mark.parametrize(("margin", "passed"), [(0.5 - 1e-9, True), (0.5, True), (0.5 + 1e-9, False)])
+def test_interval_gate_compares_the_lower_bound_with_the_margin(margin, passed):
+    # Every example gains one of its two fields: each paired difference is +0.5, so every
+    # bootstrap resample has mean 0.5 and the interval is [0.5, 0.5].
+    cand = scored([[True, True]] * 6)
+    base = scored([[True, False]] * 6)
+    g = gate_decision({FEM: 1.0}, {FEM: 0.5}, "base model", FEM, margin, cand, base)
+    assert (g.improvement_low, g.improvement_high) == (0.5, 0.5)
+    assert g.passed is passed
+    assert ("beats base model" if passed else "does not beat base model") in g.reason
+    assert "95% interval [+0.5000, +0.5000], lower bound vs margin" in g.reason
+
+
+def test_interval_gate_with_no_improvement_passes_only_a_margin_of_at_most_zero():
+    same = scored([[True, False], [False, False], [True, True]])
+    assert gate_decision({FEM: 0.5}, {FEM: 0.5}, "champion v2", FEM, 0.0, same, same).passed
+    g = gate_decision({FEM: 0.5}, {FEM: 0.5}, "champion v2", FEM, 0.01, same, same)
+    assert not g.passed and (g.improvement_low, g.improvement_high) == (0.0, 0.0)
+    assert "does not beat champion v2" in g.reason
+
+
+def test_interval_gate_refuses_a_point_estimate_that_clears_the_margin_by_luck():
+    # Ten examples: five gained both fields, five unchanged. The mean improvement (+0.5) clears
+    # a margin of 0.3 but the interval's lower bound does not, so the gate holds.
+    cand = scored([[True, True]] * 10)
+    base = scored([[False, False]] * 5 + [[True, True]] * 5)
+    point = gate_decision({FEM: 1.0}, {FEM: 0.5}, "base model", FEM, 0.3)
+    interval = gate_decision({FEM: 1.0}, {FEM: 0.5}, "base model", FEM, 0.3, cand, base)
+    assert point.passed and point.improvement_low is None
+    assert not interval.passed
+    assert interval.improvement_low < 0.3 and interval.improvement_high > 0.5
+    # Below that lower bound the same evidence promotes.
+    assert gate_decision({FEM: 1.0}, {FEM: 0.5}, "base model", FEM, interval.improvement_low - 0.01, cand, base).passed
+
+
+def test_interval_gate_reads_the_primary_metric_per_example_and_needs_paired_scores():
+    # The per-example scores decide, not the aggregate numbers passed beside them.
+    cand = scored([[True, True]] * 4)
+    base = scored([[False, False]] * 4)
+    g = gate_decision({FEM: 0.0}, {FEM: 0.0}, "base model", FEM, 0.9, cand, base)
+    assert g.passed and (g.improvement_low, g.improvement_high) == (1.0, 1.0)
+    g = gate_decision({"overall_exact_match": 0.0}, {"overall_exact_match": 0.0}, "base model",
+                      "overall_exact_match", 0.9, scored([[True, False]] * 4), base)
+    assert not g.passed and g.improvement_low == 0.0  # no example has every field right
+    with pytest.raises(ValueError, match="differ in length"):
+        gate_decision({FEM: 1.0}, {FEM: 0.0}, "base model", FEM, 0.0, cand, base[:3])
+
+
 def test_hashes_are_order_independent_and_atomic_writes_leave_nothing_behind(tmp_path):
     assert sha256_json({"a": 1, "b": 2}) == sha256_json({"b": 2, "a": 1})
     target = tmp_path / "out"
     with atomic_dir(target) as tmp:
         (tmp / "x.txt").write_text("1")
     first = sha256_dir(target)
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "x.txt").write_text("2")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "x.txt").write_text("2")
+        raise RuntimeError("boom")
     assert sha256_dir(target) == first  # the failed write changed nothing
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left
     atomic_write_text(tmp_path / "f.txt", "hello")

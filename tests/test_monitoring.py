@@ -31,6 +31,8 @@ from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 from resources.warehouse import DuckDBWarehouse
 
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parents[1]
 DAY = "2026-03-02"
 START = datetime(2026, 3, 2, tzinfo=timezone.utc)

@@ -45,6 +45,7 @@ def test_background_nice_reads_the_environment(monkeypatch, tmp_path):
             build_resources(home=tmp_path)
 
 
+@pytest.mark.server
 def test_lower_priority_moves_into_its_own_session_and_never_renices_the_callers():
     mine = autogroup_nice()
     moved = _probe(7, "new")
@@ -64,6 +65,7 @@ def _background_child(queue) -> None:
     queue.put((os.getsid(0) == os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice()))
 
 
+@pytest.mark.server
 def test_monitoring_runs_lower_their_priority_only_in_a_process_of_their_own():
     from genops_assets.defs.monitoring.common import run_in_background
 
@@ -80,6 +82,7 @@ def test_monitoring_runs_lower_their_priority_only_in_a_process_of_their_own():
     assert group in (9, None)
 
 
+@pytest.mark.server
 def test_local_judge_server_runs_at_background_priority(tiny_model_dir, tmp_path):
     from resources.judge import JudgeResource
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dagster as dg
 import duckdb
+import pytest
 from graph_support import free_port, tiny_run_config
 from judge_standin import StandInJudge, completion
 
@@ -14,6 +15,8 @@ from genops_assets.definitions import asset_definitions
 from genops_assets.lib.prompts import CANDIDATE, PRODUCTION
 from resources import build_resources
 from resources.judge import JudgeResource
+
+pytestmark = pytest.mark.graph
 
 PROMPT = "genops-support_triage-prompt"
 

@@ -202,6 +202,7 @@ def test_template_diff_shows_the_change():
     assert "--- v1" in diff and "+Other." in diff
 
 
+@pytest.mark.graph
 def test_prompt_try_prints_outputs_and_metrics_then_answers_from_the_cache(tmp_path, tiny_model_dir, monkeypatch,
                                                                            capsys):
     from genops_assets import cli

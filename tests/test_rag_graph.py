@@ -10,12 +10,15 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from graph_support import check_results, free_port, tiny_run_config
 from judge_standin import StandInJudge, completion
 
 from genops_assets.definitions import asset_definitions
 from resources import build_resources
 from resources.judge import JudgeResource
+
+pytestmark = pytest.mark.graph
 
 
 def judge_script(n, body):

@@ -24,6 +24,8 @@ from genops_assets.lib.training import (
     train_lora,
 )
 
+pytestmark = pytest.mark.server
+
 WORKER = Path(__file__).resolve().parent / "resume_worker.py"
 ATOL = 1e-5
 

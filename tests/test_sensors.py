@@ -84,7 +84,13 @@ def test_request_log_sensor_ingests_each_new_size_once(tmp_path, monkeypatch):
     log = tmp_path / "endpoint" / "requests.jsonl"
     log.write_text('{"request_id": "r1"}\n')
     first = tick()
-    assert isinstance(first, dg.SensorResult) and first.run_requests[0].job_name in (None, "ingest_requests")
+    assert isinstance(first, dg.SensorResult)
+    # The request names no job, so the sensor's own job runs it: ingest_requests, which loads request_log.
+    assert first.run_requests[0].job_name is None and request_log_sensor.job_name == "ingest_requests"
+    from genops_assets.definitions import defs
+
+    job = defs.resolve_job_def(request_log_sensor.job_name)
+    assert job.asset_layer.executable_asset_keys == {dg.AssetKey("request_log")}
     assert isinstance(tick(first.cursor), dg.SkipReason)
     with open(log, "a") as fh:
         fh.write('{"request_id": "r2"}\n')

@@ -17,6 +17,8 @@ from openai import OpenAI
 
 from genops_assets.serving import control
 
+pytestmark = pytest.mark.server
+
 MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
 
 

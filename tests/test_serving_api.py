@@ -21,6 +21,8 @@ from genops_assets.serving import control
 from genops_assets.serving.metrics import Registry
 from genops_assets.serving.protection import ApiKeys, RateLimiter, parse_api_keys
 
+pytestmark = pytest.mark.server
+
 MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
 KEY = "test-key-alpha"
 RL_KEY, TO_KEY = "rate-limited-key", "timeout-key"

@@ -18,6 +18,8 @@ from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.serving import control
 from resources.tracking import MlflowTracking
 
+pytestmark = pytest.mark.server
+
 MSG = [{"role": "user", "content": "my camera is offline"}]
 MODEL = "genops-reload_test"
 

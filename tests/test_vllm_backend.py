@@ -14,6 +14,8 @@ from judge_standin import BackgroundServer
 
 from resources.endpoint import VllmEndpoint, VllmError
 
+pytestmark = pytest.mark.server
+
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -222,14 +223,22 @@ def _stage(step_key: str) -> str:
     return "data"  # raw examples, dbt, the mart checks, base model, prompts
 
 
-def breakdown(instance, record, labels_at: float, confirmed_at: float) -> dict:
-    """Seconds per stage, from the event log of the continuous-training run.
+@dataclass(frozen=True)
+class RunTimes:
+    """When one run and its steps happened (epoch seconds), and the two durations its assets
+    measured themselves; what the breakdown is computed from."""
 
-    The loop closes when `deployed_endpoint` succeeds: that step has verified through the
-    openai client that `champion` answers from the new version. Steps after it (the AutoSxS
-    report) are off the serving path and reported apart; ``confirmed_at`` is when the demo's
-    own request saw the new version.
-    """
+    run_id: str
+    created: float
+    started: float
+    ended: float
+    steps: dict[str, dict[str, float]]  # step key -> {"start": t, "end": t}; no "end" if it never finished
+    training_runtime_s: float | None  # tuned_adapter's own runtime_s (None: the whole step is training)
+    parity_s: float  # deployed_endpoint's serving-parity check, counted as evaluation
+
+
+def run_times(instance, record) -> RunTimes:
+    """The timestamps of a run's steps and its assets' timing metadata, from the event log."""
     import dagster as dg
 
     run_id = record.dagster_run.run_id
@@ -238,34 +247,52 @@ def breakdown(instance, record, labels_at: float, confirmed_at: float) -> dict:
                                                     dg.DagsterEventType.STEP_FAILURE}):
         kind = "start" if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START else "end"
         steps.setdefault(entry.step_key, {})[kind] = entry.timestamp
-    durations = {k: v["end"] - v["start"] for k, v in steps.items() if "start" in v and "end" in v}
-    if "deployed_endpoint" not in durations:
-        raise ValueError(f"run {run_id} has no successful deployed_endpoint step")
-    served_at = steps["deployed_endpoint"]["end"]
-    on_path = {k: d for k, d in durations.items() if steps[k]["start"] < served_at}
-    after = {k: d for k, d in durations.items() if k not in on_path}
 
-    def meta(asset: str, key: str, default: float = 0.0) -> float:
+    def meta(asset: str, key: str) -> float | None:
         for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
             mat = entry.asset_materialization
             if mat.asset_key == dg.AssetKey(asset) and key in mat.metadata:
                 return float(mat.metadata[key].value)
-        return default
+        return None
+
+    parity = meta("deployed_endpoint", "parity_s")
+    return RunTimes(run_id, record.create_timestamp.timestamp(), record.start_time, record.end_time, steps,
+                    meta("tuned_adapter", "runtime_s"), 0.0 if parity is None else parity)
+
+
+def breakdown(instance, record, labels_at: float, confirmed_at: float) -> dict:
+    """Seconds per stage of the continuous-training run ``record`` (see ``stage_breakdown``)."""
+    return stage_breakdown(run_times(instance, record), labels_at, confirmed_at)
+
+
+def stage_breakdown(times: RunTimes, labels_at: float, confirmed_at: float) -> dict:
+    """Seconds per stage, from the timestamps of the continuous-training run.
+
+    The loop closes when `deployed_endpoint` succeeds: that step has verified through the
+    openai client that `champion` answers from the new version. Steps after it (the AutoSxS
+    report) are off the serving path and reported apart; ``confirmed_at`` is when the demo's
+    own request saw the new version.
+    """
+    steps = times.steps
+    durations = {k: v["end"] - v["start"] for k, v in steps.items() if "start" in v and "end" in v}
+    if "deployed_endpoint" not in durations:
+        raise ValueError(f"run {times.run_id} has no successful deployed_endpoint step")
+    served_at = steps["deployed_endpoint"]["end"]
+    on_path = {k: d for k, d in durations.items() if steps[k]["start"] < served_at}
+    after = {k: d for k, d in durations.items() if k not in on_path}
 
     stages = {"data": 0.0, "training": 0.0, "evaluation": 0.0, "deploy": 0.0}
     for key, seconds in on_path.items():
         stages[_stage(key)] += seconds
     training_total = stages.pop("training")
-    training = meta("tuned_adapter", "runtime_s", training_total)
-    parity = meta("deployed_endpoint", "parity_s")
-    created = record.create_timestamp.timestamp()
-    started = record.start_time
+    training = training_total if times.training_runtime_s is None else times.training_runtime_s
+    parity = times.parity_s
     first_step = min(v["start"] for v in steps.values())
     out = {
-        "run_id": run_id,
-        "detection_s": created - labels_at,
-        "queue_s": started - created,
-        "launch_s": first_step - started,
+        "run_id": times.run_id,
+        "detection_s": times.created - labels_at,
+        "queue_s": times.started - times.created,
+        "launch_s": first_step - times.started,
         "data_s": stages["data"],
         "training_s": training,
         "registration_s": training_total - training,
@@ -274,7 +301,7 @@ def breakdown(instance, record, labels_at: float, confirmed_at: float) -> dict:
         "between_steps_s": (served_at - first_step) - sum(on_path.values()),
         "total_s": served_at - labels_at,
         "after_deploy_s": {k: round(v, 2) for k, v in after.items()},
-        "confirmed_after_run_s": confirmed_at - record.end_time,
+        "confirmed_after_run_s": confirmed_at - times.ended,
         "steps_s": {k: round(v, 2) for k, v in sorted(durations.items(), key=lambda kv: steps[kv[0]]["start"])},
     }
     out["orchestration_overhead_s"] = out["total_s"] - out["training_s"] - out["evaluation_s"]
