@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from genops_assets import cli
+from genops_assets.cli.main import DAGSTER_YAML, init_home
 
 # How long a training step waits for a concurrent run's training step to start. With a pool
 # of one the other step cannot start, so the wait times out; with a larger pool it starts
@@ -42,7 +42,7 @@ def training_job():
 def dagster_home(tmp_path, monkeypatch):
     monkeypatch.setenv("GENOPS_HOME", str(tmp_path / "genops"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "genops" / "dagster"))
-    cli.init_home()
+    init_home()
     return tmp_path / "genops" / "dagster"
 
 
@@ -157,11 +157,11 @@ def test_init_home_upgrades_an_old_generated_config_and_keeps_a_users_own(tmp_pa
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
     cfg = dagster_home / "dagster.yaml"
     cfg.write_text("# Written by `genops init-home`. Local Dagster instance of genops.\ntelemetry:\n  enabled: false\n")
-    cli.init_home()
-    assert cfg.read_text() == cli.DAGSTER_YAML
+    init_home()
+    assert cfg.read_text() == DAGSTER_YAML
     assert (tmp_path / "genops" / "feedback" / "labels").is_dir()
 
     own = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 3\n"
     cfg.write_text(own)
-    cli.init_home()
+    init_home()
     assert cfg.read_text() == own
