@@ -7,10 +7,9 @@ import json
 import shlex
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from genops_assets.cli.demo import curl_command, golden_example, schema_problem, stage_lines
+from genops_assets.cli.demo import curl_command, demo_example, schema_problem, stage_lines
 from genops_assets.cli.progress import RunEvent, RunProgress, clock, duration
 from genops_assets.lib.tasks import load_task
 
@@ -92,30 +91,31 @@ def expenses_task(tmp_path) -> Path:
     return root.parent
 
 
-class _Warehouse:
-    path = "warehouse.duckdb"
-
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-        self.sql = ""
-
-    def query_df(self, sql: str):
-        self.sql = sql
-        return pd.DataFrame(self.rows)
+def _predictions(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """An eval report's predictions.jsonl: (model, input, prediction) per row."""
+    path.write_text("".join(json.dumps({"model": model, "example_id": f"e-{i}", "input": text,
+                                        "reference": {"category": "meals", "amount_eur": 64.2},
+                                        "prediction": prediction}) + "\n"
+                            for i, (model, text, prediction) in enumerate(rows)))
+    return path
 
 
-def test_the_closing_request_is_a_golden_example_of_the_active_task(expenses_task):
+def test_the_closing_request_is_the_first_golden_example_answered_within_the_schema(expenses_task, tmp_path):
     spec = load_task(expenses_task, "expenses")
-    line = "Lunch with the client at Luigi's, 64.20"
-    wh = _Warehouse([{"example_id": "e-1", "input_text": line,
-                      "output_json": json.dumps({"category": "meals", "amount_eur": 64.2})}])
-    ex = golden_example(spec, wh)
-    assert "golden_eval_dataset" in wh.sql
+    good = '{"category": "meals", "amount_eur": 64.2}'
+    path = _predictions(tmp_path / "predictions.jsonl", [
+        ("base (0-shot)", "Taxi to the airport, 38.50", good),  # not the candidate's answer
+        ("candidate v1", "Train ticket, 12.00", '{"category": "train"}'),  # outside the schema
+        ("candidate v1", "Lunch with the client at Luigi's, 64.20", good),
+        ("candidate v1", "Stapler, 9.99", '{"category": "office", "amount_eur": 9.99}'),
+    ])
+    ex = demo_example(spec, path)
     # the endpoint renders its deployed prompt around the task's own input field
-    assert ex.body == {"model": "champion", "temperature": 0, "prompt_variables": {"line": line}}
-    assert ex.example_id == "e-1" and ex.reference == {"category": "meals", "amount_eur": 64.2}
-    with pytest.raises(ValueError, match="golden_eval_dataset is empty"):
-        golden_example(spec, _Warehouse([]))
+    assert ex.body == {"model": "champion", "temperature": 0,
+                       "prompt_variables": {"line": "Lunch with the client at Luigi's, 64.20"}}
+    assert ex.example_id == "e-2" and ex.reference == {"category": "meals", "amount_eur": 64.2}
+    with pytest.raises(ValueError, match="no candidate predictions"):
+        demo_example(spec, _predictions(tmp_path / "base_only.jsonl", [("base (0-shot)", "x", good)]))
 
 
 def test_the_curl_command_sends_exactly_the_request_body(expenses_task):

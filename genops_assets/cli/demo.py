@@ -12,6 +12,7 @@ that the answer fits the task's output schema.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -136,14 +137,19 @@ def run_job(job: str, root: Path, run_config: Path | None = None, out=sys.stdout
 def demo(job: str = "genops_loop", run_config: Path | None = DEMO_RUN_CONFIG) -> int:
     root = init_home()
     print(f"genops demo: job '{job}' on the embedded defaults, data directory {root}", flush=True)
-    run = run_job(job, root, run_config)
-    print(f"full log: {run.log_file}", flush=True)
-    if run.returncode != 0:
-        print(f"\ngenops demo: job '{job}' FAILED after {duration(run.wall_s)} (exit {run.returncode})"
-              + (f": {run.failure}" if run.failure else "")
-              + f"\n  full log: {run.log_file}\n  runs: make ui -> Runs", file=sys.stderr)
-        return run.returncode
-    return print_summary(root, run)
+    from genops_assets.cli.endpoint import stop
+
+    try:
+        run = run_job(job, root, run_config)
+        if run.returncode != 0:
+            print(f"\ngenops demo: job '{job}' FAILED after {duration(run.wall_s)} (exit {run.returncode})"
+                  + (f": {run.failure}" if run.failure else "")
+                  + f"\n  full log: {run.log_file}\n  runs: make ui -> Runs", file=sys.stderr)
+            return run.returncode
+        return print_summary(root, run)
+    finally:
+        # The judge serves the run's AutoSxS only (about 2 GB); it starts again when a run needs it.
+        stop(("judge",))
 
 
 # -- the closing summary -------------------------------------------------------------------------
@@ -159,22 +165,22 @@ class Example:
     body: dict[str, Any]
 
 
-def golden_example(spec, warehouse) -> Example:
-    """The first golden example (the one the deploy step verified), as a chat request that lets
-    the endpoint render its deployed prompt around the input (`prompt_variables`): the
-    champion was tuned with that prompt, so a bare user message would not be what it expects."""
-    from genops_assets.lib.evaluation import examples_from_frame
+def demo_example(spec, predictions_file: Path) -> Example:
+    """The first golden example whose evaluated candidate answer fits the task's schema, as a
+    chat request that lets the endpoint render its deployed prompt around the input
+    (`prompt_variables`): the champion was tuned with that prompt, and a bare user message
+    is not what it expects. The endpoint answers greedily as the offline evaluation did
+    (serving parity), so the printed request gets a schema-valid answer."""
     from genops_assets.lib.formatting import prompt_variables
-    from resources.warehouse import MART_SCHEMA
+    from genops_assets.lib.jsonl import read_jsonl
 
-    rows = warehouse.query_df(f"select * from {MART_SCHEMA}.golden_eval_dataset order by example_id limit 1")
-    examples = examples_from_frame(rows)
-    if not examples:
-        raise ValueError(f"{warehouse.path}: {MART_SCHEMA}.golden_eval_dataset is empty")
-    ex = examples[0]
+    candidate = [p for p in read_jsonl(predictions_file) if str(p.get("model", "")).startswith("candidate")]
+    if not candidate:
+        raise ValueError(f"{predictions_file}: no candidate predictions")
+    chosen = next((p for p in candidate if schema_problem(spec, p["prediction"]) is None), candidate[0])
     body = {"model": SERVED_MODEL, "temperature": 0,
-            "prompt_variables": prompt_variables(spec, ex.input_text, ex.contexts)}
-    return Example(ex.example_id, ex.input_text, ex.reference, body)
+            "prompt_variables": prompt_variables(spec, chosen["input"], chosen.get("contexts") or ())}
+    return Example(chosen["example_id"], chosen["input"], chosen["reference"], body)
 
 
 def curl_command(url: str, body: dict[str, Any], api_key_required: bool) -> str:
@@ -221,9 +227,10 @@ def report_lines(report_md: Path, limit: int = 40) -> list[str]:
 
 
 def print_summary(root: Path, run: JobRun, out=sys.stdout) -> int:
-    from genops_assets.cli.endpoint import stop
+    """The metrics and gate, the reports, the slowest steps, and the endpoint asked the way the
+    printed curl command asks it. Returns 1 when that answer is missing or off-schema."""
+    from genops_assets.serving.protection import parse_api_keys
     from resources import build_resources
-    from resources.endpoint import client_api_key
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
@@ -232,47 +239,47 @@ def print_summary(root: Path, run: JobRun, out=sys.stdout) -> int:
     sxs = run.materializations.get("sxs_evaluation", {})
     deployed = run.materializations.get("deployed_endpoint", {})
     report_html = evaluation.get("report_html")
-    if report_html:
-        say(f"\nEvaluation on the golden set ({report_html}):")
-        say("\n".join("  " + ln for ln in report_lines(Path(report_html).with_name("report.md"))))
+    if not report_html:
+        say(f"\nthe run materialized no eval_report; see {run.log_file}")
+        return 1
+    report_dir = Path(report_html).parent
+    say(f"\nEvaluation on the golden set ({report_html}):")
+    say("\n".join("  " + ln for ln in report_lines(report_dir / "report.md")))
 
     res = build_resources(root)
     spec = res["task"].load()
-    url = res["endpoint"].url
+    endpoint = res["endpoint"]
+    example = demo_example(spec, report_dir / "predictions.jsonl")
     rc = 0
-    example = golden_example(spec, res["warehouse"])
     try:
-        reply = ask(url, example.body, client_api_key())
-    except Exception as exc:  # noqa: BLE001 - reported; the run itself verified the endpoint
-        say(f"\nendpoint request failed: {exc}")
+        reply = ask(endpoint.url, example.body, endpoint.client_key())
+    except Exception as exc:  # noqa: BLE001 - reported with the request that failed
+        say(f"\nthe endpoint did not answer the example request: {exc}")
         reply, rc = None, 1
     if reply is not None:
         answer = reply["choices"][0]["message"]["content"] or ""
-        version = ((reply.get("genops") or {}).get("prompt_version"))
         problem = schema_problem(spec, answer)
-        say(f"\nAsked the endpoint ({SERVED_MODEL} v{reply.get('system_fingerprint')}, prompt v{version}) about "
-            f"golden example {example.example_id} of task {spec.name}:\n  {example.input_text}"
-            f"\n  -> {answer}\n  reference: {json.dumps(example.reference, ensure_ascii=False)}"
+        rc = 0 if problem is None else 1
+        say(f"\nAsked the endpoint ({SERVED_MODEL} v{reply.get('system_fingerprint')}, prompt "
+            f"v{(reply.get('genops') or {}).get('prompt_version')}) about golden example {example.example_id} "
+            f"of task {spec.name}:\n  {example.input_text}\n  -> {answer}"
+            f"\n  reference: {json.dumps(example.reference, ensure_ascii=False)}"
             f"\n  {'schema-valid answer' if problem is None else 'answer does NOT fit the schema: ' + problem}")
-        if problem is not None:
-            rc = 1
-
-    # The judge served sxs_evaluation only; it starts again on demand (make enhance, the next run).
-    stop(("judge",))
-    keys_required = bool(res["endpoint"].client_key() != "local")
+    # The local server asks for a bearer key when GENOPS_API_KEYS lists any.
+    keys_required = bool(parse_api_keys(os.environ.get("GENOPS_API_KEYS")))
     say(f"""
 genops demo finished in {duration(run.wall_s)}. Slowest steps:
 {chr(10).join('  ' + ln for ln in stage_lines(run.step_s))}
 
-  Endpoint (OpenAI-compatible, pid {deployed.get('pid', '?')}): {url}   models: base, challenger, champion
-    {curl_command(url, example.body, keys_required)}
-  Evaluation report:                  {report_html or 'not written'}
-  AutoSxS report:                     {sxs.get('report_html', 'not written')}
-  Dagster UI (runs, lineage, checks): make ui  ->  http://127.0.0.1:3000
+  Endpoint (OpenAI-compatible, pid {deployed.get('pid', '?')}): {endpoint.url}   models: base, challenger, champion
+    {curl_command(endpoint.url, example.body, keys_required)}
+  Evaluation report:                   {report_html}
+  AutoSxS report:                      {sxs.get('report_html', 'not written')}
+  Dagster UI (runs, lineage, checks):  make ui  ->  http://127.0.0.1:3000
   MLflow UI (runs, registry, aliases): make ui  ->  http://127.0.0.1:5000
-  Full log of this run:               {run.log_file}
-  Continuous training: drop JSONL/CSV files into {spec.root}/incoming/ (sensor incoming_data_sensor).
-  The endpoint keeps running (about 1 GB); the judge server was stopped. Stop the endpoint: make stop
+  Full log of this run:                {run.log_file}
+  Continuous training: drop JSONL/CSV files into {spec.incoming_dir}/ (sensor incoming_data_sensor).
+  The endpoint keeps running until `make stop`; the judge server, which only the run needed, is stopped.
 """)
     return rc
 
