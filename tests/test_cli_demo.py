@@ -41,7 +41,8 @@ def test_progress_messages_are_throttled_with_an_eta_from_their_rate():
     assert p.feed(RunEvent(30.0, "LOG", step, "v1: generated 48/104")) == [
         "[ 0:30] step 1/10 eval_report: v1: generated 48/104, ETA 35s"]
     assert p.feed(RunEvent(31.0, "LOG", step, "v1: generated 104/104")) == [
-        "[ 0:31] step 1/10 eval_report: v1: generated 104/104"]  # the end of a phase always shows
+        "[ 0:31] step 1/10 eval_report: v1: generated 104/104"]  # the end of a phase shows, once
+    assert p.feed(RunEvent(60.0, "LOG", step, "v1: generated 104/104, done")) == []
     # another phase of the same step has its own clock and rate
     assert p.feed(RunEvent(32.0, "LOG", step, "base 0-shot: generated 16/104")) == [
         "[ 0:32] step 1/10 eval_report: base 0-shot: generated 16/104"]

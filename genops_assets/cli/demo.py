@@ -91,6 +91,7 @@ def run_dagster(name: str, args: list[str], root: Path, out=sys.stdout) -> JobRu
     progress: RunProgress | None = None
     cursor = None
     result = JobRun(name, -1, None, log_file, 0.0)
+    print(f"Dagster's full log: {log_file}", file=out, flush=True)
     with open(log_file, "ab") as log:
         proc = subprocess.Popen([bin_path("dagster"), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         while True:
@@ -136,7 +137,8 @@ def run_job(job: str, root: Path, run_config: Path | None = None, out=sys.stdout
 
 def demo(job: str = "genops_loop", run_config: Path | None = DEMO_RUN_CONFIG) -> int:
     root = init_home()
-    print(f"genops demo: job '{job}' on the embedded defaults, data directory {root}", flush=True)
+    print(f"genops demo: job '{job}'" + (f" with run config {run_config}" if run_config else "")
+          + f", data directory {root}", flush=True)
     from genops_assets.cli.endpoint import stop
 
     try:
@@ -189,7 +191,7 @@ def curl_command(url: str, body: dict[str, Any], api_key_required: bool) -> str:
     if api_key_required:
         lines.append('-H "Authorization: Bearer ${GENOPS_API_KEYS%%,*}"')
     lines.append(f"-d {shlex.quote(json.dumps(body, ensure_ascii=False))}")
-    return " \\\n    ".join(lines)
+    return " \\\n        ".join(lines)
 
 
 def ask(url: str, body: dict[str, Any], api_key: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ it is, and when it should end.
 A step's own log messages carry its progress as ``done/total`` ("tuning: step 40/100, ...",
 "v1: generated 16/104"); the ETA of a phase is extrapolated from the rate since its first
 message, unless the message states its own ETA (tuning does, from the trainer's clock). Lines
-about one phase are printed at most every ``interval_s`` seconds, and always at its end.
+about one phase are printed at most every ``interval_s`` seconds, and once at its end.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class _Phase:
     started: float
     done: int
     printed_at: float
+    ended: bool = False
 
 
 @dataclass
@@ -93,8 +94,9 @@ class RunProgress:
         if phase is None:
             self._phases[key] = phase = _Phase(started=t, done=done, printed_at=float("-inf"))
         last = done == total
-        if not last and t - phase.printed_at < self.interval_s:
+        if phase.ended or (not last and t - phase.printed_at < self.interval_s):
             return []
+        phase.ended = last  # a phase's closing messages (final loss, eval loss) show once
         phase.printed_at = t
         text = f"step {self._position()} {step}: {message.strip()}"
         if not _HAS_ETA.search(message) and not last and done > phase.done and t > phase.started:
