@@ -37,6 +37,8 @@ $(MANIFEST): $(STAMP) $(DBT_FILES)
 
 dbt-manifest: $(MANIFEST)
 
+# The whole loop on the embedded defaults, sized by genops_assets/cli/demo_run_config.yaml:
+# progress lines here, Dagster's full log in $(GENOPS_HOME)/logs/, a summary at the end.
 demo: install
 	$(BIN)/python -m genops_assets.cli demo
 

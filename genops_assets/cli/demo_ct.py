@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from genops_assets.cli.home import REPO, bin_path
 from genops_assets.lib.hashing import atomic_write_text
+from genops_assets.lib.jsonl import read_jsonl
 from resources.paths import GenopsHome
 
-REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tasks" / "support_triage" / "ct_demo"
 LABEL_FIELDS = ("category", "priority", "product", "summary")
 
@@ -49,10 +50,6 @@ BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_exa
 
 def log(msg: str) -> None:
     print(f"[ct-demo {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
 
 
 def _write_yaml(path: Path, data: dict) -> Path:
@@ -93,17 +90,13 @@ def _champion(env: dict[str, str]):
     return res, name, res["mlflow"].alias(name, "champion")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def send_traffic(base_url: str, api_key: str, input_field: str) -> list[dict]:
     """Every ticket and off-topic question once, 4 at a time, as the deployed prompt's input."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=2, timeout=300)
-    tickets = _read_jsonl(TASK_DIR / "live_tickets.jsonl")
-    off_topic = _read_jsonl(TASK_DIR / "off_topic.jsonl")
+    tickets = read_jsonl(TASK_DIR / "live_tickets.jsonl")
+    off_topic = read_jsonl(TASK_DIR / "off_topic.jsonl")
 
     def ask(item: dict) -> dict:
         resp = client.chat.completions.create(
@@ -360,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if champion is None:
         log("no champion yet: training yesterday's model (short budget), evaluating and deploying it")
         cfg = _write_yaml(home / "ct" / "bootstrap.yaml", {"ops": {**EVAL_CONFIG, **BOOTSTRAP_TUNING}})
-        rc = subprocess.call([_bin("dagster"), "job", "execute", "-m", "genops_assets.definitions",
+        rc = subprocess.call([bin_path("dagster"), "job", "execute", "-m", "genops_assets.definitions",
                               "-j", "genops_loop", "-c", str(cfg)], env=env, cwd=REPO)
         if rc != 0:
             log(f"bootstrap run failed (exit {rc})")
@@ -374,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"champion: {model_name} v{champion.version}, endpoint {base_url}")
 
     daemon_log = open(home / "ct" / "daemon.log", "ab")
-    daemon = subprocess.Popen([_bin("dagster-daemon"), "run", "-m", "genops_assets.definitions"], env=env,
+    daemon = subprocess.Popen([bin_path("dagster-daemon"), "run", "-m", "genops_assets.definitions"], env=env,
                               cwd=REPO, stdout=daemon_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         instance = _instance()

@@ -81,7 +81,7 @@ class AnswerCheck:
     schema_valid_lenient: bool | None
 
 
-def _answer_object(parsed: Mapping[str, Any]) -> dict[str, Any]:
+def answer_object(parsed: Mapping[str, Any]) -> dict[str, Any]:
     """The answer object as the extraction saw it: its fields with a value, and its other keys
     (their values are not kept; a schema that allows them sets no rule on them)."""
     extra = {k: None for k in parsed.get("_extra_keys", ())}
@@ -96,8 +96,8 @@ def check_answer(text: str, schema: OutputSchema | None = None) -> AnswerCheck:
     if schema is None:
         return AnswerCheck(strict is not None, lenient is not None, None, None)
     return AnswerCheck(strict is not None, lenient is not None,
-                       strict is not None and schema.is_valid(_answer_object(strict)),
-                       lenient is not None and schema.is_valid(_answer_object(lenient)))
+                       strict is not None and schema.is_valid(answer_object(strict)),
+                       lenient is not None and schema.is_valid(answer_object(lenient)))
 
 
 # -- request windows -----------------------------------------------------------------------------
