@@ -15,7 +15,7 @@ from genops_assets.lib.formatting import build_messages, prompt_variables
 from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHAMPION, PREVIOUS_CHAMPION_TAG, MlflowTracking
+from resources.tracking import CHAMPION, MlflowTracking
 
 SERVED_NAME = "champion"
 CHALLENGER_NAME = "challenger"
@@ -110,16 +110,10 @@ def deployed_endpoint(
                 f"served {first['served'][:80]!r}); champion not moved",
                 metadata={"mismatches": dg.MetadataValue.json(parity["mismatches"])})
 
-    previous = mlflow.alias(model_name, CHAMPION)
+    previous = mlflow.promote(model_name, version, {"genops.promoted_by_run": context.run.run_id,
+                                                    "genops.serving_prompt_version": prompt_ref.version})
     promoted = previous is None or previous.version != version
     if promoted:
-        mlflow.set_version_tags(model_name, version, {
-            PREVIOUS_CHAMPION_TAG: previous.version if previous else "",
-            "genops.promoted_at": datetime.now(timezone.utc).isoformat(),
-            "genops.promoted_by_run": context.run.run_id,
-            "genops.serving_prompt_version": prompt_ref.version,
-        })
-        mlflow.set_alias(model_name, CHAMPION, version)
         with open(home.endpoint_dir / "promotions.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "model": model_name, "version": version,
                                  "previous": previous.version if previous else None, "run_id": context.run.run_id}) + "\n")
