@@ -360,3 +360,46 @@ def quality_metrics(results: Mapping[str, VersionQuality]) -> dict[str, float]:
                 out.update({f"v{v}.{side}_mean" if side != "delta" else f"v{v}.delta": interval.estimate,
                             f"v{v}.{side}_low": interval.low, f"v{v}.{side}_high": interval.high})
     return out
+
+
+def pointwise_rubric(name: str, task_rubrics: Path) -> Rubric:
+    """The built-in or task rubric ``name``, which must be pointwise."""
+    from genops_assets.lib.judging import BUILTIN_RUBRICS, load_rubrics
+
+    rubrics = load_rubrics(BUILTIN_RUBRICS, task_rubrics)
+    if name not in rubrics:
+        raise ValueError(f"unknown rubric '{name}'; available: {sorted(rubrics)} "
+                         f"(built-in {BUILTIN_RUBRICS}, task {task_rubrics})")
+    rubric = rubrics[name]
+    if rubric.kind != "pointwise":
+        raise ValueError(f"rubric '{rubric.name}' ({rubric.source}) is {rubric.kind}; online quality needs a "
+                         "pointwise rubric")
+    return rubric
+
+
+def headline_metadata(result: VersionQuality) -> dict[str, Any]:
+    """The numbers of the comparison a rollback acts on (means and difference None when a side
+    has no judged answer)."""
+    c = result.comparison
+
+    def number(interval: Interval | None, attr: str = "estimate") -> float | None:
+        return None if interval is None else float(getattr(interval, attr))
+
+    return {"regression": bool(c.regression), "improvement": bool(c.improvement), "decided": bool(c.decided),
+            "reason": c.reason, "live_n": c.live_n, "live_mean": number(c.live), "offline_n": c.offline_n,
+            "offline_mean": number(c.offline), "delta": number(c.delta), "ci_low": number(c.delta, "low"),
+            "ci_high": number(c.delta, "high"), "live_failures": result.live_failures,
+            "offline_failures": result.offline_failures}
+
+
+def write_day_files(folder: Path, chart: bytes, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """The day's chart, summary and judged rows, replacing ``folder`` in one rename."""
+    import json
+
+    from genops_assets.lib.hashing import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        (tmp / "online_quality.png").write_bytes(chart)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (tmp / "rows.jsonl").write_text("".join(json.dumps(dict(row), default=str) + "\n" for row in rows))
+    return folder

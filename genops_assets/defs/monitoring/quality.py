@@ -112,27 +112,21 @@ def online_quality(
     by the rollback sensor. Judge calls are cached by content, so the offline side and re-runs
     cost nothing twice. Cost: about one judge call per sampled answer."""
     run_in_background(context)
-    from genops_assets.lib.hashing import atomic_dir
-    from genops_assets.lib.judging import BUILTIN_RUBRICS, load_rubrics
     from genops_assets.lib.online_quality import (
         comparison_chart_png,
+        headline_metadata,
         headline_version,
         judge_version,
         load_offline_predictions,
+        pointwise_rubric,
         quality_metrics,
         result_rows,
         summary_row,
+        write_day_files,
     )
 
     spec = task.load()
-    rubrics = load_rubrics(BUILTIN_RUBRICS, spec.root / "rubrics")
-    if config.rubric not in rubrics:
-        raise ValueError(f"unknown rubric '{config.rubric}'; available: {sorted(rubrics)} "
-                         f"(built-in {BUILTIN_RUBRICS}, task {spec.root / 'rubrics'})")
-    rubric = rubrics[config.rubric]
-    if rubric.kind != "pointwise":
-        raise ValueError(f"rubric '{rubric.name}' ({rubric.source}) is {rubric.kind}; online quality needs a "
-                         "pointwise rubric")
+    rubric = pointwise_rubric(config.rubric, spec.root / "rubrics")
     partition = context.partition_key
     start, end = (naive_utc(t) for t in utc_day(context))
 
@@ -176,7 +170,6 @@ def online_quality(
                        [summary_row(partition, r, rubric, judged_at) for r in results.values()])
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
     head = headline_version(results)
-    headline = results[head].comparison
     by_version = {v: r.as_dict() for v, r in results.items()}
 
     run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.kind": "online_quality",
@@ -184,14 +177,9 @@ def online_quality(
     with mlflow.run(monitoring_experiment(spec.name), f"online-quality-{partition}", run_tags) as run_id:
         chart = comparison_chart_png({v: r.comparison for v, r in results.items()}, rubric.name,
                                      float(max(int(c) for c in rubric.choices)))
-        out_dir = home.runs_dir / "online_quality" / partition
-        with atomic_dir(out_dir) as tmp:
-            (tmp / "online_quality.png").write_bytes(chart)
-            (tmp / "summary.json").write_text(json.dumps({**day_meta, "versions": by_version, "judge_usage": usage},
-                                                         indent=2, default=str))
-            (tmp / "rows.jsonl").write_text("".join(
-                json.dumps(dict(zip((name for name, _ in ROW_COLUMNS), row, strict=True)), default=str) + "\n"
-                for row in rows))
+        out_dir = write_day_files(home.runs_dir / "online_quality" / partition, chart,
+                                  {**day_meta, "versions": by_version, "judge_usage": usage},
+                                  [dict(zip((name for name, _ in ROW_COLUMNS), row, strict=True)) for row in rows])
         mlflow.log_params(run_id, {"rubric": f"{rubric.name}@{rubric.version}", "judge_model": client.model,
                                    "judge_url": client.base_url, "share": config.share,
                                    "max_samples": config.max_samples,
@@ -201,28 +189,12 @@ def online_quality(
         mlflow.log_metrics(run_id, {**{f"judge_{k}": float(n) for k, n in usage.items()}, **quality_metrics(results)})
         mlflow.log_artifacts(run_id, out_dir, "online_quality")
 
-    def bound(attr: str, side: str = "delta") -> float | None:
-        interval = getattr(headline, side)
-        return None if interval is None else float(getattr(interval, attr))
-
     return dg.MaterializeResult(metadata={
         **day_meta,
         "compared": True,
         "version": str(head),
-        "regression": bool(headline.regression),
-        "improvement": bool(headline.improvement),
-        "decided": bool(headline.decided),
-        "reason": headline.reason,
-        "live_n": headline.live_n,
-        "live_mean": bound("estimate", "live"),
-        "offline_n": headline.offline_n,
-        "offline_mean": bound("estimate", "offline"),
-        "delta": bound("estimate"),
-        "ci_low": bound("low"),
-        "ci_high": bound("high"),
+        **headline_metadata(results[head]),
         "margin": float(config.margin),
-        "live_failures": results[head].live_failures,
-        "offline_failures": results[head].offline_failures,
         "comparisons": dg.MetadataValue.json(by_version),
         "judge_calls": int(usage["calls"]),
         "judge_cached": int(usage["cached"]),
