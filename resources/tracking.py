@@ -5,7 +5,8 @@ MLflow is imported inside methods so loading the Dagster definitions stays fast.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,12 +15,20 @@ from typing import Any
 
 import dagster as dg
 
-from genops_assets.lib.prompts import DIGEST_TAG, PRODUCTION, PromptError, PromptRef, PromptTemplate, prompt_registry_name
-from genops_assets.serving.protocol import CHAMPION
+from genops_assets.lib.prompts import (
+    DIGEST_TAG,
+    PRODUCTION,
+    PromptError,
+    PromptRef,
+    PromptTemplate,
+    prompt_registry_name,
+)
+from genops_assets.serving.protocol import CHALLENGER, CHAMPION
 from genops_assets.serving.registry_watch import fetch_adapter
 
 VERSION_KEY_TAG = "genops.version_key"
 PREVIOUS_CHAMPION_TAG = "genops.previous_champion"
+ASSET_VALUE_TAG = "genops.asset_value"
 
 
 def registered_model_name(task_name: str) -> str:
@@ -87,11 +96,34 @@ class MlflowTracking(dg.ConfigurableResource):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client().set_terminated(run_id, status=status)
 
+    def _reopen(self, experiment: str, tags: Mapping[str, str], keys: Sequence[str]) -> str | None:
+        """The oldest run of ``experiment`` whose tags ``keys`` hold the values in ``tags``, set
+        RUNNING again with the other tags updated; None when there is none."""
+        client = self.client()
+        found = client.search_runs(
+            [self.experiment_id(experiment)],
+            filter_string=" and ".join(f"tags.`{k}` = '{tags[k]}'" for k in keys),
+            max_results=1, order_by=["attributes.start_time ASC"])
+        if not found:
+            return None
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        return run_id
+
     @contextmanager
-    def run(self, experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    def run(self, experiment: str, run_name: str, tags: Mapping[str, str], *,
+            reopen_matching: Sequence[str] = ()) -> Iterator[str]:
         """A tracked run that always ends: FINISHED when the block completes, FAILED when it
-        raises (the exception goes on). Every asset that records to MLflow opens its run here."""
-        run_id = self.start_run(experiment, run_name, tags)
+        raises (the exception goes on). Every asset that records to MLflow opens its run here.
+
+        With ``reopen_matching`` (tag keys, each in ``tags``) the run of ``experiment`` that
+        carries the same values for those tags is reopened instead of a new one started: a
+        re-materialized partition updates its one run instead of adding one per materialization."""
+        run_id = self._reopen(experiment, tags, reopen_matching) if reopen_matching else None
+        if run_id is None:
+            run_id = self.start_run(experiment, run_name, tags)
         try:
             yield run_id
         except BaseException:
@@ -126,10 +158,10 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def log_dataset(self, run_id: str, df, name: str, source: str, digest: str, context: str) -> None:
         """Record a dataset input (``mlflow.data`` + ``log_inputs``) with our own content digest."""
+        import warnings
+
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
-
-        import warnings
 
         with warnings.catch_warnings():  # a local path matches two equivalent local source types
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
@@ -186,6 +218,43 @@ class MlflowTracking(dg.ConfigurableResource):
         client = self.client()
         for k, v in tags.items():
             client.set_model_version_tag(model_name, version, k, str(v))
+
+    def registered_value(self, model_name: str, version_key: str) -> tuple[ModelVersionRef, dict] | None:
+        """The version registered under ``version_key`` and the asset value recorded with it, now
+        alias ``challenger`` again; None when nothing was registered under that key."""
+        existing = self.find_version(model_name, version_key)
+        if existing is None:
+            return None
+        if ASSET_VALUE_TAG not in existing.tags:
+            raise RuntimeError(f"{model_name} v{existing.version} has version key {version_key} but no "
+                               f"{ASSET_VALUE_TAG} tag: it was registered outside genops or its registration "
+                               "was interrupted; delete that version to train again")
+        self.set_alias(model_name, CHALLENGER, existing.version)
+        return existing, json.loads(existing.tags[ASSET_VALUE_TAG])
+
+    def register_adapter(self, model_name: str, run_id: str, version_key: str, tags: Mapping[str, str],
+                         value: Mapping[str, Any], description: str) -> ModelVersionRef:
+        """Register the run's ``adapter`` artifacts as a new version under ``version_key``, record
+        the asset value (with its version) on it for a re-run with the same key, and point alias
+        ``challenger`` at it."""
+        mv = self.register(model_name, source=self.artifact_uri(run_id, "adapter"), run_id=run_id,
+                           tags={**tags, VERSION_KEY_TAG: version_key}, description=description)
+        self.set_version_tags(model_name, mv.version, {ASSET_VALUE_TAG: json.dumps({**value, "version": mv.version})})
+        self.set_alias(model_name, CHALLENGER, mv.version)
+        return mv
+
+    def promote(self, model_name: str, version: str, tags: Mapping[str, Any]) -> ModelVersionRef | None:
+        """Move alias ``champion`` to ``version``, recording the previous champion on it (for
+        rollback) with ``tags``; returns the previous champion. Nothing moves when ``version``
+        already is the champion."""
+        previous = self.alias(model_name, CHAMPION)
+        if previous is not None and previous.version == str(version):
+            return previous
+        self.set_version_tags(model_name, str(version), {
+            PREVIOUS_CHAMPION_TAG: previous.version if previous else "",
+            "genops.promoted_at": datetime.now(timezone.utc).isoformat(), **tags})
+        self.set_alias(model_name, CHAMPION, str(version))
+        return previous
 
     def fetch_registered_adapter(self, cache_dir: Path, model_name: str, version: str) -> Path:
         """A local copy of a registered adapter in ``cache_dir``, checked against the digest

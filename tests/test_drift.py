@@ -248,14 +248,13 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     import dagster as dg
     import duckdb
 
-    from genops_assets.defs.datasets.assets import MART_SCHEMA
     from genops_assets.defs.feedback.assets import request_log
-    from genops_assets.defs.monitoring.drift import DriftConfig, prompt_drift
+    from genops_assets.defs.monitoring.drift import DriftConfig, drift_calibration, prompt_drift
     from resources.feedback_store import DuckDBFeedbackStore
     from resources.paths import GenopsHome
     from resources.task import TaskResource
     from resources.tracking import MlflowTracking
-    from resources.warehouse import DuckDBWarehouse
+    from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 
     db = tmp_path / "w.duckdb"
     con = duckdb.connect(str(db))
@@ -277,17 +276,28 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
         "task": TaskResource(tasks_dir=str(ROOT / "tasks"), name="support_triage"),
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                  artifact_root=(tmp_path / "artifacts").as_uri()),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
     }
     assert dg.materialize([request_log], resources=resources).success
+    # The calibration depends on the marts only: computed once, then every day is measured against it.
+    calibrated = dg.materialize([drift_calibration], resources=resources)
+    assert calibrated.success
+    calibration = calibrated.output_for_node("drift_calibration")
+    assert calibration["n_reference"] == len(corpus["train"]) and calibration["n_heldout"] == 75 + 75
+    reference = d.DriftReference.load(calibration["path"])
+    assert sorted(reference.train_texts) == sorted(corpus["train"])
+    assert reference.calibration.threshold == calibration["threshold"]
 
     def run(partition: str) -> dict:
-        result = dg.materialize([prompt_drift], partition_key=partition, resources=resources,
+        result = dg.materialize([drift_calibration, prompt_drift], selection=[prompt_drift], partition_key=partition,
+                                resources=resources,
                                 run_config=dg.RunConfig({"prompt_drift": DriftConfig(projector_train_rows=200)}))
         assert result.success
         (mat,) = result.asset_materializations_for_node("prompt_drift")
         return {k: v.value for k, v in mat.metadata.items()}
 
     meta = run(DAY)
+    assert meta["threshold"] == calibration["threshold"]
     assert meta["live"] == 40
     assert isinstance(meta["drift"], bool) and meta["drift"] is True
     assert isinstance(meta["flagged_share"], float) and meta["flagged_share"] == meta["flagged"] / 40

@@ -12,13 +12,13 @@ import pytest
 
 from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import daily
-from genops_assets.defs.monitoring.drift import prompt_drift
+from genops_assets.defs.monitoring.drift import drift_calibration, prompt_drift
 from genops_assets.defs.monitoring.quality import online_quality
 from genops_assets.defs.monitoring.serving import resource_usage, serving_metrics
 
 MONITOR = dg.AssetKey("monitor")
 REQUEST_LOG = "request_log"
-# A dependency that does not start a refresh, as the marts do for prompt_drift.
+# A dependency that does not start a refresh, as drift_calibration does for prompt_drift.
 IGNORED = "sft_dataset"
 
 
@@ -135,7 +135,7 @@ def test_without_loads_during_a_run_it_requests_what_eager_does(name, upstream_p
 
 
 @pytest.mark.parametrize("asset, ignored", [
-    (prompt_drift, ("sft_dataset", "golden_eval_dataset")),
+    (prompt_drift, ("drift_calibration",)),
     (online_quality, ("eval_report", "base_model")),
     (serving_metrics, ()),
     (resource_usage, ()),
@@ -145,3 +145,10 @@ def test_monitoring_assets_refresh_with_a_follow_up(asset: dg.AssetsDefinition, 
     if ignored:
         expected = expected.ignore(dg.AssetSelection.assets(*ignored))
     assert asset.automation_conditions_by_key[asset.key] == expected
+
+
+def test_drift_calibration_follows_the_marts_not_the_days():
+    assert not drift_calibration.partitions_def
+    assert drift_calibration.automation_conditions_by_key[drift_calibration.key] == dg.AutomationCondition.eager()
+    assert {k.to_user_string() for k in drift_calibration.dependency_keys} == {"sft_dataset", "golden_eval_dataset"}
+    assert {k.to_user_string() for k in prompt_drift.dependency_keys} == {"request_log", "drift_calibration"}

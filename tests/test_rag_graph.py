@@ -80,6 +80,10 @@ def test_product_qa_loop_reports_rag_metrics_then_reruns_from_the_cache(home, ti
         assert metadata["candidate_faithfulness"].value == 0.75
         assert abs(metadata["context_recall"].value - recall["estimate"]) < 1e-9
         assert metadata["rag_judge_failures"].value == 0
+        # ROUGE-L of the task's own text field (answer), never a default for another task's field.
+        candidate = result.output_for_node("eval_report")["candidate"]["metrics"]
+        assert metadata["candidate_rouge_l_answer"].value == candidate["rouge_l_answer"]
+        assert "candidate_rouge_l_summary" not in metadata and "candidate_rouge_l" not in metadata
         page = Path(report["report_html"]).read_text()
         assert "<td>0.750 [0.750, 0.750]</td>" in page and "Retrieval-augmented generation" in page
         assert "context_precision</td><td colspan=" in page

@@ -210,6 +210,96 @@ def summarize(live_scores: Any, calibration: Calibration, drift_share: float = 0
     )
 
 
+# -- the reference a day is measured against --------------------------------------------------
+
+REFERENCE_FILES = ("reference.json", "train.npy", "golden.npy", "heldout_scores.npy")
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """What live prompts are measured against: the training inputs and their embeddings, the
+    calibrated threshold, and the golden set (shown beside live prompts in the projector). It
+    depends on the marts, not on the day, so it is computed once per training set."""
+
+    train_texts: tuple[str, ...]
+    train_embeddings: np.ndarray = field(repr=False, compare=False)
+    golden_texts: tuple[str, ...]
+    golden_embeddings: np.ndarray = field(repr=False, compare=False)
+    calibration: Calibration
+    embedding_model: str
+
+    def save(self, folder: str | Path) -> None:
+        """Into an empty folder (write to a temporary folder and rename it: see ``atomic_dir``)."""
+        import json
+
+        out = Path(folder)
+        np.save(out / "train.npy", self.train_embeddings)
+        np.save(out / "golden.npy", self.golden_embeddings)
+        np.save(out / "heldout_scores.npy", self.calibration.heldout_scores)
+        (out / "reference.json").write_text(json.dumps(
+            {"train_texts": list(self.train_texts), "golden_texts": list(self.golden_texts),
+             "calibration": self.calibration.as_dict(), "embedding_model": self.embedding_model},
+            ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DriftReference:
+        import json
+
+        src = Path(folder)
+        missing = [name for name in REFERENCE_FILES if not (src / name).is_file()]
+        if missing:
+            raise DriftError(f"{src} is not a drift reference: {missing} missing (materialize drift_calibration)")
+        meta = json.loads((src / "reference.json").read_text(encoding="utf-8"))
+        calibration = Calibration(**meta["calibration"], heldout_scores=np.load(src / "heldout_scores.npy"))
+        return cls(tuple(meta["train_texts"]), np.load(src / "train.npy"), tuple(meta["golden_texts"]),
+                   np.load(src / "golden.npy"), calibration, meta["embedding_model"])
+
+
+@dataclass(frozen=True)
+class DayDrift:
+    """One window of live prompts scored against a reference: the per-prompt scores and flags,
+    the summary, and the clusters of the flagged prompts."""
+
+    scores: np.ndarray
+    flagged: np.ndarray  # bool per live prompt
+    summary: DriftSummary
+    clusters: list  # PromptCluster
+    cluster_of: dict[int, int]  # live prompt index -> cluster id, for flagged prompts
+
+    @property
+    def flagged_indices(self) -> list[int]:
+        return [i for i, f in enumerate(self.flagged.tolist()) if f]
+
+
+def score_window(reference: DriftReference, texts: Sequence[str], embeddings: Any, drift_share: float = 0.2,
+                 min_prompts: int = 20, max_clusters: int = 8) -> DayDrift:
+    """Score, flag, summarize and cluster a window's live prompts (embedded like the reference)."""
+    calibration = reference.calibration
+    scores = knn_distances(embeddings, reference.train_embeddings, calibration.k)
+    summary = summarize(scores, calibration, drift_share=drift_share, min_prompts=min_prompts)
+    flagged = flag(scores, calibration.threshold)
+    indices = [i for i, f in enumerate(flagged.tolist()) if f]
+    labels, clusters = cluster_prompts([texts[i] for i in indices], np.asarray(embeddings)[indices], scores[indices],
+                                       max_clusters=max_clusters, background=list(reference.train_texts))
+    return DayDrift(scores, flagged, summary, clusters, {i: int(label) for i, label in zip(indices, labels)})
+
+
+def projector_rows(reference: DriftReference, live_texts: Sequence[str], live_embeddings: Any, day: DayDrift,
+                   train_rows: int) -> tuple[np.ndarray, list[str], list[str], list[int | None]]:
+    """The projector's rows: a sample of ``train_rows`` training inputs, the golden set, and every
+    live prompt of the window (labelled live or flagged, with its cluster): embeddings, texts,
+    labels and clusters."""
+    pick = subsample(len(reference.train_texts), train_rows)
+    golden = list(reference.golden_texts)
+    texts = [reference.train_texts[i] for i in pick] + golden + list(live_texts)
+    labels = (["train"] * len(pick) + ["golden"] * len(golden)
+              + ["flagged" if f else "live" for f in day.flagged.tolist()])
+    clusters = [None] * (len(pick) + len(golden)) + [day.cluster_of.get(i) for i in range(len(live_texts))]
+    embeddings = np.concatenate([reference.train_embeddings[pick], reference.golden_embeddings,
+                                 np.asarray(live_embeddings, dtype=reference.train_embeddings.dtype)])
+    return embeddings, texts, labels, clusters
+
+
 # -- clusters of flagged prompts ------------------------------------------------------------
 
 

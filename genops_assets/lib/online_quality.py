@@ -16,12 +16,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from genops_assets.lib.jsonl import iter_jsonl
 from genops_assets.lib.judging import Failure, Rubric, Verdict, expected_score
 from genops_assets.lib.stats import Interval, bootstrap_ci, unpaired_difference_ci
 
@@ -118,20 +118,16 @@ def load_offline_predictions(path: str | Path, labels: Mapping[str, str]) -> dic
     if not p.is_file():
         raise FileNotFoundError(f"offline predictions file {p} does not exist")
     out: dict[str, list[ScoreItem]] = {}
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
+    for line_no, row in iter_jsonl(p):
+        try:
+            label = row["model"]
+            if label not in labels:
                 continue
-            try:
-                row = json.loads(line)
-                label = row["model"]
-                if label not in labels:
-                    continue
-                item = ScoreItem(str(row["example_id"]), str(row["input"]), str(row["prediction"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{p}, line {n}: expected a JSON object with model, example_id, input and "
-                                 f"prediction: {exc}") from exc
-            out.setdefault(labels[label], []).append(item)
+            item = ScoreItem(str(row["example_id"]), str(row["input"]), str(row["prediction"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{p}, line {line_no}: expected a JSON object with model, example_id, input and "
+                             f"prediction: {exc}") from exc
+        out.setdefault(labels[label], []).append(item)
     return out
 
 
@@ -171,10 +167,10 @@ def compare(live: Sequence[float], offline: Sequence[float], margin: float = 0.0
     live_iv = bootstrap_ci(live, n_resamples=n_resamples, seed=seed) if ln else None
     off_iv = bootstrap_ci(offline, n_resamples=n_resamples, seed=seed) if on else None
     delta = unpaired_difference_ci(live, offline, n_resamples=n_resamples, seed=seed) if ln and on else None
-    if ln < max(min_samples, 1) or on < max(min_samples, 1):
+    need = max(min_samples, 1)
+    if delta is None or ln < need or on < need:
         return Comparison(ln, on, live_iv, off_iv, delta, margin, False, False, False,
-                          f"too few scores to decide: live {ln}, offline {on}, need {max(min_samples, 1)} each")
-    assert delta is not None
+                          f"too few scores to decide: live {ln}, offline {on}, need {need} each")
     regression = delta.high < -margin
     improvement = delta.low > margin
     if regression:
@@ -215,3 +211,177 @@ def comparison_chart_png(comparisons: Mapping[str, Comparison], rubric: str, top
     ax.set_title(f"live vs offline, {rubric} (95% CI)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
+
+
+# -- one day, every version ------------------------------------------------------------------
+
+ROW_COLUMNS = (
+    ("partition_key", "varchar"), ("side", "varchar"), ("version", "varchar"), ("item_id", "varchar"),
+    ("ts", "timestamp"), ("served_by", "varchar"), ("prompt_version", "varchar"), ("rubric", "varchar"),
+    ("rubric_version", "varchar"), ("judge_model", "varchar"), ("score", "double"), ("choice", "varchar"),
+    ("error", "varchar"), ("cached", "boolean"), ("judged_at", "timestamp"),
+)
+SUMMARY_COLUMNS = (
+    ("partition_key", "varchar"), ("version", "varchar"), ("rubric", "varchar"), ("rubric_version", "varchar"),
+    ("live_n", "integer"), ("live_failures", "integer"), ("live_mean", "double"), ("live_low", "double"),
+    ("live_high", "double"), ("offline_n", "integer"), ("offline_failures", "integer"), ("offline_mean", "double"),
+    ("offline_low", "double"), ("offline_high", "double"), ("delta", "double"), ("ci_low", "double"),
+    ("ci_high", "double"), ("margin", "double"), ("decided", "boolean"), ("regression", "boolean"),
+    ("improvement", "boolean"), ("reason", "varchar"), ("judged_at", "timestamp"),
+)
+
+
+@dataclass(frozen=True)
+class LiveAnswer:
+    """One successful answer of the endpoint, as the request log recorded it."""
+
+    request_id: str
+    ts: Any
+    version: str | None  # adapter version that answered; None for the base model
+    prompt_version: str | None
+    served_by: str | None
+    input_text: str
+    response_text: str
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """How much is judged and how the two sides are compared."""
+
+    share: float
+    max_samples: int
+    offline_max_examples: int | None
+    margin: float
+    min_samples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class VersionQuality:
+    """One adapter version's day: its sampled live answers and golden answers, judged, compared."""
+
+    version: str
+    live: list[tuple[LiveAnswer, ScoredItem]]
+    offline: list[ScoredItem]
+    comparison: Comparison
+
+    @property
+    def live_failures(self) -> int:
+        return sum(s.error is not None for _, s in self.live)
+
+    @property
+    def offline_failures(self) -> int:
+        return sum(s.error is not None for s in self.offline)
+
+    def failures(self) -> dict[str, Any]:
+        errors = [s.error for _, s in self.live] + [s.error for s in self.offline]
+        return {"live": self.live_failures, "offline": self.offline_failures,
+                "first_errors": [e for e in errors if e][:5]}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.comparison.as_dict(), "failures": self.failures()}
+
+
+def judge_version(judge: PointwiseJudge, rubric: Rubric, version: str, live: Sequence[LiveAnswer],
+                  offline: Sequence[ScoreItem], plan: QualityPlan,
+                  on_done: Callable[[int, int], None] | None = None) -> VersionQuality:
+    """Sample the version's live answers (by hash of the request id) and its golden answers,
+    judge both with ``rubric`` and compare the two means."""
+    sampled = sample_rows(list(live), lambda answer: answer.request_id, plan.share, plan.max_samples)
+    golden = sample_rows(list(offline), lambda item: item.item_id, 1.0, plan.offline_max_examples)
+    live_scored = score_pointwise(judge, rubric, [ScoreItem(a.request_id, a.input_text, a.response_text)
+                                                  for a in sampled], on_done=on_done)
+    offline_scored = score_pointwise(judge, rubric, golden, on_done=on_done)
+    comparison = compare(scores_of(live_scored), scores_of(offline_scored), plan.margin, plan.min_samples,
+                         seed=plan.seed)
+    return VersionQuality(version, list(zip(sampled, live_scored, strict=True)), offline_scored, comparison)
+
+
+def headline_version(results: Mapping[str, VersionQuality]) -> str:
+    """The comparison a rollback acts on: the worst regressed version (highest upper bound of
+    the difference) if any regressed, else the version with the most live answers judged."""
+    regressed = [v for v, r in results.items() if r.comparison.regression]
+    if regressed:
+        return min(regressed, key=lambda v: results[v].comparison.delta.high)
+    return max(results, key=lambda v: (results[v].comparison.live_n, v))
+
+
+def _bounds(interval: Interval | None) -> tuple[float | None, float | None, float | None]:
+    return (None, None, None) if interval is None else (interval.estimate, interval.low, interval.high)
+
+
+def result_rows(partition: str, result: VersionQuality, rubric: Rubric, judge_model: str,
+                judged_at: Any) -> list[tuple]:
+    """The version's judged answers as ROW_COLUMNS rows (live first, then offline)."""
+    judged_by = (rubric.name, rubric.version, judge_model)
+    rows = [(partition, "live", result.version, s.item_id, answer.ts, answer.served_by, answer.prompt_version,
+             *judged_by, s.score, s.choice, s.error, s.cached, judged_at) for answer, s in result.live]
+    rows += [(partition, "offline", result.version, s.item_id, None, None, None, *judged_by, s.score, s.choice,
+              s.error, s.cached, judged_at) for s in result.offline]
+    return rows
+
+
+def summary_row(partition: str, result: VersionQuality, rubric: Rubric, judged_at: Any) -> tuple:
+    """The version's comparison as a SUMMARY_COLUMNS row."""
+    c = result.comparison
+    return (partition, result.version, rubric.name, rubric.version, c.live_n, result.live_failures,
+            *_bounds(c.live), c.offline_n, result.offline_failures, *_bounds(c.offline), *_bounds(c.delta),
+            c.margin, c.decided, c.regression, c.improvement, c.reason, judged_at)
+
+
+def quality_metrics(results: Mapping[str, VersionQuality]) -> dict[str, float]:
+    """Per version: sample sizes, decisions, and each side's mean and the difference with bounds."""
+    out: dict[str, float] = {}
+    for v, result in results.items():
+        c = result.comparison
+        out.update({f"v{v}.live_n": c.live_n, f"v{v}.offline_n": c.offline_n,
+                    f"v{v}.regression": float(c.regression), f"v{v}.improvement": float(c.improvement)})
+        for side in ("live", "offline", "delta"):
+            interval = getattr(c, side)
+            if interval is not None:
+                out.update({f"v{v}.{side}_mean" if side != "delta" else f"v{v}.delta": interval.estimate,
+                            f"v{v}.{side}_low": interval.low, f"v{v}.{side}_high": interval.high})
+    return out
+
+
+def pointwise_rubric(name: str, task_rubrics: Path) -> Rubric:
+    """The built-in or task rubric ``name``, which must be pointwise."""
+    from genops_assets.lib.judging import BUILTIN_RUBRICS, load_rubrics
+
+    rubrics = load_rubrics(BUILTIN_RUBRICS, task_rubrics)
+    if name not in rubrics:
+        raise ValueError(f"unknown rubric '{name}'; available: {sorted(rubrics)} "
+                         f"(built-in {BUILTIN_RUBRICS}, task {task_rubrics})")
+    rubric = rubrics[name]
+    if rubric.kind != "pointwise":
+        raise ValueError(f"rubric '{rubric.name}' ({rubric.source}) is {rubric.kind}; online quality needs a "
+                         "pointwise rubric")
+    return rubric
+
+
+def headline_metadata(result: VersionQuality) -> dict[str, Any]:
+    """The numbers of the comparison a rollback acts on (means and difference None when a side
+    has no judged answer)."""
+    c = result.comparison
+
+    def number(interval: Interval | None, attr: str = "estimate") -> float | None:
+        return None if interval is None else float(getattr(interval, attr))
+
+    return {"regression": bool(c.regression), "improvement": bool(c.improvement), "decided": bool(c.decided),
+            "reason": c.reason, "live_n": c.live_n, "live_mean": number(c.live), "offline_n": c.offline_n,
+            "offline_mean": number(c.offline), "delta": number(c.delta), "ci_low": number(c.delta, "low"),
+            "ci_high": number(c.delta, "high"), "live_failures": result.live_failures,
+            "offline_failures": result.offline_failures}
+
+
+def write_day_files(folder: Path, chart: bytes, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """The day's chart, summary and judged rows, replacing ``folder`` in one rename."""
+    import json
+
+    from genops_assets.lib.hashing import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        (tmp / "online_quality.png").write_bytes(chart)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (tmp / "rows.jsonl").write_text("".join(json.dumps(dict(row), default=str) + "\n" for row in rows))
+    return folder

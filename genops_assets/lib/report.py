@@ -299,3 +299,25 @@ def rag_section(judged: Mapping[str, Mapping[str, Mapping[str, Any]]], retrieval
     }
     return ("Retrieval-augmented generation", render("rag_section.md", **context).rstrip("\n"),
             Markup(render("rag_section.html", **context)))
+
+
+def png_markdown(alt: str, png: bytes) -> str:
+    """A PNG as a Markdown image with the bytes inlined (a data URI): shown where the file is not."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def prompt_enhancement_markdown(production_label: str, production_score: float, candidates: Sequence[Any],
+                                primary: str, target: str, n_examples: int, promoted: bool, verdict: str,
+                                chart: str = "![candidates](candidates.png)") -> str:
+    """The prompt-enhancement report: every candidate's score on the validation split (or why it
+    was skipped) and the gate's verdict. ``chart`` is the Markdown image of the scores."""
+    lines = [f"# Prompt enhancement from {production_label}", "",
+             f"Scored on {n_examples} validation examples with the {target} model; metric {primary}.", "",
+             f"| prompt | mode | {primary} | skipped because |", "|---|---|---|---|",
+             f"| {production_label} | - | {production_score:.4f} | |"]
+    for c in candidates:
+        score = f"{c.metrics[primary]:.4f}" if c.metrics else "-"
+        name = f"v{c.version}" if c.version else f"candidate {c.index + 1}"
+        lines.append(f"| {name} | {c.mode} | {score} | {c.skip_reason or ''} |")
+    lines += ["", f"**Gate:** {'promoted to candidate' if promoted else 'not promoted'} - {verdict}", "", chart]
+    return "\n".join(lines) + "\n"

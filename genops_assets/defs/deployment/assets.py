@@ -12,14 +12,11 @@ import dagster as dg
 from pydantic import Field
 
 from genops_assets.lib.formatting import build_messages, prompt_variables
+from genops_assets.serving.protocol import CHALLENGER, CHAMPION
 from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHAMPION, PREVIOUS_CHAMPION_TAG, MlflowTracking
-
-SERVED_NAME = "champion"
-CHALLENGER_NAME = "challenger"
-
+from resources.tracking import MlflowTracking
 
 class DeployConfig(dg.Config):
     parity_examples: int = Field(8, ge=0, description="Golden examples whose greedy answers from the endpoint "
@@ -92,14 +89,14 @@ def deployed_endpoint(
     endpoint.publish_prompt({"name": prompt_ref.name, "version": prompt_ref.version, "digest": prompt_ref.digest,
                              "template": asdict(prompt_ref.template)})
     adapter_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, version)
-    staged = endpoint.deploy(base_model["path"], CHALLENGER_NAME, str(adapter_dir), version)
-    context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {CHALLENGER_NAME}")
+    staged = endpoint.deploy(base_model["path"], CHALLENGER, str(adapter_dir), version)
+    context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {CHALLENGER}")
     client = OpenAI(base_url=staged.url, api_key=endpoint.client_key(), timeout=300, max_retries=0)
 
     parity = {"checked": 0, "matched": 0, "mismatches": [], "seconds": 0.0}
     cases = eval_report.get("parity_examples", [])[: config.parity_examples]
     if cases:
-        parity = parity_check(client, CHALLENGER_NAME, cases, spec, prompt_ref, endpoint.renders_prompts)
+        parity = parity_check(client, CHALLENGER, cases, spec, prompt_ref, endpoint.renders_prompts)
         context.log.info(f"serving parity: {parity['matched']}/{parity['checked']} answers equal the offline "
                          f"evaluation ({parity['seconds']}s)")
         if parity["mismatches"]:
@@ -110,40 +107,34 @@ def deployed_endpoint(
                 f"served {first['served'][:80]!r}); champion not moved",
                 metadata={"mismatches": dg.MetadataValue.json(parity["mismatches"])})
 
-    previous = mlflow.alias(model_name, CHAMPION)
+    previous = mlflow.promote(model_name, version, {"genops.promoted_by_run": context.run.run_id,
+                                                    "genops.serving_prompt_version": prompt_ref.version})
     promoted = previous is None or previous.version != version
     if promoted:
-        mlflow.set_version_tags(model_name, version, {
-            PREVIOUS_CHAMPION_TAG: previous.version if previous else "",
-            "genops.promoted_at": datetime.now(timezone.utc).isoformat(),
-            "genops.promoted_by_run": context.run.run_id,
-            "genops.serving_prompt_version": prompt_ref.version,
-        })
-        mlflow.set_alias(model_name, CHAMPION, version)
         with open(home.endpoint_dir / "promotions.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "model": model_name, "version": version,
                                  "previous": previous.version if previous else None, "run_id": context.run.run_id}) + "\n")
         context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} (was {previous.version if previous else 'unset'})")
 
-    outcome = endpoint.deploy(base_model["path"], SERVED_NAME, str(adapter_dir), version)
-    context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version} as {SERVED_NAME}")
+    outcome = endpoint.deploy(base_model["path"], CHAMPION, str(adapter_dir), version)
+    context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version} as {CHAMPION}")
 
     first = eval_report["first_example"]
     started = time.monotonic()
-    reply = client.chat.completions.create(model=SERVED_NAME, temperature=0.0,
+    reply = client.chat.completions.create(model=CHAMPION, temperature=0.0,
                                            **request_for(first, spec, prompt_ref, endpoint.renders_prompts))
     latency = time.monotonic() - started
     answer = reply.choices[0].message.content or ""
     answered_by = reply.system_fingerprint
     if endpoint.renders_prompts and answered_by is not None and str(answered_by) != str(version):
-        raise dg.Failure(f"the endpoint answered {SERVED_NAME} from v{answered_by}, expected v{version}: the new "
+        raise dg.Failure(f"the endpoint answered {CHAMPION} from v{answered_by}, expected v{version}: the new "
                          f"champion is not being served ({outcome.url})")
     served_prompt = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
     value = {
         "url": outcome.url,
         "pid": outcome.pid,
         "port": outcome.port,
-        "model": SERVED_NAME,
+        "model": CHAMPION,
         "version": version,
         "previous_champion": previous.version if previous else None,
         "action": outcome.action,

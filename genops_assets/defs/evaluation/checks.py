@@ -6,8 +6,9 @@ import dagster as dg
 
 
 @dg.asset_check(asset=dg.AssetKey("eval_report"), blocking=True,
-                description="The tuned adapter beats the champion (or the base model when there is none) "
-                            "by the configured margin on the task's primary metric.")
+                description="The tuned adapter beats the champion (or the base model when there is none; "
+                            "for a candidate that already is the champion, the champion before it or the base "
+                            "model) by the configured margin on the task's primary metric.")
 def beats_champion(eval_report: dict) -> dg.AssetCheckResult:
     gate = eval_report["gate"]
     return dg.AssetCheckResult(
@@ -19,6 +20,8 @@ def beats_champion(eval_report: dict) -> dg.AssetCheckResult:
             "candidate": float(gate["candidate"]),
             "baseline": float(gate["baseline"]),
             "baseline_name": gate["baseline_name"],
+            # champion, previous champion or base model: never the candidate itself
+            "baseline_role": gate["baseline_role"],
             "margin": float(gate["margin"]),
             "delta": float(gate["candidate"]) - float(gate["baseline"]),
         },

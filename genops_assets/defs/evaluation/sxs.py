@@ -1,6 +1,5 @@
 """AutoSxS: the judge compares the candidate with a baseline on the golden set, both orders."""
 
-import base64
 import json
 from pathlib import Path
 
@@ -9,7 +8,9 @@ import dagster as dg
 from genops_assets.defs.evaluation.config import SxsConfig
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.formatting import build_messages
+from genops_assets.lib.jsonl import iter_jsonl
 from genops_assets.lib.prompts import PromptError
+from genops_assets.lib.report import png_markdown
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -22,18 +23,14 @@ def _judge_human_agreement(client, rubric, path: Path, spec, log, seed: int, pro
 
     label = {"A": "win", "B": "loss", "C": "tie"}
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                rows.append(SxsRow(f"human_{n}", _judge_input(spec, r["input"], prompt, r.get("contexts") or ()),
-                                   r.get("reference", ""), r["response_a"], r["response_b"],
-                                   human=label[r["preferred"]]))
-            except (json.JSONDecodeError, KeyError, PromptError) as exc:
-                raise ValueError(f"{path}, row {n}: expected input, response_a, response_b and preferred "
-                                 f"(A, B or C), and contexts for a task with retrieved contexts: {exc}") from exc
+    for line_no, pair in iter_jsonl(path):
+        try:
+            judge_input = _judge_input(spec, pair["input"], prompt, pair.get("contexts") or ())
+            rows.append(SxsRow(f"human_{line_no}", judge_input, pair.get("reference", ""), pair["response_a"],
+                               pair["response_b"], human=label[pair["preferred"]]))
+        except (KeyError, TypeError, PromptError) as exc:
+            raise ValueError(f"{path}, row {line_no}: expected input, response_a, response_b and preferred "
+                             f"(A, B or C), and contexts for a task with retrieved contexts: {exc}") from exc
     result = run_sxs(client, rubric, [], rows, log=log, seed=seed)
     return result.summary.get("judge_human", {"n": 0})
 
@@ -61,7 +58,6 @@ def sxs_evaluation(
     from genops_assets.lib.report import write_sxs_report
     from genops_assets.lib.sxs import SxsRow, run_sxs
 
-
     spec = task.load()
     # The judge sees the task as the models saw it: the production prompt, rendered.
     prompt_ref = mlflow.resolve_prompt(spec)
@@ -76,10 +72,8 @@ def sxs_evaluation(
                                                                   if r.name not in config.pointwise_rubrics]
 
     preds: dict[str, dict[str, dict]] = {}
-    with open(eval_report["predictions_file"], encoding="utf-8") as fh:
-        for line in fh:
-            p = json.loads(line)
-            preds.setdefault(p["model"], {})[p["example_id"]] = p
+    for _, prediction in iter_jsonl(eval_report["predictions_file"]):
+        preds.setdefault(prediction["model"], {})[prediction["example_id"]] = prediction
     cand_label = next(m for m in preds if m.startswith("candidate"))
     base_label = next((m for m in preds if m.startswith(config.baseline)), None)
     if base_label is None:
@@ -99,26 +93,24 @@ def sxs_evaluation(
     result = run_sxs(client, rubrics[config.pairwise_rubric], pointwise, rows, log=context.log.info, seed=config.seed)
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
 
-    run_id = mlflow.start_run(f"genops/{spec.name}", f"sxs-{cand_label.replace(' ', '')}",
-                              tags={"genops.dagster_run_id": context.run.run_id, "genops.kind": "autosxs",
-                                    **prompt_tags(prompt_ref)})
-    out_dir = home.runs_dir / "sxs" / run_id
-    paths = write_sxs_report(out_dir, f"{spec.name}: AutoSxS {cand_label} vs {base_label}", cand_label, base_label,
-                             result.summary, result.rows, usage)
-    metrics = {f"judge_{k}": float(v) for k, v in usage.items()}
-    for k in ("win_rate", "tie_rate", "loss_rate", "position_consistency", "preference_margin"):
-        if k in result.summary:
-            metrics[k] = result.summary[k]["estimate"]
-            metrics[f"{k}_low"] = result.summary[k]["low"]
-            metrics[f"{k}_high"] = result.summary[k]["high"]
-    for name, p in result.summary["pointwise"].items():
-        metrics[f"{name}_delta"] = p["delta"]["estimate"]
-    mlflow.log_params(run_id, {"candidate": cand_label, "baseline": base_label, "judge_model": client.model,
-                               "judge_url": client.base_url, "pairwise_rubric": result.summary["pairwise_rubric"],
-                               "pointwise_rubrics": ",".join(f"{r.name}@{r.version}" for r in pointwise)})
-    mlflow.log_metrics(run_id, metrics)
-    mlflow.log_artifacts(run_id, out_dir, "sxs")
-    mlflow.end_run(run_id)
+    run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.kind": "autosxs", **prompt_tags(prompt_ref)}
+    with mlflow.run(f"genops/{spec.name}", f"sxs-{cand_label.replace(' ', '')}", run_tags) as run_id:
+        out_dir = home.runs_dir / "sxs" / run_id
+        paths = write_sxs_report(out_dir, f"{spec.name}: AutoSxS {cand_label} vs {base_label}", cand_label,
+                                 base_label, result.summary, result.rows, usage)
+        metrics = {f"judge_{k}": float(v) for k, v in usage.items()}
+        for k in ("win_rate", "tie_rate", "loss_rate", "position_consistency", "preference_margin"):
+            if k in result.summary:
+                metrics[k] = result.summary[k]["estimate"]
+                metrics[f"{k}_low"] = result.summary[k]["low"]
+                metrics[f"{k}_high"] = result.summary[k]["high"]
+        for name, pointwise_summary in result.summary["pointwise"].items():
+            metrics[f"{name}_delta"] = pointwise_summary["delta"]["estimate"]
+        mlflow.log_params(run_id, {"candidate": cand_label, "baseline": base_label, "judge_model": client.model,
+                                   "judge_url": client.base_url, "pairwise_rubric": result.summary["pairwise_rubric"],
+                                   "pointwise_rubrics": ",".join(f"{r.name}@{r.version}" for r in pointwise)})
+        mlflow.log_metrics(run_id, metrics)
+        mlflow.log_artifacts(run_id, out_dir, "sxs")
 
     s = result.summary
     human_file = spec.root / "human_preferences.jsonl"
@@ -143,6 +135,6 @@ def sxs_evaluation(
         "failed_rows": len(result.failures),
         "mlflow_run_id": run_id,
         "win_rate_chart": dg.MetadataValue.md(
-            f"![win rate](data:image/png;base64,{base64.b64encode(Path(paths['win_rate.png']).read_bytes()).decode()})"
+            png_markdown("win rate", Path(paths["win_rate.png"]).read_bytes())
             if "win_rate.png" in paths else "no judged pairs"),
     })

@@ -1,7 +1,6 @@
 """What the monitoring assets share: one partition per UTC day of request logs, the warehouse
-schema and MLflow experiment they write to, and PNG charts as Dagster metadata."""
+schema and MLflow experiment they write to, and their CPU priority."""
 
-import base64
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -25,10 +24,6 @@ def utc_day(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
 def naive_utc(moment: datetime) -> datetime:
     """The way feedback.requests stores ``ts``: UTC without a timezone."""
     return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
-
-
-def png_md(name: str, png: bytes) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 def run_in_background(context: dg.AssetExecutionContext, nice: int) -> None:

@@ -1,8 +1,9 @@
 """Prompt drift: live prompts of one UTC day against the task's training inputs.
 
-Writes flagged prompts and their clusters to ``monitoring.flagged_prompts`` and
-``monitoring.prompt_clusters``, an embedding-projector export for TensorBoard, and a report
-to MLflow. The materialization's ``drift`` (bool) and ``flagged_share`` (float) metadata are
+drift_calibration embeds the training inputs and fits the flagging threshold once per training
+set; prompt_drift scores each day against it and writes flagged prompts and their clusters to
+``monitoring.flagged_prompts`` and ``monitoring.prompt_clusters``, an embedding-projector export
+for TensorBoard, and a report to MLflow. The materialization's ``drift`` (bool) and ``flagged_share`` (float) metadata are
 read by sensors: keep their names and types.
 """
 
@@ -22,11 +23,11 @@ from genops_assets.defs.monitoring.common import (
     daily,
     monitoring_experiment,
     naive_utc,
-    png_md,
     run_in_background,
     utc_day,
 )
-from genops_assets.lib.hashing import atomic_dir, atomic_write_json
+from genops_assets.lib.hashing import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
+from genops_assets.lib.report import png_markdown
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
@@ -42,18 +43,23 @@ FLAGGED_COLUMNS = (
     ("adapter_version", "varchar"), ("prompt_version", "varchar"), ("input_text", "varchar"),
     ("score", "double"), ("threshold", "double"), ("cluster_id", "integer"), ("created_at", "timestamp"),
 )
+# What flagged.jsonl keeps of each flagged row.
+FLAGGED_EXPORT = ("request_id", "ts", "input_text", "score", "cluster_id")
 CLUSTER_COLUMNS = (
     ("partition_key", "varchar"), ("cluster_id", "integer"), ("size", "integer"), ("mean_score", "double"),
     ("top_terms", "varchar"), ("representatives", "varchar"), ("created_at", "timestamp"),
 )
 
 
-class DriftConfig(dg.Config):
+class DriftCalibrationConfig(dg.Config):
     k: int = Field(5, description="Training inputs a prompt's score averages over: the mean cosine distance "
                                   "to its k nearest neighbours among them.")
     quantile: float = Field(0.99, description="Quantile of held-out in-domain scores (validation split and "
                                               "golden set) used as the flagging threshold.")
     threshold_factor: float = Field(1.0, description="Multiplies that quantile: above 1 flags fewer prompts.")
+
+
+class DriftConfig(dg.Config):
     drift_share: float = Field(0.2, description="Drift is reported when more than this share of the day's "
                                                 "prompts is flagged ...")
     min_prompts: int = Field(20, description="... and the day holds at least this many prompts.")
@@ -66,7 +72,7 @@ def _mart_texts(warehouse: DuckDBWarehouse):
     for mart in ("sft_dataset", "golden_eval_dataset"):
         if not warehouse.table_exists(MART_SCHEMA, mart):
             raise ValueError(f"{warehouse.path}: table {MART_SCHEMA}.{mart} does not exist; materialize the "
-                             "dbt marts (raw_task_examples, dbt_marts) before prompt_drift")
+                             "dbt marts (raw_task_examples, dbt_marts) before drift_calibration")
     sft = warehouse.query_df(f"select example_id, input_text, split from {MART_SCHEMA}.sft_dataset "
                              "order by example_id")
     golden = warehouse.query_df(f"select example_id, input_text from {MART_SCHEMA}.golden_eval_dataset "
@@ -95,6 +101,20 @@ def _live_requests(warehouse: DuckDBWarehouse, start: datetime, end: datetime):
     )
 
 
+def _flagged_rows(partition: str, live_df, live_texts: list[str], day, threshold: float,
+                  now: datetime) -> list[dict]:
+    """The day's flagged prompts as monitoring.flagged_prompts rows (column name -> value)."""
+    rows = []
+    for i in day.flagged_indices:
+        request = live_df.iloc[i]
+        rows.append({"partition_key": partition, "request_id": request["request_id"],
+                     "ts": request["ts"].to_pydatetime(), "model": request["model"],
+                     "adapter_version": request["adapter_version"], "prompt_version": request["prompt_version"],
+                     "input_text": live_texts[i], "score": float(day.scores[i]), "threshold": threshold,
+                     "cluster_id": day.cluster_of[i], "created_at": now})
+    return rows
+
+
 def _publish_latest(projector_root: Path, partition_dir: Path, partition: str) -> bool:
     """Copy the export to ``latest`` unless ``latest`` already holds a later day (a backfill of
     an old day must not replace what TensorBoard shows for the newest)."""
@@ -111,115 +131,151 @@ def _publish_latest(projector_root: Path, partition_dir: Path, partition: str) -
 
 
 @dg.asset(
+    group_name="monitoring",
+    kinds={"numpy"},
+    deps=[dg.AssetKey("sft_dataset"), dg.AssetKey("golden_eval_dataset")],
+    # Recomputed when the marts change; prompt_drift then measures new days against it.
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def drift_calibration(
+    context: dg.AssetExecutionContext,
+    config: DriftCalibrationConfig,
+    warehouse: DuckDBWarehouse,
+    home: GenopsHome,
+) -> dg.Output[dict]:
+    """What prompt_drift measures each day against: the training inputs embedded
+    (all-MiniLM-L6-v2), and a flagging threshold at a high quantile of held-out in-domain scores
+    (validation split and golden set), with its in-domain false-flag rate measured on folds it
+    was not fitted on. Grain: one per training set, in monitoring/drift_calibration/<digest>
+    (immutable; the same marts and settings give the same folder). Cost: seconds (embeddings
+    are cached)."""
+    from genops_assets.lib.drift import DriftReference, calibrate
+    from genops_assets.lib.embeddings import Embedder
+
+    train, validation, golden = _mart_texts(warehouse)
+    embedder = Embedder(cache_path=home.cache_dir / "embeddings.sqlite")
+    train_embeddings = embedder.embed(train)
+    heldout_embeddings = embedder.embed(validation + golden)
+    calibration = calibrate(train_embeddings, heldout_embeddings, k=config.k, quantile=config.quantile,
+                            factor=config.threshold_factor)
+    reference = DriftReference(tuple(train), train_embeddings, tuple(golden), heldout_embeddings[len(validation):],
+                               calibration, embedder.model_dir.name)
+    digest = sha256_json({"train": train, "validation": validation, "golden": golden,
+                          "calibration": calibration.as_dict(), "embedding_model": reference.embedding_model})
+    folder = home.sub("monitoring", "drift_calibration") / digest[:16]
+    if not folder.is_dir():
+        with atomic_dir(folder) as tmp:
+            reference.save(tmp)
+    context.log.info(f"drift reference: {calibration.n_reference} training inputs, threshold "
+                     f"{calibration.threshold:.4f} (in-domain false-flag rate {calibration.false_flag_rate:.3f} "
+                     f"on {calibration.n_heldout} held-out inputs)")
+    return dg.Output({"path": str(folder), **calibration.as_dict()}, metadata={
+        "path": dg.MetadataValue.path(str(folder)),
+        "threshold": dg.MetadataValue.float(calibration.threshold),
+        "in_domain_false_flag_rate": dg.MetadataValue.float(calibration.false_flag_rate),
+        "in_domain_flag_rate_in_sample": dg.MetadataValue.float(calibration.in_sample_flag_rate),
+        "n_reference": calibration.n_reference,
+        "n_heldout": calibration.n_heldout,
+        "embedding_model": reference.embedding_model,
+    })
+
+
+@dg.asset(
     partitions_def=daily,
     group_name="monitoring",
     kinds={"duckdb", "mlflow"},
-    deps=[dg.AssetKey("request_log"), dg.AssetKey("sft_dataset"), dg.AssetKey("golden_eval_dataset")],
-    # New live prompts start a refresh; retraining (new marts) alone does not.
-    automation_condition=eager_with_follow_up().ignore(
-        dg.AssetSelection.assets("sft_dataset", "golden_eval_dataset")),
+    deps=[dg.AssetKey("request_log")],
+    # New live prompts start a refresh; a new calibration (new marts) alone does not.
+    automation_condition=eager_with_follow_up().ignore(dg.AssetSelection.assets("drift_calibration")),
 )
 def prompt_drift(
     context: dg.AssetExecutionContext,
     config: DriftConfig,
+    drift_calibration: dict,
     task: TaskResource,
     warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
     home: GenopsHome,
 ) -> dg.MaterializeResult:
     """Live prompts of one UTC day scored by their distance to the training inputs
-    (all-MiniLM-L6-v2 embeddings, mean cosine distance to the k nearest). The threshold is a
-    high quantile of held-out in-domain scores, with its in-domain false-flag rate measured on
-    folds it was not fitted on. Flagged prompts are clustered and described (representatives,
-    top terms) for turning into training or preference data. Grain: one partition per day;
-    its rows in monitoring.flagged_prompts and in monitoring.prompt_clusters are each replaced
-    in one transaction. Empty day: zero counts, no drift. Cost: seconds (embeddings are cached)."""
+    (all-MiniLM-L6-v2 embeddings, mean cosine distance to the k nearest) against the threshold of
+    drift_calibration. Flagged prompts are clustered and described (representatives, top terms)
+    for turning into training or preference data. Grain: one partition per day; its rows in
+    monitoring.flagged_prompts and in monitoring.prompt_clusters are each replaced in one
+    transaction. Empty day: zero counts, no drift. Cost: seconds (embeddings are cached)."""
     run_in_background(context, home.background_nice)
-    from genops_assets.lib import drift as d
+    from genops_assets.lib.drift import (
+        DriftReference,
+        clusters_markdown,
+        projector_rows,
+        score_histogram_png,
+        score_window,
+        write_projector,
+    )
     from genops_assets.lib.embeddings import Embedder
 
     spec = task.load()
     partition = context.partition_key
     start, end = (naive_utc(t) for t in utc_day(context))
-
-    train, validation, golden = _mart_texts(warehouse)
+    reference = DriftReference.load(drift_calibration["path"])
+    calibration = reference.calibration
     live_df = _live_requests(warehouse, start, end)
     live_texts = [str(t) for t in live_df["input_text"]]
-
-    embedder = Embedder(cache_path=home.cache_dir / "embeddings.sqlite")
-    ref = embedder.embed(train)
-    held_emb = embedder.embed(validation + golden)
-    live_emb = embedder.embed(live_texts)
-    calibration = d.calibrate(ref, held_emb, k=config.k, quantile=config.quantile, factor=config.threshold_factor)
-    live_scores = d.knn_distances(live_emb, ref, config.k)
-    summary = d.summarize(live_scores, calibration, drift_share=config.drift_share, min_prompts=config.min_prompts)
-    is_flagged = d.flag(live_scores, calibration.threshold)
-    flagged_idx = [i for i, f in enumerate(is_flagged.tolist()) if f]
-    labels, clusters = d.cluster_prompts([live_texts[i] for i in flagged_idx], live_emb[flagged_idx],
-                                         live_scores[flagged_idx], max_clusters=config.max_clusters,
-                                         background=train)
-    cluster_of = {flagged_idx[j]: int(labels[j]) for j in range(len(flagged_idx))}
+    live_embeddings = Embedder(cache_path=home.cache_dir / "embeddings.sqlite").embed(live_texts)
+    day = score_window(reference, live_texts, live_embeddings, drift_share=config.drift_share,
+                       min_prompts=config.min_prompts, max_clusters=config.max_clusters)
+    summary = day.summary
     context.log.info(f"{partition}: {summary.live} live prompts, {summary.flagged} flagged "
                      f"(share {summary.flagged_share:.3f}, threshold {calibration.threshold:.4f}, in-domain "
-                     f"false-flag rate {calibration.false_flag_rate:.3f}), {len(clusters)} cluster(s), "
+                     f"false-flag rate {calibration.false_flag_rate:.3f}), {len(day.clusters)} cluster(s), "
                      f"drift={summary.drift}")
 
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    flagged_rows = []
-    for i in flagged_idx:
-        r = live_df.iloc[i]
-        flagged_rows.append((partition, r["request_id"], r["ts"].to_pydatetime(), r["model"], r["adapter_version"],
-                             r["prompt_version"], live_texts[i], float(live_scores[i]), calibration.threshold,
-                             cluster_of[i], now))
-    cluster_rows = [(partition, c.cluster_id, c.size, c.mean_score, json.dumps(list(c.top_terms)),
-                     json.dumps(list(c.representatives), ensure_ascii=False), now) for c in clusters]
-    # Both tables' rows of the day are replaced in one transaction.
-    warehouse.replace_partitions(MONITORING_SCHEMA, "partition_key", partition, {
-        FLAGGED_TABLE: (FLAGGED_COLUMNS, flagged_rows), CLUSTERS_TABLE: (CLUSTER_COLUMNS, cluster_rows)})
+    run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.partition": partition}
+    with mlflow.run(monitoring_experiment(spec.name), f"prompt-drift-{partition}", run_tags) as run_id:
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        flagged = _flagged_rows(partition, live_df, live_texts, day, calibration.threshold, now)
+        cluster_rows = [(partition, c.cluster_id, c.size, c.mean_score, json.dumps(list(c.top_terms)),
+                         json.dumps(list(c.representatives), ensure_ascii=False), now) for c in day.clusters]
+        # Both tables' rows of the day are replaced in one transaction.
+        warehouse.replace_partitions(MONITORING_SCHEMA, "partition_key", partition, {
+            FLAGGED_TABLE: (FLAGGED_COLUMNS, [tuple(row[name] for name, _ in FLAGGED_COLUMNS) for row in flagged]),
+            CLUSTERS_TABLE: (CLUSTER_COLUMNS, cluster_rows)})
 
-    # Projector: a sample of training inputs, the golden set, and every live prompt of the day.
-    pick = d.subsample(len(train), config.projector_train_rows)
-    rows_emb = [ref[pick], held_emb[len(validation):], live_emb]
-    texts = [train[i] for i in pick] + golden + live_texts
-    tags = (["train"] * len(pick) + ["golden"] * len(golden)
-            + ["flagged" if f else "live" for f in is_flagged.tolist()])
-    cluster_col = [None] * (len(pick) + len(golden)) + [cluster_of.get(i) for i in range(len(live_texts))]
-    projector_root = home.sub("monitoring", "projector")
-    partition_dir = projector_root / partition
-    with atomic_dir(partition_dir) as tmp:
-        export = d.write_projector(tmp, np.concatenate(rows_emb), texts, tags, cluster_col)
-        atomic_write_json(tmp / EXPORT_INFO, {"partition": partition, "task": spec.name, **export,
-                                              "threshold": calibration.threshold})
-    latest_updated = _publish_latest(projector_root, partition_dir, partition)
+        projector_root = home.sub("monitoring", "projector")
+        partition_dir = projector_root / partition
+        with atomic_dir(partition_dir) as tmp:
+            export = write_projector(tmp, *projector_rows(reference, live_texts, live_embeddings, day,
+                                                          config.projector_train_rows))
+            atomic_write_json(tmp / EXPORT_INFO, {"partition": partition, "task": spec.name, **export,
+                                                  "threshold": calibration.threshold})
+        latest_updated = _publish_latest(projector_root, partition_dir, partition)
 
-    md = d.clusters_markdown(clusters)
-    png = d.score_histogram_png(live_scores, calibration.heldout_scores, calibration.threshold)
-    report_dir = home.sub("monitoring", "drift") / partition
-    with atomic_dir(report_dir) as tmp:
-        (tmp / "scores.png").write_bytes(png)
-        (tmp / "clusters.md").write_text(md + "\n", encoding="utf-8")
-        atomic_write_json(tmp / "summary.json", {"partition": partition, "window": [str(start), str(end)],
-                                                 "summary": summary.as_dict(), "calibration": calibration.as_dict(),
-                                                 "clusters": [c.as_dict() for c in clusters]})
-        with open(tmp / "flagged.jsonl", "w", encoding="utf-8") as fh:
-            for row in flagged_rows:
-                fh.write(json.dumps({"request_id": row[1], "ts": str(row[2]), "input_text": row[6],
-                                     "score": row[7], "cluster_id": row[9]}, ensure_ascii=False) + "\n")
+        md = clusters_markdown(day.clusters)
+        png = score_histogram_png(day.scores, calibration.heldout_scores, calibration.threshold)
+        report_dir = home.sub("monitoring", "drift") / partition
+        with atomic_dir(report_dir) as tmp:
+            (tmp / "scores.png").write_bytes(png)
+            (tmp / "clusters.md").write_text(md + "\n", encoding="utf-8")
+            atomic_write_json(tmp / "summary.json", {
+                "partition": partition, "window": [str(start), str(end)], "summary": summary.as_dict(),
+                "calibration": calibration.as_dict(), "clusters": [c.as_dict() for c in day.clusters]})
+            atomic_write_text(tmp / "flagged.jsonl", "".join(
+                json.dumps({key: row[key] for key in FLAGGED_EXPORT}, ensure_ascii=False, default=str) + "\n"
+                for row in flagged))
 
-    run_id = mlflow.start_run(monitoring_experiment(spec.name), f"prompt-drift-{partition}",
-                              tags={"genops.dagster_run_id": context.run.run_id, "genops.partition": partition})
-    mlflow.log_params(run_id, {"k": config.k, "quantile": config.quantile,
-                               "threshold_factor": config.threshold_factor, "drift_share": config.drift_share,
-                               "min_prompts": config.min_prompts, "n_reference": calibration.n_reference,
-                               "n_heldout": calibration.n_heldout, "embedding_model": embedder.model_dir.name})
-    metrics = {"live": summary.live, "flagged": summary.flagged, "flagged_share": summary.flagged_share,
-               "threshold": calibration.threshold, "in_domain_false_flag_rate": calibration.false_flag_rate,
-               "drift": float(summary.drift), "clusters": len(clusters), "heldout_mean_score": summary.heldout_mean,
-               "live_mean_score": summary.live_mean, "p_value": summary.p_value}
-    mlflow.log_metrics(run_id, {k: v for k, v in metrics.items() if np.isfinite(v)})
-    mlflow.log_artifacts(run_id, report_dir, "drift")
-    mlflow.log_artifacts(run_id, partition_dir, "projector")
-    mlflow.end_run(run_id)
+        mlflow.log_params(run_id, {"k": calibration.k, "quantile": calibration.quantile,
+                                   "threshold_factor": calibration.factor, "drift_share": config.drift_share,
+                                   "min_prompts": config.min_prompts, "n_reference": calibration.n_reference,
+                                   "n_heldout": calibration.n_heldout, "embedding_model": reference.embedding_model,
+                                   "calibration": drift_calibration["path"]})
+        metrics = {"live": summary.live, "flagged": summary.flagged, "flagged_share": summary.flagged_share,
+                   "threshold": calibration.threshold, "in_domain_false_flag_rate": calibration.false_flag_rate,
+                   "drift": float(summary.drift), "clusters": len(day.clusters),
+                   "heldout_mean_score": summary.heldout_mean, "live_mean_score": summary.live_mean,
+                   "p_value": summary.p_value}
+        mlflow.log_metrics(run_id, {k: v for k, v in metrics.items() if np.isfinite(v)})
+        mlflow.log_artifacts(run_id, report_dir, "drift")
+        mlflow.log_artifacts(run_id, partition_dir, "projector")
 
     return dg.MaterializeResult(metadata={
         "drift": dg.MetadataValue.bool(summary.drift),
@@ -234,9 +290,9 @@ def prompt_drift(
         "live_median_score": dg.MetadataValue.float(summary.live_median),
         "heldout_mean_score": dg.MetadataValue.float(summary.heldout_mean),
         "heldout_median_score": dg.MetadataValue.float(summary.heldout_median),
-        "n_clusters": dg.MetadataValue.int(len(clusters)),
+        "n_clusters": dg.MetadataValue.int(len(day.clusters)),
         "clusters": dg.MetadataValue.md(md),
-        "score_histogram": png_md("scores", png),
+        "score_histogram": dg.MetadataValue.md(png_markdown("scores", png)),
         "projector_dir": dg.MetadataValue.path(str(partition_dir)),
         "projector_latest_updated": dg.MetadataValue.bool(latest_updated),
         "mlflow_run_id": run_id,

@@ -13,11 +13,12 @@ from genops_assets.defs.monitoring.common import (
     daily,
     monitoring_experiment,
     naive_utc,
-    png_md,
     run_in_background,
     utc_day,
 )
 from genops_assets.lib.cache import CallCache
+from genops_assets.lib.online_quality import ROW_COLUMNS, SUMMARY_COLUMNS, LiveAnswer, QualityPlan
+from genops_assets.lib.report import png_markdown
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -26,21 +27,6 @@ from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
 ROWS_TABLE = "online_quality"
 SUMMARY_TABLE = "online_quality_summary"
-
-ROW_COLUMNS = (
-    ("partition_key", "varchar"), ("side", "varchar"), ("version", "varchar"), ("item_id", "varchar"),
-    ("ts", "timestamp"), ("served_by", "varchar"), ("prompt_version", "varchar"), ("rubric", "varchar"),
-    ("rubric_version", "varchar"), ("judge_model", "varchar"), ("score", "double"), ("choice", "varchar"),
-    ("error", "varchar"), ("cached", "boolean"), ("judged_at", "timestamp"),
-)
-SUMMARY_COLUMNS = (
-    ("partition_key", "varchar"), ("version", "varchar"), ("rubric", "varchar"), ("rubric_version", "varchar"),
-    ("live_n", "integer"), ("live_failures", "integer"), ("live_mean", "double"), ("live_low", "double"),
-    ("live_high", "double"), ("offline_n", "integer"), ("offline_failures", "integer"), ("offline_mean", "double"),
-    ("offline_low", "double"), ("offline_high", "double"), ("delta", "double"), ("ci_low", "double"),
-    ("ci_high", "double"), ("margin", "double"), ("decided", "boolean"), ("regression", "boolean"),
-    ("improvement", "boolean"), ("reason", "varchar"), ("judged_at", "timestamp"),
-)
 
 
 class OnlineQualityConfig(dg.Config):
@@ -57,7 +43,7 @@ class OnlineQualityConfig(dg.Config):
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
 
 
-def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime):
+def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime) -> list[LiveAnswer]:
     """The day's successful answers with what was asked and what was answered."""
     if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         return []
@@ -67,29 +53,29 @@ def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime):
             where coalesce(event, 'request') = 'request' and status = 200 and ts >= ? and ts < ?
               and request_id is not null and input_text is not null and response_text is not null
             order by ts, request_id""", [start, end])
-    seen, rows = set(), []
-    for r in df.itertuples(index=False):
-        if r.request_id in seen:
+    seen, answers = set(), []
+    for request in df.itertuples(index=False):
+        if request.request_id in seen:
             continue
-        seen.add(r.request_id)
+        seen.add(request.request_id)
         try:
-            served_by = json.loads(r.record_json).get("served_by") if r.record_json else None
+            served_by = json.loads(request.record_json).get("served_by") if request.record_json else None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{FEEDBACK_SCHEMA}.requests, request_id {r.request_id}: record_json is not JSON: "
-                             f"{exc}") from exc
-        rows.append({"request_id": str(r.request_id), "ts": r.ts.to_pydatetime() if r.ts is not None else None,
-                     "version": None if r.adapter_version is None else str(r.adapter_version),
-                     "prompt_version": r.prompt_version, "served_by": served_by,
-                     "input_text": r.input_text, "response_text": r.response_text})
-    return rows
+            raise ValueError(f"{FEEDBACK_SCHEMA}.requests, request_id {request.request_id}: record_json is not "
+                             f"JSON: {exc}") from exc
+        answers.append(LiveAnswer(
+            str(request.request_id), request.ts.to_pydatetime() if request.ts is not None else None,
+            None if request.adapter_version is None else str(request.adapter_version), request.prompt_version,
+            served_by, request.input_text, request.response_text))
+    return answers
 
 
 def _offline_labels(eval_report: dict) -> dict[str, str]:
     """Model labels of eval_report's predictions file -> adapter version they evaluated."""
     labels = {f"candidate v{eval_report['candidate']['version']}": str(eval_report["candidate"]["version"])}
     if eval_report.get("champion"):
-        v = str(eval_report["champion"]["version"])
-        labels[f"champion v{v}"] = v
+        champion = str(eval_report["champion"]["version"])
+        labels[f"champion v{champion}"] = champion
     return labels
 
 
@@ -126,157 +112,90 @@ def online_quality(
     by the rollback sensor. Judge calls are cached by content, so the offline side and re-runs
     cost nothing twice. Cost: about one judge call per sampled answer."""
     run_in_background(context, home.background_nice)
-    from genops_assets.lib.hashing import atomic_dir
-    from genops_assets.lib.judging import BUILTIN_RUBRICS, load_rubrics
     from genops_assets.lib.online_quality import (
-        ScoreItem,
-        compare,
         comparison_chart_png,
+        headline_metadata,
+        headline_version,
+        judge_version,
         load_offline_predictions,
-        sample_rows,
-        score_pointwise,
-        scores_of,
+        pointwise_rubric,
+        quality_metrics,
+        result_rows,
+        summary_row,
+        write_day_files,
     )
 
     spec = task.load()
-    rubrics = load_rubrics(BUILTIN_RUBRICS, spec.root / "rubrics")
-    if config.rubric not in rubrics:
-        raise ValueError(f"unknown rubric '{config.rubric}'; available: {sorted(rubrics)} "
-                         f"(built-in {BUILTIN_RUBRICS}, task {spec.root / 'rubrics'})")
-    rubric = rubrics[config.rubric]
-    if rubric.kind != "pointwise":
-        raise ValueError(f"rubric '{rubric.name}' ({rubric.source}) is {rubric.kind}; online quality needs a "
-                         "pointwise rubric")
+    rubric = pointwise_rubric(config.rubric, spec.root / "rubrics")
     partition = context.partition_key
     start, end = (naive_utc(t) for t in utc_day(context))
 
     live = _live_answers(warehouse, start, end)
-    offline_all = load_offline_predictions(eval_report["predictions_file"], _offline_labels(eval_report))
-    live_versions = sorted({r["version"] for r in live if r["version"] is not None})
-    versions = [v for v in live_versions if v in offline_all]
-    base_meta = {"partition": partition, "rubric": f"{rubric.name}@{rubric.version}",
-                 "live_answers": len(live), "live_versions": ", ".join(live_versions) or "none",
-                 "offline_versions": ", ".join(sorted(offline_all)) or "none"}
+    offline = load_offline_predictions(eval_report["predictions_file"], _offline_labels(eval_report))
+    live_versions = sorted({a.version for a in live if a.version is not None})
+    versions = [v for v in live_versions if v in offline]
+    day_meta = {"partition": partition, "rubric": f"{rubric.name}@{rubric.version}",
+                "live_answers": len(live), "live_versions": ", ".join(live_versions) or "none",
+                "offline_versions": ", ".join(sorted(offline)) or "none"}
     if not versions:
         why = ("no successful live answers with an input and a response" if not live else
                f"no live answers from a version with offline predictions (live: {live_versions or 'no adapter'}, "
-               f"offline: {sorted(offline_all)})")
+               f"offline: {sorted(offline)})")
         context.log.info(f"online quality {partition}: {why}; nothing compared")
         _replace_partition(warehouse, partition, [], [])
         return dg.MaterializeResult(metadata={
-            **base_meta, "compared": False, "reason": why, "version": "", "regression": False,
+            **day_meta, "compared": False, "reason": why, "version": "", "regression": False,
             "improvement": False, "live_n": 0, "offline_n": 0})
 
-    cache = CallCache(home.cache_dir / "calls.sqlite")
-    client = judge.connect(base_model.get("path"), cache=cache)
+    client = judge.connect(base_model.get("path"), cache=CallCache(home.cache_dir / "calls.sqlite"))
 
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 5) == 0:
             context.log.info(f"judging: {done}/{total} calls")
 
+    plan = QualityPlan(config.share, config.max_samples, config.offline_max_examples, config.margin,
+                       config.min_samples, config.seed)
     judged_at = datetime.now(timezone.utc).replace(tzinfo=None)
-    common = (rubric.name, rubric.version, client.model)
-    rows: list[tuple] = []
-    summaries: list[tuple] = []
-    comparisons = {}
-    failures_by_version = {}
-    for v in versions:
-        sampled = sample_rows([r for r in live if r["version"] == v], lambda r: r["request_id"], config.share,
-                              config.max_samples)
-        offline_items = sample_rows(offline_all[v], lambda it: it.item_id, 1.0, config.offline_max_examples)
-        context.log.info(f"version {v}: {len(sampled)} live answers sampled, {len(offline_items)} golden answers; "
-                         f"judge {client.model} at {client.base_url}, rubric {rubric.name}@{rubric.version}")
-        live_scored = score_pointwise(client, rubric, [ScoreItem(r["request_id"], r["input_text"], r["response_text"])
-                                                       for r in sampled], on_done=progress)
-        offline_scored = score_pointwise(client, rubric, offline_items, on_done=progress)
-        for r, s in zip(sampled, live_scored, strict=True):
-            rows.append((partition, "live", v, s.item_id, r["ts"], r["served_by"], r["prompt_version"], *common,
-                         s.score, s.choice, s.error, s.cached, judged_at))
-        for s in offline_scored:
-            rows.append((partition, "offline", v, s.item_id, None, None, None, *common, s.score, s.choice, s.error,
-                         s.cached, judged_at))
-        c = compare(scores_of(live_scored), scores_of(offline_scored), config.margin, config.min_samples,
-                    seed=config.seed)
-        comparisons[v] = c
-        lf = sum(s.error is not None for s in live_scored)
-        of = sum(s.error is not None for s in offline_scored)
-        failures_by_version[v] = {"live": lf, "offline": of,
-                                  "first_errors": [s.error for s in [*live_scored, *offline_scored] if s.error][:5]}
-
-        def part(iv):
-            return (None, None, None) if iv is None else (iv.estimate, iv.low, iv.high)
-
-        summaries.append((partition, v, rubric.name, rubric.version, c.live_n, lf, *part(c.live), c.offline_n, of,
-                          *part(c.offline), *part(c.delta), c.margin, c.decided, c.regression, c.improvement,
-                          c.reason, judged_at))
-        context.log.info(f"version {v}: {c.reason}")
-
-    _replace_partition(warehouse, partition, rows, summaries)
+    results = {}
+    for version in versions:
+        context.log.info(f"version {version}: judge {client.model} at {client.base_url}, "
+                         f"rubric {rubric.name}@{rubric.version}")
+        results[version] = judge_version(client, rubric, version, [a for a in live if a.version == version],
+                                         offline[version], plan, on_done=progress)
+        context.log.info(f"version {version}: {len(results[version].live)} live answers, "
+                         f"{len(results[version].offline)} golden answers judged; "
+                         f"{results[version].comparison.reason}")
+    rows = [row for r in results.values() for row in result_rows(partition, r, rubric, client.model, judged_at)]
+    _replace_partition(warehouse, partition, rows,
+                       [summary_row(partition, r, rubric, judged_at) for r in results.values()])
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
+    head = headline_version(results)
+    by_version = {v: r.as_dict() for v, r in results.items()}
 
-    # The headline comparison the sensor acts on: a regressed version (the worst) if any, else
-    # the version with the most live answers judged.
-    regressed = [v for v in versions if comparisons[v].regression]
-    if regressed:
-        head = min(regressed, key=lambda v: comparisons[v].delta.high)
-    else:
-        head = max(versions, key=lambda v: (comparisons[v].live_n, v))
-    hc = comparisons[head]
-
-    chart = comparison_chart_png(comparisons, rubric.name, float(max(int(c) for c in rubric.choices)))
-    run_id = mlflow.start_run(monitoring_experiment(spec.name), f"online-quality-{partition}",
-                              tags={"genops.dagster_run_id": context.run.run_id, "genops.kind": "online_quality",
-                                    "genops.partition": partition, "genops.version": head})
-    out_dir = home.runs_dir / "online_quality" / partition
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "online_quality.png").write_bytes(chart)
-        (tmp / "summary.json").write_text(json.dumps(
-            {**base_meta, "versions": {v: {**comparisons[v].as_dict(), "failures": failures_by_version[v]}
-                                       for v in versions}, "judge_usage": usage}, indent=2, default=str))
-        with open(tmp / "rows.jsonl", "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(dict(zip((n for n, _ in ROW_COLUMNS), r, strict=True)), default=str) + "\n")
-    mlflow.log_params(run_id, {"rubric": f"{rubric.name}@{rubric.version}", "judge_model": client.model,
-                               "judge_url": client.base_url, "share": config.share,
-                               "max_samples": config.max_samples, "offline_max_examples": config.offline_max_examples,
-                               "margin": config.margin, "min_samples": config.min_samples,
-                               "eval_run_id": eval_report.get("mlflow_run_id", "")})
-    metrics = {f"judge_{k}": float(val) for k, val in usage.items()}
-    for v, c in comparisons.items():
-        metrics.update({f"v{v}.live_n": c.live_n, f"v{v}.offline_n": c.offline_n,
-                        f"v{v}.regression": float(c.regression), f"v{v}.improvement": float(c.improvement)})
-        for side in ("live", "offline", "delta"):
-            iv = getattr(c, side)
-            if iv is not None:
-                metrics.update({f"v{v}.{side}_mean" if side != "delta" else f"v{v}.delta": iv.estimate,
-                                f"v{v}.{side}_low": iv.low, f"v{v}.{side}_high": iv.high})
-    mlflow.log_metrics(run_id, metrics)
-    mlflow.log_artifacts(run_id, out_dir, "online_quality")
-    mlflow.end_run(run_id)
-
-    def num(iv, attr):
-        return None if iv is None else float(getattr(iv, attr))
+    run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.kind": "online_quality",
+                "genops.partition": partition, "genops.version": head}
+    with mlflow.run(monitoring_experiment(spec.name), f"online-quality-{partition}", run_tags) as run_id:
+        chart = comparison_chart_png({v: r.comparison for v, r in results.items()}, rubric.name,
+                                     float(max(int(c) for c in rubric.choices)))
+        out_dir = write_day_files(home.runs_dir / "online_quality" / partition, chart,
+                                  {**day_meta, "versions": by_version, "judge_usage": usage},
+                                  [dict(zip((name for name, _ in ROW_COLUMNS), row, strict=True)) for row in rows])
+        mlflow.log_params(run_id, {"rubric": f"{rubric.name}@{rubric.version}", "judge_model": client.model,
+                                   "judge_url": client.base_url, "share": config.share,
+                                   "max_samples": config.max_samples,
+                                   "offline_max_examples": config.offline_max_examples, "margin": config.margin,
+                                   "min_samples": config.min_samples,
+                                   "eval_run_id": eval_report.get("mlflow_run_id", "")})
+        mlflow.log_metrics(run_id, {**{f"judge_{k}": float(n) for k, n in usage.items()}, **quality_metrics(results)})
+        mlflow.log_artifacts(run_id, out_dir, "online_quality")
 
     return dg.MaterializeResult(metadata={
-        **base_meta,
+        **day_meta,
         "compared": True,
         "version": str(head),
-        "regression": bool(hc.regression),
-        "improvement": bool(hc.improvement),
-        "decided": bool(hc.decided),
-        "reason": hc.reason,
-        "live_n": hc.live_n,
-        "live_mean": num(hc.live, "estimate"),
-        "offline_n": hc.offline_n,
-        "offline_mean": num(hc.offline, "estimate"),
-        "delta": num(hc.delta, "estimate"),
-        "ci_low": num(hc.delta, "low"),
-        "ci_high": num(hc.delta, "high"),
+        **headline_metadata(results[head]),
         "margin": float(config.margin),
-        "live_failures": failures_by_version[head]["live"],
-        "offline_failures": failures_by_version[head]["offline"],
-        "comparisons": dg.MetadataValue.json({v: {**comparisons[v].as_dict(), "failures": failures_by_version[v]}
-                                              for v in versions}),
+        "comparisons": dg.MetadataValue.json(by_version),
         "judge_calls": int(usage["calls"]),
         "judge_cached": int(usage["cached"]),
         "judge_failures": int(usage["failures"]),
@@ -285,5 +204,5 @@ def online_quality(
         "judge_usage": dg.MetadataValue.json(usage),
         "mlflow_run_id": run_id,
         "table": f"{MONITORING_SCHEMA}.{ROWS_TABLE}",
-        "chart": png_md("online quality", chart),
+        "chart": dg.MetadataValue.md(png_markdown("online quality", chart)),
     })

@@ -12,10 +12,10 @@ from genops_assets.defs.monitoring.common import (
     MONITORING_SCHEMA,
     daily,
     monitoring_experiment,
-    png_md,
     run_in_background,
     utc_day,
 )
+from genops_assets.lib.report import png_markdown
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
@@ -42,22 +42,6 @@ REQUEST_QUERY = f"""select request_id, ts, event, model, adapter_version, prompt
 
 def _metric_key(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", text)
-
-
-def _partition_run(mlflow: MlflowTracking, experiment: str, kind: str, partition: str, tags: dict[str, str]) -> str:
-    """The MLflow run of this asset's partition, created on first use: re-materializing a day
-    (eagerly, at each request-log load) updates one run instead of adding one per load."""
-    client = mlflow.client()
-    found = client.search_runs(
-        [mlflow.experiment_id(experiment)],
-        filter_string=f"tags.`{KIND_TAG}` = '{kind}' and tags.`{PARTITION_TAG}` = '{partition}'",
-        max_results=1, order_by=["attributes.start_time ASC"])
-    if found:
-        run_id = found[0].info.run_id
-        for k, v in tags.items():
-            client.set_tag(run_id, k, v)
-        return run_id
-    return mlflow.start_run(experiment, f"{kind}-{partition}", tags={**tags, KIND_TAG: kind, PARTITION_TAG: partition})
 
 
 @dg.asset(group_name="monitoring", kinds={"duckdb", "mlflow"}, partitions_def=daily,
@@ -110,10 +94,12 @@ def serving_metrics(
         plots["tokens"] = tokens_chart_png(report.groups)
     summary = report.summary()
 
-    experiment = monitoring_experiment(spec.name)
-    run_id = _partition_run(mlflow, experiment, SERVING_TABLE, partition,
-                            {"genops.dagster_run_id": context.run.run_id, "genops.task": spec.name})
-    try:
+    # One MLflow run per day: re-materializing it (eagerly, at each request-log load) updates
+    # that run instead of adding one per load.
+    run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.task": spec.name, KIND_TAG: SERVING_TABLE,
+                PARTITION_TAG: partition}
+    with mlflow.run(monitoring_experiment(spec.name), f"{SERVING_TABLE}-{partition}", run_tags,
+                    reopen_matching=(KIND_TAG, PARTITION_TAG)) as run_id:
         with atomic_dir(home.runs_dir / SERVING_TABLE / partition) as tmp:
             for name, png in plots.items():
                 (tmp / f"{name}.png").write_bytes(png)
@@ -125,10 +111,6 @@ def serving_metrics(
             metrics.update({f"{prefix}.{k}": getattr(g, k) for k in GROUP_NUMBERS})
         mlflow.log_metrics(run_id, {k: float(v) for k, v in metrics.items() if v is not None})
         mlflow.log_artifacts(run_id, home.runs_dir / SERVING_TABLE / partition, SERVING_TABLE)
-        mlflow.end_run(run_id)
-    except BaseException:
-        mlflow.end_run(run_id, status="FAILED")
-        raise
 
     metadata: dict[str, object] = {
         "partition": partition,
@@ -140,7 +122,7 @@ def serving_metrics(
         "metrics": dg.MetadataValue.md(serving_table_md(report)),
         "mlflow_run_id": run_id,
         **{k: dg.MetadataValue.float(float(getattr(o, k))) for k in KEY_NUMBERS if getattr(o, k) is not None},
-        **{f"{name}_plot": png_md(name, png) for name, png in plots.items()},
+        **{f"{name}_plot": dg.MetadataValue.md(png_markdown(name, png)) for name, png in plots.items()},
     }
     return dg.MaterializeResult(metadata=metadata)
 
@@ -186,5 +168,5 @@ def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
         **{k: dg.MetadataValue.float(float(v)) for k, v in numbers.items() if v is not None},
     }
     if summary["sample_count"]:
-        metadata["resources_plot"] = png_md("resources", resource_chart_png(samples))
+        metadata["resources_plot"] = dg.MetadataValue.md(png_markdown("resources", resource_chart_png(samples)))
     return dg.MaterializeResult(metadata=metadata)

@@ -1,14 +1,20 @@
 """Prompts as versioned artifacts: the registry asset and LLM-driven prompt enhancement."""
 
+import functools
 import json
 
 import dagster as dg
 from pydantic import Field
 
 from genops_assets.lib.cache import CallCache
+from genops_assets.lib.eval_report import adapter_on_base
 from genops_assets.lib.evaluation import evaluate_model, examples_from_frame
-from genops_assets.lib.hashing import atomic_write_text, sha256_json
-from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, PromptRef, prompt_registry_name
+from genops_assets.lib.hashing import atomic_write_text
+from genops_assets.lib.jsonl import iter_jsonl
+from genops_assets.lib.metrics import per_example
+from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, prompt_registry_name
+from genops_assets.lib.report import png_markdown
+from genops_assets.lib.stats import bootstrap_ci
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
@@ -98,115 +104,97 @@ def prompt_candidates(
     lower bound of its paired improvement over production clears the margin. MLflow records
     which prompt version produced which scores. Cost: a few minutes with the local model."""
     from genops_assets.lib.enhance import failure_digest, propose_candidates, select_prompt
-    from genops_assets.lib.report import candidate_scores_png
-    from genops_assets.lib.stats import bootstrap_ci
-    from genops_assets.lib.metrics import per_example
+    from genops_assets.lib.report import candidate_scores_png, prompt_enhancement_markdown
 
     if config.target not in ("tuned", "base"):
         raise ValueError(f"target must be 'tuned' or 'base', got {config.target!r}")
     spec = task.load()
     production = mlflow.resolve_prompt(spec)
     name = production.name
+    primary = spec.primary_metric
 
-    val = warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset where split = 'validation' "
-                             "order by example_id")
-    if config.max_examples:
-        val = val.head(config.max_examples)
-    examples = examples_from_frame(val)
+    validation = warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset where split = 'validation' "
+                                    "order by example_id")
+    examples = examples_from_frame(validation.head(config.max_examples) if config.max_examples else validation)
     golden_ids = set(warehouse.query_df(f"select example_id from {MART_SCHEMA}.golden_eval_dataset")["example_id"])
+    failures = failure_digest([row for _, row in iter_jsonl(eval_report["predictions_file"])
+                               if row["model"].startswith("candidate")], spec.label_fields)
 
-    predictions = []
-    with open(eval_report["predictions_file"], encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            if row["model"].startswith("candidate"):
-                predictions.append(row)
-    failures = failure_digest(predictions, spec.label_fields)
+    tuned = config.target == "tuned"
+    adapters = {"candidate": tuned_adapter["adapter_dir"]} if tuned else {}
 
+    @functools.cache
+    def model():
+        from genops_assets.serving.adapters import load_model
+
+        return load_model(base_model["path"], adapters)
+
+    digest = (adapter_on_base(base_model["folder_digest"], tuned_adapter["adapter_digest"]) if tuned
+              else base_model["folder_digest"])
     cache = CallCache(home.cache_dir / "calls.sqlite")
+
+    def evaluate(template, label):
+        return evaluate_model(model, "candidate" if tuned else None, label, digest, spec, examples, [], cache,
+                              config.batch_size, context.log.info, prompt=template)
+
     teacher = judge.connect(base_model["path"], cache=cache)
-    run_id = mlflow.start_run(f"genops/{spec.name}", "prompt-enhancement",
-                              tags={"genops.dagster_run_id": context.run.run_id, **prompt_tags(production)})
-    mlflow.link_prompt(run_id, production)
 
     def complete(messages, seed):
         return teacher.complete(messages, max_tokens=config.max_new_tokens, temperature=config.temperature,
                                 seed=seed, version=production.digest)
 
-    candidates = propose_candidates(complete, production.template, failures, config.n_candidates,
-                                    log=context.log.info)
-    for cand in candidates:
-        if cand.template is None:
-            continue
-        ref, _ = mlflow.register_prompt(name, cand.template,
-                                        f"enhancement ({cand.mode}): {cand.direction}",
-                                        tags={"genops.source": "enhancement", "genops.parent_version": str(production.version),
-                                              "genops.enhancement_run": run_id})
-        cand.version = ref.version
+    run_tags = {"genops.dagster_run_id": context.run.run_id, **prompt_tags(production)}
+    with mlflow.run(f"genops/{spec.name}", "prompt-enhancement", run_tags) as run_id:
+        mlflow.link_prompt(run_id, production)
+        candidates = propose_candidates(complete, production.template, failures, config.n_candidates,
+                                        log=context.log.info)
+        for candidate in candidates:
+            if candidate.template is not None:
+                ref, _ = mlflow.register_prompt(
+                    name, candidate.template, f"enhancement ({candidate.mode}): {candidate.direction}",
+                    tags={"genops.source": "enhancement", "genops.parent_version": str(production.version),
+                          "genops.enhancement_run": run_id})
+                candidate.version = ref.version
+        selection = select_prompt(production.template, f"production v{production.version}", candidates, evaluate,
+                                  [e.example_id for e in examples], golden_ids, primary, config.margin)
+        if selection.promoted:
+            mlflow.set_prompt_alias(name, CANDIDATE, selection.best.version)
+            context.log.info(f"{name}: alias {CANDIDATE} -> v{selection.best.version} ({selection.gate.reason})")
+        elif selection.gate is not None:
+            context.log.info(f"no candidate promoted: {selection.gate.reason}")
+        else:
+            context.log.info("no usable candidate: every teacher answer was skipped")
 
-    holder: dict = {}
-
-    def load():
-        if "m" not in holder:
-            from genops_assets.serving.adapters import load_model
-
-            adapters = {"candidate": tuned_adapter["adapter_dir"]} if config.target == "tuned" else {}
-            holder["m"] = load_model(base_model["path"], adapters)
-        return holder["m"]
-
-    adapter = "candidate" if config.target == "tuned" else None
-    digest = (sha256_json([base_model["folder_digest"], tuned_adapter["adapter_digest"]])
-              if config.target == "tuned" else base_model["folder_digest"])
-
-    def evaluate(template, label):
-        return evaluate_model(load, adapter, label, digest, spec, examples, [], cache, config.batch_size,
-                              context.log.info, prompt=template)
-
-    selection = select_prompt(production.template, f"production v{production.version}", candidates, evaluate,
-                              [e.example_id for e in examples], golden_ids, spec.primary_metric, config.margin)
-    if selection.promoted:
-        mlflow.set_prompt_alias(name, CANDIDATE, selection.best.version)
-        context.log.info(f"{name}: alias {CANDIDATE} -> v{selection.best.version} ({selection.gate.reason})")
-    elif selection.gate is not None:
-        context.log.info(f"no candidate promoted: {selection.gate.reason}")
-    else:
-        context.log.info("no usable candidate: every teacher answer was skipped")
-
-    primary = spec.primary_metric
-    bars = [(f"production v{production.version}", bootstrap_ci(per_example(selection.production.scores, primary)))]
-    for cand, ev in selection.evaluated:
-        mlflow.set_prompt_tags(name, cand.version, {f"genops.validation.{primary}": f"{ev.metrics[primary]:.4f}",
-                                                    "genops.validation.n": len(examples)})
-        bars.append((f"v{cand.version}", bootstrap_ci(per_example(ev.scores, primary))))
-    metrics = {f"production.{k}": v for k, v in selection.production.metrics.items()}
-    for cand, ev in selection.evaluated:
-        metrics.update({f"v{cand.version}.{k}": v for k, v in ev.metrics.items()})
-    mlflow.log_metrics(run_id, metrics)
-    mlflow.log_params(run_id, {"production_version": production.version, "n_candidates": config.n_candidates,
-                               "target": config.target, "selection_split": "validation",
-                               "selection_examples": len(examples), "margin": config.margin,
-                               "teacher": f"{teacher.base_url} {teacher.model}", "temperature": config.temperature})
-    out_dir = home.runs_dir / "prompts" / run_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = [c.as_dict() for c in candidates]
-    atomic_write_text(out_dir / "candidates.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_text(out_dir / "selection_examples.json", json.dumps([e.example_id for e in examples]))
-    chart = candidate_scores_png(bars, primary)
-    (out_dir / "candidates.png").write_bytes(chart)
-    lines = [f"# Prompt enhancement from production v{production.version}", "",
-             f"Scored on {len(examples)} validation examples with the {config.target} model; metric {primary}.", "",
-             "| prompt | mode | " + primary + " | skipped because |", "|---|---|---|---|",
-             f"| production v{production.version} | - | {selection.production.metrics[primary]:.4f} | |"]
-    for c in candidates:
-        score = f"{c.metrics[primary]:.4f}" if c.metrics else "-"
-        lines.append(f"| {'v' + str(c.version) if c.version else 'candidate ' + str(c.index + 1)} | {c.mode} | "
-                     f"{score} | {c.skip_reason or ''} |")
-    verdict = selection.gate.reason if selection.gate else "no usable candidate"
-    lines += ["", f"**Gate:** {'promoted to candidate' if selection.promoted else 'not promoted'} - {verdict}", "",
-              "![candidates](candidates.png)"]
-    atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
-    mlflow.log_artifacts(run_id, out_dir, "prompt_enhancement")
-    mlflow.end_run(run_id)
+        for candidate, evaluation in selection.evaluated:
+            mlflow.set_prompt_tags(name, candidate.version, {
+                f"genops.validation.{primary}": f"{evaluation.metrics[primary]:.4f}",
+                "genops.validation.n": len(examples)})
+        metrics = {f"production.{k}": v for k, v in selection.production.metrics.items()}
+        for candidate, evaluation in selection.evaluated:
+            metrics.update({f"v{candidate.version}.{k}": v for k, v in evaluation.metrics.items()})
+        mlflow.log_metrics(run_id, metrics)
+        mlflow.log_params(run_id, {"production_version": production.version, "n_candidates": config.n_candidates,
+                                   "target": config.target, "selection_split": "validation",
+                                   "selection_examples": len(examples), "margin": config.margin,
+                                   "teacher": f"{teacher.base_url} {teacher.model}",
+                                   "temperature": config.temperature})
+        bars = [(f"production v{production.version}", bootstrap_ci(per_example(selection.production.scores, primary)))]
+        bars += [(f"v{candidate.version}", bootstrap_ci(per_example(evaluation.scores, primary)))
+                 for candidate, evaluation in selection.evaluated]
+        chart = candidate_scores_png(bars, primary)
+        verdict = selection.gate.reason if selection.gate else "no usable candidate"
+        report = functools.partial(prompt_enhancement_markdown, f"production v{production.version}",
+                                   selection.production.metrics[primary], candidates, primary, config.target,
+                                   len(examples), selection.promoted, verdict)
+        records = [c.as_dict() for c in candidates]
+        out_dir = home.runs_dir / "prompts" / run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "candidates.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_text(out_dir / "selection_examples.json", json.dumps([e.example_id for e in examples]))
+        (out_dir / "candidates.png").write_bytes(chart)
+        atomic_write_text(out_dir / "report.md", report())
+        mlflow.log_artifacts(run_id, out_dir, "prompt_enhancement")
 
     value = {
         "production_version": production.version,
@@ -218,12 +206,8 @@ def prompt_candidates(
         "mlflow_run_id": run_id,
         "teacher_usage": teacher.usage.as_dict(),
     }
-    import base64
-
-    md = "\n".join(lines).replace("![candidates](candidates.png)",
-                                  f"![candidates](data:image/png;base64,{base64.b64encode(chart).decode()})")
     return dg.Output(value, metadata={
-        "report": dg.MetadataValue.md(md),
+        "report": dg.MetadataValue.md(report(chart=png_markdown("candidates", chart))),
         "mlflow_run_id": run_id,
         "production_version": production.version,
         "usable_candidates": len(selection.evaluated),

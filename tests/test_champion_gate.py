@@ -1,0 +1,129 @@
+"""The promotion gate of a re-run whose candidate already is the champion: it is compared with
+the champion before it (or the base model when there was none), never with itself, through the
+interval branch production uses, on both sides of the margin; the check says which baseline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from genops_assets.defs.evaluation.assets import eval_report
+from genops_assets.defs.evaluation.checks import beats_champion
+from genops_assets.lib.hashing import file_digests, sha256_json
+from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
+from genops_assets.lib.tasks import load_task, read_raw_file
+from resources.judge import JudgeResource
+from resources.paths import GenopsHome
+from resources.task import TaskResource
+from resources.tracking import CHAMPION, MlflowTracking, registered_model_name
+from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "support_triage"
+MODEL = registered_model_name(TASK)
+
+
+@pytest.fixture()
+def res(tmp_path):
+    home = tmp_path / "home"
+    warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
+    home.mkdir()
+    spec = load_task(ROOT / "tasks", TASK)
+    examples = [ex for path in spec.raw_files() for ex in read_raw_file(path, spec)][:3]
+    con = duckdb.connect(warehouse.path)
+    con.execute(f"create schema if not exists {MART_SCHEMA}")
+    con.execute(f"create table {MART_SCHEMA}.golden_eval_dataset "
+                "(example_id varchar, input_text varchar, output_json varchar)")
+    con.executemany(f"insert into {MART_SCHEMA}.golden_eval_dataset values (?, ?, ?)",
+                    [(f"g{i}", ex.input_text, json.dumps(ex.output)) for i, ex in enumerate(examples)])
+    con.close()
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              artifact_root=(tmp_path / "artifacts").as_uri())
+    ref, _ = tracking.register_prompt(prompt_registry_name(TASK), spec.prompt, "the task folder's prompt")
+    tracking.set_prompt_alias(ref.name, PRODUCTION, ref.version)
+    return {"warehouse": warehouse, "home": GenopsHome(root=str(home)), "mlflow": tracking,
+            "task": TaskResource(tasks_dir=str(ROOT / "tasks"), name=TASK),
+            "judge": JudgeResource(base_url="http://127.0.0.1:9/v1", model="judge", max_retries=0),
+            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+
+
+def register(tracking: MlflowTracking, adapter_dir: Path) -> str:
+    """A registered version of the adapter folder, as tuning registers it."""
+    digest = sha256_json(file_digests(adapter_dir))
+    with tracking.run(f"genops/{TASK}", "sft", {}) as run_id:
+        tracking.log_artifacts(run_id, adapter_dir, "adapter")
+    return tracking.register_adapter(MODEL, run_id, digest, {"genops.adapter_digest": digest},
+                                     {"adapter_dir": str(adapter_dir)}, "test adapter").version
+
+
+def evaluate(res: dict, tiny_model_dir: Path, adapter_dir: Path, version: str, margin: float) -> tuple[dict, dict]:
+    """eval_report and its gate check for candidate ``version``: (value, check metadata)."""
+    base = {"name": "tiny", "path": str(tiny_model_dir), "folder_digest": "tiny-base"}
+    candidate = {"model_name": MODEL, "version": version, "adapter_dir": str(adapter_dir),
+                 "adapter_digest": sha256_json(file_digests(adapter_dir))}
+
+    @dg.asset(name="base_model")
+    def base_model_value() -> dict:
+        return base
+
+    @dg.asset(name="tuned_adapter")
+    def tuned_adapter_value() -> dict:
+        return candidate
+
+    config = {"max_examples": 3, "batch_size": 3, "base_few_shot": 0, "margin": margin}
+    # A failed blocking check fails the run after eval_report has materialized.
+    result = dg.materialize([base_model_value, tuned_adapter_value, eval_report, beats_champion],
+                            resources=res, run_config={"ops": {"eval_report": {"config": config}}},
+                            raise_on_error=False)
+    assert result.asset_materializations_for_node("eval_report")
+    (check,) = [e.event_specific_data for e in result.all_events
+                if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
+    return result.output_for_node("eval_report"), {**{k: v.value for k, v in check.metadata.items()},
+                                                   "passed": check.passed}
+
+
+def test_rerun_of_the_champion_is_gated_against_the_previous_champion(res, tiny_model_dir, tiny_adapter_dir,
+                                                                      tmp_path):
+    tracking = res["mlflow"]
+    # v1 is the tiny adapter; v2 (the candidate) a copy of it with a digest of its own.
+    other = tmp_path / "other-adapter"
+    shutil.copytree(tiny_adapter_dir, other)
+    (other / "README.md").write_text("a second adapter\n")
+    v1 = register(tracking, tiny_adapter_dir)
+    v2 = register(tracking, other)
+    tracking.promote(MODEL, v1, {})
+    tracking.promote(MODEL, v2, {})
+    assert tracking.alias(MODEL, CHAMPION).version == v2
+
+    # The candidate is the champion: the champion before it is evaluated and is the baseline.
+    value, check = evaluate(res, tiny_model_dir, other, v2, margin=0.01)
+    gate = value["gate"]
+    assert (gate["baseline_role"], gate["baseline_name"]) == ("previous champion", f"previous champion v{v1}")
+    assert (check["baseline_role"], check["baseline_name"]) == ("previous champion", f"previous champion v{v1}")
+    assert value["previous_champion"]["version"] == v1 and value["champion"] is None
+    assert gate["improvement_low"] is not None  # the interval branch decided
+    # The interval of the paired improvement against v1 does not clear a margin above its lower
+    # bound, and clears one below it; a comparison with itself would pass at any margin <= 0.
+    low = gate["improvement_low"]
+    failing, check = evaluate(res, tiny_model_dir, other, v2, margin=low + 0.01)
+    assert failing["gate"]["passed"] is False and check["passed"] is False
+    passing, check = evaluate(res, tiny_model_dir, other, v2, margin=low - 0.01)
+    assert passing["gate"]["passed"] is True and check["passed"] is True
+    labels = {json.loads(line)["model"] for line in Path(passing["predictions_file"]).read_text().splitlines()}
+    assert f"previous champion v{v1}" in labels and f"candidate v{v2}" in labels
+
+
+def test_rerun_of_a_first_champion_is_gated_against_the_base_model(res, tiny_model_dir, tiny_adapter_dir):
+    tracking = res["mlflow"]
+    v1 = register(tracking, tiny_adapter_dir)
+    tracking.promote(MODEL, v1, {})
+    value, check = evaluate(res, tiny_model_dir, tiny_adapter_dir, v1, margin=0.0)
+    assert (value["gate"]["baseline_role"], value["gate"]["baseline_name"]) == ("base model", "base model")
+    assert check["baseline_role"] == "base model"
+    assert value["champion"] is None and value["previous_champion"] is None
+    assert value["gate"]["baseline"] == value["base"]["metrics"][value["gate"]["primary_metric"]]
