@@ -1,7 +1,7 @@
 """The genops Dagster code location. Thin: it merges asset families, resources and sensors.
 
-Loading it imports no ML library (torch, transformers, peft, trl, deepspeed, great_expectations,
-ragas); those are imported inside the assets that use them.
+Loading it imports no ML library (torch, transformers, peft, trl, deepspeed, great_expectations);
+those are imported inside the assets that use them.
 """
 
 import dagster as dg

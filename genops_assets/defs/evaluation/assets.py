@@ -70,7 +70,7 @@ def eval_report(
     Markdown/HTML report in MLflow. When the registry holds a `candidate` prompt, the tuned
     adapter is also run with it and the report shows the template diff beside the metric
     deltas. For a task whose examples carry retrieved contexts, also context precision / recall
-    (ragas, no LLM) and, through the judge, faithfulness and answer relevancy of every model's
+    (string similarity, no LLM) and, through the judge, faithfulness and answer relevancy of every model's
     answers, with 95% intervals. Predictions and verdicts are cached by content. Cost: 2-4
     minutes on CPU for the embedded model (plus two judge calls per example and model for a
     task with contexts)."""
