@@ -14,7 +14,7 @@ import uuid
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ class BigQueryFeedbackStore(FeedbackStore):
                 if chunk.rows:
                     staging = self._table(f"requests_load_{uuid.uuid4().hex}")
                     table = bigquery.Table(staging, schema=self._schema(columns))
-                    table.expires = datetime.now(timezone.utc) + STAGING_EXPIRY
+                    table.expires = datetime.now(UTC) + STAGING_EXPIRY
                     client.create_table(table)
                     config = bigquery.LoadJobConfig(schema=self._schema(columns),
                                                     source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
@@ -286,6 +286,6 @@ def _json_row(names: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
     out = {}
     for name, value in zip(names, row):
         if isinstance(value, datetime):
-            value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat(sep=" ")
+            value = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat(sep=" ")
         out[name] = value
     return out

@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +252,7 @@ class MlflowTracking(dg.ConfigurableResource):
             return previous
         self.set_version_tags(model_name, str(version), {
             PREVIOUS_CHAMPION_TAG: previous.version if previous else "",
-            "genops.promoted_at": datetime.now(timezone.utc).isoformat(), **tags})
+            "genops.promoted_at": datetime.now(UTC).isoformat(), **tags})
         self.set_alias(model_name, CHAMPION, str(version))
         return previous
 
@@ -288,7 +288,7 @@ class MlflowTracking(dg.ConfigurableResource):
             raise RollbackError(f"{model_name} has no version {target!r}: {exc.message}") from exc
         self.set_alias(model_name, CHAMPION, target)
         self.set_version_tags(model_name, current.version, {
-            "genops.rolled_back_at": datetime.now(timezone.utc).isoformat(),
+            "genops.rolled_back_at": datetime.now(UTC).isoformat(),
             "genops.rolled_back_to": target,
             "genops.rolled_back_reason": reason,
         })

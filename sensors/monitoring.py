@@ -18,7 +18,7 @@ from genops_assets.lib.alerts import raise_alert
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHAMPION, MlflowTracking, RollbackError, registered_model_name
+from resources.tracking import MlflowTracking, RollbackError, registered_model_name
 
 PROMPT_DRIFT = dg.AssetKey("prompt_drift")
 ONLINE_QUALITY = dg.AssetKey("online_quality")

@@ -62,6 +62,7 @@ def test_label_outside_schema_or_null_blocks_tuning_and_names_the_row(tmp_path, 
     failing = "".join(_failing_rows(result, name) for name, ok in checks.items() if not ok)
     assert "cosmetics" in failing or "category" in failing
     import hashlib
+
     from genops_assets.lib.validation import normalise_text
 
     ids = {"ex_" + hashlib.sha256(normalise_text(r["message"]).encode()).hexdigest()[:16] for r in rows}

@@ -321,7 +321,7 @@ class _Hook(BaseHTTPRequestHandler):
     received: list = []
     status = 204
 
-    def do_POST(self):  # noqa: N802 - http.server's method name
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).received.append((self.path, self.headers["Content-Type"], json.loads(body)))
         self.send_response(type(self).status)

@@ -5,7 +5,7 @@ the daily asset writes its tables, files and the metadata sensors read."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +217,7 @@ def test_bad_inputs_are_named(corpus):
 
 
 def _epoch(day: str, hour: int, minute: int = 0) -> float:
-    return datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=timezone.utc).timestamp()
+    return datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=UTC).timestamp()
 
 
 def _write_requests(home: Path, corpus) -> dict[str, list[str]]:

@@ -9,7 +9,7 @@ under the same keys, and the failure comes from a library call made inside the r
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -42,7 +42,7 @@ from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "support_triage"
 DAY = "2026-03-01"
-DAY_START = datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp()
+DAY_START = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
 INJECTED = "injected failure inside the run"
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = "2026-03-02"
-START = datetime(2026, 3, 2, tzinfo=timezone.utc)
+START = datetime(2026, 3, 2, tzinfo=UTC)
 END = START + timedelta(days=1)
 T0 = START.timestamp()
 SCHEMA = json.loads((ROOT / "tasks" / "support_triage" / "output_schema.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -170,7 +170,7 @@ def test_offline_predictions_by_version_and_bad_lines(tmp_path):
 
 # -- one day materialized -----------------------------------------------------------------
 
-DAY = datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp()
+DAY = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
 NEXT_DAY = DAY + 86400
 
 

@@ -256,7 +256,7 @@ def print_summary(root: Path, run: JobRun, out=sys.stdout) -> int:
     rc = 0
     try:
         reply = ask(endpoint.url, example.body, endpoint.client_key())
-    except Exception as exc:  # noqa: BLE001 - reported with the request that failed
+    except Exception as exc:
         say(f"\nthe endpoint did not answer the example request: {exc}")
         reply, rc = None, 1
     if reply is not None:

@@ -27,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from genops_assets.cli.home import REPO, bin_path
@@ -128,7 +128,7 @@ def reviewer_labels(answers: list[dict]) -> tuple[list[dict], int]:
 
 
 def drop_labels(home: Path, rows: list[dict]) -> Path:
-    target = GenopsHome(root=str(home)).labels_dir / f"review-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.jsonl"
+    target = GenopsHome(root=str(home)).labels_dir / f"review-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
     # the sensor sees whole files only (the temp file is hidden and not .jsonl)
     return atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -144,7 +144,7 @@ def wait_idle(instance, timeout_s: float, since: float) -> None:
     quiet_since = None
     while time.monotonic() < deadline:
         records = instance.get_run_records(dg.RunsFilter(
-            created_after=datetime.fromtimestamp(since, tz=timezone.utc)))
+            created_after=datetime.fromtimestamp(since, tz=UTC)))
         busy = [r for r in records if r.dagster_run.status in active]
         seen_any = seen_any or bool(records)
         if not busy:
@@ -164,7 +164,7 @@ def wait_for_run(instance, tag: tuple[str, str], since: float, timeout_s: float)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         records = instance.get_run_records(dg.RunsFilter(
-            tags={tag[0]: tag[1]}, created_after=datetime.fromtimestamp(since, tz=timezone.utc)))
+            tags={tag[0]: tag[1]}, created_after=datetime.fromtimestamp(since, tz=UTC)))
         if records:
             return records[0]
         time.sleep(1)

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ def post_webhook(url: str, alert: Alert, timeout_s: float) -> int:
     body = json.dumps(asdict(alert), sort_keys=True, default=str).encode("utf-8")
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": "application/json", "User-Agent": "genops-alerts"})
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - an operator-set URL
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return int(resp.status)
 
 
@@ -90,7 +90,7 @@ def raise_alert(
     """Record an alert in ``<home>/alerts.jsonl`` and POST it to ``webhook_url`` when given."""
     if severity not in SEVERITIES:
         raise ValueError(f"alert severity must be one of {SEVERITIES}, got {severity!r}")
-    alert = Alert(kind, severity, message, dict(details or {}), datetime.now(timezone.utc).isoformat())
+    alert = Alert(kind, severity, message, dict(details or {}), datetime.now(UTC).isoformat())
     path = alerts_path(home)
     append_alert(path, alert)
     if not webhook_url:

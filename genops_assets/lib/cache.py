@@ -19,7 +19,6 @@ from typing import Any
 
 from genops_assets.lib.hashing import sha256_json
 
-
 LOCK_WAIT_S = 60.0
 
 

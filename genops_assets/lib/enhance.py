@@ -117,7 +117,7 @@ def propose_candidates(complete: Callable[[list[dict[str, str]], int], str], pro
         mode, instruction = DIRECTIONS[i % len(DIRECTIONS)]
         try:
             raw = complete(enhancement_messages(production, failures, instruction), i)
-        except Exception as exc:  # noqa: BLE001 - a failed call is one skipped candidate
+        except Exception as exc:
             out.append(Candidate(i, mode, instruction, "", skip_reason=f"teacher call failed: {exc}"))
             log(f"candidate {i + 1}/{n}: skipped (teacher call failed: {exc})")
             continue

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from genops_assets.lib.cache import CallCache, cache_key
 from genops_assets.lib.formatting import build_messages
-from genops_assets.lib.prompts import PromptTemplate
 from genops_assets.lib.metrics import ExampleScore, aggregate, per_example, score_example
+from genops_assets.lib.prompts import PromptTemplate
 from genops_assets.lib.stats import paired_difference_ci
 from genops_assets.lib.tasks import TaskSpec
 
@@ -209,8 +208,8 @@ def sample_pass_rates(
 ) -> dict[str, Any]:
     """n sampled answers per example; pass = every label field right. pass@k and pass^k per k,
     averaged over examples, with bootstrap intervals. Samples are cached like greedy answers."""
-    from genops_assets.serving.generation import generate
     from genops_assets.lib.stats import bootstrap_ci, pass_at_k, pass_hat_k
+    from genops_assets.serving.generation import generate
 
     if n < 2:
         raise ValueError("sampling needs n >= 2")

@@ -13,7 +13,7 @@ import importlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,7 @@ def input_text(record: Mapping[str, Any]) -> str | None:
 
 def to_row(record: Mapping[str, Any], source_file: str, offset: int) -> tuple:
     ts = record.get("ts")
-    when = datetime.fromtimestamp(float(ts), tz=timezone.utc).replace(tzinfo=None) if ts is not None else None
+    when = datetime.fromtimestamp(float(ts), tz=UTC).replace(tzinfo=None) if ts is not None else None
     return (
         record.get("request_id") or record.get("id"),
         when,

@@ -287,7 +287,7 @@ class ChatJudge:
             msgs, choices, version = item
             try:
                 out: Verdict | Failure = self.choose(msgs, choices, version)
-            except Exception as exc:  # noqa: BLE001 - recorded per row
+            except Exception as exc:
                 self.usage.add(failures=1)
                 out = Failure(f"{type(exc).__name__}: {exc}")
             with lock:

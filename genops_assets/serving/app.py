@@ -212,7 +212,7 @@ class ChatService:
         if req.model not in served_names() and self.version_loader is not None and VERSION_NAME.fullmatch(req.model):
             try:  # a registry version asked by name: fetched, digest-checked and loaded once
                 await asyncio.to_thread(self.version_loader, req.model)
-            except Exception as exc:  # noqa: BLE001 - an unknown version is a 404 below
+            except Exception as exc:
                 log.warning("cannot load %s from the registry: %s", req.model, exc)
         if req.model not in served_names():
             return self.fail(404, f"The model '{req.model}' does not exist (served: {served_names()})",
@@ -310,7 +310,7 @@ class ChatService:
                 return self.fail(499, "client disconnected", code="client_disconnected")
         try:
             result, timing = future.result()
-        except Exception as exc:  # noqa: BLE001 - reported to the client in OpenAI's shape
+        except Exception as exc:
             self.request_log.write({"ts": time.time(), **p.entry, "status": 500, "error": str(exc)[:300]})
             return self.fail(500, f"generation failed: {exc}")
         logprobs = None

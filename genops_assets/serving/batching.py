@@ -183,7 +183,7 @@ class Batcher:
         if self._decode is None:
             try:
                 self._decode = DecodeBatch(self.loaded, self._pending[0].adapter)
-            except Exception as exc:  # noqa: BLE001 - e.g. the adapter was removed meanwhile
+            except Exception as exc:
                 job = self._pending.pop(0)
                 self._fail([job], exc)
                 return
@@ -206,7 +206,7 @@ class Batcher:
                                temperature=[j.temperature for j in jobs], top_p=[j.top_p for j in jobs],
                                stop=[j.stop for j in jobs], seeds=[j.seed for j in jobs],
                                sinks=[self._row_hook(j) for j in jobs])
-        except Exception as exc:  # noqa: BLE001 - the joining requests fail; the running rows go on
+        except Exception as exc:
             self._fail(jobs, exc)
             return
         self._finish(done)
@@ -218,7 +218,7 @@ class Batcher:
         if len(batch):
             try:
                 done = batch.step()
-            except Exception as exc:  # noqa: BLE001 - every row of the batch gets the error
+            except Exception as exc:
                 jobs = [row.key for row in batch.rows]
                 batch.rows = []
                 self._fail(jobs, exc)
@@ -272,7 +272,7 @@ class Batcher:
             if not stop and job.on_token is not None:
                 try:
                     stop = bool(job.on_token(token, finish))
-                except Exception as exc:  # noqa: BLE001 - fails this request only, reported through its future
+                except Exception as exc:
                     job.error, stop = exc, True
             if stop or finish is not None:
                 self._release(job)
@@ -299,7 +299,7 @@ class Batcher:
                                    max_new_tokens=head.max_new_tokens, temperature=head.temperature,
                                    top_p=head.top_p, stop=list(head.stop), batch_size=len(jobs), seed=head.seed,
                                    token_sinks=[self._row_hook(j) for j in jobs])
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+        except Exception as exc:
             for j in jobs:
                 self._release(j)
                 j.future.set_exception(exc)

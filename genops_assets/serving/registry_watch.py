@@ -94,7 +94,7 @@ class AliasWatcher:
         while not self._stop.wait(self.interval_s):
             try:
                 self.check_once()
-            except Exception as exc:  # noqa: BLE001 - keep serving; retried next poll
+            except Exception as exc:
                 self.errors += 1
                 log.error("alias watch of %s@%s failed: %s", self.model_name, self.alias, exc)
 

@@ -15,7 +15,7 @@ from genops_assets.lib.tasks import read_raw_file
 from resources import DBT_PROJECT_DIR
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.warehouse import FEEDBACK_SCHEMA, MART_SCHEMA, DuckDBWarehouse
+from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
 RAW_ASSET = dg.AssetKey("raw_task_examples")
 MARTS = ("golden_eval_dataset", "sft_dataset", "few_shot_examples")

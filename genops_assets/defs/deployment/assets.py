@@ -6,7 +6,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
@@ -17,6 +17,7 @@ from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import MlflowTracking
+
 
 class DeployConfig(dg.Config):
     parity_examples: int = Field(8, ge=0, description="Golden examples whose greedy answers from the endpoint "
@@ -112,7 +113,7 @@ def deployed_endpoint(
     promoted = previous is None or previous.version != version
     if promoted:
         with open(home.endpoint_dir / "promotions.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "model": model_name, "version": version,
+            fh.write(json.dumps({"at": datetime.now(UTC).isoformat(), "model": model_name, "version": version,
                                  "previous": previous.version if previous else None, "run_id": context.run.run_id}) + "\n")
         context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} (was {previous.version if previous else 'unset'})")
 

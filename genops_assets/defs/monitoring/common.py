@@ -1,7 +1,7 @@
 """What the monitoring assets share: one partition per UTC day of request logs, the warehouse
 schema and MLflow experiment they write to, and their CPU priority."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -18,12 +18,12 @@ def monitoring_experiment(task_name: str) -> str:
 def utc_day(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
     """The partition's UTC day (timezone-aware)."""
     window = context.partition_time_window
-    return window.start.astimezone(timezone.utc), window.end.astimezone(timezone.utc)
+    return window.start.astimezone(UTC), window.end.astimezone(UTC)
 
 
 def naive_utc(moment: datetime) -> datetime:
     """The way feedback.requests stores ``ts``: UTC without a timezone."""
-    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def run_in_background(context: dg.AssetExecutionContext, nice: int) -> None:

@@ -10,7 +10,7 @@ read by sensors: keep their names and types.
 
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -232,7 +232,7 @@ def prompt_drift(
 
     run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.partition": partition}
     with mlflow.run(monitoring_experiment(spec.name), f"prompt-drift-{partition}", run_tags) as run_id:
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        now = datetime.now(UTC).replace(tzinfo=None)
         flagged = _flagged_rows(partition, live_df, live_texts, day, calibration.threshold, now)
         cluster_rows = [(partition, c.cluster_id, c.size, c.mean_score, json.dumps(list(c.top_terms)),
                          json.dumps(list(c.representatives), ensure_ascii=False), now) for c in day.clusters]

@@ -2,7 +2,7 @@
 of the same adapter version."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
@@ -155,7 +155,7 @@ def online_quality(
 
     plan = QualityPlan(config.share, config.max_samples, config.offline_max_examples, config.margin,
                        config.min_samples, config.seed)
-    judged_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    judged_at = datetime.now(UTC).replace(tzinfo=None)
     results = {}
     for version in versions:
         context.log.info(f"version {version}: judge {client.model} at {client.base_url}, "

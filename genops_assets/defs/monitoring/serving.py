@@ -3,7 +3,7 @@ process's resource samples."""
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -78,7 +78,7 @@ def serving_metrics(
     if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
     df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None)])
-    report = serving_report(df, start, end, spec.output_schema, now=datetime.now(timezone.utc))
+    report = serving_report(df, start, end, spec.output_schema, now=datetime.now(UTC))
     warehouse.replace_partition(MONITORING_SCHEMA, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,
                                 report.rows(partition))
     o = report.overall

@@ -9,7 +9,6 @@ from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.report import loss_curve_png, png_markdown
 from genops_assets.lib.training import TRAINING_CODE_VERSION, TrainingInputError, train_lora
-from genops_assets.serving.protocol import CHALLENGER
 from genops_assets.lib.tuning import (
     ProgressLine,
     TunedAdapter,
@@ -18,6 +17,7 @@ from genops_assets.lib.tuning import (
     to_sft_examples,
     tracked_metrics,
 )
+from genops_assets.serving.protocol import CHALLENGER
 from resources.paths import GenopsHome
 from resources.task import TaskResource
 from resources.tracking import VERSION_KEY_TAG, MlflowTracking, prompt_tags, registered_model_name
