@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from genops_assets.cli.main import DAGSTER_YAML, init_home
+from genops_assets.cli.home import DAGSTER_YAML, init_home
 from genops_assets.lib.locks import exclusive
 
 WAIT_S = 60.0  # for a spawned process to reach a given point; generous on a loaded machine
