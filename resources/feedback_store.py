@@ -284,8 +284,9 @@ def _json_row(names: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
     if len(row) != len(names):
         raise ValueError(f"request row has {len(row)} values for {len(names)} columns (row {row[:1]!r}...)")
     out = {}
-    for name, value in zip(names, row):
+    for name, value in zip(names, row, strict=True):
         if isinstance(value, datetime):
-            value = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat(sep=" ")
-        out[name] = value
+            out[name] = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat(sep=" ")
+        else:
+            out[name] = value
     return out

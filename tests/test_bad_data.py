@@ -14,8 +14,8 @@ from graph_support import check_results, free_port, make_defs, materialized, tin
 pytestmark = pytest.mark.graph
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_AND_TUNING = dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset", "sft_dataset",
-                                           "few_shot_examples", "base_model", "tuned_adapter")
+DATA_AND_TUNING = dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset",
+                                           "sft_dataset", "few_shot_examples", "base_model", "tuned_adapter")
 CHECKS_AND_TUNING = (dg.AssetSelection.checks_for_assets("golden_eval_dataset", "sft_dataset", "few_shot_examples")
                      | dg.AssetSelection.assets("base_model", "tuned_adapter"))
 
@@ -38,7 +38,8 @@ def _run(defs, selection, tiny_model_dir, instance):
 
 def _failing_rows(result, check_name: str) -> str:
     for e in result.all_events:
-        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION and e.event_specific_data.check_name == check_name:
+        if (e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+                and e.event_specific_data.check_name == check_name):
             return json.dumps({k: v.value if hasattr(v, "value") else str(v)
                                for k, v in e.event_specific_data.metadata.items()}, default=str)
     raise AssertionError(f"no evaluation of {check_name}")
@@ -75,8 +76,8 @@ def test_tampered_mart_blocks_tuning(tmp_path, tasks_dir, tiny_model_dir, tamper
     home = tmp_path / "home"
     defs = make_defs(home, free_port(), tasks_dir)
     instance = dg.DagsterInstance.ephemeral()
-    built = _run(defs, dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset", "sft_dataset",
-                                                "few_shot_examples"), tiny_model_dir, instance)
+    built = _run(defs, dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset",
+                                                "sft_dataset", "few_shot_examples"), tiny_model_dir, instance)
     assert built.success
     from resources import build_resources
 

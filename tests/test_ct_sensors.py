@@ -9,6 +9,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 import pytest
@@ -80,7 +81,8 @@ def labels_tick(res, cursor=None, instance=None):
 def test_labels_below_threshold_skip_and_at_threshold_one_run(res):
     write_labels(res, "batch1.jsonl", [label(i) for i in range(9)])
     skipped, _ = labels_tick(res)
-    assert isinstance(skipped, dg.SkipReason) and "9 new" in skipped.skip_message and "threshold 10" in skipped.skip_message
+    assert isinstance(skipped, dg.SkipReason)
+    assert "9 new" in skipped.skip_message and "threshold 10" in skipped.skip_message
 
     write_labels(res, "batch2.jsonl", [label(9)])
     got, _ = labels_tick(res)
@@ -197,7 +199,7 @@ def test_drift_alert_mode_writes_an_alert_and_requests_no_run(res):
 def test_drift_without_its_metadata_fails_naming_the_asset(res):
     instance = dg.DagsterInstance.ephemeral()
     materialize(instance, "prompt_drift", "2026-03-01", flagged_share=0.2)
-    with pytest.raises(ValueError, match="prompt_drift .* no boolean metadata 'drift'"):
+    with pytest.raises(ValueError, match=r"prompt_drift .* no boolean metadata 'drift'"):
         drift_tick(res, instance)
 
 
@@ -318,7 +320,7 @@ def test_failed_run_writes_an_alert(res):
 
 
 class _Hook(BaseHTTPRequestHandler):
-    received: list = []
+    received: ClassVar[list] = []
     status = 204
 
     def do_POST(self):
@@ -368,7 +370,8 @@ def test_webhook_failure_is_logged_and_the_alert_kept(res, webhook):
 
 
 def test_concurrent_alerts_are_whole_lines(res):
-    threads = [threading.Thread(target=lambda i=i: [raise_alert(res["home"].path, "load", "info", f"{i}-{j}" + "x" * 5000)
+    threads = [threading.Thread(target=lambda i=i: [raise_alert(res["home"].path, "load", "info",
+                                                                f"{i}-{j}" + "x" * 5000)
                                                    for j in range(20)]) for i in range(4)]
     for t in threads:
         t.start()

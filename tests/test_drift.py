@@ -311,7 +311,8 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     assert len(flagged) == meta["flagged"]
     assert set(flagged["request_id"]) <= set(ids["day"]) and len(set(flagged["request_id"]) & set(ids["ood"])) >= 14
     assert (flagged["score"] > flagged["threshold"]).all()
-    clusters = wh.query_df("select * from monitoring.prompt_clusters where partition_key = ? order by cluster_id", [DAY])
+    clusters = wh.query_df("select * from monitoring.prompt_clusters where partition_key = ? order by cluster_id",
+                           [DAY])
     assert clusters["size"].sum() == meta["flagged"] == len(flagged)
     assert set(flagged["cluster_id"]) == set(clusters["cluster_id"])
     assert all(json.loads(r) for r in clusters["representatives"])
@@ -331,7 +332,8 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     # Re-running the day replaces its rows; a day without traffic is zero, not an error.
     again = run(DAY)
     assert again["flagged"] == meta["flagged"]
-    assert len(wh.query_df("select * from monitoring.flagged_prompts where partition_key = ?", [DAY])) == meta["flagged"]
+    assert (len(wh.query_df("select * from monitoring.flagged_prompts where partition_key = ?", [DAY]))
+            == meta["flagged"])
     empty = run(EMPTY_DAY)
     assert (empty["live"], empty["flagged"], empty["flagged_share"], empty["drift"]) == (0, 0, 0.0, False)
     assert json.loads((projector / "latest" / "export.json").read_text())["partition"] == EMPTY_DAY

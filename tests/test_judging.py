@@ -74,7 +74,9 @@ def test_builtin_and_task_rubrics_load(tmp_path):
 def test_flaky_judge_is_retried_then_answers(tmp_path):
     def script(n, body):
         assert body["guided_choice"] == ["A", "B", "C"] and body["logprobs"] is True
-        return (503, {"error": {"message": "overloaded"}}) if n <= 2 else (200, completion("A", {"A": 0.7, "B": 0.2, "C": 0.1}))
+        if n <= 2:
+            return 503, {"error": {"message": "overloaded"}}
+        return 200, completion("A", {"A": 0.7, "B": 0.2, "C": 0.1})
 
     slept: list[float] = []
     with StandInJudge(script, free_port()) as judge:
@@ -154,7 +156,8 @@ def test_sxs_on_the_real_server_then_fully_cached(tmp_path, tiny_model_dir):
                        f'{{"category": "technical_issue", "n": {i}}}', f"no idea {i}") for i in range(6)]
         cache = CallCache(tmp_path / "calls.sqlite")
         client = ChatJudge(f"{state.url}/v1", "base", cache=cache, max_concurrency=4)
-        first = run_sxs(client, rubrics["pairwise_quality"], [rubrics["instruction_following"]], rows, log=lambda m: None)
+        first = run_sxs(client, rubrics["pairwise_quality"], [rubrics["instruction_following"]], rows,
+                        log=lambda m: None)
         assert client.usage.calls == 6 * 4 and not first.failures
         s = first.summary
         assert s["judged_pairs"] == 6
@@ -165,9 +168,11 @@ def test_sxs_on_the_real_server_then_fully_cached(tmp_path, tiny_model_dir):
         assert sum(1 for e in served if e.get("guided")) == 24
 
         again = ChatJudge(f"{state.url}/v1", "base", cache=CallCache(tmp_path / "calls.sqlite"))
-        second = run_sxs(again, rubrics["pairwise_quality"], [rubrics["instruction_following"]], rows, log=lambda m: None)
+        second = run_sxs(again, rubrics["pairwise_quality"], [rubrics["instruction_following"]], rows,
+                         log=lambda m: None)
         assert again.usage.calls == 0 and again.usage.cached == 24
-        assert len((state_dir / "requests.jsonl").read_text().splitlines()) == len(served), "no request reached the server"
+        assert len((state_dir / "requests.jsonl").read_text().splitlines()) == len(served), (
+            "no request reached the server")
         assert second.summary == first.summary
     finally:
         control.stop_server(state_dir)
@@ -184,7 +189,8 @@ def test_judge_human_agreement_and_position_bias_with_a_scripted_judge():
     def script(n, body):
         text = body["messages"][-1]["content"]
         a = text.split("Response A:")[1].split("Response B:")[0]
-        return 200, completion("A" if "good" in a else "B", {"A": 0.9, "B": 0.1} if "good" in a else {"B": 0.9, "A": 0.1})
+        return 200, completion("A" if "good" in a else "B",
+                               {"A": 0.9, "B": 0.1} if "good" in a else {"B": 0.9, "A": 0.1})
 
     rub = load_rubrics(BUILTIN_RUBRICS)["pairwise_quality"]
     rows = [SxsRow("1", "q1", "", "good answer", "bad answer", human="win"),

@@ -95,10 +95,10 @@ def test_defaults_are_those_of_the_settings_model(task_copy):
 def test_output_schema_is_validated_with_its_draft(task_copy):
     schema = task_copy / "support_triage" / "output_schema.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"category": {"type": "colour"}}}))
-    with pytest.raises(TaskConfigError, match="output_schema.json: not a valid JSON schema at properties/category"):
+    with pytest.raises(TaskConfigError, match=r"output_schema.json: not a valid JSON schema at properties/category"):
         load_task(task_copy, "support_triage")
     schema.write_text(json.dumps({"type": "object"}))
-    with pytest.raises(TaskConfigError, match="output_schema.json: needs an object schema with 'properties'"):
+    with pytest.raises(TaskConfigError, match=r"output_schema.json: needs an object schema with 'properties'"):
         load_task(task_copy, "support_triage")
 
 

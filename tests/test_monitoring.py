@@ -190,7 +190,7 @@ def test_bad_rows_are_named():
         serving_report(df, START, END)
     df = frame(records())
     df.loc[2, "record_json"] = "{torn"  # row 2 is a2 (row 0 is the reload)
-    with pytest.raises(ValueError, match="request a2 .*record_json is not JSON"):
+    with pytest.raises(ValueError, match=r"request a2 .*record_json is not JSON"):
         serving_report(df, START, END)
 
 

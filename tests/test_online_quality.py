@@ -164,7 +164,7 @@ def test_offline_predictions_by_version_and_bad_lines(tmp_path):
     p.write_text(json.dumps(rows[1]) + "\n" + json.dumps({"model": "candidate v3", "example_id": "e2"}) + "\n")
     with pytest.raises(ValueError, match=r"predictions\.jsonl, line 2: .*'input'"):
         load_offline_predictions(p, {"candidate v3": "3"})
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing.jsonl"):
         load_offline_predictions(tmp_path / "missing.jsonl", {})
 
 

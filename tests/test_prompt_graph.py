@@ -61,7 +61,8 @@ def test_prompt_versions_flow_through_the_graph_and_enhancement_uses_validation_
         assert teacher.calls == 2
         assert [c["skip_reason"] for c in enh["candidates"]] == [None, None]
         with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
-            val = {r[0] for r in con.execute("select example_id from main.sft_dataset where split = 'validation'").fetchall()}
+            val = {r[0] for r in con.execute("select example_id from main.sft_dataset where split = 'validation'")
+                   .fetchall()}
             golden = {r[0] for r in con.execute("select example_id from main.golden_eval_dataset").fetchall()}
         assert set(enh["selection_example_ids"]) <= val and not set(enh["selection_example_ids"]) & golden
         versions = tracking.prompt_versions(PROMPT, "message")
@@ -87,6 +88,7 @@ def test_prompt_versions_flow_through_the_graph_and_enhancement_uses_validation_
         assert again.output_for_node("prompt_templates")["created"] is False
         cmp = again.output_for_node("eval_report")["prompt_comparison"]
         assert cmp["production_version"] == 1 and cmp["candidate_version"] == 3 and "+- Rule 1" in cmp["diff"]
-        html = open(again.output_for_node("eval_report")["report_html"], encoding="utf-8").read()
+        with open(again.output_for_node("eval_report")["report_html"], encoding="utf-8") as fh:
+            html = fh.read()
         assert "Prompt comparison" in html and 'class="diff"' in html
         assert tracking.require_prompt_alias(PROMPT, PRODUCTION, "message").version == 1

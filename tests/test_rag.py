@@ -46,7 +46,8 @@ def _set_contexts(tasks_dir: Path, section: str) -> None:
     ("contexts: retrieved_contexts", "contexts: Input should be a valid dictionary"),
     ("contexts: {reference_field: reference_contexts}", "contexts.retrieved_field: Field required"),
     ("contexts: {retrieved_field: question}", "contexts.retrieved_field: 'question' is already the input field"),
-    ("contexts: {retrieved_field: answer}", "contexts.retrieved_field: 'answer' is already the input field or an output"),
+    ("contexts: {retrieved_field: answer}",
+     "contexts.retrieved_field: 'answer' is already the input field or an output"),
     ("contexts: {retrieved_field: a, reference_field: a}", "both 'a'"),
     ("contexts: {retrieved_field: a, ranking: b}", "contexts.ranking: Extra inputs are not permitted"),
     ("contexts: {retrieved_field: [a, b]}", "contexts.retrieved_field: Input should be a valid string"),
@@ -197,7 +198,8 @@ def test_rag_metrics_by_hand_with_a_scripted_judge_then_from_the_cache(tmp_path)
         assert retrieval["context_recall"]["estimate"] == pytest.approx(0.75)  # (1 + 0.5) / 2
         assert retrieval["context_precision"]["n"] == 2 and retrieval["context_precision"]["without_reference"] == 1
         # two values, 1 and 0.5: the bootstrap interval spans them
-        assert (retrieval["context_precision"]["low"], retrieval["context_precision"]["high"]) == pytest.approx((0.5, 1.0))
+        assert ((retrieval["context_precision"]["low"], retrieval["context_precision"]["high"])
+                == pytest.approx((0.5, 1.0)))
 
         base, cand = evals["base"], evals["candidate"]
         assert base.metrics["faithfulness"] == pytest.approx(0.875) and base.metrics["answer_relevancy"] == 0.25

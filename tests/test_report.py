@@ -38,7 +38,8 @@ def test_diff_html_classes_and_empty_lines():
 def test_rag_section_lists_failures_up_to_the_limit():
     judged = {"base": {"faithfulness": {"n": 2, "estimate": 0.5, "low": 0.25, "high": 0.75, "failures": 3}}}
     retrieval = {"context_recall": {"n": 1, "estimate": 1.0, "low": 1.0, "high": 1.0, "without_reference": 2}}
-    failures = {"base": [{"example_id": f"e{i}", "metric": "faithfulness", "error": "timeout <60 s>"} for i in range(3)]}
+    failures = {"base": [{"example_id": f"e{i}", "metric": "faithfulness", "error": "timeout <60 s>"}
+                         for i in range(3)]}
     title, md, page = rag_section(judged, retrieval, failures, {"faithfulness": "groundedness"}, max_failures=2)
     assert title == "Retrieval-augmented generation"
     assert "; 2 example(s) without reference passages |" in md

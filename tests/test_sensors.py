@@ -107,5 +107,5 @@ def test_the_ct_run_config_file_reaches_every_retrain(tmp_path, task):
     res, _ = _tick(task_res, automation=automation)
     assert res.run_requests[0].run_config == {"ops": {"eval_report": {"config": {"max_examples": 40}}}}
     cfg.write_text("- not a mapping\n")
-    with pytest.raises(ValueError, match="GENOPS_CT_RUN_CONFIG=.*ct.yaml: the run config must be a mapping"):
+    with pytest.raises(ValueError, match=r"GENOPS_CT_RUN_CONFIG=.*ct.yaml: the run config must be a mapping"):
         automation.run_config()

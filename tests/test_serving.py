@@ -103,7 +103,7 @@ def test_endpoint_speaks_openai_and_hot_reloads(server, tmp_path, tiny_adapter_d
     health = json.loads(urllib.request.urlopen(f"{server.url}/health").read())
     assert health["adapters"] == {"champion": "2"}
     assert client.chat.completions.create(model="champion", messages=MSG, max_tokens=3).choices[0].message
-    with pytest.raises(control.EndpointError, match="adapter_config.json"):
+    with pytest.raises(control.EndpointError, match=r"adapter_config.json"):
         control.reload_adapter(state_dir, "champion", str(tmp_path), "3")
     assert control.read_state(state_dir).versions == {"champion": "2"}
 
@@ -134,7 +134,7 @@ def test_second_server_on_a_busy_port_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_server_that_cannot_start_reports_its_log(tmp_path):
-    with pytest.raises(control.EndpointError, match="config.json"):
+    with pytest.raises(control.EndpointError, match=r"config.json"):
         control.start_server(str(tmp_path / "no-model"), {}, {}, tmp_path / "ep", port=free_port(),
                              ready_timeout_s=120)
     assert control.read_state(tmp_path / "ep") is None
@@ -153,8 +153,8 @@ def test_shared_prefix_choice_scoring_matches_one_by_one(tiny_model_dir, tiny_ad
     choices = [("1", "2", "3", "4", "5")] * len(batch)
     for adapter in (None, "cand"):
         together = score_choices(loaded, batch, choices, adapter=adapter)
-        alone = [score_choices(loaded, [m], [c], adapter=adapter)[0] for m, c in zip(batch, choices)]
-        for (t, tn), (a, an) in zip(together, alone):
+        alone = [score_choices(loaded, [m], [c], adapter=adapter)[0] for m, c in zip(batch, choices, strict=True)]
+        for (t, tn), (a, an) in zip(together, alone, strict=True):
             assert tn == an
             assert t == pytest.approx(a, abs=1e-4)
 
@@ -185,7 +185,7 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
     seen = _tokens_computed(loaded)
     for adapter in (None, "cand"):
         scratch = []
-        for m, c in zip(convs, choices):
+        for m, c in zip(convs, choices, strict=True):
             loaded.prefixes.clear()
             scratch.append(score_choices(loaded, [m], [c], adapter=adapter)[0])
         loaded.prefixes.clear()
@@ -198,10 +198,11 @@ def test_choice_scoring_reuses_cached_prompts(tiny_model_dir, tiny_adapter_dir):
         # the next ones begin with the cached rubric: only their own tails are computed
         together = score_choices(loaded, convs[1:], choices[1:], adapter=adapter)
         assert seen[1:] == [4 * (max(lens[1:]) - rubric_len)], seen
-        for (t, tn), (a, an) in zip(together, scratch[1:]):
+        for (t, tn), (a, an) in zip(together, scratch[1:], strict=True):
             assert tn == an and t == pytest.approx(a, abs=1e-4)
         # the follow-up for an explanation continues a scored prompt
-        follow = [*convs[2], {"role": "assistant", "content": "4"}, {"role": "user", "content": "In one sentence, why?"}]
+        follow = [*convs[2], {"role": "assistant", "content": "4"},
+                  {"role": "user", "content": "In one sentence, why?"}]
         del seen[:]
         batch = DecodeBatch(loaded, adapter)
         _admit(batch, 0, follow, 1)
@@ -252,14 +253,14 @@ def test_shared_prefix_generation_matches_one_by_one(tiny_model_dir, tiny_adapte
     for adapter in (None, "cand"):
         streamed: dict[int, list] = {r: [] for r in range(len(batch))}
 
-        def sink(row):
+        def sink(out: list):
             def on_token(token, finish):
-                streamed[row].append(token)
+                out.append(token)
                 return False
             return on_token
 
         together = generate(loaded, batch, adapter=adapter, max_new_tokens=10, batch_size=len(batch),
-                            token_sinks=[sink(r) for r in range(len(batch))])
+                            token_sinks=[sink(streamed[r]) for r in range(len(batch))])
         alone = [generate(loaded, [m], adapter=adapter, max_new_tokens=10)[0] for m in batch]
         assert [r.text for r in together] == [r.text for r in alone]
         assert [(r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in together] == [
@@ -290,7 +291,8 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
     assert 0 < r1.usage.completion_tokens <= 4  # the prompt's own generation limit
     # The same prompt rendered by the client gives the same prompt tokens.
     manual = client.chat.completions.create(model="champion", max_tokens=4, temperature=0, messages=[
-        {"role": "system", "content": "Triage the message."}, {"role": "user", "content": "Message: my camera is offline"}])
+        {"role": "system", "content": "Triage the message."},
+        {"role": "user", "content": "Message: my camera is offline"}])
     assert manual.usage.prompt_tokens == r1.usage.prompt_tokens
     assert manual.choices[0].message.content == r1.choices[0].message.content
 
@@ -301,7 +303,8 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
     assert r2.model_extra["genops"] == {"prompt_version": "2"} and r2.usage.prompt_tokens > r1.usage.prompt_tokens
 
     with pytest.raises(openai.BadRequestError, match="either messages or prompt_variables"):
-        client.chat.completions.create(model="champion", messages=MSG, extra_body={"prompt_variables": {"message": "x"}})
+        client.chat.completions.create(model="champion", messages=MSG,
+                                       extra_body={"prompt_variables": {"message": "x"}})
     with pytest.raises(openai.BadRequestError, match="needs the variable 'message'"):
         client.chat.completions.create(model="champion", messages=[], extra_body={"prompt_variables": {"msg": "x"}})
     log = [json.loads(line) for line in (state_dir / "requests.jsonl").read_text().splitlines()]
@@ -319,7 +322,7 @@ def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir,
     cfg = json.loads((foreign / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "some-org/other-model"
     (foreign / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="trained on 'some-org/other-model'.*refusing"):
+    with pytest.raises(ValueError, match=r"trained on 'some-org/other-model'.*refusing"):
         add_adapter(loaded, "champion", foreign)
     assert "champion" not in loaded.adapters
     cfg["base_model_name_or_path"] = str(tiny_model_dir)  # the same base, wherever it lives: accepted
@@ -354,7 +357,7 @@ def test_continuous_batch_rows_join_and_leave_mid_way_with_their_solo_answers(ti
     limits = [12, 5, 9, 12, 3, 7]
     for adapter in (None, "cand"):
         loaded.prefixes.clear()
-        solo = [_alone(loaded, m, adapter, n) for m, n in zip(convs, limits)]
+        solo = [_alone(loaded, m, adapter, n) for m, n in zip(convs, limits, strict=True)]
         batch = DecodeBatch(loaded, adapter)
         done = dict(batch.admit([0, 1], convs[:2], max_new_tokens=limits[:2], temperature=[0, 0], top_p=[1, 1],
                                 stop=[(), ()], seeds=[None, None], sinks=[None, None]))

@@ -383,7 +383,7 @@ def test_rate_limiter_refills_and_keys_match_exactly():
 class _PieceTokenizer:
     """Token i decodes to PIECES[i]; enough to drive the stream's text assembly."""
 
-    PIECES = ["  Hel", "lo", " wor", "ld", " \n", "ST", "OP", " more"]
+    PIECES = ("  Hel", "lo", " wor", "ld", " \n", "ST", "OP", " more")
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(self.PIECES[i] for i in ids)

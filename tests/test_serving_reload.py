@@ -110,7 +110,8 @@ def test_canary_routes_a_share_of_champion_traffic_to_challenger(tmp_path, tiny_
         replies = [client.chat.completions.create(model="champion", messages=MSG, max_tokens=2) for _ in range(40)]
         by = [(r.model_extra.get("genops") or {}).get("served_by", "champion") for r in replies]
         assert 5 <= by.count("challenger") <= 35 and by.count("champion") >= 5
-        assert all(r.system_fingerprint == ("2" if b == "challenger" else "1") for r, b in zip(replies, by))
+        assert all(r.system_fingerprint == ("2" if b == "challenger" else "1")
+                   for r, b in zip(replies, by, strict=True))
         # Only champion traffic is split: challenger and base are answered by themselves.
         assert "genops" not in (client.chat.completions.create(model="base", messages=MSG, max_tokens=2)
                                 .model_extra or {})

@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"sequential {j['sequential_s']:.1f}s, concurrent x{j['concurrency']} {j['concurrent_s']:.1f}s: "
                       f"{j['speedup']}x (target {j['target']})")
         p = results["judging"]["prefill"]
-        print(f"  judge prompts: {p['judge_prompt_tokens_mean']} tokens, {p['shared_prefix_tokens']} shared; one forward "
-              f"pass: {p['prefill_tokens_per_s']} prompt tokens/s by batch size ({p['batch_gain']}x)")
+        print(f"  judge prompts: {p['judge_prompt_tokens_mean']} tokens, {p['shared_prefix_tokens']} shared; "
+              f"one forward pass: {p['prefill_tokens_per_s']} prompt tokens/s by batch size ({p['batch_gain']}x)")
     if "serving" in results:
         from genops_assets.bench.serving import table
 

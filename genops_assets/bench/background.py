@@ -83,7 +83,8 @@ def bench_background(base_dir: str, prompts: list, work: Path, port: int, max_to
             if load is not None:
                 stop.set()
                 entry["load"] = out.get(timeout=120)
-                entry["load"]["batches_per_s"] = round(entry["load"]["batches"] / max(entry["load"]["seconds"], 1e-9), 2)
+                entry["load"]["batches_per_s"] = round(entry["load"]["batches"]
+                                                       / max(entry["load"]["seconds"], 1e-9), 2)
                 load.join(timeout=60)
             results[label] = entry
             log(f"background: {label}: p50 {entry['p50_s']}s {entry.get('load', '')}")

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     key = endpoint.client_key()
     log(f"champion: {model_name} v{champion.version}, endpoint {base_url}")
 
-    daemon_log = open(home / "ct" / "daemon.log", "ab")
+    daemon_log = open(home / "ct" / "daemon.log", "ab")  # noqa: SIM115 - the daemon writes to it until closed below
     daemon = subprocess.Popen([bin_path("dagster-daemon"), "run", "-m", "genops_assets.definitions"], env=env,
                               cwd=REPO, stdout=daemon_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -281,7 +281,8 @@ def score_window(reference: DriftReference, texts: Sequence[str], embeddings: An
     indices = [i for i, f in enumerate(flagged.tolist()) if f]
     labels, clusters = cluster_prompts([texts[i] for i in indices], np.asarray(embeddings)[indices], scores[indices],
                                        max_clusters=max_clusters, background=list(reference.train_texts))
-    return DayDrift(scores, flagged, summary, clusters, {i: int(label) for i, label in zip(indices, labels)})
+    return DayDrift(scores, flagged, summary, clusters,
+                    {i: int(label) for i, label in zip(indices, labels, strict=True)})
 
 
 def projector_rows(reference: DriftReference, live_texts: Sequence[str], live_embeddings: Any, day: DayDrift,

@@ -30,7 +30,7 @@ class EvalExample:
     def identity(self) -> tuple:
         """What the example is, for digests; a task without contexts keeps its historical form."""
         base = (self.example_id, self.input_text, self.reference)
-        return base + (self.contexts, self.reference_contexts) if self.contexts else base
+        return (*base, self.contexts, self.reference_contexts) if self.contexts else base
 
 
 def examples_from_frame(df) -> list[EvalExample]:

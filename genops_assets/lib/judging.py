@@ -65,7 +65,8 @@ class Rubric:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
-_VARIABLES = {"pointwise": {"input", "response", "reference"}, "pairwise": {"input", "response_a", "response_b", "reference"}}
+_VARIABLES = {"pointwise": {"input", "response", "reference"},
+              "pairwise": {"input", "response_a", "response_b", "reference"}}
 
 
 def load_rubric(path: Path) -> Rubric:

@@ -164,7 +164,7 @@ def candidate_scores_png(bars: Sequence[tuple[str, Any]], metric: str) -> bytes:
     """One bar per prompt (first: production) with its 95% interval."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.1 * max(len(bars), 2) + 2.0, 3.2), dpi=110)
-    for i, (label, iv) in enumerate(bars):
+    for i, (_label, iv) in enumerate(bars):
         ax.bar(i, iv.estimate, color="#616161" if i == 0 else "#1565c0",
                yerr=[[iv.estimate - iv.low], [iv.high - iv.estimate]], capsize=5)
         ax.text(i, iv.high + 0.02, f"{iv.estimate:.2f}", ha="center", fontsize=8)
@@ -181,7 +181,7 @@ def win_rate_chart_png(summary: Mapping[str, Any], candidate: str, baseline: str
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=110)
     keys = [("win_rate", "win", "#2e7d32"), ("tie_rate", "tie", "#9e9e9e"), ("loss_rate", "loss", "#c62828")]
-    for i, (k, label, color) in enumerate(keys):
+    for i, (k, _label, color) in enumerate(keys):
         iv = summary[k]
         ax.bar(i, iv["estimate"], color=color, yerr=[[iv["estimate"] - iv["low"]], [iv["high"] - iv["estimate"]]],
                capsize=6)
@@ -294,7 +294,8 @@ def rag_section(judged: Mapping[str, Mapping[str, Mapping[str, Any]]], retrieval
         "retrieval": [{"metric": m, "text": interval_text(s), "without_reference": s.get("without_reference", 0)}
                       for m, s in retrieval.items()],
         "note": ("Judge rubrics: " + ", ".join(f"{k}: {v}" for k, v in rubrics.items())
-                 + ". Scores are the judge's expected rating mapped onto [0, 1]; failed calls are left out of the means."),
+                 + ". Scores are the judge's expected rating mapped onto [0, 1];"
+                 " failed calls are left out of the means."),
         "failed": failed[:max_failures], "failed_total": len(failed),
     }
     return ("Retrieval-augmented generation", render("rag_section.md", **context).rstrip("\n"),

@@ -229,7 +229,7 @@ def find_resume_checkpoint(checkpoints_dir: str | Path, remove_incomplete: bool 
     if not root.is_dir():
         return None, []
     folders = sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-                     key=lambda p: checkpoint_step(p), reverse=True)
+                     key=checkpoint_step, reverse=True)
     chosen: Path | None = None
     skipped: list[str] = []
     for ckpt in folders:

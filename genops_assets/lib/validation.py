@@ -80,7 +80,8 @@ class ValidationReport:
             + ", ".join(str(r) for r in o.failing_rows[:5]) + ("..." if o.failing_count > 5 else "") + ")"
             for o in failed
         ]
-        return f"{self.mart}: {len(failed)}/{len(self.outcomes)} expectations failed on {self.row_count} rows: " + "; ".join(parts)
+        return (f"{self.mart}: {len(failed)}/{len(self.outcomes)} expectations failed on {self.row_count} rows: "
+                + "; ".join(parts))
 
 
 def _label_frame(df, rules: MartRules):

@@ -244,9 +244,8 @@ class Batcher:
             self._release(j)
             with self._lock:
                 self._waiting.discard(j)
-            if not j.future.done():
-                if j.future.running() or j.future.set_running_or_notify_cancel():
-                    j.future.set_exception(exc)
+            if not j.future.done() and (j.future.running() or j.future.set_running_or_notify_cancel()):
+                j.future.set_exception(exc)
 
     def _start(self, jobs: list[Job]) -> list[Job]:
         """Move the jobs not cancelled meanwhile from waiting to running."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -175,7 +176,8 @@ def reload_adapter(state_dir: Path, name: str, adapter_dir: str, version: str, t
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        raise EndpointError(f"reload of '{name}' from {adapter_dir} refused: {exc.read().decode(errors='replace')}") from exc
+        raise EndpointError(f"reload of '{name}' from {adapter_dir} refused: "
+                            f"{exc.read().decode(errors='replace')}") from exc
     new = ServerState(**{**asdict(state), "adapters": {**state.adapters, name: str(adapter_dir)},
                          "versions": {**state.versions, name: str(version)}})
     atomic_write_json(state_dir / STATE_FILE, asdict(new))
@@ -196,10 +198,8 @@ def _terminate(pid: int, grace_s: float = 15.0) -> None:
             if not _alive(pid):
                 return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def stop_server(state_dir: Path) -> bool:

@@ -45,7 +45,7 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
         marks = ", ".join("?" for _ in wanted)
         df = warehouse.query_df(f"select request_id, input_text from {FEEDBACK_SCHEMA}.requests "
                                 f"where request_id in ({marks}) and input_text is not null", wanted)
-        asked = dict(zip(df["request_id"], df["input_text"]))
+        asked = dict(zip(df["request_id"], df["input_text"], strict=True))
     rows, missing = [], []
     for r in scan.rows:
         text = r.input_text or asked.get(r.request_id or "")

@@ -114,8 +114,10 @@ def deployed_endpoint(
     if promoted:
         with open(home.endpoint_dir / "promotions.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"at": datetime.now(UTC).isoformat(), "model": model_name, "version": version,
-                                 "previous": previous.version if previous else None, "run_id": context.run.run_id}) + "\n")
-        context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} (was {previous.version if previous else 'unset'})")
+                                 "previous": previous.version if previous else None,
+                                 "run_id": context.run.run_id}) + "\n")
+        context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} "
+                         f"(was {previous.version if previous else 'unset'})")
 
     outcome = endpoint.deploy(base_model["path"], CHAMPION, str(adapter_dir), version)
     context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version} as {CHAMPION}")

@@ -3,8 +3,8 @@
 drift_calibration embeds the training inputs and fits the flagging threshold once per training
 set; prompt_drift scores each day against it and writes flagged prompts and their clusters to
 ``monitoring.flagged_prompts`` and ``monitoring.prompt_clusters``, an embedding-projector export
-for TensorBoard, and a report to MLflow. The materialization's ``drift`` (bool) and ``flagged_share`` (float) metadata are
-read by sensors: keep their names and types.
+for TensorBoard, and a report to MLflow. The materialization's ``drift`` (bool) and
+``flagged_share`` (float) metadata are read by sensors: keep their names and types.
 """
 
 
