@@ -26,6 +26,8 @@ from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "support_triage"
 MODEL = registered_model_name(TASK)
+# eval_report generates with the tiny random Llama in-process
+pytestmark = pytest.mark.graph
 
 
 @pytest.fixture()
