@@ -3,6 +3,7 @@ checkpoint, a finished run and foreign checkpoints, each against an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -61,6 +62,17 @@ def reference(tmp_path_factory, tiny_model_dir):
     result, messages = train(tiny_model_dir, root)
     assert result.resumed_from_step is None and result.steps == 8 and not messages
     return root, result
+
+
+def test_validation_runs_once_per_eval_step(reference, tiny_model_dir, tmp_path):
+    _, result = reference
+    # eval_every=4 over 8 steps: the Trainer evaluates at 4 and 8; the last step is not evaluated twice.
+    assert [int(h["step"]) for h in result.history if "eval_loss" in h] == [4, 8]
+    # eval_every=0: only the final evaluation.
+    tr, val = examples()
+    cfg = dataclasses.replace(train_config(), eval_every=0, max_steps=2, save_every=2)
+    other = train_lora(tiny_model_dir, tr, val, cfg, tmp_path / "adapter", tmp_path / "work", data_digest=DATA_DIGEST)
+    assert [int(h["step"]) for h in other.history if "eval_loss" in h] == [2]
 
 
 def copy_work(reference_root: Path, dest: Path) -> Path:

@@ -459,13 +459,12 @@ def train_lora(
         trainer.state = TrainerState.load_from_json(str(resume_ckpt / "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt is not None else None)
-    if val_rows:
-        final = trainer.evaluate()
-        rec = {"step": float(trainer.state.global_step), "total_steps": float(total_steps),
-               "eval_loss": float(final["eval_loss"])}
-        history.append(rec)
-        if on_progress:
-            on_progress(rec)
+    evaluated_last_step = any(h.get("eval_loss") is not None and h["step"] == trainer.state.global_step
+                              for h in history)
+    if val_rows and not evaluated_last_step:
+        # The Trainer already evaluates on the last step when eval_every divides max_steps. The
+        # final evaluation reaches the history through the progress callback, like the others.
+        trainer.evaluate()
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
     return TrainResult(
