@@ -219,3 +219,34 @@ def test_a_missing_or_changed_base_model_is_a_clear_error(tmp_path, tiny_model_d
     assert isinstance(answer, str) and answer
     with pytest.raises(BaseModelError, match="changed since"):
         mlflow.pyfunc.load_model(uri, model_config={"base_model_path": str(tmp_path / "elsewhere")})
+
+
+@pytest.mark.graph
+def test_a_task_with_passages_takes_them_as_a_column(tmp_path, tiny_model_dir, tiny_adapter_dir, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from genops_assets.lib.formatting import prompt_variables
+    from genops_assets.serving.generation import generate
+    from genops_assets.serving.mlflow_model import ADAPTER_NAME
+
+    tracking = tracking_at(tmp_path)
+    spec = load_task(ROOT / "tasks", "product_qa")
+    prompt, _ = tracking.register_prompt(prompt_registry_name(spec.name), spec.prompt, "the task folder's prompt")
+    version = register_version(tracking, prompt, tiny_adapter_dir, tiny_model_dir, task=spec.name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(spec.name)}/{version}")
+    assert model.metadata.get_input_schema().input_names() == ["question", "contexts"]
+
+    rows = [("How often do I change the filter?", ["Replace the HEPA filter every 12 months.", "Wipe the pre-filter."]),
+            ("Does it have a night mode?", ["Night mode dims the lights and runs the fan at its lowest speed."])]
+    answers = model.predict(pd.DataFrame({"question": [q for q, _ in rows], "contexts": [c for _, c in rows]}),
+                            params={"max_new_tokens": 6})
+    # The passages are rendered as the endpoint renders a client's prompt_variables.
+    loaded = model.unwrap_python_model().loaded
+    expected = generate(loaded, [spec.prompt.render(prompt_variables(spec, q, c)) for q, c in rows],
+                        adapter=ADAPTER_NAME, max_new_tokens=6)
+    assert answers == [r.text for r in expected] and all(answers)
+    with pytest.raises(MlflowException, match="contexts"):
+        model.predict(pd.DataFrame({"question": ["Does it have a night mode?"]}))
