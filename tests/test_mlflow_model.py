@@ -5,6 +5,7 @@ missing or changed base model is a clear error naming the folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -186,7 +187,8 @@ def test_mlflow_models_serve_answers_over_http(registry, tmp_path, monkeypatch):
                                                           headers={"Content-Type": "application/json"}), timeout=60)
         assert refused.value.code == 400 and "message" in refused.value.read().decode()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the uvicorn it started
         proc.wait(timeout=30)
 
 
