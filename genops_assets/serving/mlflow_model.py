@@ -85,7 +85,7 @@ def input_rows(model_input: Any) -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise TypeError(f"input row {i}: expected a mapping of prompt variables, got {type(row).__name__}")
-        out.append({str(k): _value(v) for k, v in row.items() if not _missing(_value(v))})
+        out.append({str(k): value for k, v in row.items() if not _missing(value := _value(v))})
     return out
 
 
