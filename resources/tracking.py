@@ -24,11 +24,12 @@ from genops_assets.lib.prompts import (
     prompt_registry_name,
 )
 from genops_assets.serving.protocol import CHALLENGER, CHAMPION
-from genops_assets.serving.registry_watch import fetch_adapter
+from genops_assets.serving.registry_watch import ADAPTER_PATH_TAG, fetch_adapter
 
 VERSION_KEY_TAG = "genops.version_key"
 PREVIOUS_CHAMPION_TAG = "genops.previous_champion"
 ASSET_VALUE_TAG = "genops.asset_value"
+MODEL_ID_TAG = "genops.model_id"
 
 
 def registered_model_name(task_name: str) -> str:
@@ -62,6 +63,19 @@ class ModelVersionRef:
     run_id: str | None
     source: str
     tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VersionModel:
+    """A version's MLflow model (a LoggedModel of its tuning run) before registration."""
+
+    model_id: str
+    run_id: str
+    adapter_path: str  # the adapter folder inside the model's folder
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.model_id}"
 
 
 def _ref(mv) -> ModelVersionRef:
@@ -136,15 +150,18 @@ class MlflowTracking(dg.ConfigurableResource):
 
         self.client().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None, *,
+                    model_id: str | None = None, model_prefix: str = "") -> None:
+        """Log ``metrics`` to the run; with ``model_id`` those whose name starts with
+        ``model_prefix`` are that LoggedModel's metrics too (MLflow's model view shows them)."""
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client().log_batch(
-            run_id, metrics=[Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
-        )
+        self.client().log_batch(run_id, metrics=[
+            Metric(k, float(v), ts, step or 0, model_id=model_id if k.startswith(model_prefix) else None)
+            for k, v in metrics.items()])
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client().log_artifacts(run_id, str(local_dir), artifact_path)
@@ -171,6 +188,21 @@ class MlflowTracking(dg.ConfigurableResource):
             run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
         )
 
+    @contextmanager
+    def _fluent(self, run_id: str | None = None) -> Iterator[None]:
+        """MLflow's fluent API (``log_model``, ``register_model``) pointed at this store, inside
+        ``run_id`` when given, which stays RUNNING: its ``run`` block ends it."""
+        import mlflow
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(self.tracking_uri):
+            if run_id is None:
+                yield
+                return
+            with mlflow.start_run(run_id=run_id):
+                yield
+            self.client().update_run(run_id, status="RUNNING")
+
     # -- registry -------------------------------------------------------------------------
 
     def find_version(self, model_name: str, version_key: str) -> ModelVersionRef | None:
@@ -186,8 +218,7 @@ class MlflowTracking(dg.ConfigurableResource):
             raise
         return _ref(found[0]) if found else None
 
-    def register(self, model_name: str, source: str, run_id: str, tags: Mapping[str, str],
-                 description: str = "") -> ModelVersionRef:
+    def _registered_model(self, model_name: str) -> None:
         from mlflow.exceptions import MlflowException
 
         client = self.client()
@@ -195,6 +226,12 @@ class MlflowTracking(dg.ConfigurableResource):
             client.get_registered_model(model_name)
         except MlflowException:
             client.create_registered_model(model_name, description="LoRA adapters tuned by genops")
+
+    def register(self, model_name: str, source: str, run_id: str, tags: Mapping[str, str],
+                 description: str = "") -> ModelVersionRef:
+        """A version whose source is ``source`` as it is (a bare adapter folder)."""
+        client = self.client()
+        self._registered_model(model_name)
         mv = client.create_model_version(
             model_name, source=source, run_id=run_id, tags=dict(tags), description=description
         )
@@ -232,13 +269,32 @@ class MlflowTracking(dg.ConfigurableResource):
         self.set_alias(model_name, CHALLENGER, existing.version)
         return existing, json.loads(existing.tags[ASSET_VALUE_TAG])
 
-    def register_adapter(self, model_name: str, run_id: str, version_key: str, tags: Mapping[str, str],
+    def log_version_model(self, run_id: str, adapter_dir: str | Path, prompt_ref: PromptRef, base_model: Mapping,
+                          tags: Mapping[str, str]) -> VersionModel:
+        """Log ``adapter_dir`` with the prompt version as the run's MLflow model: a pyfunc that
+        loads the base model (recorded by path and folder digest, not copied) and applies both
+        (``genops_assets.serving.mlflow_model``)."""
+        from genops_assets.serving.mlflow_model import adapter_subpath, log_version_model
+
+        with self._fluent(run_id):
+            info = log_version_model(adapter_dir, prompt_ref.served(), base_model["path"],
+                                     base_model["folder_digest"], tags)
+        return VersionModel(info.model_id, run_id, adapter_subpath(info))
+
+    def register_adapter(self, model_name: str, model: VersionModel, version_key: str, tags: Mapping[str, str],
                          value: Mapping[str, Any], description: str) -> ModelVersionRef:
-        """Register the run's ``adapter`` artifacts as a new version under ``version_key``, record
-        the asset value (with its version) on it for a re-run with the same key, and point alias
-        ``challenger`` at it."""
-        mv = self.register(model_name, source=self.artifact_uri(run_id, "adapter"), run_id=run_id,
-                           tags={**tags, VERSION_KEY_TAG: version_key}, description=description)
+        """Register the run's MLflow model as a new version under ``version_key``, record the
+        asset value (with its version) on it for a re-run with the same key, and point alias
+        ``challenger`` at it. The version's adapter files stay where ``fetch_registered_adapter``
+        finds them (version tag ``genops.adapter_path``)."""
+        import mlflow
+
+        self._registered_model(model_name)
+        with self._fluent():
+            mv = _ref(mlflow.register_model(model.uri, model_name, tags={
+                **tags, VERSION_KEY_TAG: version_key, ADAPTER_PATH_TAG: model.adapter_path,
+                MODEL_ID_TAG: model.model_id}))
+        self.client().update_model_version(model_name, mv.version, description)
         self.set_version_tags(model_name, mv.version, {ASSET_VALUE_TAG: json.dumps({**value, "version": mv.version})})
         self.set_alias(model_name, CHALLENGER, mv.version)
         return mv

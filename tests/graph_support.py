@@ -93,3 +93,19 @@ def same_numbers(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
     return a == b
+
+
+def register_version(tracking, prompt_ref, adapter_dir: Path, base_dir: Path, task: str = "support_triage") -> str:
+    """Register ``adapter_dir`` as a version of the task's model through the calls tuned_adapter
+    makes (an MLflow model in a tracking run, then a registry version); returns the version."""
+    from genops_assets.lib.hashing import file_digests, sha256_dir, sha256_json
+    from resources.tracking import registered_model_name
+
+    digest = sha256_json(file_digests(adapter_dir))
+    tags = {"genops.adapter_digest": digest}
+    base = {"path": str(base_dir), "folder_digest": sha256_dir(base_dir)}
+    with tracking.run(f"genops/{task}", "sft", {}) as run_id:
+        model = tracking.log_version_model(run_id, adapter_dir, prompt_ref, base, tags)
+        mv = tracking.register_adapter(registered_model_name(task), model, digest, tags,
+                                       {"adapter_dir": str(adapter_dir), "model_id": model.model_id}, "test adapter")
+    return mv.version

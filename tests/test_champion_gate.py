@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import pytest
+from graph_support import register_version
 
 from genops_assets.defs.evaluation.assets import eval_report
 from genops_assets.defs.evaluation.checks import beats_champion
@@ -20,7 +21,7 @@ from genops_assets.lib.tasks import load_task, read_raw_file
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.task import TaskResource
-from resources.tracking import CHAMPION, MlflowTracking, registered_model_name
+from resources.tracking import CHAMPION, MODEL_ID_TAG, MlflowTracking, registered_model_name
 from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,20 +55,12 @@ def res(tmp_path):
             "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
 
 
-def register(tracking: MlflowTracking, adapter_dir: Path) -> str:
-    """A registered version of the adapter folder, as tuning registers it."""
-    digest = sha256_json(file_digests(adapter_dir))
-    with tracking.run(f"genops/{TASK}", "sft", {}) as run_id:
-        tracking.log_artifacts(run_id, adapter_dir, "adapter")
-    return tracking.register_adapter(MODEL, run_id, digest, {"genops.adapter_digest": digest},
-                                     {"adapter_dir": str(adapter_dir)}, "test adapter").version
-
-
 def evaluate(res: dict, tiny_model_dir: Path, adapter_dir: Path, version: str, margin: float) -> tuple[dict, dict]:
     """eval_report and its gate check for candidate ``version``: (value, check metadata)."""
     base = {"name": "tiny", "path": str(tiny_model_dir), "folder_digest": "tiny-base"}
     candidate = {"model_name": MODEL, "version": version, "adapter_dir": str(adapter_dir),
-                 "adapter_digest": sha256_json(file_digests(adapter_dir))}
+                 "adapter_digest": sha256_json(file_digests(adapter_dir)),
+                 "model_id": res["mlflow"].get_version(MODEL, version).tags[MODEL_ID_TAG]}
 
     @dg.asset(name="base_model")
     def base_model_value() -> dict:
@@ -96,8 +89,9 @@ def test_rerun_of_the_champion_is_gated_against_the_previous_champion(res, tiny_
     other = tmp_path / "other-adapter"
     shutil.copytree(tiny_adapter_dir, other)
     (other / "README.md").write_text("a second adapter\n")
-    v1 = register(tracking, tiny_adapter_dir)
-    v2 = register(tracking, other)
+    prompt = tracking.resolve_prompt(res["task"].load())
+    v1 = register_version(tracking, prompt, tiny_adapter_dir, tiny_model_dir)
+    v2 = register_version(tracking, prompt, other, tiny_model_dir)
     tracking.promote(MODEL, v1, {})
     tracking.promote(MODEL, v2, {})
     assert tracking.alias(MODEL, CHAMPION).version == v2
@@ -118,11 +112,17 @@ def test_rerun_of_the_champion_is_gated_against_the_previous_champion(res, tiny_
     assert passing["gate"]["passed"] is True and check["passed"] is True
     labels = {json.loads(line)["model"] for line in Path(passing["predictions_file"]).read_text().splitlines()}
     assert f"previous champion v{v1}" in labels and f"candidate v{v2}" in labels
+    # The candidate's scores are its MLflow model's metrics too (MLflow's model view); the others' are not.
+    logged = tracking.client().get_logged_model(tracking.get_version(MODEL, v2).tags[MODEL_ID_TAG])
+    scores = {m.key: m.value for m in logged.metrics}
+    assert scores["candidate.mean_field_exact_match"] == pytest.approx(
+        passing["candidate"]["metrics"]["mean_field_exact_match"])
+    assert not [k for k in scores if not k.startswith("candidate.")]
 
 
 def test_rerun_of_a_first_champion_is_gated_against_the_base_model(res, tiny_model_dir, tiny_adapter_dir):
     tracking = res["mlflow"]
-    v1 = register(tracking, tiny_adapter_dir)
+    v1 = register_version(tracking, tracking.resolve_prompt(res["task"].load()), tiny_adapter_dir, tiny_model_dir)
     tracking.promote(MODEL, v1, {})
     value, check = evaluate(res, tiny_model_dir, tiny_adapter_dir, v1, margin=0.0)
     assert (value["gate"]["baseline_role"], value["gate"]["baseline_name"]) == ("base model", "base model")

@@ -58,6 +58,10 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     mv = tracking.get_version("genops-support_triage", "1")
     for tag in ("genops.base_model_digest", "genops.train_digest", "genops.dagster_run_id", "genops.code_version"):
         assert mv.tags[tag]
+    # The version is the tuning run's MLflow model, which holds the candidate's golden-set scores.
+    assert mv.source == f"models:/{adapter['model_id']}" and mv.run_id == adapter["run_id"]
+    assert "candidate.mean_field_exact_match" in {
+        m.key for m in tracking.client().get_logged_model(adapter["model_id"]).metrics}
     run = tracking.client().get_run(adapter["run_id"])
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["support_triage-sft-train",
                                                                    "support_triage-sft-validation"]

@@ -14,7 +14,7 @@ import difflib
 import re
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,10 @@ class PromptRef:
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "digest": self.digest, "uri": self.uri,
                 "aliases": list(self.aliases), "commit_message": self.commit_message}
+
+    def served(self) -> dict[str, Any]:
+        """The record an endpoint renders ``prompt_variables`` with (its ``prompt.json``)."""
+        return {"name": self.name, "version": self.version, "digest": self.digest, "template": asdict(self.template)}
 
 
 def prompt_registry_name(task_name: str) -> str:

@@ -110,6 +110,7 @@ class TunedAdapter:
     steps: int
     final_train_loss: float | None
     final_eval_loss: float | None
+    model_id: str | None = None  # the version's MLflow model (LoggedModel) in the tuning run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

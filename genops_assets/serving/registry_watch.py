@@ -13,6 +13,17 @@ from pathlib import Path
 log = logging.getLogger("genops.serving")
 
 DIGEST_TAG = "genops.adapter_digest"
+ADAPTER_PATH_TAG = "genops.adapter_path"
+"""Version tag: where the adapter files lie inside the version's MLflow model folder."""
+
+
+def adapter_uri(client, mv) -> str:
+    """Where a version's adapter files are: a folder inside its MLflow model (version tag
+    ``genops.adapter_path``), or, for a version registered as a bare adapter folder, its source."""
+    subpath = (mv.tags or {}).get(ADAPTER_PATH_TAG)
+    if not subpath:
+        return mv.source
+    return f"{client.get_model_version_download_uri(mv.name, mv.version).rstrip('/')}/{subpath}"
 
 
 def fetch_adapter(client, tracking_uri: str, model_name: str, version: str, cache_dir: Path) -> Path:
@@ -25,8 +36,8 @@ def fetch_adapter(client, tracking_uri: str, model_name: str, version: str, cach
     target = cache_dir / model_name / f"v{version}"
     if not target.is_dir():
         with atomic_dir(target) as tmp:
-            src = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp / "dl"),
-                                                           tracking_uri=tracking_uri))
+            src = Path(mlflow.artifacts.download_artifacts(artifact_uri=adapter_uri(client, mv),
+                                                           dst_path=str(tmp / "dl"), tracking_uri=tracking_uri))
             for item in src.iterdir():
                 shutil.move(str(item), tmp / item.name)
             shutil.rmtree(tmp / "dl", ignore_errors=True)

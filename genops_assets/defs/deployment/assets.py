@@ -5,7 +5,6 @@ offline evaluation, then move the `champion` alias and serve it."""
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -87,8 +86,7 @@ def deployed_endpoint(
     if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
         raise dg.Failure(f"production prompt moved to v{prompt_ref.version} after the evaluation (which used "
                          f"v{eval_report['prompt']['version']}); re-run eval_report before deploying")
-    endpoint.publish_prompt({"name": prompt_ref.name, "version": prompt_ref.version, "digest": prompt_ref.digest,
-                             "template": asdict(prompt_ref.template)})
+    endpoint.publish_prompt(prompt_ref.served())
     adapter_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, version)
     staged = endpoint.deploy(base_model["path"], CHALLENGER, str(adapter_dir), version)
     context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {CHALLENGER}")

@@ -146,7 +146,9 @@ def eval_report(
                                    "prompt_version": production.version, "prompt_digest": production.digest,
                                    "margin": config.margin, "primary_metric": spec.primary_metric,
                                    "candidate_version": version, "gate_baseline": gate.baseline_name})
-        mlflow.log_metrics(run_id, {**golden_eval.mlflow_metrics(), **(rag_mlflow_metrics(rag) if rag else {})})
+        # The candidate's scores are its MLflow model's metrics too (MLflow's model view).
+        mlflow.log_metrics(run_id, {**golden_eval.mlflow_metrics(), **(rag_mlflow_metrics(rag) if rag else {})},
+                           model_id=tuned_adapter.get("model_id"), model_prefix="candidate.")
         mlflow.log_artifacts(run_id, out_dir, "report")
         mlflow.set_version_tags(model_name, version, {
             "genops.eval.golden_digest": golden_digest,

@@ -51,7 +51,9 @@ def tuned_adapter(
     home: GenopsHome,
 ) -> dg.Output[dict]:
     """A LoRA adapter trained on the train split of sft_dataset (loss on answer tokens only),
-    registered in MLflow with alias `challenger`. Same base model, data, prompts and config ->
+    registered in MLflow with alias `challenger` as an MLflow model (a pyfunc of the adapter and
+    prompt on the base model: `mlflow.pyfunc.load_model("models:/genops-<task>@champion")`
+    answers as the endpoint does). Same base model, data, prompts and config ->
     same version key -> the registered version is reused, nothing is trained twice.
     Cost: minutes on CPU (about 5 s/step for the embedded model on 2 cores). An interrupted run
     (retried by the retry policy, or re-launched) resumes from the last complete checkpoint in
@@ -115,21 +117,22 @@ def tuned_adapter(
         curve = home.runs_dir / plan.version_key / "loss_curve.png"
         curve.write_bytes(loss_curve_png(result.history))
         mlflow.log_artifact(run_id, curve, "plots")
-        mlflow.log_artifacts(run_id, adapter_dir, "adapter")
         adapter_files = file_digests(adapter_dir)
+        version_tags = {**tags, "genops.base_model_digest": base_model["folder_digest"],
+                        "genops.train_digest": plan.digests["train"],
+                        "genops.validation_digest": plan.digests["validation"],
+                        "genops.adapter_digest": sha256_json(adapter_files), VERSION_KEY_TAG: plan.version_key}
+        # The version is an MLflow model: the adapter and prompt on the base model (by path and digest).
+        model = mlflow.log_version_model(run_id, adapter_dir, prompt_ref, base_model, version_tags)
         adapter = TunedAdapter(
             model_name=model_name, version_key=plan.version_key, adapter_dir=str(adapter_dir),
             adapter_digest=sha256_json(adapter_files), adapter_files=adapter_files, run_id=run_id,
             base_model_digest=base_model["folder_digest"], base_model_path=base_model["path"],
             dataset_digests=plan.digests, prompt=prompt_ref.summary(), steps=result.steps,
-            final_train_loss=result.last("loss"), final_eval_loss=result.last("eval_loss"))
+            final_train_loss=result.last("loss"), final_eval_loss=result.last("eval_loss"), model_id=model.model_id)
         mv = mlflow.register_adapter(
-            model_name, run_id, plan.version_key,
-            tags={**tags, "genops.base_model_digest": base_model["folder_digest"],
-                  "genops.train_digest": plan.digests["train"],
-                  "genops.validation_digest": plan.digests["validation"],
-                  "genops.adapter_digest": adapter.adapter_digest},
-            value=adapter.as_dict(), description=f"LoRA r={cfg.rank} on {base_model['name']}, {result.steps} steps")
+            model_name, model, plan.version_key, tags=version_tags, value=adapter.as_dict(),
+            description=f"LoRA r={cfg.rank} on {base_model['name']}, {result.steps} steps")
     context.log.info(f"registered {model_name} v{mv.version} (alias {CHALLENGER}), {result.steps} steps in "
                      f"{result.runtime_s:.0f}s")
     return dg.Output(
@@ -140,6 +143,8 @@ def tuned_adapter(
             "version_key": plan.version_key,
             "prompt_version": prompt_ref.version,
             "mlflow_run_id": run_id,
+            "mlflow_model_id": model.model_id,
+            "model_uri": f"models:/{model_name}/{mv.version}",
             "steps": result.steps,
             "resumed_from_step": result.resumed_from_step or 0,
             "train_examples": result.train_examples,
