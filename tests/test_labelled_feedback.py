@@ -10,14 +10,16 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from genops_assets.defs.datasets.assets import raw_task_examples
+from genops_assets.defs.datasets.assets import build_raw_examples
 from genops_assets.defs.feedback.assets import request_log
+from genops_assets.lib.tasks import TaskRef
 from resources.feedback_store import DuckDBFeedbackStore
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.warehouse import DuckDBWarehouse
 
 REPO = Path(__file__).resolve().parents[1]
+TASK = TaskRef("support_triage", str(REPO / "tasks"))
+raw_task_examples = build_raw_examples(TASK)
 OUT = {"category": "technical_issue", "priority": "high", "product": "hub",
        "summary": "Customer reports the hub blinking orange after a move."}
 
@@ -26,11 +28,10 @@ def test_labels_on_a_fresh_warehouse_without_requests(tmp_path):
     labels = tmp_path / "feedback" / "labels"
     labels.mkdir(parents=True)
     (labels / "a.jsonl").write_text(json.dumps({"request_id": "req-1", "output": OUT}) + "\n")
-    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path)),
-           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path))}
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success
-    mat = result.asset_materializations_for_node("raw_task_examples")[0]
+    mat = result.asset_materializations_for_node(TASK.step("raw_task_examples"))[0]
     assert mat.metadata["labelled_feedback_rows"].value == 0
 
 
@@ -48,13 +49,12 @@ def test_labels_join_the_raw_examples(tmp_path):
         json.dumps({"request_id": "req-unknown", "output": OUT}),               # cannot be placed
         json.dumps({"input": "camera offline", "output": {**OUT, "priority": "whenever"}}),  # not in the schema
     ]) + "\n")
-    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path)),
-           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path))}
     res["feedback_store"] = DuckDBFeedbackStore(warehouse=res["warehouse"])
     assert dg.materialize([request_log], resources=res).success
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success
-    mat = result.asset_materializations_for_node("raw_task_examples")[0]
+    mat = result.asset_materializations_for_node(TASK.step("raw_task_examples"))[0]
     assert mat.metadata["labelled_feedback_rows"].value == 2
     df = res["warehouse"].query_df("select source_file, source_row, input_text, output_json from raw.task_examples "
                                    "where source_file like 'feedback/%' order by source_row")
