@@ -79,7 +79,8 @@ def _placeholder(defs: dg.Definitions, folder: str):
     ("missing_file", "does not exist"),
     ("schema_error", "field 'no_such_field' is not a property of output_schema.json"),
     ("no_task_yaml", "needs a task.yaml"),
-], ids=["bad_yaml", "missing_file", "schema_error", "no_task_yaml"])
+    ("bad_name", "task name 'broken-task' must match"),
+], ids=["bad_yaml", "missing_file", "schema_error", "no_task_yaml", "bad_name"])
 def test_a_broken_folder_shows_its_error_and_the_others_load(tmp_path, three_tasks, caplog, breakage, message):
     broken = copy_task("support_triage", three_tasks, "broken_task")
     cfg = broken / "task.yaml"
@@ -90,8 +91,10 @@ def test_a_broken_folder_shows_its_error_and_the_others_load(tmp_path, three_tas
     elif breakage == "schema_error":
         cfg.write_text(cfg.read_text().replace("label_fields: [category, priority, product]",
                                                "label_fields: [category, priority, no_such_field]"))
-    else:
+    elif breakage == "no_task_yaml":
         cfg.unlink()
+    else:
+        cfg.write_text(cfg.read_text().replace("name: broken_task\n", "name: broken-task\n"))
     with caplog.at_level("WARNING", logger="genops"):
         defs = load_graph(tmp_path / "home", three_tasks)
     keys = _keys(defs)
@@ -117,6 +120,17 @@ def test_two_folders_declaring_one_task_name_are_both_errors(tmp_path, three_tas
         error = _placeholder(defs, folder).metadata["error"].value
         assert "task name 'product_qa' is declared by more than one folder" in error
     assert keys >= {f"{t}/{a}" for t in ("support_triage", "ticket_routing") for a in PER_TASK}
+
+
+def test_run_configs_name_steps_by_asset_name():
+    from genops_assets.lib.tasks import task_run_config
+
+    written = {"ops": {"eval_report": {"config": {"max_examples": 4}}, "base_model": {"config": {}},
+                       "qa__tuned_adapter": {}}, "execution": {"config": {}}}
+    assert task_run_config("qa", written) == {
+        "ops": {"qa__eval_report": {"config": {"max_examples": 4}}, "base_model": {"config": {}},
+                "qa__tuned_adapter": {}}, "execution": {"config": {}}}
+    assert task_run_config("qa", {}) == {}
 
 
 def _cli_env(tmp_path: Path, tasks_dir: Path) -> dict[str, str]:
