@@ -82,6 +82,10 @@ class GenopsHome(dg.ConfigurableResource):
 
     @property
     def labels_dir(self) -> Path:
-        """Where reviewers drop labelled live answers (read by the feedback sensor and the raw
-        examples; not created here, a missing folder means no labels)."""
+        """The folder of reviewers' labelled live answers, one subfolder per task."""
         return self.path / "feedback" / "labels"
+
+    def task_labels_dir(self, task: str) -> Path:
+        """Where reviewers drop labelled live answers of ``task`` (read by the task's feedback
+        sensor and raw examples; not created here, a missing folder means no labels)."""
+        return self.labels_dir / task

@@ -1,5 +1,5 @@
 """Continuous training from human feedback: labelled / corrected rows dropped as JSONL files into
-``<GENOPS_HOME>/feedback/labels/`` (format: genops_assets/lib/labels.py)."""
+``<GENOPS_HOME>/feedback/labels/<task>/`` (format: genops_assets/lib/labels.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def log_issues(context: dg.SensorEvaluationContext, folder: Path, scan: LabelSca
 def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskRef, home: GenopsHome,
                            automation: AutomationResource):
     spec = task.load()
-    folder = home.labels_dir
+    folder = home.task_labels_dir(spec.name)
     scan = scan_labels(folder, spec)
     log_issues(context, folder, scan)
     bad = ""
@@ -90,6 +90,7 @@ def build_feedback_labels_sensor(task: TaskRef) -> dg.SensorDefinition:
         minimum_interval_seconds=5,  # a scan of small label files: cheap
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Requests a continuous-training run of {task.name} when at least GENOPS_FEEDBACK_MIN_LABELS "
-        "(default 10) new valid labelled rows are in <GENOPS_HOME>/feedback/labels/*.jsonl. run_key = digest of all "
-        "valid label rows, so the same labels never train twice; invalid lines are logged with file:line.",
+        f"(default 10) new valid labelled rows are in <GENOPS_HOME>/feedback/labels/{task.name}/*.jsonl. run_key = "
+        "digest of all valid label rows, so the same labels never train twice; invalid lines are logged with "
+        "file:line.",
     )(bind_task(feedback_labels_sensor, task))

@@ -51,8 +51,8 @@ def automation(res, **settings) -> dict:
     return {**res, "automation": AutomationResource(**settings)}
 
 
-def write_labels(res, name: str, rows: list, raw_lines: list[str] | None = None) -> Path:
-    folder = res["home"].labels_dir
+def write_labels(res, name: str, rows: list, raw_lines: list[str] | None = None, task: str = TASK.name) -> Path:
+    folder = res["home"].task_labels_dir(task)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     lines = [json.dumps(r) for r in rows] + list(raw_lines or [])
@@ -76,6 +76,8 @@ def labels_tick(res, cursor=None, instance=None):
 
 
 def test_labels_below_threshold_skip_and_at_threshold_one_run(res):
+    # Labels are per task: another task's folder is not this task's feedback.
+    write_labels(res, "other.jsonl", [label(i + 100) for i in range(12)], task="product_qa")
     write_labels(res, "batch1.jsonl", [label(i) for i in range(9)])
     skipped, _ = labels_tick(res)
     assert isinstance(skipped, dg.SkipReason)
@@ -86,7 +88,7 @@ def test_labels_below_threshold_skip_and_at_threshold_one_run(res):
     assert isinstance(got, dg.SensorResult) and len(got.run_requests) == 1
     req = got.run_requests[0]
     spec = TASK.load()
-    digest = scan_labels(res["home"].labels_dir, spec).digest
+    digest = scan_labels(res["home"].task_labels_dir(TASK.name), spec).digest
     assert req.run_key == f"feedback_labels:support_triage:{digest}"
     assert req.tags["genops/trigger"] == "feedback_labels"
     assert req.tags["genops/label_rows"] == "10" and req.tags["genops/new_label_rows"] == "10"

@@ -1,4 +1,4 @@
-"""Reviewed live answers become training examples: labels from <home>/feedback/labels/ join the
+"""Reviewed live answers become training examples: labels from <home>/feedback/labels/<task>/ join the
 task's raw examples, a label naming only a request id takes the question from the feedback store,
 and labels that cannot be placed are left out and reported."""
 
@@ -25,7 +25,7 @@ OUT = {"category": "technical_issue", "priority": "high", "product": "hub",
 
 
 def test_labels_on_a_fresh_warehouse_without_requests(tmp_path):
-    labels = tmp_path / "feedback" / "labels"
+    labels = tmp_path / "feedback" / "labels" / "support_triage"
     labels.mkdir(parents=True)
     (labels / "a.jsonl").write_text(json.dumps({"request_id": "req-1", "output": OUT}) + "\n")
     res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path))}
@@ -41,7 +41,7 @@ def test_labels_join_the_raw_examples(tmp_path):
     log.write_text(json.dumps({"ts": 1_790_000_000, "request_id": "req-1", "status": 200, "model": "champion",
                                "prompt_variables": {"message": "the hub blinks orange since I moved house"},
                                "response": "{}"}) + "\n")
-    labels = tmp_path / "feedback" / "labels"
+    labels = tmp_path / "feedback" / "labels" / "support_triage"
     labels.mkdir(parents=True)
     (labels / "review.jsonl").write_text("\n".join([
         json.dumps({"request_id": "req-1", "output": OUT}),                     # question from the store
@@ -60,7 +60,8 @@ def test_labels_join_the_raw_examples(tmp_path):
                                    "where source_file like 'feedback/%' order by source_row")
     assert list(df["input_text"]) == ["the hub blinks orange since I moved house",
                                       "my hub light is orange and it never connects"]
-    assert list(df["source_row"]) == [1, 2] and set(df["source_file"]) == {"feedback/labels/review.jsonl"}
+    assert list(df["source_row"]) == [1, 2]
+    assert set(df["source_file"]) == {"feedback/labels/support_triage/review.jsonl"}
     assert json.loads(df.loc[0, "output_json"]) == OUT
     files = mat.metadata["files"].value["feedback/labels"]
     assert files["issues"] == 1 and files["missing"] == 1

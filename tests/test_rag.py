@@ -277,7 +277,7 @@ def test_raw_table_holds_the_passages_and_labels_without_them_are_left_out(tmp_p
     task = TaskRef("product_qa", str(REPO / "tasks"))
     raw_task_examples = build_raw_examples(task)
 
-    labels = tmp_path / "feedback" / "labels"
+    labels = tmp_path / "feedback" / "labels" / "product_qa"
     labels.mkdir(parents=True)
     (labels / "a.jsonl").write_text(json.dumps({"input": "Can I wash the HEPA filter at all?",
                                                 "output": {"answerable": "no", "answer": "Not covered here."}}) + "\n")

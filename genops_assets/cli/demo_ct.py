@@ -5,7 +5,7 @@
 3. Live traffic - support tickets plus a few off-topic questions - reaches the endpoint through
    the openai client. The request-log sensor loads it into the feedback store; declarative
    automation refreshes the monitoring assets (serving metrics, drift, online quality).
-4. A reviewer's labels for the live tickets land in ``<home>/feedback/labels/``.
+4. A reviewer's labels for the live tickets land in ``<home>/feedback/labels/support_triage/``.
 5. The feedback sensor fires -> <task>_continuous_training: retrain, evaluate, promote, deploy.
 6. The endpoint answers `champion` with the new version.
 
@@ -130,7 +130,7 @@ def reviewer_labels(answers: list[dict]) -> tuple[list[dict], int]:
 
 
 def drop_labels(home: Path, rows: list[dict]) -> Path:
-    target = GenopsHome(root=str(home)).labels_dir / f"review-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
+    target = GenopsHome(root=str(home)).task_labels_dir(CT_TASK) / f"review-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
     # the sensor sees whole files only (the temp file is hidden and not .jsonl)
     return atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

@@ -24,10 +24,10 @@ dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_D
 
 
 def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehouse) -> tuple[list[tuple], dict]:
-    """Reviewed live answers from ``<home>/feedback/labels/`` as raw rows. A label that names
+    """Reviewed live answers from ``<home>/feedback/labels/<task>/`` as raw rows. A label that names
     only a request id takes the question from the feedback store. Lines that do not fit the
     task are reported with file:line and left out (the feedback sensor reports them too)."""
-    folder = home.labels_dir
+    folder = home.task_labels_dir(spec.name)
     scan = scan_labels(folder, spec)
     for issue in scan.issues:
         context.log.warning(f"label left out: {folder}/{issue}")
@@ -52,7 +52,8 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
         if text is None:
             missing.append(f"{r.source_file}:{r.line} (request {r.request_id})")
             continue
-        rows.append((f"feedback/labels/{r.source_file}", r.line, text, json.dumps(r.output, ensure_ascii=False)))
+        rows.append((f"feedback/labels/{spec.name}/{r.source_file}", r.line, text,
+                     json.dumps(r.output, ensure_ascii=False)))
     if missing:
         context.log.warning(f"labels whose request id is not in {FEEDBACK_SCHEMA}.requests, left out: {missing}")
     return rows, {"rows": len(rows), "digest": scan.digest, "issues": len(scan.issues), "missing": len(missing)}
@@ -62,7 +63,7 @@ def raw_task_examples(
     context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, home: GenopsHome
 ) -> dg.MaterializeResult:
     """Every example of the task (its data files plus ``incoming/``) and every reviewed
-    live answer (``<home>/feedback/labels/``), one row each, loaded into ``raw.task_examples``.
+    live answer (``<home>/feedback/labels/<task>/``), one row each, loaded into ``raw.task_examples``.
     Files are all read before anything is written, and the task's rows are replaced in one
     transaction. Cost: seconds.
     """
