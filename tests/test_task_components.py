@@ -122,6 +122,21 @@ def test_two_folders_declaring_one_task_name_are_both_errors(tmp_path, three_tas
     assert keys >= {f"{t}/{a}" for t in ("support_triage", "ticket_routing") for a in PER_TASK}
 
 
+def test_one_genops_task_instance_builds_one_folder(tmp_path, three_tasks):
+    """The component on its own (as a defs.yaml of `type: genops_assets.components.GenOpsTask` would
+    declare it): one folder's graph, and a folder that is not there as its error."""
+    from graph_support import genops_env
+
+    from genops_assets.components import GenOpsTask
+
+    with genops_env(home=str(tmp_path / "home")):
+        built = dg.build_defs_for_component(GenOpsTask(folder="ticket_routing", tasks_dir=str(three_tasks)))
+        missing = dg.build_defs_for_component(GenOpsTask(folder="no_such_task", tasks_dir=str(three_tasks)))
+    keys = {k.to_user_string() for a in built.assets for k in a.keys}
+    assert keys >= {f"ticket_routing/{a}" for a in PER_TASK} and not any(k.startswith("product_qa/") for k in keys)
+    assert [k.to_user_string() for a in missing.assets for k in [a.key]] == ["no_such_task/task_folder"]
+
+
 def test_run_configs_name_steps_by_asset_name():
     from genops_assets.lib.tasks import task_run_config
 
