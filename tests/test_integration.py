@@ -6,9 +6,19 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from graph_support import check_results, free_port, loop_job, make_defs, materialized, node, probe_eval_report
+from graph_support import (
+    TASK,
+    check_results,
+    free_port,
+    loop_job,
+    make_defs,
+    materialized,
+    node,
+    probe_eval_report,
+)
 from openai import OpenAI
 
+from genops_assets.lib.tasks import task_run_config
 from genops_assets.serving import control
 
 pytestmark = pytest.mark.integration
@@ -22,12 +32,12 @@ def test_loop_on_embedded_smollm2(tmp_path):
     instance = dg.DagsterInstance.ephemeral()
 
     def run_config(margin: float) -> dict:
-        return {"ops": {
+        return task_run_config(TASK, {"ops": {
             "tuned_adapter": {"config": {"max_steps": 4, "max_train_examples": 16, "eval_every": 0, "save_every": 2,
                                          "log_every": 1}},
             "eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": margin, "base_few_shot": 0}},
             "sxs_evaluation": {"config": {"max_examples": 4}},
-        }}
+        }})
 
     try:
         # The gate on the measured improvement: the margin just below the interval's lower bound.
