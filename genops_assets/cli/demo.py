@@ -5,7 +5,7 @@ The job runs in a `dagster job execute` subprocess (its DEBUG lines go to
 ``<data dir>/logs/<job>-<time>.log``); this process follows the run in the Dagster event log
 and prints one line per step and the steps' own progress messages. The summary reads the
 run's materializations (report paths, gate, endpoint), asks the endpoint about a held-out
-golden example of the active task with the request it prints as a curl command, and checks
+golden example of the demo's task with the request it prints as a curl command, and checks
 that the answer fits the task's output schema.
 """
 
@@ -165,7 +165,7 @@ def demo(job: str = "genops_loop", run_config: Path | None = DEMO_RUN_CONFIG, ta
 
 @dataclass(frozen=True)
 class Example:
-    """A held-out golden example of the active task and the request that asks the endpoint."""
+    """A held-out golden example of the demo's task and the request that asks the endpoint."""
 
     example_id: str
     input_text: str
