@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 MANIFEST := dbt/target/manifest.json
 DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
 
-.PHONY: install demo ct-demo enhance test test-fast lint bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard
+.PHONY: install demo ct-demo enhance test test-fast lint check-defs bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard
 
 install: $(STAMP) $(MANIFEST)
 
@@ -48,13 +48,15 @@ ct-demo: install
 	$(BIN)/python -m genops_assets.cli.demo_ct
 
 TENSORBOARD_PORT ?= 6006
-PROJECTOR_DIR := $(GENOPS_HOME)/monitoring/projector/latest
+TASK ?= $(or $(GENOPS_TASK),support_triage)
+PROJECTOR_DIR := $(GENOPS_HOME)/monitoring/$(TASK)/projector/latest
 
-# Embedding projector on the newest prompt_drift export: train / golden / live / flagged prompts.
+# Embedding projector on a task's newest prompt_drift export (TASK=..., default GENOPS_TASK or
+# support_triage): train / golden / live / flagged prompts.
 # tensorboard is installed into .venv here on first use; the rest of genops does not need it.
 tensorboard: install
 	$(BIN)/python -c "import tensorboard" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt "tensorboard==2.21.0"
-	@test -f $(PROJECTOR_DIR)/projector_config.pbtxt || { echo "no projector export in $(PROJECTOR_DIR): materialize prompt_drift first"; exit 1; }
+	@test -f $(PROJECTOR_DIR)/projector_config.pbtxt || { echo "no projector export in $(PROJECTOR_DIR): materialize $(TASK)/prompt_drift first"; exit 1; }
 	$(BIN)/tensorboard --logdir $(PROJECTOR_DIR) --host 127.0.0.1 --port $(TENSORBOARD_PORT)
 
 # LLM prompt enhancement on the demo's results (run `make demo` first), then the eval report again.
@@ -75,6 +77,10 @@ test-fast: install
 # ruff comes with the pinned set; the dbt manifest is not needed to lint.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The code location loads with every task folder, as dg sees it (components, defs folder).
+check-defs: install
+	$(BIN)/dg check defs
 
 # Side-by-side timings (ratios) written to $(GENOPS_HOME)/bench/results.json.
 # llama.cpp (llama-cpp-python, built from source: minutes) is installed here only, for the

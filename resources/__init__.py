@@ -17,7 +17,6 @@ from resources.feedback_store import BigQueryFeedbackStore, DuckDBFeedbackStore,
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.settings import REPO_ROOT, GenopsSettings
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 from resources.warehouse import DuckDBWarehouse
 
@@ -65,7 +64,6 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
     return {
         "home": GenopsHome(root=str(home), background_nice=settings.background_nice),
-        "task": TaskResource(tasks_dir=str(settings.tasks_dir), name=task_name),
         "warehouse": warehouse,
         "feedback_store": feedback_store_backend(warehouse, settings),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from resources.settings import DEFAULT_BACKGROUND_NICE
+
+# The UTC day the data directory was set up (YYYY-MM-DD): daily monitoring partitions start there.
+INSTALL_MARKER = "installed_on"
+
+
+def install_day(root: Path) -> str:
+    """The day recorded in ``<root>/installed_on``, written now (today, UTC) when missing. The
+    first writer wins (exclusive create), so every process reads the same day afterwards."""
+    marker = root / INSTALL_MARKER
+    if not marker.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{INSTALL_MARKER}.{os.getpid()}"
+        tmp.write_text(datetime.now(UTC).strftime("%Y-%m-%d") + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, marker)  # atomic, and fails when another process got there first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    text = marker.read_text(encoding="utf-8").strip()
+    try:
+        datetime.strptime(text, "%Y-%m-%d")
+    except ValueError as exc:
+        raise ValueError(f"{marker}: expected the install day as YYYY-MM-DD, got {text[:40]!r}") from exc
+    return text
 
 
 class GenopsHome(dg.ConfigurableResource):
@@ -55,6 +82,10 @@ class GenopsHome(dg.ConfigurableResource):
 
     @property
     def labels_dir(self) -> Path:
-        """Where reviewers drop labelled live answers (read by the feedback sensor and the raw
-        examples; not created here, a missing folder means no labels)."""
+        """The folder of reviewers' labelled live answers, one subfolder per task."""
         return self.path / "feedback" / "labels"
+
+    def task_labels_dir(self, task: str) -> Path:
+        """Where reviewers drop labelled live answers of ``task`` (read by the task's feedback
+        sensor and raw examples; not created here, a missing folder means no labels)."""
+        return self.labels_dir / task

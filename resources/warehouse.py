@@ -16,8 +16,18 @@ RAW_COLUMNS = (("source_file", "varchar"), ("source_row", "integer"), ("input_te
                ("output_json", "varchar"), ("contexts_json", "varchar"), ("reference_contexts_json", "varchar"),
                ("loaded_at", "timestamp"))
 FEEDBACK_SCHEMA = "feedback"
-# where dbt builds the marts (golden_eval_dataset, sft_dataset, few_shot_examples)
-MART_SCHEMA = "main"
+
+
+def mart_schema(task: str) -> str:
+    """Where dbt builds a task's staging table and marts (golden_eval_dataset, sft_dataset,
+    few_shot_examples): one schema per task, so tasks never replace each other's tables
+    (dbt/macros/generate_schema_name.sql names it the same way)."""
+    return f"marts_{task}"
+
+
+def monitoring_schema(task: str) -> str:
+    """Where a task's monitoring assets keep their daily tables."""
+    return f"monitoring_{task}"
 
 
 class DuckDBWarehouse(dg.ConfigurableResource):

@@ -1,5 +1,5 @@
 """Continuous training from human feedback: labelled / corrected rows dropped as JSONL files into
-``<GENOPS_HOME>/feedback/labels/`` (format: genops_assets/lib/labels.py)."""
+``<GENOPS_HOME>/feedback/labels/<task>/`` (format: genops_assets/lib/labels.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from genops_assets.components.binding import bind_task
+from genops_assets.defs.jobs import continuous_training_job_name
 from genops_assets.lib.labels import LabelScan, scan_labels
+from genops_assets.lib.tasks import TaskRef, task_run_config
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 
 MAX_LOGGED_ISSUES = 50
 # Row digests kept in the cursor are shortened: 64 bits tell apart far more rows than a
@@ -39,18 +41,10 @@ def log_issues(context: dg.SensorEvaluationContext, folder: Path, scan: LabelSca
         context.log.warning(f"... and {len(scan.issues) - MAX_LOGGED_ISSUES} more invalid label lines in {folder}")
 
 
-@dg.sensor(
-    job_name="continuous_training",
-    minimum_interval_seconds=5,  # a scan of small label files: cheap
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Requests a continuous-training run when at least GENOPS_FEEDBACK_MIN_LABELS (default 10) new "
-    "valid labelled rows are in <GENOPS_HOME>/feedback/labels/*.jsonl. run_key = digest of all valid label rows, "
-    "so the same labels never train twice; invalid lines are logged with file:line.",
-)
-def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResource, home: GenopsHome,
+def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskRef, home: GenopsHome,
                            automation: AutomationResource):
     spec = task.load()
-    folder = home.labels_dir
+    folder = home.task_labels_dir(spec.name)
     scan = scan_labels(folder, spec)
     log_issues(context, folder, scan)
     bad = ""
@@ -75,7 +69,7 @@ def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResour
         run_requests=[
             dg.RunRequest(
                 run_key=f"feedback_labels:{spec.name}:{digest}",
-                run_config=automation.run_config(),
+                run_config=task_run_config(spec.name, automation.run_config()),
                 tags={
                     "genops/trigger": "feedback_labels",
                     "genops/task": spec.name,
@@ -87,3 +81,16 @@ def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskResour
         ],
         cursor=cursor,
     )
+
+
+def build_feedback_labels_sensor(task: TaskRef) -> dg.SensorDefinition:
+    return dg.sensor(
+        name=f"{task.name}_feedback_labels_sensor",
+        job_name=continuous_training_job_name(task.name),
+        minimum_interval_seconds=5,  # a scan of small label files: cheap
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Requests a continuous-training run of {task.name} when at least GENOPS_FEEDBACK_MIN_LABELS "
+        f"(default 10) new valid labelled rows are in <GENOPS_HOME>/feedback/labels/{task.name}/*.jsonl. run_key = "
+        "digest of all valid label rows, so the same labels never train twice; invalid lines are logged with "
+        "file:line.",
+    )(bind_task(feedback_labels_sensor, task))

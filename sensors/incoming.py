@@ -5,10 +5,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from genops_assets.components.binding import bind_task
+from genops_assets.defs.jobs import continuous_training_job_name
 from genops_assets.lib.hashing import sha256_file, sha256_json
-from genops_assets.lib.tasks import RAW_SUFFIXES
+from genops_assets.lib.tasks import RAW_SUFFIXES, TaskRef, task_run_config
 from resources.automation import AutomationResource
-from resources.task import TaskResource
 
 
 def incoming_digest(incoming: Path) -> tuple[str, list[str]]:
@@ -22,14 +23,7 @@ def incoming_digest(incoming: Path) -> tuple[str, list[str]]:
     return sha256_json(listing), [p.name for p in files]
 
 
-@dg.sensor(
-    job_name="continuous_training",
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Requests a continuous-training run when files in the task's incoming/ folder are "
-    "added or changed. run_key = content digest, so the same data never trains twice.",
-)
-def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskResource, automation: AutomationResource):
+def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskRef, automation: AutomationResource):
     spec = task.load()
     digest, names = incoming_digest(spec.incoming_dir)
     if not digest:
@@ -41,7 +35,7 @@ def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskResource
         run_requests=[
             dg.RunRequest(
                 run_key=f"{spec.name}:{digest}",
-                run_config=automation.run_config(),
+                run_config=task_run_config(spec.name, automation.run_config()),
                 tags={"genops/trigger": "incoming_data", "genops/task": spec.name, "genops/incoming_digest": digest},
             )
         ],
@@ -49,10 +43,22 @@ def incoming_data_sensor(context: dg.SensorEvaluationContext, task: TaskResource
     )
 
 
-nightly_training = dg.ScheduleDefinition(
-    name="nightly_training",
-    job_name="continuous_training",
-    cron_schedule="0 2 * * *",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Retrain nightly; an unchanged dataset reuses the registered adapter (no second training).",
-)
+def build_incoming_automation(task: TaskRef) -> tuple[dg.SensorDefinition, dg.ScheduleDefinition]:
+    """The task's incoming-data sensor and its nightly retraining schedule."""
+    job = continuous_training_job_name(task.name)
+    sensor = dg.sensor(
+        name=f"{task.name}_incoming_data_sensor",
+        job_name=job,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Requests a continuous-training run of {task.name} when files in {task.root / 'incoming'} "
+        "are added or changed. run_key = content digest, so the same data never trains twice.",
+    )(bind_task(incoming_data_sensor, task))
+    nightly = dg.ScheduleDefinition(
+        name=f"{task.name}_nightly_training",
+        job_name=job,
+        cron_schedule="0 2 * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Retrain nightly; an unchanged dataset reuses the registered adapter (no second training).",
+    )
+    return sensor, nightly

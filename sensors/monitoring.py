@@ -14,14 +14,16 @@ from typing import Any
 
 import dagster as dg
 
+from genops_assets.components.binding import bind_task, task_key
+from genops_assets.defs.jobs import continuous_training_job_name
 from genops_assets.lib.alerts import raise_alert
+from genops_assets.lib.tasks import TaskRef, task_run_config
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking, RollbackError, registered_model_name
 
-PROMPT_DRIFT = dg.AssetKey("prompt_drift")
-ONLINE_QUALITY = dg.AssetKey("online_quality")
+PROMPT_DRIFT = "prompt_drift"
+ONLINE_QUALITY = "online_quality"
 # Materializations read per tick; more wait for the next tick (the cursor moves in order).
 BATCH = 100
 # Partitions already acted on, remembered so a re-materialized drifting day does not act twice.
@@ -71,18 +73,11 @@ def _flag(meta: dict[str, Any], key: str, record: dg.EventLogRecord) -> bool:
 # -- sensors --------------------------------------------------------------------------------
 
 
-@dg.sensor(
-    job_name="continuous_training",
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Acts on prompt drift (prompt_drift materialization with drift=True) once per partition: "
-    "a continuous-training run (GENOPS_DRIFT_ACTION=retrain, default) or an alert (=alert).",
-)
-def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource,
+def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskRef,
                  automation: AutomationResource):
     state = json.loads(context.cursor) if context.cursor else {}
     acted: list[str] = list(state.get("acted") or [])
-    records = new_materializations(context.instance, PROMPT_DRIFT, _after(context.cursor))
+    records = new_materializations(context.instance, task_key(task, PROMPT_DRIFT), _after(context.cursor))
     if not records:
         return dg.SkipReason("no new prompt_drift materialization")
     after = max(r.storage_id for r in records)
@@ -123,7 +118,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: Ta
     return dg.SensorResult(
         run_requests=[dg.RunRequest(
             run_key=f"prompt_drift:{newest_partition}:{rec.storage_id}",
-            run_config=automation.run_config(),
+            run_config=task_run_config(task.name, automation.run_config()),
             tags={"genops/trigger": "prompt_drift", "genops/task": task.name,
                   "genops/drift_partition": newest_partition, "genops/drift_partitions": ",".join(partitions),
                   "genops/flagged_share": str(share)},
@@ -132,16 +127,9 @@ def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: Ta
     )
 
 
-@dg.sensor(
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Alerts when an online_quality materialization reports regression=True; with "
-    "GENOPS_AUTO_ROLLBACK=1 it also moves `champion` back to the previous champion, but only if the "
-    "regressing version is still the champion. Once per materialization.",
-)
-def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskResource,
+def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskRef,
                               mlflow: MlflowTracking, automation: AutomationResource):
-    records = new_materializations(context.instance, ONLINE_QUALITY, _after(context.cursor))
+    records = new_materializations(context.instance, task_key(task, ONLINE_QUALITY), _after(context.cursor))
     if not records:
         return dg.SkipReason("no new online_quality materialization")
     model_name = registered_model_name(task.name)
@@ -179,6 +167,24 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
     reason = (f"regressions handled: {'; '.join(handled)}" if handled
               else f"no regression in {len(records)} materialization(s)")
     return dg.SensorResult(skip_reason=reason, cursor=cursor)
+
+
+def build_monitoring_sensors(task: TaskRef) -> list[dg.SensorDefinition]:
+    """The task's drift and quality-regression sensors (each reads that task's monitoring assets)."""
+    every_minute = {"minimum_interval_seconds": 60, "default_status": dg.DefaultSensorStatus.RUNNING}
+    drift_description = (
+        f"Acts on prompt drift of {task.name} (a {task.name}/prompt_drift materialization with drift=True) once "
+        "per partition: a continuous-training run (GENOPS_DRIFT_ACTION=retrain, default) or an alert (=alert).")
+    quality_description = (
+        f"Alerts when a {task.name}/online_quality materialization reports regression=True; with "
+        "GENOPS_AUTO_ROLLBACK=1 it also moves `champion` back to the previous champion, but only if the "
+        "regressing version is still the champion. Once per materialization.")
+    return [
+        dg.sensor(name=f"{task.name}_drift_sensor", job_name=continuous_training_job_name(task.name),
+                  description=drift_description, **every_minute)(bind_task(drift_sensor, task)),
+        dg.sensor(name=f"{task.name}_quality_regression_sensor", description=quality_description,
+                  **every_minute)(bind_task(quality_regression_sensor, task)),
+    ]
 
 
 @dg.run_failure_sensor(

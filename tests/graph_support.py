@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 
-from genops_assets.definitions import asset_definitions
+from genops_assets.definitions import graph_definitions
+from genops_assets.lib.tasks import SHARED_STEPS, TaskRef, task_run_config
 from resources import build_resources
-from resources.task import TaskResource
+
+TASK = "support_triage"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def key(name: str, task: str = TASK) -> str:
+    """A task asset's key as a string (``support_triage/eval_report``)."""
+    return f"{task}/{name}"
+
+
+def node(name: str, task: str = TASK) -> str:
+    """The step (op) name of a task's asset (``support_triage__eval_report``)."""
+    return TaskRef(task, "").step(name)
+
+
+def select(*names: str, task: str = TASK) -> dg.AssetSelection:
+    """Assets of ``task`` by name; shared assets (``base_model``) by their own key."""
+    return dg.AssetSelection.assets(*(n if n in SHARED_STEPS else dg.AssetKey([task, n]) for n in names))
+
+
+def task_selection(task: str = TASK) -> dg.AssetSelection:
+    """Everything of ``task`` and the shared base model, monitoring excepted."""
+    return ((dg.AssetSelection.key_prefixes([task]) | dg.AssetSelection.assets("base_model"))
+            - dg.AssetSelection.groups(f"{task}_monitoring"))
+
+
+@contextlib.contextmanager
+def genops_env(**values: str) -> Iterator[None]:
+    """``GENOPS_<NAME>`` variables set for the block, then restored."""
+    names = {f"GENOPS_{k.upper()}": v for k, v in values.items()}
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:
@@ -19,20 +62,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def load_graph(home: Path, tasks_dir: Path | None = None, resources: dict | None = None) -> dg.Definitions:
+    """The code location's graph (every task folder of ``tasks_dir``, default tasks/) over the
+    data directory ``home``: the defs folder as the code location loads it, with ``resources``
+    (default: genops' resources on ``home``; nothing is started until a run asks for it)."""
+    with genops_env(home=str(home), tasks_dir=str(tasks_dir or REPO / "tasks")):
+        graph = graph_definitions()
+    return dg.Definitions.merge(graph, dg.Definitions(resources=resources or build_resources(home=home)))
+
+
 def make_defs(home: Path, port: int, tasks_dir: Path | None = None) -> dg.Definitions:
-    res = build_resources(home=home, port=port, judge_port=free_port())
-    if tasks_dir is not None:
-        res["task"] = TaskResource(tasks_dir=str(tasks_dir), name=res["task"].name)
-    return dg.Definitions.merge(asset_definitions(), dg.Definitions(resources=res))
+    return load_graph(home, tasks_dir, build_resources(home=home, port=port, judge_port=free_port()))
 
 
-def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: float = -1.0) -> dict:
-    """Seconds-long settings: the tiny model, a few steps, a few golden examples.
+def loop_job(defs: dg.Definitions, task: str = TASK, job: str = "genops_loop") -> dg.JobDefinition:
+    return defs.resolve_job_def(f"{task}_{job}")
+
+
+def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: float = -1.0,
+                    task: str = TASK) -> dict:
+    """Seconds-long settings: the tiny model, a few steps, a few golden examples, for ``task``'s job.
 
     The default margin of -1 opens the gate for tests of the stages after it (deployment,
     prompts, RAG); tests of the gate itself pass a margin set from ``probe_eval_report``.
     """
-    return {
+    return task_run_config(task, {
         "ops": {
             "base_model": {"config": {"model_path": str(model_dir)}},
             "tuned_adapter": {"config": {"max_steps": steps, "max_train_examples": 8, "batch_size": 2,
@@ -41,7 +95,7 @@ def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: 
                                        "base_few_shot": 1}},
             "sxs_evaluation": {"config": {"max_examples": examples}},
         }
-    }
+    })
 
 
 def events_by_type(result, event_type: dg.DagsterEventType):
@@ -56,11 +110,19 @@ def check_results(result) -> dict[str, bool]:
     return out
 
 
-def materialized(result) -> set[str]:
+def materialized_keys(result) -> set[str]:
     return {e.asset_key.to_user_string() for e in events_by_type(result, dg.DagsterEventType.ASSET_MATERIALIZATION)}
 
 
-def probe_eval_report(job: dg.JobDefinition, instance: dg.DagsterInstance, run_config: dict) -> dict:
+def materialized(result, task: str = TASK) -> set[str]:
+    """Names of the assets of ``task`` (``eval_report``) and of the shared assets (``base_model``)
+    the run materialized."""
+    keys = [e.asset_key.path for e in events_by_type(result, dg.DagsterEventType.ASSET_MATERIALIZATION)]
+    return {path[-1] for path in keys if len(path) == 1 or path[0] == task}
+
+
+def probe_eval_report(job: dg.JobDefinition, instance: dg.DagsterInstance, run_config: dict,
+                      task: str = TASK) -> dict:
     """Materialize ``job``'s assets up to ``eval_report`` (nothing is deployed) and return its
     value, whose gate holds the candidate's paired improvement interval over the base model.
 
@@ -68,15 +130,16 @@ def probe_eval_report(job: dg.JobDefinition, instance: dg.DagsterInstance, run_c
     run of the whole job in the same data directory, so a gate test can set its margin from
     the measured interval at little cost.
     """
-    selected = dg.AssetSelection.assets("eval_report").upstream().resolve(job.asset_layer.asset_graph)
-    names = {key.to_user_string() for key in selected}
+    selected = dg.AssetSelection.assets(dg.AssetKey([task, "eval_report"])).upstream().resolve(
+        job.asset_layer.asset_graph)
+    names = {node(k.path[-1], task) for k in selected}
     ops = run_config["ops"]
     # The gate's blocking check fails the run when the bound is below the margin: not an error here.
     result = job.execute_in_process(run_config={"ops": {k: v for k, v in ops.items() if k in names}},
                                     instance=instance, asset_selection=list(selected), raise_on_error=False)
-    if "eval_report" not in materialized(result):
+    if key("eval_report", task) not in materialized_keys(result):
         raise AssertionError("the probe run did not materialize eval_report")
-    report = result.output_for_node("eval_report")
+    report = result.output_for_node(node("eval_report", task))
     if report["gate"]["improvement_low"] is None:
         raise AssertionError(f"the gate did not use the paired interval: {report['gate']['reason']}")
     return report

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from graph_support import check_results, free_port, make_defs, materialized, tiny_run_config
+from graph_support import TASK, check_results, free_port, make_defs, materialized, select, tiny_run_config
 
 pytestmark = pytest.mark.graph
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_AND_TUNING = dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset",
-                                           "sft_dataset", "few_shot_examples", "base_model", "tuned_adapter")
-CHECKS_AND_TUNING = (dg.AssetSelection.checks_for_assets("golden_eval_dataset", "sft_dataset", "few_shot_examples")
-                     | dg.AssetSelection.assets("base_model", "tuned_adapter"))
+DATA_AND_TUNING = select("raw_task_examples", "stg_task_examples", "golden_eval_dataset", "sft_dataset",
+                         "few_shot_examples", "base_model", "tuned_adapter")
+CHECKS_AND_TUNING = (dg.AssetSelection.checks_for_assets(*(dg.AssetKey([TASK, m]) for m in (
+    "golden_eval_dataset", "sft_dataset", "few_shot_examples"))) | select("base_model", "tuned_adapter"))
 
 
 @pytest.fixture()
@@ -76,21 +76,24 @@ def test_tampered_mart_blocks_tuning(tmp_path, tasks_dir, tiny_model_dir, tamper
     home = tmp_path / "home"
     defs = make_defs(home, free_port(), tasks_dir)
     instance = dg.DagsterInstance.ephemeral()
-    built = _run(defs, dg.AssetSelection.assets("raw_task_examples", "stg_task_examples", "golden_eval_dataset",
-                                                "sft_dataset", "few_shot_examples"), tiny_model_dir, instance)
+    built = _run(defs, select("raw_task_examples", "stg_task_examples", "golden_eval_dataset", "sft_dataset",
+                              "few_shot_examples"), tiny_model_dir, instance)
     assert built.success
     from resources import build_resources
+    from resources.warehouse import mart_schema
 
     wh = build_resources(home=home)["warehouse"]
+    marts = mart_schema(TASK)
     if tamper == "duplicate_id":
-        victim = wh.query_df("select example_id from main.sft_dataset order by example_id limit 1").iloc[0, 0]
-        wh.execute("insert into main.sft_dataset select * from main.sft_dataset where example_id = ?", [victim])
+        victim = wh.query_df(f"select example_id from {marts}.sft_dataset order by example_id limit 1").iloc[0, 0]
+        wh.execute(f"insert into {marts}.sft_dataset select * from {marts}.sft_dataset where example_id = ?", [victim])
     else:
-        victim = wh.query_df("select example_id from main.golden_eval_dataset order by example_id limit 1").iloc[0, 0]
-        cols = wh.query_df("select * from main.sft_dataset limit 0").columns.tolist()
-        select = ", ".join("'train'" if c == "split" else c for c in cols)
-        wh.execute(f"insert into main.sft_dataset select {select} from main.golden_eval_dataset where example_id = ?",
-                   [victim])
+        victim = wh.query_df(f"select example_id from {marts}.golden_eval_dataset order by example_id "
+                             "limit 1").iloc[0, 0]
+        cols = wh.query_df(f"select * from {marts}.sft_dataset limit 0").columns.tolist()
+        columns = ", ".join("'train'" if c == "split" else c for c in cols)
+        wh.execute(f"insert into {marts}.sft_dataset select {columns} from {marts}.golden_eval_dataset "
+                   "where example_id = ?", [victim])
     result = _run(defs, CHECKS_AND_TUNING, tiny_model_dir, instance)
     assert not result.success
     assert check_results(result)["gx_sft_dataset"] is False

@@ -13,20 +13,21 @@ import duckdb
 import pytest
 from graph_support import register_version
 
-from genops_assets.defs.evaluation.assets import eval_report
-from genops_assets.defs.evaluation.checks import beats_champion
+from genops_assets.defs.evaluation.assets import build_evaluation_assets
+from genops_assets.defs.evaluation.checks import build_evaluation_checks
 from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
-from genops_assets.lib.tasks import load_task, read_raw_file
+from genops_assets.lib.tasks import TaskRef, load_task, read_raw_file
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import CHAMPION, MODEL_ID_TAG, MlflowTracking, registered_model_name
-from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, mart_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "support_triage"
 MODEL = registered_model_name(TASK)
+MART_SCHEMA = mart_schema(TASK)
+TASK_REF = TaskRef(TASK, str(ROOT / "tasks"))
 # eval_report generates with the tiny random Llama in-process
 pytestmark = pytest.mark.graph
 
@@ -50,7 +51,6 @@ def res(tmp_path):
     ref, _ = tracking.register_prompt(prompt_registry_name(TASK), spec.prompt, "the task folder's prompt")
     tracking.set_prompt_alias(ref.name, PRODUCTION, ref.version)
     return {"warehouse": warehouse, "home": GenopsHome(root=str(home)), "mlflow": tracking,
-            "task": TaskResource(tasks_dir=str(ROOT / "tasks"), name=TASK),
             "judge": JudgeResource(base_url="http://127.0.0.1:9/v1", model="judge", max_retries=0),
             "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
 
@@ -66,19 +66,20 @@ def evaluate(res: dict, tiny_model_dir: Path, adapter_dir: Path, version: str, m
     def base_model_value() -> dict:
         return base
 
-    @dg.asset(name="tuned_adapter")
+    @dg.asset(key=[TASK, "tuned_adapter"])
     def tuned_adapter_value() -> dict:
         return candidate
 
     config = {"max_examples": 3, "batch_size": 3, "base_few_shot": 0, "margin": margin}
     # A failed blocking check fails the run after eval_report has materialized.
-    result = dg.materialize([base_model_value, tuned_adapter_value, eval_report, beats_champion],
-                            resources=res, run_config={"ops": {"eval_report": {"config": config}}},
+    eval_report = build_evaluation_assets(TASK_REF)[0]
+    result = dg.materialize([base_model_value, tuned_adapter_value, eval_report, *build_evaluation_checks(TASK_REF)],
+                            resources=res, run_config={"ops": {TASK_REF.step("eval_report"): {"config": config}}},
                             raise_on_error=False)
-    assert result.asset_materializations_for_node("eval_report")
+    assert result.asset_materializations_for_node(TASK_REF.step("eval_report"))
     (check,) = [e.event_specific_data for e in result.all_events
                 if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
-    return result.output_for_node("eval_report"), {**{k: v.value for k, v in check.metadata.items()},
+    return result.output_for_node(TASK_REF.step("eval_report")), {**{k: v.value for k, v in check.metadata.items()},
                                                    "passed": check.passed}
 
 
@@ -89,7 +90,7 @@ def test_rerun_of_the_champion_is_gated_against_the_previous_champion(res, tiny_
     other = tmp_path / "other-adapter"
     shutil.copytree(tiny_adapter_dir, other)
     (other / "README.md").write_text("a second adapter\n")
-    prompt = tracking.resolve_prompt(res["task"].load())
+    prompt = tracking.resolve_prompt(TASK_REF.load())
     v1 = register_version(tracking, prompt, tiny_adapter_dir, tiny_model_dir)
     v2 = register_version(tracking, prompt, other, tiny_model_dir)
     tracking.promote(MODEL, v1, {})
@@ -122,7 +123,7 @@ def test_rerun_of_the_champion_is_gated_against_the_previous_champion(res, tiny_
 
 def test_rerun_of_a_first_champion_is_gated_against_the_base_model(res, tiny_model_dir, tiny_adapter_dir):
     tracking = res["mlflow"]
-    v1 = register_version(tracking, tracking.resolve_prompt(res["task"].load()), tiny_adapter_dir, tiny_model_dir)
+    v1 = register_version(tracking, tracking.resolve_prompt(TASK_REF.load()), tiny_adapter_dir, tiny_model_dir)
     tracking.promote(MODEL, v1, {})
     value, check = evaluate(res, tiny_model_dir, tiny_adapter_dir, v1, margin=0.0)
     assert (value["gate"]["baseline_role"], value["gate"]["baseline_name"]) == ("base model", "base model")

@@ -139,3 +139,20 @@ def test_schema_check_of_the_answer(expenses_task):
     support = load_task(REPO / "tasks", "support_triage")
     assert schema_problem(support, json.dumps({"category": "billing", "priority": "low", "product": "hub",
                                                "summary": "Customer asks about an invoice."})) is None
+
+
+@pytest.mark.parametrize("task", ["support_triage", "product_qa"])
+def test_the_demo_run_config_fits_each_tasks_loop(task, tmp_path):
+    """demo_run_config.yaml names steps by asset; written for a task, it is valid for its loop job."""
+    import dagster as dg
+    import yaml
+
+    from genops_assets.cli.demo import DEMO_RUN_CONFIG
+    from genops_assets.cli.home import task_job, write_task_run_config
+    from genops_assets.definitions import defs
+
+    job = defs.resolve_job_def(task_job("genops_loop", task))
+    assert job.name == f"{task}_genops_loop"
+    written = yaml.safe_load(write_task_run_config(DEMO_RUN_CONFIG, task, tmp_path / "cfg.yaml").read_text())
+    assert set(written["ops"]) == {f"{task}__eval_report"}
+    assert dg.validate_run_config(job, written)

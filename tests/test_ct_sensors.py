@@ -17,20 +17,19 @@ from dagster._core.scheduler.instigation import InstigatorType, TickStatus
 
 from genops_assets.lib.alerts import raise_alert, read_alerts
 from genops_assets.lib.labels import scan_labels
+from genops_assets.lib.tasks import TaskRef
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking, RollbackError, registered_model_name
-from sensors.feedback import feedback_labels_sensor
-from sensors.monitoring import (
-    drift_sensor,
-    quality_regression_sensor,
-    run_failure_alert_sensor,
-)
+from sensors.feedback import build_feedback_labels_sensor
+from sensors.monitoring import build_monitoring_sensors, run_failure_alert_sensor
 
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
+TASK = TaskRef("support_triage", str(REPO / "tasks"))
+feedback_labels_sensor = build_feedback_labels_sensor(TASK)
+drift_sensor, quality_regression_sensor = build_monitoring_sensors(TASK)
 
 
 def label(i: int, **over) -> dict:
@@ -44,9 +43,7 @@ def label(i: int, **over) -> dict:
 
 @pytest.fixture()
 def res(home):
-    return {"home": GenopsHome(root=str(home)),
-            "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage"),
-            "automation": AutomationResource()}
+    return {"home": GenopsHome(root=str(home)), "automation": AutomationResource()}
 
 
 def automation(res, **settings) -> dict:
@@ -54,8 +51,8 @@ def automation(res, **settings) -> dict:
     return {**res, "automation": AutomationResource(**settings)}
 
 
-def write_labels(res, name: str, rows: list, raw_lines: list[str] | None = None) -> Path:
-    folder = res["home"].labels_dir
+def write_labels(res, name: str, rows: list, raw_lines: list[str] | None = None, task: str = TASK.name) -> Path:
+    folder = res["home"].task_labels_dir(task)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     lines = [json.dumps(r) for r in rows] + list(raw_lines or [])
@@ -79,6 +76,8 @@ def labels_tick(res, cursor=None, instance=None):
 
 
 def test_labels_below_threshold_skip_and_at_threshold_one_run(res):
+    # Labels are per task: another task's folder is not this task's feedback.
+    write_labels(res, "other.jsonl", [label(i + 100) for i in range(12)], task="product_qa")
     write_labels(res, "batch1.jsonl", [label(i) for i in range(9)])
     skipped, _ = labels_tick(res)
     assert isinstance(skipped, dg.SkipReason)
@@ -88,8 +87,8 @@ def test_labels_below_threshold_skip_and_at_threshold_one_run(res):
     got, _ = labels_tick(res)
     assert isinstance(got, dg.SensorResult) and len(got.run_requests) == 1
     req = got.run_requests[0]
-    spec = res["task"].load()
-    digest = scan_labels(res["home"].labels_dir, spec).digest
+    spec = TASK.load()
+    digest = scan_labels(res["home"].task_labels_dir(TASK.name), spec).digest
     assert req.run_key == f"feedback_labels:support_triage:{digest}"
     assert req.tags["genops/trigger"] == "feedback_labels"
     assert req.tags["genops/label_rows"] == "10" and req.tags["genops/new_label_rows"] == "10"
@@ -129,7 +128,7 @@ def test_invalid_label_lines_are_reported_with_file_and_line(res):
         json.dumps(label(5, ouptut={})),                                               # line 6
         json.dumps(label(6, output={k: v for k, v in label(6)["output"].items() if k != "summary"})),  # line 7
     ])
-    scan = scan_labels(path.parent, res["task"].load())
+    scan = scan_labels(path.parent, TASK.load())
     assert [(i.line) for i in scan.issues] == [2, 3, 4, 6, 7]
     messages = {i.line: str(i) for i in scan.issues}
     assert messages[2].startswith("mixed.jsonl:2: invalid JSON")
@@ -148,8 +147,9 @@ def test_invalid_label_lines_are_reported_with_file_and_line(res):
 # -- prompt drift -----------------------------------------------------------------------------
 
 
-def materialize(instance, key: str, partition: str, **metadata):
-    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata))
+def materialize(instance, name: str, partition: str, task: str = TASK.name, **metadata):
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=[task, name], partition=partition,
+                                                                metadata=metadata))
 
 
 def drift_tick(res, instance, cursor=None):
@@ -158,6 +158,9 @@ def drift_tick(res, instance, cursor=None):
 
 def test_drift_requests_retraining_once_per_partition(res):
     instance = dg.DagsterInstance.ephemeral()
+    assert isinstance(drift_tick(res, instance), dg.SkipReason)
+    # Another task's drift is that task's sensor's business.
+    materialize(instance, "prompt_drift", "2026-03-01", task="product_qa", drift=True, flagged_share=0.9)
     assert isinstance(drift_tick(res, instance), dg.SkipReason)
     materialize(instance, "prompt_drift", "2026-03-01", drift=True, flagged_share=0.42)
     got = drift_tick(res, instance)
@@ -410,21 +413,24 @@ def test_settings_come_from_the_environment_and_reject_unknown_values(monkeypatc
 def test_sensors_are_registered_and_running_by_default():
     from genops_assets.definitions import defs
 
-    for name in ("feedback_labels_sensor", "drift_sensor", "quality_regression_sensor", "run_failure_alert_sensor",
-                 "automation_condition_sensor"):
+    for task in ("support_triage", "product_qa"):
+        for name in ("feedback_labels_sensor", "drift_sensor", "quality_regression_sensor", "incoming_data_sensor"):
+            sensor = defs.resolve_sensor_def(f"{task}_{name}")
+            assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, sensor.name
+        assert defs.resolve_sensor_def(f"{task}_feedback_labels_sensor").job_name == f"{task}_continuous_training"
+        assert defs.resolve_sensor_def(f"{task}_drift_sensor").job_name == f"{task}_continuous_training"
+    for name in ("run_failure_alert_sensor", "automation_condition_sensor", "request_log_sensor"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING, name
-    assert defs.resolve_sensor_def("feedback_labels_sensor").job_name == "continuous_training"
-    assert defs.resolve_sensor_def("drift_sensor").job_name == "continuous_training"
 
 
 # -- run_key deduplication by the Dagster sensor daemon --------------------------------------------
 
 CODE_LOCATION = '''
 import dagster as dg
+from genops_assets.lib.tasks import TaskRef
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
-from sensors.feedback import feedback_labels_sensor
+from sensors.feedback import build_feedback_labels_sensor
 
 
 @dg.op
@@ -432,15 +438,14 @@ def retrain():
     pass
 
 
-@dg.job(name="continuous_training")
+@dg.job(name="support_triage_continuous_training")
 def continuous_training():
     retrain()
 
 
-defs = dg.Definitions(jobs=[continuous_training], sensors=[feedback_labels_sensor],
-                      resources={{"home": GenopsHome(root={home!r}),
-                                  "task": TaskResource(tasks_dir={tasks!r}, name="support_triage"),
-                                  "automation": AutomationResource()}})
+defs = dg.Definitions(jobs=[continuous_training],
+                      sensors=[build_feedback_labels_sensor(TaskRef("support_triage", {tasks!r}))],
+                      resources={{"home": GenopsHome(root={home!r}), "automation": AutomationResource()}})
 '''
 
 
@@ -470,7 +475,7 @@ def test_daemon_launches_a_run_key_once_even_when_the_cursor_is_lost(res, tmp_pa
         start = time.time()
         tick(start)
         [run] = instance.get_runs()
-        assert run.tags["genops/trigger"] == "feedback_labels" and run.job_name == "continuous_training"
+        assert run.tags["genops/trigger"] == "feedback_labels" and run.job_name == "support_triage_continuous_training"
 
         # forget the cursor, as after `dagster sensor cursor --delete`: the sensor asks again
         [state] = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)

@@ -61,9 +61,9 @@ def test_marts_dedup_hold_out_and_split(tmp_path, wh):
     wh.replace_raw_examples("other_task", _rows(_messages(5, seed=9)))
     _build(Path(wh.path), tmp_path)
 
-    golden = wh.query_df("select * from main.golden_eval_dataset")
-    sft = wh.query_df("select * from main.sft_dataset")
-    shots = wh.query_df("select * from main.few_shot_examples")
+    golden = wh.query_df("select * from marts_t.golden_eval_dataset")
+    sft = wh.query_df("select * from marts_t.sft_dataset")
+    shots = wh.query_df("select * from marts_t.few_shot_examples")
     assert len(golden) + len(sft) == 300, "exact and near duplicates (and other tasks) are dropped"
     assert 0.06 < len(golden) / 300 < 0.18
     assert set(sft["split"]) == {"train", "validation"}
@@ -85,18 +85,18 @@ def test_marts_dedup_hold_out_and_split(tmp_path, wh):
     # Adding data never moves an existing example between golden and training.
     wh.replace_raw_examples("t", rows + _rows(_messages(100, seed=2), "incoming/b.jsonl"))
     _build(Path(wh.path), tmp_path)
-    golden2 = set(wh.query_df("select example_id from main.golden_eval_dataset")["example_id"])
+    golden2 = set(wh.query_df("select example_id from marts_t.golden_eval_dataset")["example_id"])
     assert set(golden["example_id"]) <= golden2
-    assert not golden2 & set(wh.query_df("select example_id from main.sft_dataset")["example_id"])
+    assert not golden2 & set(wh.query_df("select example_id from marts_t.sft_dataset")["example_id"])
 
 
 def test_split_fractions_come_from_vars(tmp_path, wh):
     wh.replace_raw_examples("t", _rows(_messages(200, seed=3)))
     _build(Path(wh.path), tmp_path, golden_fraction=0.5, validation_fraction=0.0, few_shot_per_label=1)
-    n_golden = wh.query_df("select count(*) n from main.golden_eval_dataset").iloc[0, 0]
+    n_golden = wh.query_df("select count(*) n from marts_t.golden_eval_dataset").iloc[0, 0]
     assert 70 < n_golden < 130
-    assert wh.query_df("select count(*) n from main.sft_dataset where split = 'validation'").iloc[0, 0] == 0
-    per_label = "select max(c) m from (select count(*) c from main.few_shot_examples group by label)"
+    assert wh.query_df("select count(*) n from marts_t.sft_dataset where split = 'validation'").iloc[0, 0] == 0
+    per_label = "select max(c) m from (select count(*) c from marts_t.few_shot_examples group by label)"
     assert wh.query_df(per_label).iloc[0, 0] == 1
 
 
@@ -111,7 +111,7 @@ def test_contexts_reach_the_marts_and_leave_ids_and_splits_alone(tmp_path, wh):
     plain = _rows(messages)
     wh.replace_raw_examples("t", plain)
     _build(Path(wh.path), tmp_path, golden_fraction=0.5)
-    before = {m: wh.query_df(f"select * from main.{m} order by example_id")
+    before = {m: wh.query_df(f"select * from marts_t.{m} order by example_id")
               for m in ("golden_eval_dataset", "sft_dataset")}
     for df in before.values():
         assert df["contexts_json"].isna().all() and df["reference_contexts_json"].isna().all()
@@ -124,7 +124,7 @@ def test_contexts_reach_the_marts_and_leave_ids_and_splits_alone(tmp_path, wh):
     _build(Path(wh.path), tmp_path, golden_fraction=0.5)
     by_input = {r[2]: r for r in with_contexts[:-1]}
     for mart, old in before.items():
-        new = wh.query_df(f"select * from main.{mart} order by example_id")
+        new = wh.query_df(f"select * from marts_t.{mart} order by example_id")
         cols = [c for c in old.columns if not c.endswith("contexts_json")]
         assert new[cols].equals(old[cols]), f"{mart}: ids, hashes, rows or split changed"
         for r in new.itertuples():
@@ -132,10 +132,26 @@ def test_contexts_reach_the_marts_and_leave_ids_and_splits_alone(tmp_path, wh):
             assert json.loads(r.contexts_json) == json.loads(src[4])
             assert (src[5] is None and pd.isna(r.reference_contexts_json)) or json.loads(src[5]) == json.loads(
                 r.reference_contexts_json)
-    shots = wh.query_df("select * from main.few_shot_examples")
+    shots = wh.query_df("select * from marts_t.few_shot_examples")
     assert "contexts_json" not in shots.columns
 
 
 def test_raw_rows_need_four_or_six_values(wh):
     with pytest.raises(ValueError, match="4 or 6 values"):
         wh.replace_raw_examples("t", [("examples.jsonl", 1, "text", "{}", "[]")])
+
+
+def test_each_task_builds_into_its_own_schema(tmp_path, wh):
+    """One dbt project, one DuckDB file: a task's build never replaces another task's marts."""
+    wh.replace_raw_examples("t", _rows(_messages(60, seed=3)))
+    wh.replace_raw_examples("other_task", _rows(_messages(40, seed=4)))
+    _build(Path(wh.path), tmp_path)
+    t_ids = set(wh.query_df("select example_id from marts_t.sft_dataset")["example_id"])
+    _build(Path(wh.path), tmp_path, task="other_task")
+    assert set(wh.query_df("select example_id from marts_t.sft_dataset")["example_id"]) == t_ids
+    other = set(wh.query_df("select example_id from marts_other_task.sft_dataset")["example_id"])
+    assert other and not other & t_ids
+    from resources.warehouse import mart_schema
+
+    assert wh.table_exists(mart_schema("other_task"), "golden_eval_dataset")
+    assert not wh.table_exists("main", "sft_dataset")

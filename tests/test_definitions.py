@@ -13,8 +13,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "transformers", "peft", "trl", "deepspeed", "great_expectations", "ragas"]
-REQUIRED_ASSETS = {"base_model", "golden_eval_dataset", "sft_dataset", "few_shot_examples",
-                   "tuned_adapter", "eval_report", "deployed_endpoint", "raw_task_examples"}
+TASK_ASSETS = {"golden_eval_dataset", "sft_dataset", "few_shot_examples", "tuned_adapter", "eval_report",
+               "deployed_endpoint", "raw_task_examples", "prompt_templates", "serving_metrics", "prompt_drift"}
+SHARED_ASSETS = {"base_model", "request_log", "resource_usage"}
+TASKS = ("support_triage", "product_qa")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -41,25 +43,63 @@ def test_dagster_definitions_validate(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_asset_graph_has_the_lifecycle_and_gates():
+def test_asset_graph_has_the_lifecycle_and_gates_of_every_task():
+    import dagster as dg
+
     from genops_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys >= REQUIRED_ASSETS
-    upstream = {k.to_user_string() for k in graph.get(__import__("dagster").AssetKey("tuned_adapter")).parent_keys}
-    assert {"base_model", "sft_dataset"} <= upstream
-    checks = {c.name for c in graph.asset_check_keys}
-    assert {"gx_golden_eval_dataset", "gx_sft_dataset", "gx_few_shot_examples", "beats_champion"} <= checks
-    for name in ("gx_sft_dataset", "beats_champion"):
-        key = next(c for c in graph.asset_check_keys if c.name == name)
-        assert graph.get_check_spec(key).blocking, name
-    assert defs.resolve_job_def("genops_loop") and defs.resolve_job_def("continuous_training")
+    assert keys >= SHARED_ASSETS | {f"{t}/{a}" for t in TASKS for a in TASK_ASSETS}
+    # Shared pieces are not copied per task.
+    assert not {f"{t}/{a}" for t in TASKS for a in SHARED_ASSETS} & keys
+    for task in TASKS:
+        upstream = {k.to_user_string() for k in graph.get(dg.AssetKey([task, "tuned_adapter"])).parent_keys}
+        assert {"base_model", f"{task}/sft_dataset", f"{task}/prompt_templates"} <= upstream
+        assert graph.get(dg.AssetKey([task, "tuned_adapter"])).group_name == f"{task}_tuning"
+        checks = {c.name for c in graph.asset_check_keys if c.asset_key.path[0] == task}
+        assert checks == {"gx_golden_eval_dataset", "gx_sft_dataset", "gx_few_shot_examples", "beats_champion"}
+        for c in graph.asset_check_keys:
+            if c.asset_key.path[0] == task and c.name in ("gx_sft_dataset", "beats_champion"):
+                assert graph.get_check_spec(c).blocking, c
+        for job in ("genops_loop", "continuous_training", "prompt_enhancement"):
+            assert defs.resolve_job_def(f"{task}_{job}")
+        loop = {k.to_user_string() for k in defs.resolve_job_def(f"{task}_genops_loop").asset_layer.selected_asset_keys}
+        assert f"{task}/deployed_endpoint" in loop and "base_model" in loop
+        assert not {k for k in loop if k.split("/")[0] in set(TASKS) - {task}}, "a loop reaches another task"
+        assert defs.resolve_sensor_def(f"{task}_incoming_data_sensor").job_name == f"{task}_continuous_training"
+        assert defs.resolve_schedule_def(f"{task}_nightly_training").job_name == f"{task}_continuous_training"
+
+
+def test_monitoring_partitions_start_at_install(tmp_path):
+    """A fresh data directory shows today's partition, not months of empty days; the day is kept."""
+    from datetime import UTC, datetime
+
+    import dagster as dg
+    from graph_support import load_graph
+
+    home = tmp_path / "home"
+    graph = load_graph(home).resolve_asset_graph()
+    daily = graph.get(dg.AssetKey(["support_triage", "serving_metrics"])).partitions_def
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert daily.get_partition_keys()[0] == today and len(daily.get_partition_keys()) <= 2
+    assert (home / "installed_on").read_text().strip() == today
+    (home / "installed_on").write_text("2026-01-05\n")
+    again = load_graph(home).resolve_asset_graph().get(dg.AssetKey("resource_usage")).partitions_def
+    assert again.get_partition_keys()[0] == "2026-01-05"
 
 
 def test_workspace_yaml_points_at_the_code_location():
+    import tomllib
+
     ws = yaml.safe_load((REPO / "workspace.yaml").read_text())
-    assert ws["load_from"][0]["python_module"]["module_name"] == "genops_assets.definitions"
+    module = ws["load_from"][0]["python_module"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]
+    assert module["module_name"] == project["dagster"]["module_name"] == "genops_assets.definitions"
+    assert module["location_name"] == project["dagster"]["code_location_name"] == "genops"
+    dg_project = project["dg"]["project"]
+    assert dg_project["code_location_target_module"] == module["module_name"]
+    assert dg_project["code_location_name"] == "genops" and dg_project["defs_module"] == "genops_assets.defs"
 
 
 def test_dbt_project_has_no_python_package_marker():

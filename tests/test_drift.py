@@ -249,22 +249,27 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     import duckdb
 
     from genops_assets.defs.feedback.assets import request_log
-    from genops_assets.defs.monitoring.drift import DriftConfig, drift_calibration, prompt_drift
+    from genops_assets.defs.monitoring.common import daily_partitions
+    from genops_assets.defs.monitoring.drift import DriftConfig, build_drift_assets
+    from genops_assets.lib.tasks import TaskRef
     from resources.feedback_store import DuckDBFeedbackStore
     from resources.paths import GenopsHome
-    from resources.task import TaskResource
     from resources.tracking import MlflowTracking
-    from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+    from resources.warehouse import DuckDBWarehouse, mart_schema, monitoring_schema
+
+    task = TaskRef("support_triage", str(ROOT / "tasks"))
+    drift_calibration, prompt_drift = build_drift_assets(task, daily_partitions("2026-01-01"))
+    marts, monitoring = mart_schema(task.name), monitoring_schema(task.name)
 
     db = tmp_path / "w.duckdb"
     con = duckdb.connect(str(db))
-    con.execute(f"create schema if not exists {MART_SCHEMA}")
-    con.execute(f"create table {MART_SCHEMA}.sft_dataset (example_id varchar, input_text varchar, split varchar)")
-    con.executemany(f"insert into {MART_SCHEMA}.sft_dataset values (?, ?, ?)",
+    con.execute(f"create schema if not exists {marts}")
+    con.execute(f"create table {marts}.sft_dataset (example_id varchar, input_text varchar, split varchar)")
+    con.executemany(f"insert into {marts}.sft_dataset values (?, ?, ?)",
                     [(f"t{i}", t, "train") for i, t in enumerate(corpus["train"])]
                     + [(f"v{i}", t, "validation") for i, t in enumerate(corpus["calib"][:75])])
-    con.execute(f"create table {MART_SCHEMA}.golden_eval_dataset (example_id varchar, input_text varchar)")
-    con.executemany(f"insert into {MART_SCHEMA}.golden_eval_dataset values (?, ?)",
+    con.execute(f"create table {marts}.golden_eval_dataset (example_id varchar, input_text varchar)")
+    con.executemany(f"insert into {marts}.golden_eval_dataset values (?, ?)",
                     [(f"g{i}", t) for i, t in enumerate(corpus["calib"][75:])])
     con.close()
 
@@ -273,7 +278,6 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
         "warehouse": DuckDBWarehouse(path=str(db)),
         "feedback_store": DuckDBFeedbackStore(warehouse=DuckDBWarehouse(path=str(db))),
         "home": GenopsHome(root=str(drift_home)),
-        "task": TaskResource(tasks_dir=str(ROOT / "tasks"), name="support_triage"),
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                  artifact_root=(tmp_path / "artifacts").as_uri()),
         "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
@@ -282,7 +286,7 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     # The calibration depends on the marts only: computed once, then every day is measured against it.
     calibrated = dg.materialize([drift_calibration], resources=resources)
     assert calibrated.success
-    calibration = calibrated.output_for_node("drift_calibration")
+    calibration = calibrated.output_for_node(task.step("drift_calibration"))
     assert calibration["n_reference"] == len(corpus["train"]) and calibration["n_heldout"] == 75 + 75
     reference = d.DriftReference.load(calibration["path"])
     assert sorted(reference.train_texts) == sorted(corpus["train"])
@@ -291,9 +295,10 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     def run(partition: str) -> dict:
         result = dg.materialize([drift_calibration, prompt_drift], selection=[prompt_drift], partition_key=partition,
                                 resources=resources,
-                                run_config=dg.RunConfig({"prompt_drift": DriftConfig(projector_train_rows=200)}))
+                                run_config=dg.RunConfig({task.step("prompt_drift"):
+                                                         DriftConfig(projector_train_rows=200)}))
         assert result.success
-        (mat,) = result.asset_materializations_for_node("prompt_drift")
+        (mat,) = result.asset_materializations_for_node(task.step("prompt_drift"))
         return {k: v.value for k, v in mat.metadata.items()}
 
     meta = run(DAY)
@@ -307,17 +312,18 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     assert meta["score_histogram"].startswith("![scores](data:image/png;base64,")
 
     wh = resources["warehouse"]
-    flagged = wh.query_df("select * from monitoring.flagged_prompts where partition_key = ? order by request_id", [DAY])
+    flagged = wh.query_df(f"select * from {monitoring}.flagged_prompts where partition_key = ? "
+                          "order by request_id", [DAY])
     assert len(flagged) == meta["flagged"]
     assert set(flagged["request_id"]) <= set(ids["day"]) and len(set(flagged["request_id"]) & set(ids["ood"])) >= 14
     assert (flagged["score"] > flagged["threshold"]).all()
-    clusters = wh.query_df("select * from monitoring.prompt_clusters where partition_key = ? order by cluster_id",
+    clusters = wh.query_df(f"select * from {monitoring}.prompt_clusters where partition_key = ? order by cluster_id",
                            [DAY])
     assert clusters["size"].sum() == meta["flagged"] == len(flagged)
     assert set(flagged["cluster_id"]) == set(clusters["cluster_id"])
     assert all(json.loads(r) for r in clusters["representatives"])
 
-    projector = drift_home / "monitoring" / "projector"
+    projector = drift_home / "monitoring" / task.name / "projector"
     rows = check_projector(projector / DAY, 200 + 75 + 40)  # train sample, golden set, the day's prompts
     live_rows = rows[-40:]
     assert sum(r[1] == "flagged" for r in live_rows) == meta["flagged"]
@@ -332,7 +338,7 @@ def test_prompt_drift_asset_for_one_day(tmp_path, drift_home, corpus):
     # Re-running the day replaces its rows; a day without traffic is zero, not an error.
     again = run(DAY)
     assert again["flagged"] == meta["flagged"]
-    assert (len(wh.query_df("select * from monitoring.flagged_prompts where partition_key = ?", [DAY]))
+    assert (len(wh.query_df(f"select * from {monitoring}.flagged_prompts where partition_key = ?", [DAY]))
             == meta["flagged"])
     empty = run(EMPTY_DAY)
     assert (empty["live"], empty["flagged"], empty["flagged_share"], empty["drift"]) == (0, 0, 0.0, False)

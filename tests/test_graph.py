@@ -8,8 +8,10 @@ import pytest
 from graph_support import (
     check_results,
     free_port,
+    loop_job,
     make_defs,
     materialized,
+    node,
     probe_eval_report,
     same_numbers,
     tiny_run_config,
@@ -26,7 +28,7 @@ MARGIN_STEP = 0.01
 def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     port = free_port()
     defs = make_defs(home, port)
-    job = defs.resolve_job_def("genops_loop")
+    job = loop_job(defs)
     instance = dg.DagsterInstance.ephemeral()
     probe = probe_eval_report(job, instance, tiny_run_config(tiny_model_dir, margin=0.0))
     assert probe["model_calls"] > 0
@@ -34,7 +36,7 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     run_config = tiny_run_config(tiny_model_dir, margin=low - MARGIN_STEP)
     result = job.execute_in_process(run_config=run_config, instance=instance)
     assert result.success
-    gate = result.output_for_node("eval_report")["gate"]
+    gate = result.output_for_node(node("eval_report"))["gate"]
     assert gate["baseline_name"] == "base model" and gate["improvement_low"] == low
     assert gate["passed"] and gate["margin"] < low
     assert {"raw_task_examples", "golden_eval_dataset", "sft_dataset", "few_shot_examples", "base_model",
@@ -42,11 +44,11 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     checks = check_results(result)
     assert checks["gx_sft_dataset"] and checks["gx_golden_eval_dataset"] and checks["beats_champion"]
     # A task without retrieved contexts: no RAG metrics, no judge calls from the evaluation.
-    assert result.output_for_node("eval_report")["rag"] is None
-    assert "rag" not in result.asset_materializations_for_node("eval_report")[0].metadata
+    assert result.output_for_node(node("eval_report"))["rag"] is None
+    assert "rag" not in result.asset_materializations_for_node(node("eval_report"))[0].metadata
 
-    adapter = result.output_for_node("tuned_adapter")
-    deployed = result.output_for_node("deployed_endpoint")
+    adapter = result.output_for_node(node("tuned_adapter"))
+    deployed = result.output_for_node(node("deployed_endpoint"))
     # The server starts with the candidate as `challenger`; `champion` is hot-loaded after parity.
     assert deployed["action"] == "reloaded" and deployed["version"] == adapter["version"] == "1"
     assert deployed["parity"]["checked"] == 4 and deployed["parity"]["matched"] == 4
@@ -73,26 +75,26 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     # Same data, config and base model: no second training, no new version, deploy is a no-op.
     again = job.execute_in_process(run_config=run_config, instance=instance)
     assert again.success
-    assert again.output_for_node("tuned_adapter")["version"] == "1"
-    assert again.output_for_node("deployed_endpoint")["action"] == "unchanged"
+    assert again.output_for_node(node("tuned_adapter"))["version"] == "1"
+    assert again.output_for_node(node("deployed_endpoint"))["action"] == "unchanged"
     # Unchanged evaluation and judging: everything comes from the call cache.
-    assert result.output_for_node("eval_report")["model_calls"] == 0  # answered in the probe
-    assert again.output_for_node("eval_report")["model_calls"] == 0
-    sxs = again.output_for_node("sxs_evaluation")
+    assert result.output_for_node(node("eval_report"))["model_calls"] == 0  # answered in the probe
+    assert again.output_for_node(node("eval_report"))["model_calls"] == 0
+    sxs = again.output_for_node(node("sxs_evaluation"))
     assert sxs["usage"]["calls"] == 0 and sxs["usage"]["cached"] > 0
-    assert same_numbers(sxs["summary"], result.output_for_node("sxs_evaluation")["summary"])
+    assert same_numbers(sxs["summary"], result.output_for_node(node("sxs_evaluation"))["summary"])
     assert len(tracking.client().search_model_versions("name = 'genops-support_triage'")) == 1
 
 
 def test_gate_failure_blocks_deployment(home, tiny_model_dir):
     defs = make_defs(home, free_port())
-    job = defs.resolve_job_def("genops_loop")
+    job = loop_job(defs)
     instance = dg.DagsterInstance.ephemeral()
     low = probe_eval_report(job, instance, tiny_run_config(tiny_model_dir, margin=0.0))["gate"]["improvement_low"]
     cfg = tiny_run_config(tiny_model_dir, margin=low + MARGIN_STEP)
     result = job.execute_in_process(run_config=cfg, instance=instance, raise_on_error=False)
     assert not result.success
-    gate = result.output_for_node("eval_report")["gate"]
+    gate = result.output_for_node(node("eval_report"))["gate"]
     assert gate["baseline_name"] == "base model" and gate["improvement_low"] == low
     assert not gate["passed"] and "lower bound vs margin" in gate["reason"]
     assert check_results(result)["beats_champion"] is False

@@ -6,9 +6,19 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from graph_support import check_results, free_port, make_defs, materialized, probe_eval_report
+from graph_support import (
+    TASK,
+    check_results,
+    free_port,
+    loop_job,
+    make_defs,
+    materialized,
+    node,
+    probe_eval_report,
+)
 from openai import OpenAI
 
+from genops_assets.lib.tasks import task_run_config
 from genops_assets.serving import control
 
 pytestmark = pytest.mark.integration
@@ -18,34 +28,34 @@ def test_loop_on_embedded_smollm2(tmp_path):
     home = tmp_path / "home"
     port = free_port()
     defs = make_defs(home, port)  # the judge gets its own free port
-    job = defs.resolve_job_def("genops_loop")
+    job = loop_job(defs)
     instance = dg.DagsterInstance.ephemeral()
 
     def run_config(margin: float) -> dict:
-        return {"ops": {
+        return task_run_config(TASK, {"ops": {
             "tuned_adapter": {"config": {"max_steps": 4, "max_train_examples": 16, "eval_every": 0, "save_every": 2,
                                          "log_every": 1}},
             "eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": margin, "base_few_shot": 0}},
             "sxs_evaluation": {"config": {"max_examples": 4}},
-        }}
+        }})
 
     try:
         # The gate on the measured improvement: the margin just below the interval's lower bound.
         low = probe_eval_report(job, instance, run_config(0.0))["gate"]["improvement_low"]
         result = job.execute_in_process(run_config=run_config(low - 0.01), instance=instance)
         assert result.success
-        assert result.output_for_node("eval_report")["gate"]["improvement_low"] == low
+        assert result.output_for_node(node("eval_report"))["gate"]["improvement_low"] == low
         assert all(check_results(result).values())
         assert "deployed_endpoint" in materialized(result)
         base = result.output_for_node("base_model")
         assert base["parameters"] == 134_515_008 and base["source"].endswith(".gguf")
         assert Path(base["path"], "model.safetensors").is_file()
-        adapter = result.output_for_node("tuned_adapter")
+        adapter = result.output_for_node(node("tuned_adapter"))
         assert Path(adapter["adapter_dir"], "adapter_model.safetensors").is_file()
         assert adapter["steps"] == 4
         assert sorted(p.name for p in (home / "runs" / adapter["version_key"] / "checkpoints").iterdir()) == [
             "checkpoint-2", "checkpoint-4"]
-        report = result.output_for_node("eval_report")
+        report = result.output_for_node(node("eval_report"))
         assert Path(report["report_html"]).read_text().count("<img") == 1
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
@@ -63,7 +73,7 @@ def test_loop_on_embedded_smollm2(tmp_path):
                                resources={"home": build_resources(home=home)["home"]},
                                instance=dg.DagsterInstance.ephemeral())
         assert again.output_for_node("base_model")["reused"] is True
-        sxs = result.output_for_node("sxs_evaluation")
+        sxs = result.output_for_node(node("sxs_evaluation"))
         assert sxs["summary"]["judged_pairs"] + len([f for f in sxs["failures"] if f["stage"] == "pairwise"]) == 4
         assert Path(sxs["report_html"]).read_text().count("<img") >= 1
     finally:

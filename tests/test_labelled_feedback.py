@@ -1,4 +1,4 @@
-"""Reviewed live answers become training examples: labels from <home>/feedback/labels/ join the
+"""Reviewed live answers become training examples: labels from <home>/feedback/labels/<task>/ join the
 task's raw examples, a label naming only a request id takes the question from the feedback store,
 and labels that cannot be placed are left out and reported."""
 
@@ -10,27 +10,28 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from genops_assets.defs.datasets.assets import raw_task_examples
+from genops_assets.defs.datasets.assets import build_raw_examples
 from genops_assets.defs.feedback.assets import request_log
+from genops_assets.lib.tasks import TaskRef
 from resources.feedback_store import DuckDBFeedbackStore
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.warehouse import DuckDBWarehouse
 
 REPO = Path(__file__).resolve().parents[1]
+TASK = TaskRef("support_triage", str(REPO / "tasks"))
+raw_task_examples = build_raw_examples(TASK)
 OUT = {"category": "technical_issue", "priority": "high", "product": "hub",
        "summary": "Customer reports the hub blinking orange after a move."}
 
 
 def test_labels_on_a_fresh_warehouse_without_requests(tmp_path):
-    labels = tmp_path / "feedback" / "labels"
+    labels = tmp_path / "feedback" / "labels" / "support_triage"
     labels.mkdir(parents=True)
     (labels / "a.jsonl").write_text(json.dumps({"request_id": "req-1", "output": OUT}) + "\n")
-    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path)),
-           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path))}
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success
-    mat = result.asset_materializations_for_node("raw_task_examples")[0]
+    mat = result.asset_materializations_for_node(TASK.step("raw_task_examples"))[0]
     assert mat.metadata["labelled_feedback_rows"].value == 0
 
 
@@ -40,7 +41,7 @@ def test_labels_join_the_raw_examples(tmp_path):
     log.write_text(json.dumps({"ts": 1_790_000_000, "request_id": "req-1", "status": 200, "model": "champion",
                                "prompt_variables": {"message": "the hub blinks orange since I moved house"},
                                "response": "{}"}) + "\n")
-    labels = tmp_path / "feedback" / "labels"
+    labels = tmp_path / "feedback" / "labels" / "support_triage"
     labels.mkdir(parents=True)
     (labels / "review.jsonl").write_text("\n".join([
         json.dumps({"request_id": "req-1", "output": OUT}),                     # question from the store
@@ -48,19 +49,19 @@ def test_labels_join_the_raw_examples(tmp_path):
         json.dumps({"request_id": "req-unknown", "output": OUT}),               # cannot be placed
         json.dumps({"input": "camera offline", "output": {**OUT, "priority": "whenever"}}),  # not in the schema
     ]) + "\n")
-    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path)),
-           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage")}
+    res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path))}
     res["feedback_store"] = DuckDBFeedbackStore(warehouse=res["warehouse"])
     assert dg.materialize([request_log], resources=res).success
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success
-    mat = result.asset_materializations_for_node("raw_task_examples")[0]
+    mat = result.asset_materializations_for_node(TASK.step("raw_task_examples"))[0]
     assert mat.metadata["labelled_feedback_rows"].value == 2
     df = res["warehouse"].query_df("select source_file, source_row, input_text, output_json from raw.task_examples "
                                    "where source_file like 'feedback/%' order by source_row")
     assert list(df["input_text"]) == ["the hub blinks orange since I moved house",
                                       "my hub light is orange and it never connects"]
-    assert list(df["source_row"]) == [1, 2] and set(df["source_file"]) == {"feedback/labels/review.jsonl"}
+    assert list(df["source_row"]) == [1, 2]
+    assert set(df["source_file"]) == {"feedback/labels/support_triage/review.jsonl"}
     assert json.loads(df.loc[0, "output_json"]) == OUT
     files = mat.metadata["files"].value["feedback/labels"]
     assert files["issues"] == 1 and files["missing"] == 1

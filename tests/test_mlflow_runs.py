@@ -19,28 +19,36 @@ import pytest
 from graph_support import free_port
 from judge_standin import StandInJudge, completion
 
-from genops_assets.defs.evaluation.assets import eval_report
-from genops_assets.defs.evaluation.sxs import sxs_evaluation
+from genops_assets.defs.evaluation.assets import build_evaluation_assets
 from genops_assets.defs.feedback.assets import request_log
-from genops_assets.defs.monitoring.drift import prompt_drift
-from genops_assets.defs.monitoring.quality import online_quality
-from genops_assets.defs.monitoring.serving import serving_metrics
-from genops_assets.defs.prompts.assets import prompt_candidates
-from genops_assets.defs.tuning.assets import tuned_adapter
+from genops_assets.defs.monitoring.common import daily_partitions
+from genops_assets.defs.monitoring.drift import build_drift_assets
+from genops_assets.defs.monitoring.quality import build_quality_assets
+from genops_assets.defs.monitoring.serving import build_serving_monitoring_assets
+from genops_assets.defs.prompts.assets import build_prompt_assets
+from genops_assets.defs.tuning.assets import build_tuning_assets
 from genops_assets.lib.eval_report import SUMMARY_METRICS, GoldenEvaluation
 from genops_assets.lib.evaluation import ModelEval
 from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
-from genops_assets.lib.tasks import load_task, read_raw_file
+from genops_assets.lib.tasks import TaskRef, load_task, read_raw_file
 from genops_assets.lib.training import TrainingInputError
 from resources.feedback_store import DuckDBFeedbackStore
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, mart_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "support_triage"
+REF = TaskRef(TASK, str(ROOT / "tasks"))
+MART_SCHEMA = mart_schema(TASK)
+DAILY = daily_partitions("2026-01-01")
+eval_report, sxs_evaluation = build_evaluation_assets(REF)
+_, prompt_drift = build_drift_assets(REF, DAILY)
+(online_quality,) = build_quality_assets(REF, DAILY)
+(serving_metrics,) = build_serving_monitoring_assets(REF, DAILY)
+_, prompt_candidates = build_prompt_assets(REF)
+(tuned_adapter,) = build_tuning_assets(REF)
 DAY = "2026-03-01"
 DAY_START = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
 INJECTED = "injected failure inside the run"
@@ -98,16 +106,16 @@ def res(tmp_path, tracking):
     con.executemany(f"insert into {MART_SCHEMA}.golden_eval_dataset values (?, ?, ?)", rows[12:])
     con.close()
     return {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
-            "home": GenopsHome(root=str(home)), "task": TaskResource(tasks_dir=str(ROOT / "tasks"), name=TASK),
+            "home": GenopsHome(root=str(home)),
             "mlflow": tracking, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
             # Replaced by a stand-in where a test reaches the judge.
             "judge": JudgeResource(base_url=f"http://127.0.0.1:{free_port()}/v1", model="judge", max_retries=0)}
 
 
 def value_asset(name: str, value: dict) -> dg.AssetsDefinition:
-    """An upstream asset under ``name`` whose value is ``value``."""
+    """An upstream asset of the task (the shared base model: its own) named ``name``, whose value is ``value``."""
 
-    @dg.asset(name=name)
+    @dg.asset(key=name if name == "base_model" else [TASK, name])
     def upstream() -> dict:
         return value
 
@@ -177,7 +185,7 @@ def test_tuning_failure_ends_the_run_failed(res, monkeypatch):
     # Bad data is not retried (the retry policy would train again), which keeps this test short.
     monkeypatch.setattr("genops_assets.defs.tuning.assets.train_lora", bad_training_data)
     materialize_failing(tuned_adapter, [base_model_value()], res,
-                        run_config={"ops": {"tuned_adapter": {"config": {"max_train_examples": 8}}}})
+                        run_config={"ops": {REF.step("tuned_adapter"): {"config": {"max_train_examples": 8}}}})
     assert_run_failed(res["mlflow"], "sft-")
 
 
@@ -200,7 +208,7 @@ def test_evaluation_failure_ends_the_run_failed(res, monkeypatch):
     adapter = value_asset("tuned_adapter", {"model_name": f"genops-{TASK}", "version": "3",
                                             "adapter_dir": "unused", "adapter_digest": "adapter-digest"})
     materialize_failing(eval_report, [base_model_value(), adapter], res,
-                        run_config={"ops": {"eval_report": {"config": {"base_few_shot": 0}}}})
+                        run_config={"ops": {REF.step("eval_report"): {"config": {"base_few_shot": 0}}}})
     assert_run_failed(res["mlflow"], "eval-v3")
 
 
@@ -253,7 +261,8 @@ def test_online_quality_failure_ends_the_run_failed(res, monkeypatch, tmp_path):
     with StandInJudge(judge_script, free_port()) as standin:
         res["judge"] = JudgeResource(base_url=standin.url, model="judge", max_retries=0)
         materialize_failing(online_quality, [base_model_value(), report], res, partition_key=DAY,
-                            run_config={"ops": {"online_quality": {"config": {"share": 1.0, "min_samples": 1}}}})
+                            run_config={"ops": {REF.step("online_quality"): {"config": {"share": 1.0,
+                                                                                         "min_samples": 1}}}})
         assert standin.calls == 4 + 2  # every live and golden answer judged before the run failed
     assert_run_failed(res["mlflow"], "online-quality-")
 
@@ -262,7 +271,7 @@ def test_serving_metrics_failure_ends_the_reopened_day_run_failed(res, monkeypat
     load_requests(res, 3)
     first = dg.materialize([serving_metrics], resources=res, partition_key=DAY)
     assert first.success
-    run_id = first.asset_materializations_for_node("serving_metrics")[0].metadata["mlflow_run_id"].value
+    run_id = first.asset_materializations_for_node(REF.step("serving_metrics"))[0].metadata["mlflow_run_id"].value
     assert res["mlflow"].client().get_run(run_id).info.status == "FINISHED"
 
     # The day's run is reopened by the re-materialization, then the artifacts cannot be written.

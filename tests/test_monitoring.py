@@ -14,7 +14,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from genops_assets.defs.monitoring.serving import resource_usage, serving_metrics
+from genops_assets.defs.monitoring.common import daily_partitions
+from genops_assets.defs.monitoring.serving import build_resource_usage, build_serving_monitoring_assets
 from genops_assets.lib.feedback import COLUMNS, Chunk, to_row
 from genops_assets.lib.monitoring import (
     SERVING_COLUMNS,
@@ -25,11 +26,11 @@ from genops_assets.lib.monitoring import (
 )
 from genops_assets.lib.output_schema import OutputSchema
 from genops_assets.lib.stats import percentile
+from genops_assets.lib.tasks import TaskRef
 from genops_assets.serving.sampler import ResourceSampler, interval_from_env, sampler_lifespan
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from resources.warehouse import DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, monitoring_schema
 
 pytestmark = pytest.mark.server
 
@@ -197,18 +198,24 @@ def test_bad_rows_are_named():
 # -- the daily assets --------------------------------------------------------------------------------
 
 
+TASK = TaskRef("support_triage", str(ROOT / "tasks"))
+DAILY = daily_partitions("2026-01-01")
+MONITORING = monitoring_schema(TASK.name)
+(serving_metrics,) = build_serving_monitoring_assets(TASK, DAILY)
+resource_usage = build_resource_usage(DAILY)
+
+
 def _resources(tmp_path: Path) -> dict:
     return {
         "warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")),
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                  artifact_root=(tmp_path / "artifacts").as_uri()),
-        "task": TaskResource(tasks_dir=str(ROOT / "tasks"), name="support_triage"),
         "home": GenopsHome(root=str(tmp_path / "home")),
     }
 
 
 def _metadata(result, key: str) -> dict:
-    mats = result.asset_materializations_for_node(key)
+    mats = result.asset_materializations_for_node(TASK.step(key))
     assert len(mats) == 1
     return {k: v.value for k, v in mats[0].metadata.items()}
 
@@ -229,7 +236,7 @@ def test_serving_metrics_materializes_a_day_into_duckdb_and_mlflow(tmp_path):
     assert "| **overall** |" in meta["metrics"] and "| champion | 3 | 1 | 5 |" in meta["metrics"]
 
     wh = res["warehouse"]
-    rows = wh.query_df("select * from monitoring.serving_metrics order by scope, served_by")
+    rows = wh.query_df(f"select * from {MONITORING}.serving_metrics order by scope, served_by")
     assert list(rows["scope"]) == ["overall", "version", "version", "version"]
     assert list(rows["partition_key"]) == [DAY] * 4
     overall = rows.iloc[0]
@@ -253,7 +260,7 @@ def test_serving_metrics_materializes_a_day_into_duckdb_and_mlflow(tmp_path):
     again = dg.materialize([serving_metrics], partition_key=DAY, resources=res)
     meta2 = _metadata(again, "serving_metrics")
     assert meta2["request_count"] == 9.0 and meta2["mlflow_run_id"] == meta["mlflow_run_id"]
-    counts = wh.query_df("select scope, count(*) n, max(request_count) m from monitoring.serving_metrics "
+    counts = wh.query_df(f"select scope, count(*) n, max(request_count) m from {MONITORING}.serving_metrics "
                          "group by scope order by scope")
     assert counts.to_dict("records") == [{"scope": "overall", "n": 1, "m": 9}, {"scope": "version", "n": 3, "m": 6}]
 
@@ -267,7 +274,7 @@ def test_serving_metrics_of_a_day_without_requests(tmp_path):
     meta = _metadata(result, "serving_metrics")
     assert meta["request_count"] == 0.0 and meta["versions"] == 0
     assert "error_rate" not in meta and not any(k.endswith("_plot") for k in meta)
-    rows = res["warehouse"].query_df("select * from monitoring.serving_metrics")
+    rows = res["warehouse"].query_df(f"select * from {MONITORING}.serving_metrics")
     assert len(rows) == 1 and rows.iloc[0]["request_count"] == 0 and pd.isna(rows.iloc[0]["error_rate"])
 
 

@@ -11,10 +11,18 @@ import dagster as dg
 import pytest
 
 from genops_assets.defs.monitoring.automation import eager_with_follow_up
-from genops_assets.defs.monitoring.common import daily
-from genops_assets.defs.monitoring.drift import drift_calibration, prompt_drift
-from genops_assets.defs.monitoring.quality import online_quality
-from genops_assets.defs.monitoring.serving import resource_usage, serving_metrics
+from genops_assets.defs.monitoring.common import daily_partitions
+from genops_assets.defs.monitoring.drift import build_drift_assets
+from genops_assets.defs.monitoring.quality import build_quality_assets
+from genops_assets.defs.monitoring.serving import build_resource_usage, build_serving_monitoring_assets
+from genops_assets.lib.tasks import TaskRef
+
+TASK = TaskRef("support_triage", "tasks")
+daily = daily_partitions("2026-01-01")
+drift_calibration, prompt_drift = build_drift_assets(TASK, daily)
+(online_quality,) = build_quality_assets(TASK, daily)
+(serving_metrics,) = build_serving_monitoring_assets(TASK, daily)
+resource_usage = build_resource_usage(daily)
 
 MONITOR = dg.AssetKey("monitor")
 REQUEST_LOG = "request_log"
@@ -135,11 +143,11 @@ def test_without_loads_during_a_run_it_requests_what_eager_does(name, upstream_p
 
 
 @pytest.mark.parametrize("asset, ignored", [
-    (prompt_drift, ("drift_calibration",)),
-    (online_quality, ("eval_report", "base_model")),
+    (prompt_drift, (dg.AssetKey([TASK.name, "drift_calibration"]),)),
+    (online_quality, (dg.AssetKey([TASK.name, "eval_report"]), "base_model")),
     (serving_metrics, ()),
     (resource_usage, ()),
-])
+], ids=["prompt_drift", "online_quality", "serving_metrics", "resource_usage"])
 def test_monitoring_assets_refresh_with_a_follow_up(asset: dg.AssetsDefinition, ignored):
     expected = eager_with_follow_up()
     if ignored:
@@ -150,5 +158,7 @@ def test_monitoring_assets_refresh_with_a_follow_up(asset: dg.AssetsDefinition, 
 def test_drift_calibration_follows_the_marts_not_the_days():
     assert not drift_calibration.partitions_def
     assert drift_calibration.automation_conditions_by_key[drift_calibration.key] == dg.AutomationCondition.eager()
-    assert {k.to_user_string() for k in drift_calibration.dependency_keys} == {"sft_dataset", "golden_eval_dataset"}
-    assert {k.to_user_string() for k in prompt_drift.dependency_keys} == {"request_log", "drift_calibration"}
+    assert {k.to_user_string() for k in drift_calibration.dependency_keys} == {"support_triage/sft_dataset",
+                                                                               "support_triage/golden_eval_dataset"}
+    assert {k.to_user_string() for k in prompt_drift.dependency_keys} == {"request_log",
+                                                                          "support_triage/drift_calibration"}

@@ -14,7 +14,8 @@ from graph_support import free_port
 from judge_standin import StandInJudge, completion
 
 from genops_assets.defs.feedback.assets import request_log
-from genops_assets.defs.monitoring.quality import online_quality
+from genops_assets.defs.monitoring.common import daily_partitions
+from genops_assets.defs.monitoring.quality import build_quality_assets
 from genops_assets.lib.judging import BUILTIN_RUBRICS, ChatJudge, load_rubrics
 from genops_assets.lib.online_quality import (
     ScoreItem,
@@ -26,14 +27,17 @@ from genops_assets.lib.online_quality import (
     scores_of,
     unpaired_difference_ci,
 )
+from genops_assets.lib.tasks import TaskRef
 from resources.feedback_store import DuckDBFeedbackStore
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from resources.warehouse import DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, monitoring_schema
 
 REPO = Path(__file__).resolve().parents[1]
+TASK = TaskRef("support_triage", str(REPO / "tasks"))
+(online_quality,) = build_quality_assets(TASK, daily_partitions("2026-01-01"))
+MONITORING = monitoring_schema(TASK.name)
 RUBRICS = load_rubrics(BUILTIN_RUBRICS)
 
 
@@ -209,7 +213,7 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
                                          "prediction": p, "reference": {}}) + "\n"
                              for i in range(12) for m, p in (("candidate v3", "GOOD"), ("base (0-shot)", "BAD"))))
 
-    @dg.asset(name="eval_report")
+    @dg.asset(key=[TASK.name, "eval_report"])
     def eval_report_value() -> dict:
         return {"candidate": {"version": "3"}, "champion": None, "predictions_file": str(preds),
                 "mlflow_run_id": "offline-run"}
@@ -223,18 +227,17 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     with StandInJudge(scripted_judge, free_port()) as standin:
         res = {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
                "home": GenopsHome(root=str(home)), "io_manager": io,
-               "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage"),
                "judge": JudgeResource(base_url=standin.url, model="judge", max_retries=0),
                "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                         artifact_root=(tmp_path / "artifacts").as_uri())}
         assert dg.materialize([request_log, eval_report_value, base_model_value], resources=res).success
-        cfg = {"ops": {"online_quality": {"config": {"share": 0.5, "max_samples": 20, "min_samples": 10}}}}
+        cfg = {"ops": {TASK.step("online_quality"): {"config": {"share": 0.5, "max_samples": 20, "min_samples": 10}}}}
 
         def run(day: str):
             result = dg.materialize([eval_report_value, base_model_value, online_quality], resources=res,
                                     selection=[online_quality], partition_key=day, run_config=cfg)
             assert result.success
-            return {k: v.value for k, v in result.asset_materializations_for_node("online_quality")[0]
+            return {k: v.value for k, v in result.asset_materializations_for_node(TASK.step("online_quality"))[0]
                     .metadata.items()}
 
         meta = run("2026-03-01")
@@ -257,7 +260,7 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
         {k: meta[k] for k in ("version", "regression", "delta", "live_n")}
     assert again["judge_calls"] == 0 and again["judge_cached"] == 31 and again["judge_failures"] == 1
 
-    rows = warehouse.query_df("select * from monitoring.online_quality where partition_key = '2026-03-01' "
+    rows = warehouse.query_df(f"select * from {MONITORING}.online_quality where partition_key = '2026-03-01' "
                               "order by side, item_id")
     assert len(rows) == 32  # replaced, not appended, by the re-run
     live = rows[rows.side == "live"]
@@ -266,14 +269,14 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     assert list(failed.item_id) == [picked[0]["request_id"]] and failed.score.isna().all()
     assert "BadRequestError" in failed.error.iloc[0]
     assert (live.served_by == "champion").all() and (rows.rubric == "helpfulness").all()
-    summary = warehouse.query_df("select * from monitoring.online_quality_summary order by partition_key")
+    summary = warehouse.query_df(f"select * from {MONITORING}.online_quality_summary order by partition_key")
     assert list(summary.partition_key) == ["2026-03-01", "2026-03-02"]
     assert bool(summary.regression.iloc[0]) and summary.live_failures.iloc[0] == 1
 
     assert other["version"] == "3" and other["live_n"] == 1 and other["regression"] is False
     assert other["decided"] is False
 
-    out = home / "runs" / "online_quality" / "2026-03-01"
+    out = home / "runs" / TASK.name / "online_quality" / "2026-03-01"
     assert (out / "online_quality.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["versions"]["3"]["regression"] is True
     client = res["mlflow"].client()
@@ -293,7 +296,7 @@ def test_online_quality_without_an_evaluated_version_compares_nothing(tmp_path):
     preds.write_text(json.dumps({"model": "candidate v3", "example_id": "g1", "input": "x", "prediction": "GOOD"})
                      + "\n")
 
-    @dg.asset(name="eval_report")
+    @dg.asset(key=[TASK.name, "eval_report"])
     def eval_report_value() -> dict:
         return {"candidate": {"version": "3"}, "champion": None, "predictions_file": str(preds)}
 
@@ -305,7 +308,6 @@ def test_online_quality_without_an_evaluated_version_compares_nothing(tmp_path):
     res = {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
            "home": GenopsHome(root=str(home)),
            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
-           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="support_triage"),
            # Nothing is judged, so no judge is reachable at this address.
            "judge": JudgeResource(base_url=f"http://127.0.0.1:{free_port()}/v1", model="judge", max_retries=0),
            "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -314,7 +316,8 @@ def test_online_quality_without_an_evaluated_version_compares_nothing(tmp_path):
     result = dg.materialize([eval_report_value, base_model_value, online_quality], resources=res,
                             selection=[online_quality], partition_key="2026-03-01")
     assert result.success
-    meta = {k: v.value for k, v in result.asset_materializations_for_node("online_quality")[0].metadata.items()}
+    (mat,) = result.asset_materializations_for_node(TASK.step("online_quality"))
+    meta = {k: v.value for k, v in mat.metadata.items()}
     assert meta["compared"] is False and meta["regression"] is False and meta["version"] == ""
     assert "live: ['2']" in meta["reason"] and "offline: ['3']" in meta["reason"]
-    assert len(warehouse.query_df("select * from monitoring.online_quality")) == 0
+    assert len(warehouse.query_df(f"select * from {MONITORING}.online_quality")) == 0

@@ -269,21 +269,24 @@ def test_report_table_shows_intervals_and_shared_retrieval_rows(tmp_path):
 def test_raw_table_holds_the_passages_and_labels_without_them_are_left_out(tmp_path):
     import dagster as dg
 
-    from genops_assets.defs.datasets.assets import raw_task_examples
+    from genops_assets.defs.datasets.assets import build_raw_examples
+    from genops_assets.lib.tasks import TaskRef
     from resources.paths import GenopsHome
-    from resources.task import TaskResource
     from resources.warehouse import DuckDBWarehouse
 
-    labels = tmp_path / "feedback" / "labels"
+    task = TaskRef("product_qa", str(REPO / "tasks"))
+    raw_task_examples = build_raw_examples(task)
+
+    labels = tmp_path / "feedback" / "labels" / "product_qa"
     labels.mkdir(parents=True)
     (labels / "a.jsonl").write_text(json.dumps({"input": "Can I wash the HEPA filter at all?",
                                                 "output": {"answerable": "no", "answer": "Not covered here."}}) + "\n")
     warehouse = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
-    res = {"warehouse": warehouse, "home": GenopsHome(root=str(tmp_path)),
-           "task": TaskResource(tasks_dir=str(REPO / "tasks"), name="product_qa")}
+    res = {"warehouse": warehouse, "home": GenopsHome(root=str(tmp_path))}
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success
-    assert result.asset_materializations_for_node("raw_task_examples")[0].metadata["labelled_feedback_rows"].value == 0
+    mat = result.asset_materializations_for_node(task.step("raw_task_examples"))[0]
+    assert mat.metadata["labelled_feedback_rows"].value == 0
     df = warehouse.query_df("select * from raw.task_examples where task = 'product_qa' order by source_row")
     spec = load_task(REPO / "tasks", "product_qa")
     raw = [r for p in spec.raw_files() for r in read_raw_file(p, spec)]

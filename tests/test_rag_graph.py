@@ -11,14 +11,16 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from graph_support import check_results, free_port, tiny_run_config
+from graph_support import check_results, free_port, load_graph, loop_job, node, tiny_run_config
 from judge_standin import StandInJudge, completion
 
-from genops_assets.definitions import asset_definitions
 from resources import build_resources
 from resources.judge import JudgeResource
+from resources.warehouse import mart_schema
 
 pytestmark = pytest.mark.graph
+
+QA = "product_qa"
 
 
 def judge_script(n, body):
@@ -45,20 +47,21 @@ def test_product_qa_loop_reports_rag_metrics_then_reruns_from_the_cache(home, ti
     with StandInJudge(judge_script, free_port()) as judge:
         res = build_resources(home=home, task="product_qa", port=port, judge_port=free_port())
         res["judge"] = JudgeResource(base_url=judge.url, model="judge")
-        defs = dg.Definitions.merge(asset_definitions(), dg.Definitions(resources=res))
-        job = defs.resolve_job_def("genops_loop")
+        defs = load_graph(home, resources=res)
+        job = loop_job(defs, QA)
         instance = dg.DagsterInstance.ephemeral()
-        result = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
+        result = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir, task=QA), instance=instance)
         assert result.success
         assert all(check_results(result).values())
 
-        golden = res["warehouse"].query_df("select * from main.golden_eval_dataset order by example_id").head(4)
+        golden = res["warehouse"].query_df(f"select * from {mart_schema(QA)}.golden_eval_dataset "
+                                           "order by example_id").head(4)
         assert golden["contexts_json"].notna().all()
         expected = [exact_match_retrieval(json.loads(r.contexts_json), json.loads(r.reference_contexts_json))
                     for r in golden.itertuples() if isinstance(r.reference_contexts_json, str)]
         assert expected, "the first golden examples have reference passages"
 
-        report = result.output_for_node("eval_report")
+        report = result.output_for_node(node("eval_report", QA))
         rag = report["rag"]
         precision, recall = rag["retrieval"]["context_precision"], rag["retrieval"]["context_recall"]
         assert abs(precision["estimate"] - sum(p for p, _ in expected) / len(expected)) < 1e-6
@@ -76,12 +79,12 @@ def test_product_qa_loop_reports_rag_metrics_then_reruns_from_the_cache(home, ti
         assert run.data.metrics["candidate.faithfulness"] == 0.75
         assert run.data.metrics["candidate.answer_relevancy_low"] == 0.5
         assert abs(run.data.metrics["retrieval.context_precision"] - precision["estimate"]) < 1e-9
-        metadata = result.asset_materializations_for_node("eval_report")[0].metadata
+        metadata = result.asset_materializations_for_node(node("eval_report", QA))[0].metadata
         assert metadata["candidate_faithfulness"].value == 0.75
         assert abs(metadata["context_recall"].value - recall["estimate"]) < 1e-9
         assert metadata["rag_judge_failures"].value == 0
         # ROUGE-L of the task's own text field (answer), never a default for another task's field.
-        candidate = result.output_for_node("eval_report")["candidate"]["metrics"]
+        candidate = result.output_for_node(node("eval_report", QA))["candidate"]["metrics"]
         assert metadata["candidate_rouge_l_answer"].value == candidate["rouge_l_answer"]
         assert "candidate_rouge_l_summary" not in metadata and "candidate_rouge_l" not in metadata
         page = Path(report["report_html"]).read_text()
@@ -91,16 +94,16 @@ def test_product_qa_loop_reports_rag_metrics_then_reruns_from_the_cache(home, ti
         predictions = [json.loads(x) for x in Path(report["predictions_file"]).read_text().splitlines()]
         assert all(p["contexts"] and p["faithfulness"] == 0.75 for p in predictions)
         # The endpoint rendered the same prompts, passages included, from prompt variables.
-        deployed = result.output_for_node("deployed_endpoint")
+        deployed = result.output_for_node(node("deployed_endpoint", QA))
         assert deployed["parity"]["checked"] == 4 and deployed["parity"]["matched"] == 4
         # AutoSxS showed the judge the rendered prompt with the passages.
         pairwise = [b for b in judge.bodies if b["guided_choice"] == ["A", "B", "C"]]
         assert pairwise and all("Documentation passages:\n[1] " in b["messages"][-1]["content"] for b in pairwise)
 
         asked = judge.calls
-        again = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
+        again = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir, task=QA), instance=instance)
         assert again.success
-        rerun = again.output_for_node("eval_report")
+        rerun = again.output_for_node(node("eval_report", QA))
         assert rerun["rag"]["judge_usage"]["calls"] == 0 and rerun["rag"]["judge_usage"]["cached"] == 24
         assert rerun["rag"]["models"] == rag["models"] and rerun["model_calls"] == 0
         assert judge.calls == asked, "nothing reached the judge on the re-run"

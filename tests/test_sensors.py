@@ -9,9 +9,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from genops_assets.lib.tasks import TaskRef
 from resources.automation import AutomationResource
-from resources.task import TaskResource
-from sensors.incoming import incoming_data_sensor
+from sensors.incoming import build_incoming_automation
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = {"message": "my doorbell chime stopped ringing", "category": "technical_issue", "priority": "medium",
@@ -23,13 +23,13 @@ def task(tmp_path):
     dst = tmp_path / "tasks" / "support_triage"
     shutil.copytree(REPO / "tasks" / "support_triage", dst, ignore=shutil.ignore_patterns("incoming"))
     (dst / "incoming").mkdir()
-    return TaskResource(tasks_dir=str(tmp_path / "tasks"), name="support_triage"), dst / "incoming"
+    return TaskRef("support_triage", str(tmp_path / "tasks")), dst / "incoming"
 
 
-def _tick(task_res, cursor=None, automation=None):
-    ctx = dg.build_sensor_context(cursor=cursor, resources={"task": task_res,
-                                                            "automation": automation or AutomationResource()})
-    return incoming_data_sensor(ctx), ctx
+def _tick(task_ref, cursor=None, automation=None):
+    ctx = dg.build_sensor_context(cursor=cursor, resources={"automation": automation or AutomationResource()})
+    sensor, _ = build_incoming_automation(task_ref)
+    return sensor(ctx), ctx
 
 
 def test_empty_incoming_skips(task):
@@ -67,8 +67,9 @@ def test_non_data_files_are_ignored(task):
 def test_nightly_schedule_targets_the_training_job():
     from genops_assets.definitions import defs
 
-    sched = defs.resolve_schedule_def("nightly_training")
-    assert sched.job_name == "continuous_training" and sched.cron_schedule == "0 2 * * *"
+    for task in ("support_triage", "product_qa"):
+        sched = defs.resolve_schedule_def(f"{task}_nightly_training")
+        assert sched.job_name == f"{task}_continuous_training" and sched.cron_schedule == "0 2 * * *"
 
 
 def test_request_log_sensor_ingests_each_new_size_once(tmp_path, monkeypatch):
@@ -105,7 +106,8 @@ def test_the_ct_run_config_file_reaches_every_retrain(tmp_path, task):
     task_res, incoming = task
     (incoming / "batch1.jsonl").write_text(json.dumps(ROW) + "\n")
     res, _ = _tick(task_res, automation=automation)
-    assert res.run_requests[0].run_config == {"ops": {"eval_report": {"config": {"max_examples": 40}}}}
+    # Written with the bare step name; the task's job names it support_triage__eval_report.
+    assert res.run_requests[0].run_config == {"ops": {"support_triage__eval_report": {"config": {"max_examples": 40}}}}
     cfg.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match=r"GENOPS_CT_RUN_CONFIG=.*ct.yaml: the run config must be a mapping"):
         automation.run_config()

@@ -23,7 +23,11 @@ def test_defaults_reach_the_resources(tmp_path):
     settings = GenopsSettings.from_env()
     assert settings.home == REPO_ROOT / ".genops" and settings.task == "support_triage"
     res = build_resources(home=tmp_path)
-    assert (res["task"].tasks_dir, res["task"].name) == (str(REPO_ROOT / "tasks"), "support_triage")
+    # Every task folder is a graph of its own: no resource picks one; GENOPS_TASK is the demos' choice.
+    assert "task" not in res
+    from genops_assets.cli.home import demo_task
+
+    assert (demo_task().tasks_dir, demo_task().name) == (str(REPO_ROOT / "tasks"), "support_triage")
     assert res["mlflow"].tracking_uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     endpoint = res["endpoint"]
     assert (endpoint.port, endpoint.canary_share, endpoint.api_keys, endpoint.client_key()) == (8008, 0.0, "", "local")
@@ -40,7 +44,9 @@ def test_variables_override_and_empty_ones_count_as_unset(monkeypatch, tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     res = build_resources()
-    assert res["home"].root == str(tmp_path / "h") and res["task"].name == "product_qa"
+    from genops_assets.cli.home import demo_task
+
+    assert res["home"].root == str(tmp_path / "h") and demo_task().name == "product_qa"
     assert (res["endpoint"].port, res["endpoint"].canary_share) == (9100, 0.25)
     assert (res["judge"].local_port, res["judge"].model) == (9101, "base")
     assert res["mlflow"].tracking_uri == "postgresql://mlflow@db/mlflow"

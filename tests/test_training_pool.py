@@ -99,9 +99,13 @@ def test_a_killed_holder_leaves_the_training_lock_free(tmp_path):
 
 
 def test_tuned_adapter_is_in_the_training_pool():
-    from genops_assets.defs.tuning.assets import tuned_adapter
+    """Every task's tuning shares the one pool: one training at a time on the machine."""
+    from genops_assets.defs.tuning.assets import build_tuning_assets
+    from genops_assets.lib.tasks import TaskRef
 
-    assert tuned_adapter.op.pool == "training"
+    for task in ("support_triage", "product_qa"):
+        (tuned_adapter,) = build_tuning_assets(TaskRef(task, "tasks"))
+        assert tuned_adapter.op.pool == "training"
 
 
 def test_init_home_upgrades_an_old_generated_config_and_keeps_a_users_own(tmp_path, monkeypatch):
@@ -114,6 +118,9 @@ def test_init_home_upgrades_an_old_generated_config_and_keeps_a_users_own(tmp_pa
     init_home()
     assert cfg.read_text() == DAGSTER_YAML
     assert (tmp_path / "genops" / "feedback" / "labels").is_dir()
+    installed = (tmp_path / "genops" / "installed_on").read_text()
+    init_home()
+    assert (tmp_path / "genops" / "installed_on").read_text() == installed  # the install day is kept
 
     own = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 3\n"
     cfg.write_text(own)

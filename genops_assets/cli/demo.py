@@ -5,7 +5,7 @@ The job runs in a `dagster job execute` subprocess (its DEBUG lines go to
 ``<data dir>/logs/<job>-<time>.log``); this process follows the run in the Dagster event log
 and prints one line per step and the steps' own progress messages. The summary reads the
 run's materializations (report paths, gate, endpoint), asks the endpoint about a held-out
-golden example of the active task with the request it prints as a curl command, and checks
+golden example of the demo's task with the request it prints as a curl command, and checks
 that the answer fits the task's output schema.
 """
 
@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from genops_assets.cli.home import REPO, bin_path, init_home
+from genops_assets.cli.home import REPO, bin_path, demo_task, init_home, task_job, write_task_run_config
 from genops_assets.cli.progress import RunEvent, RunProgress, duration
 
 # The demo's sizing of the loop (tuning budget, evaluation batch, executor): a run config, so
@@ -135,12 +135,18 @@ def run_job(job: str, root: Path, run_config: Path | None = None, out=sys.stdout
     return run_dagster(job, args + (["-c", str(run_config)] if run_config else []), root, out)
 
 
-def demo(job: str = "genops_loop", run_config: Path | None = DEMO_RUN_CONFIG) -> int:
+def demo(job: str = "genops_loop", run_config: Path | None = DEMO_RUN_CONFIG, task: str | None = None) -> int:
+    """Run one task's ``job`` (GENOPS_TASK unless ``task`` is given); ``run_config`` names steps
+    by their bare names (``eval_report``), the task's job by ``<task>__eval_report``."""
     root = init_home()
+    task_ref = demo_task(task)
+    job = task_job(job, task_ref.name)
     print(f"genops demo: job '{job}'" + (f" with run config {run_config}" if run_config else "")
           + f", data directory {root}", flush=True)
     from genops_assets.cli.endpoint import stop
 
+    if run_config is not None:
+        run_config = write_task_run_config(run_config, task_ref.name, root / "logs" / f"{job}.run_config.yaml")
     try:
         run = run_job(job, root, run_config)
         if run.returncode != 0:
@@ -148,7 +154,7 @@ def demo(job: str = "genops_loop", run_config: Path | None = DEMO_RUN_CONFIG) ->
                   + (f": {run.failure}" if run.failure else "")
                   + f"\n  full log: {run.log_file}\n  runs: make ui -> Runs", file=sys.stderr)
             return run.returncode
-        return print_summary(root, run)
+        return print_summary(root, run, task_ref)
     finally:
         # The judge serves the run's AutoSxS only (about 2 GB); it starts again when a run needs it.
         stop(("judge",))
@@ -159,7 +165,7 @@ def demo(job: str = "genops_loop", run_config: Path | None = DEMO_RUN_CONFIG) ->
 
 @dataclass(frozen=True)
 class Example:
-    """A held-out golden example of the active task and the request that asks the endpoint."""
+    """A held-out golden example of the demo's task and the request that asks the endpoint."""
 
     example_id: str
     input_text: str
@@ -229,7 +235,7 @@ def report_lines(report_md: Path, limit: int = 40) -> list[str]:
     return lines[:limit]
 
 
-def print_summary(root: Path, run: JobRun, out=sys.stdout) -> int:
+def print_summary(root: Path, run: JobRun, task, out=sys.stdout) -> int:
     """The metrics and gate, the reports, the slowest steps, and the endpoint asked the way the
     printed curl command asks it. Returns 1 when that answer is missing or off-schema."""
     from genops_assets.serving.protection import parse_api_keys
@@ -250,7 +256,7 @@ def print_summary(root: Path, run: JobRun, out=sys.stdout) -> int:
     say("\n".join("  " + ln for ln in report_lines(report_dir / "report.md")))
 
     res = build_resources(root)
-    spec = res["task"].load()
+    spec = task.load()
     endpoint = res["endpoint"]
     example = demo_example(spec, report_dir / "predictions.jsonl")
     rc = 0
@@ -281,7 +287,7 @@ genops demo finished in {duration(run.wall_s)}. Slowest steps:
   Dagster UI (runs, lineage, checks):  make ui  ->  http://127.0.0.1:3000
   MLflow UI (runs, registry, aliases): make ui  ->  http://127.0.0.1:5000
   Full log of this run:                {run.log_file}
-  Continuous training: drop JSONL/CSV files into {spec.incoming_dir}/ (sensor incoming_data_sensor).
+  Continuous training: drop JSONL/CSV files into {spec.incoming_dir}/ (sensor {spec.name}_incoming_data_sensor).
   The endpoint keeps running until `make stop`; the judge server, which only the run needed, is stopped.
 """)
     return rc
@@ -290,10 +296,11 @@ genops demo finished in {duration(run.wall_s)}. Slowest steps:
 def enhance() -> int:
     """Prompt enhancement, then the eval report again (cached) with the prompt comparison."""
     root = init_home()
+    task = demo_task().name
     for name, args in (("prompt_enhancement", ["job", "execute", "-m", "genops_assets.definitions", "-j",
-                                               "prompt_enhancement"]),
+                                               task_job("prompt_enhancement", task)]),
                        ("eval_report", ["asset", "materialize", "-m", "genops_assets.definitions",
-                                        "--select", "eval_report"])):
+                                        "--select", f"{task}/eval_report"])):
         run = run_dagster(name, args, root)
         if run.returncode != 0:
             print(f"genops enhance: {name} FAILED ({run.failure or 'see the log'}); full log: {run.log_file}",

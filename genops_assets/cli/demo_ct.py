@@ -5,8 +5,8 @@
 3. Live traffic - support tickets plus a few off-topic questions - reaches the endpoint through
    the openai client. The request-log sensor loads it into the feedback store; declarative
    automation refreshes the monitoring assets (serving metrics, drift, online quality).
-4. A reviewer's labels for the live tickets land in ``<home>/feedback/labels/``.
-5. The feedback sensor fires -> continuous_training: retrain, evaluate, promote, deploy.
+4. A reviewer's labels for the live tickets land in ``<home>/feedback/labels/support_triage/``.
+5. The feedback sensor fires -> <task>_continuous_training: retrain, evaluate, promote, deploy.
 6. The endpoint answers `champion` with the new version.
 
 The run's latency breakdown (detection, queue, data, training, registration, evaluation,
@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from genops_assets.cli.home import REPO, bin_path
+from genops_assets.cli.home import REPO, bin_path, demo_task, task_job, write_task_run_config
 from genops_assets.lib.hashing import atomic_write_text
 from genops_assets.lib.jsonl import read_jsonl
 from resources.paths import GenopsHome
 
-TASK_DIR = REPO / "tasks" / "support_triage" / "ct_demo"
+# The demo's traffic and reviewer labels are support tickets: it runs on that task.
+CT_TASK = "support_triage"
+TASK_DIR = REPO / "tasks" / CT_TASK / "ct_demo"
 LABEL_FIELDS = ("category", "priority", "product", "summary")
 
 # Evaluation sized for a demo, the same for the bootstrap champion and every retrain so the
@@ -86,7 +88,7 @@ def _champion(env: dict[str, str]):
     res = build_resources(Path(env["GENOPS_HOME"]))
     from resources.tracking import registered_model_name
 
-    name = registered_model_name(res["task"].name)
+    name = registered_model_name(demo_task(CT_TASK).name)
     return res, name, res["mlflow"].alias(name, "champion")
 
 
@@ -128,7 +130,7 @@ def reviewer_labels(answers: list[dict]) -> tuple[list[dict], int]:
 
 
 def drop_labels(home: Path, rows: list[dict]) -> Path:
-    target = GenopsHome(root=str(home)).labels_dir / f"review-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
+    target = GenopsHome(root=str(home)).task_labels_dir(CT_TASK) / f"review-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
     # the sensor sees whole files only (the temp file is hidden and not .jsonl)
     return atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -352,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     res, model_name, champion = _champion(env)
     if champion is None:
         log("no champion yet: training yesterday's model (short budget), evaluating and deploying it")
-        cfg = _write_yaml(home / "ct" / "bootstrap.yaml", {"ops": {**EVAL_CONFIG, **BOOTSTRAP_TUNING}})
+        task = demo_task(CT_TASK).name
+        cfg = write_task_run_config({"ops": {**EVAL_CONFIG, **BOOTSTRAP_TUNING}}, task, home / "ct" / "bootstrap.yaml")
         rc = subprocess.call([bin_path("dagster"), "job", "execute", "-m", "genops_assets.definitions",
-                              "-j", "genops_loop", "-c", str(cfg)], env=env, cwd=REPO)
+                              "-j", task_job("genops_loop", task), "-c", str(cfg)], env=env, cwd=REPO)
         if rc != 0:
             log(f"bootstrap run failed (exit {rc})")
             return rc
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         instance = _instance()
         time.sleep(5)
-        input_field = res["task"].load().input_field
+        input_field = demo_task(CT_TASK).load().input_field
         t_traffic = time.time()
         answers = send_traffic(base_url, key, input_field)
         log(f"{len(answers)} live requests answered by champion v{answers[0]['version']}; "
@@ -425,7 +428,7 @@ def _print_monitoring(instance) -> None:
     for asset, keys in (("serving_metrics", ("request_count", "latency_p50_s", "latency_p95_s", "error_rate")),
                         ("prompt_drift", ("live", "flagged", "flagged_share", "drift")),
                         ("online_quality", ("version", "live_n", "live_mean", "offline_mean", "regression"))):
-        entry = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        entry = instance.get_latest_materialization_event(dg.AssetKey([demo_task(CT_TASK).name, asset]))
         if entry is None:
             log(f"  {asset}: not materialized")
             continue

@@ -59,6 +59,10 @@ def init_home() -> Path:
     for sub in ("mlflow", "models", "endpoint", "runs", "cache", "logs", "feedback/labels"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     write_dagster_yaml(dagster_home / "dagster.yaml")
+    # The install day: daily monitoring partitions start there.
+    from resources.paths import install_day
+
+    install_day(root)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     os.environ["GENOPS_HOME"] = str(root)
     for k, v in QUIET_ENV.items():
@@ -71,9 +75,36 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def demo_task(name: str | None = None):
+    """The task the demos and the command line work on: ``name``, else ``GENOPS_TASK``
+    (default support_triage). The code location itself serves every task folder."""
+    from genops_assets.lib.tasks import TaskRef
+    from resources.settings import GenopsSettings
+
+    settings = GenopsSettings.from_env()
+    return TaskRef(name or settings.task, str(settings.tasks_dir))
+
+
+def task_job(job: str, task: str) -> str:
+    """A task's job by its bare name: ``genops_loop`` -> ``<task>_genops_loop``."""
+    return job if job.startswith(f"{task}_") else f"{task}_{job}"
+
+
+def write_task_run_config(source: Path | dict, task: str, target: Path) -> Path:
+    """A run config written with bare step names, as ``task``'s job needs it (step names
+    ``<task>__<asset>``), saved to ``target``."""
+    import yaml
+
+    from genops_assets.lib.hashing import atomic_write_text
+    from genops_assets.lib.tasks import task_run_config
+
+    data = source if isinstance(source, dict) else (yaml.safe_load(source.read_text(encoding="utf-8")) or {})
+    return atomic_write_text(target, yaml.safe_dump(task_run_config(task, data), sort_keys=True))
+
+
 def tracking():
-    """The MLflow registry, data directory and task the assets use (same environment)."""
+    """The MLflow registry, data directory and the demo's task (same environment)."""
     from resources import build_resources
 
     res = build_resources(home())
-    return res["mlflow"], res["home"], res["task"]
+    return res["mlflow"], res["home"], demo_task()

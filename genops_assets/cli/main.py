@@ -14,7 +14,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("init-home", help="create the data directory and Dagster home")
     d = sub.add_parser("demo", help="run the whole loop on the embedded defaults")
-    d.add_argument("--job", default="genops_loop")
+    d.add_argument("--job", default="genops_loop", help="a job of the task (genops_loop, prompt_enhancement, ...)")
+    d.add_argument("--task", default=None, help="the task folder (default: GENOPS_TASK, support_triage)")
     sub.add_parser("ui", help="Dagster UI on :3000 and MLflow UI on :5000")
     sub.add_parser("stop", help="stop the local endpoint and judge servers")
     sv = sub.add_parser("serve", help="the OpenAI-compatible server in the foreground (containers)")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from genops_assets.cli import demo
 
         # The demo's run config sizes the loop it was written for; another job runs as configured.
-        return demo.demo(args.job, demo.DEMO_RUN_CONFIG if args.job == "genops_loop" else None)
+        return demo.demo(args.job, demo.DEMO_RUN_CONFIG if args.job.endswith("genops_loop") else None, args.task)
     if args.cmd == "enhance":
         from genops_assets.cli.demo import enhance
 

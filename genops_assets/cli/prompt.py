@@ -22,7 +22,7 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
     from genops_assets.lib.hashing import sha256_json
     from genops_assets.lib.prompts import PRODUCTION, load_prompt_file, prompt_registry_name
     from genops_assets.lib.tasks import load_task, read_raw_file
-    from resources.warehouse import MART_SCHEMA
+    from resources.warehouse import mart_schema
 
     root = init_home()
     mlflow, gh, task_res = tracking()
@@ -37,7 +37,7 @@ def prompt_try(task_name: str | None, prompt_file: str, model: str, n: int, batc
     if db.exists():
         try:
             with duckdb.connect(str(db), read_only=True) as con:
-                rows = con.execute(f"select * from {MART_SCHEMA}.sft_dataset "
+                rows = con.execute(f"select * from {mart_schema(spec.name)}.sft_dataset "
                                    "where split = 'validation' order by example_id limit ?", [n]).df()
             examples = examples_from_frame(rows)
             source = f"validation split of {db}"

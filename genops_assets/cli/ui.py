@@ -16,7 +16,8 @@ def ui() -> int:
     root = init_home()
     mlflow_db = root / "mlflow" / "mlflow.db"
     procs = [
-        subprocess.Popen([bin_path("dagster"), "dev", "-m", "genops_assets.definitions", "-h", "127.0.0.1",
+        # workspace.yaml names the code location `genops` (with -m the UI would show the module path).
+        subprocess.Popen([bin_path("dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1",
                           "-p", "3000"], cwd=REPO),
         subprocess.Popen([bin_path("mlflow"), "ui", "--backend-store-uri", f"sqlite:///{mlflow_db}",
                           "--default-artifact-root", (root / "mlflow" / "artifacts").as_uri(),

@@ -1,37 +1,52 @@
-"""Jobs: the whole loop, and the same loop as the continuous-training target of sensors."""
+"""Jobs of one task: the whole loop, the same loop as the target of continuous training, and
+prompt enhancement; each named after its task (``support_triage_genops_loop``)."""
 
 from __future__ import annotations
 
 import dagster as dg
 
-# Prompt enhancement is its own job: it asks a teacher model and scores candidates, which the
-# loop does not need on every run.
-# Monitoring is partitioned by day and follows the request log through declarative automation.
-LOOP_SELECTION = (dg.AssetSelection.all() - dg.AssetSelection.assets("prompt_candidates", "request_log")
-                  - dg.AssetSelection.groups("monitoring"))
+from genops_assets.components.binding import task_group, task_key
+from genops_assets.lib.tasks import TaskRef
 
-genops_loop = dg.define_asset_job(
-    "genops_loop",
-    selection=LOOP_SELECTION,
-    description="Data -> checks -> tuning -> evaluation -> promotion -> serving, on the active task.",
-)
 
-continuous_training = dg.define_asset_job(
-    "continuous_training",
-    selection=LOOP_SELECTION,
-    description="Retrain, evaluate and promote when new data arrives (sensor) or nightly (schedule).",
-    tags={"genops/trigger": "continuous_training"},
-)
+def loop_selection(task: TaskRef) -> dg.AssetSelection:
+    """The task's assets and the shared base model, except prompt enhancement (its own job: it asks
+    a teacher model and scores candidates, which the loop does not need on every run) and
+    monitoring (partitioned by day, it follows the request log through declarative automation)."""
+    return ((dg.AssetSelection.key_prefixes([task.name]) | dg.AssetSelection.assets("base_model"))
+            - dg.AssetSelection.assets(task_key(task, "prompt_candidates"))
+            - dg.AssetSelection.groups(task_group(task, "monitoring")))
 
-prompt_enhancement = dg.define_asset_job(
-    "prompt_enhancement",
-    selection=dg.AssetSelection.assets("prompt_candidates"),
-    description="An LLM rewrites the production prompt from the last evaluation's failures; candidates are "
-                "scored on the validation split and the best becomes `candidate` if it clears the gate.",
-)
 
-ingest_requests = dg.define_asset_job(
-    "ingest_requests",
-    selection=dg.AssetSelection.assets("request_log"),
-    description="Load the endpoint's new request records into the feedback store.",
-)
+def loop_job_name(task: str) -> str:
+    return f"{task}_genops_loop"
+
+
+def continuous_training_job_name(task: str) -> str:
+    return f"{task}_continuous_training"
+
+
+def prompt_enhancement_job_name(task: str) -> str:
+    return f"{task}_prompt_enhancement"
+
+
+def build_task_jobs(task: TaskRef) -> list[dg.UnresolvedAssetJobDefinition]:
+    tags = {"genops/task": task.name}
+    return [
+        dg.define_asset_job(
+            loop_job_name(task.name), selection=loop_selection(task), tags=tags,
+            description=f"Data -> checks -> tuning -> evaluation -> promotion -> serving of task {task.name}.",
+        ),
+        dg.define_asset_job(
+            continuous_training_job_name(task.name), selection=loop_selection(task),
+            description=f"Retrain, evaluate and promote task {task.name} when new data arrives (sensors) or "
+                        "nightly (schedule).",
+            tags={**tags, "genops/trigger": "continuous_training"},
+        ),
+        dg.define_asset_job(
+            prompt_enhancement_job_name(task.name), selection=dg.AssetSelection.assets(
+                task_key(task, "prompt_candidates")), tags=tags,
+            description="An LLM rewrites the production prompt from the last evaluation's failures; candidates are "
+                        "scored on the validation split and the best becomes `candidate` if it clears the gate.",
+        ),
+    ]

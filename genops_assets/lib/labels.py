@@ -1,4 +1,5 @@
-"""Labelled and corrected feedback dropped at the boundary: ``<GENOPS_HOME>/feedback/labels/*.jsonl``.
+"""Labelled and corrected feedback dropped at the boundary:
+``<GENOPS_HOME>/feedback/labels/<task>/*.jsonl``.
 
 One JSON object per line::
 

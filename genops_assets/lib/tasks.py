@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,7 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
     if not splits.few_shot_label_field and cfg.label_fields:
         splits = splits.model_copy(update={"few_shot_label_field": cfg.label_fields[0]})
     return TaskSpec(
-        name=cfg.name or name,
+        name=check_task_name(cfg.name or name, str(cfg_path)),
         root=root,
         description=cfg.description.strip(),
         input_field=cfg.input_field,
@@ -357,3 +358,52 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield line_no, {k: (v if v != "" else None) for k, v in row.items()}
     except (csv.Error, UnicodeDecodeError) as exc:
         raise TaskDataError(f"{path}: unreadable CSV: {exc}") from exc
+
+
+# A task name becomes an asset key prefix, a step name prefix and part of schema names.
+TASK_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_]*"
+# Steps shared by every task keep their bare names in run config.
+SHARED_STEPS = frozenset({"base_model", "request_log", "resource_usage"})
+
+
+def check_task_name(name: str, where: str) -> str:
+    if not re.fullmatch(TASK_NAME_PATTERN, name):
+        raise TaskConfigError(f"{where}: task name '{name}' must match {TASK_NAME_PATTERN} (it prefixes asset "
+                              "keys, job names and warehouse schemas)")
+    return name
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """One task folder as the graph binds it: ``name`` (the declared task name, which keys its
+    assets) and where its folder is. ``load`` reads the folder afresh, so a run sees the data
+    and templates as they are when it starts."""
+
+    name: str
+    tasks_dir: str
+    folder: str = ""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.tasks_dir) / (self.folder or self.name)
+
+    def load(self) -> TaskSpec:
+        spec = load_task(self.tasks_dir, self.folder or self.name)
+        if spec.name != self.name:
+            raise TaskConfigError(f"{self.root / 'task.yaml'}: the task is now named '{spec.name}', it was loaded "
+                                  f"as '{self.name}'; reload the code location")
+        return spec
+
+    def step(self, name: str) -> str:
+        """The step (op) name of this task's asset ``name``."""
+        return name if name in SHARED_STEPS else f"{self.name}__{name}"
+
+
+def task_run_config(task: str, run_config: dict[str, Any]) -> dict[str, Any]:
+    """A run config written with bare step names (``eval_report``) for one task's job, whose
+    steps are named ``<task>__eval_report``; shared steps and names already prefixed stay."""
+    ref = TaskRef(task, "")
+    ops = run_config.get("ops")
+    if not ops:
+        return dict(run_config)
+    return {**run_config, "ops": {k if k.startswith(f"{task}__") else ref.step(k): v for k, v in ops.items()}}

@@ -9,25 +9,25 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
+from genops_assets.components.binding import bind_task, task_group, task_key
 from genops_assets.lib.hashing import sha256_file, sha256_json
 from genops_assets.lib.labels import scan_labels
-from genops_assets.lib.tasks import read_raw_file
+from genops_assets.lib.tasks import TaskRef, read_raw_file
 from resources import DBT_PROJECT_DIR
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
-RAW_ASSET = dg.AssetKey("raw_task_examples")
+RAW_ASSET = "raw_task_examples"
 MARTS = ("golden_eval_dataset", "sft_dataset", "few_shot_examples")
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
 
 def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehouse) -> tuple[list[tuple], dict]:
-    """Reviewed live answers from ``<home>/feedback/labels/`` as raw rows. A label that names
+    """Reviewed live answers from ``<home>/feedback/labels/<task>/`` as raw rows. A label that names
     only a request id takes the question from the feedback store. Lines that do not fit the
     task are reported with file:line and left out (the feedback sensor reports them too)."""
-    folder = home.labels_dir
+    folder = home.task_labels_dir(spec.name)
     scan = scan_labels(folder, spec)
     for issue in scan.issues:
         context.log.warning(f"label left out: {folder}/{issue}")
@@ -52,18 +52,18 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
         if text is None:
             missing.append(f"{r.source_file}:{r.line} (request {r.request_id})")
             continue
-        rows.append((f"feedback/labels/{r.source_file}", r.line, text, json.dumps(r.output, ensure_ascii=False)))
+        rows.append((f"feedback/labels/{spec.name}/{r.source_file}", r.line, text,
+                     json.dumps(r.output, ensure_ascii=False)))
     if missing:
         context.log.warning(f"labels whose request id is not in {FEEDBACK_SCHEMA}.requests, left out: {missing}")
     return rows, {"rows": len(rows), "digest": scan.digest, "issues": len(scan.issues), "missing": len(missing)}
 
 
-@dg.asset(group_name="datasets", kinds={"duckdb"})
 def raw_task_examples(
-    context: dg.AssetExecutionContext, task: TaskResource, warehouse: DuckDBWarehouse, home: GenopsHome
+    context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, home: GenopsHome
 ) -> dg.MaterializeResult:
-    """Every example of the active task (its data files plus ``incoming/``) and every reviewed
-    live answer (``<home>/feedback/labels/``), one row each, loaded into ``raw.task_examples``.
+    """Every example of the task (its data files plus ``incoming/``) and every reviewed
+    live answer (``<home>/feedback/labels/<task>/``), one row each, loaded into ``raw.task_examples``.
     Files are all read before anything is written, and the task's rows are replaced in one
     transaction. Cost: seconds.
     """
@@ -104,15 +104,20 @@ def raw_task_examples(
 
 
 class GenopsDbtTranslator(DagsterDbtTranslator):
-    """Models keep their names as asset keys; the raw source is the ``raw_task_examples`` asset."""
+    """One task's view of the dbt project: a model is ``<task>/<model>`` in the task's datasets
+    group; the raw source is the task's ``raw_task_examples`` asset."""
+
+    def __init__(self, task: str):
+        super().__init__()
+        self.task = task
 
     def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project):
         spec = super().get_asset_spec(manifest, unique_id, project)
         props = self.get_resource_props(manifest, unique_id)
         if props["resource_type"] == "source" and props["name"] == "task_examples":
-            return spec.replace_attributes(key=RAW_ASSET)
+            return spec.replace_attributes(key=task_key(self.task, RAW_ASSET))
         if props["resource_type"] == "model":
-            return spec.replace_attributes(key=dg.AssetKey(props["name"]), group_name="datasets")
+            return spec.replace_attributes(key=task_key(self.task, props["name"]), group_name=f"{self.task}_datasets")
         return spec
 
 
@@ -138,13 +143,26 @@ def dbt_vars(spec) -> dict[str, Any]:
     }
 
 
-@dbt_assets(manifest=_manifest_path(), dagster_dbt_translator=GenopsDbtTranslator(), project=dbt_project)
 def dbt_marts(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, task: TaskResource, warehouse: DuckDBWarehouse
+    context: dg.AssetExecutionContext, dbt: DbtCliResource, task: TaskRef, warehouse: DuckDBWarehouse
 ):
     """dbt-duckdb staging and marts: dedup (exact and near), stable ids, held-out golden set,
-    train/validation split, few-shot pool. Cost: seconds."""
+    train/validation split, few-shot pool, in the task's schema (`marts_<task>`). Cost: seconds."""
     spec = task.load()
-    # The dbt profile takes the warehouse path as a variable (dbt/profiles.yml).
+    # The dbt profile takes the warehouse path as a variable (dbt/profiles.yml); the task
+    # variable picks the rows and the schema (dbt/macros/generate_schema_name.sql).
     dbt_args = ["build", "--vars", json.dumps({**dbt_vars(spec), "duckdb_path": warehouse.path})]
     yield from dbt.cli(dbt_args, context=context).stream()
+
+
+def build_raw_examples(task: TaskRef) -> dg.AssetsDefinition:
+    return dg.asset(name=RAW_ASSET, key_prefix=[task.name], group_name=task_group(task, "datasets"),
+                    kinds={"duckdb"})(bind_task(raw_task_examples, task))
+
+
+def build_dataset_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
+    """The task's raw examples and its dbt marts (same manifest as every task, keys and schema
+    of its own)."""
+    marts = dbt_assets(manifest=_manifest_path(), dagster_dbt_translator=GenopsDbtTranslator(task.name),
+                       project=dbt_project, name=f"{task.name}__dbt_marts")(bind_task(dbt_marts, task))
+    return [build_raw_examples(task), marts]

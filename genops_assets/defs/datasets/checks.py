@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from genops_assets.lib.tasks import TaskSpec
-from resources.task import TaskResource
-from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+from genops_assets.components.binding import task_key
+from genops_assets.lib.tasks import TaskRef, TaskSpec
+from resources.warehouse import DuckDBWarehouse, mart_schema
 
 BASE_COLUMNS = ("example_id", "content_hash", "input_text", "output_json", "source_file", "source_row")
 EXTRA_COLUMNS = {"sft_dataset": ("split",), "few_shot_examples": ("label",), "golden_eval_dataset": ()}
@@ -43,9 +43,9 @@ def mart_rules(spec: TaskSpec, mart: str, golden=None):
     )
 
 
-def _make_check(mart: str) -> dg.AssetChecksDefinition:
+def _make_check(task: TaskRef, mart: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=dg.AssetKey(mart),
+        asset=task_key(task, mart),
         name=f"gx_{mart}",
         blocking=True,
         description=(
@@ -55,14 +55,15 @@ def _make_check(mart: str) -> dg.AssetChecksDefinition:
             + ("" if mart == "golden_eval_dataset" else ", no overlap (exact or near) with the golden set")
         ),
     )
-    def _check(task: TaskResource, warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
+    def _check(warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
         from genops_assets.lib.validation import validate_mart
 
         spec = task.load()
-        df = warehouse.query_df(f"select * from {MART_SCHEMA}.{mart} order by example_id")
+        schema = mart_schema(spec.name)
+        df = warehouse.query_df(f"select * from {schema}.{mart} order by example_id")
         golden = None
         if mart != "golden_eval_dataset":
-            golden = warehouse.query_df(f"select content_hash, input_text from {MART_SCHEMA}.golden_eval_dataset")
+            golden = warehouse.query_df(f"select content_hash, input_text from {schema}.golden_eval_dataset")
         report = validate_mart(mart, df, mart_rules(spec, mart, golden))
         failed = [o for o in report.outcomes if not o.success]
         metadata: dict[str, dg.RawMetadataValue] = {
@@ -85,4 +86,6 @@ def _make_check(mart: str) -> dg.AssetChecksDefinition:
     return _check
 
 
-mart_checks = [_make_check(m) for m in ("golden_eval_dataset", "sft_dataset", "few_shot_examples")]
+def build_mart_checks(task: TaskRef) -> list[dg.AssetChecksDefinition]:
+    """The blocking Great Expectations checks of one task's marts."""
+    return [_make_check(task, m) for m in ("golden_eval_dataset", "sft_dataset", "few_shot_examples")]

@@ -10,11 +10,12 @@ from datetime import UTC, datetime
 import dagster as dg
 from pydantic import Field
 
+from genops_assets.components.binding import bind_task, task_group, task_ins
 from genops_assets.lib.formatting import build_messages, prompt_variables
+from genops_assets.lib.tasks import TaskRef
 from genops_assets.serving.protocol import CHALLENGER, CHAMPION
 from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
 
 
@@ -52,14 +53,13 @@ def request_for(case: dict, spec, prompt_ref, renders_prompts: bool) -> dict:
             "max_tokens": prompt_ref.template.max_new_tokens}
 
 
-@dg.asset(group_name="deployment", kinds={"openai"})
 def deployed_endpoint(
     context: dg.AssetExecutionContext,
     config: DeployConfig,
     eval_report: dict,
     tuned_adapter: dict,
     base_model: dict,
-    task: TaskResource,
+    task: TaskRef,
     mlflow: MlflowTracking,
     endpoint: ServingBackend,
     home: GenopsHome,
@@ -160,3 +160,8 @@ def deployed_endpoint(
         "prompt_version": prompt_ref.version,
         "served_prompt_version": str(served_prompt),
     })
+
+
+def build_deployment_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
+    return [dg.asset(key_prefix=[task.name], group_name=task_group(task, "deployment"), kinds={"openai"},
+                     ins=task_ins(task, "eval_report", "tuned_adapter"))(bind_task(deployed_endpoint, task))]

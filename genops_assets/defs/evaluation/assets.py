@@ -5,6 +5,7 @@ import functools
 
 import dagster as dg
 
+from genops_assets.components.binding import bind_task, task_group, task_ins, task_key
 from genops_assets.defs.evaluation.config import EvalConfig
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.eval_report import (
@@ -26,11 +27,11 @@ from genops_assets.lib.evaluation import ModelEval, examples_from_frame, sample_
 from genops_assets.lib.hashing import sha256_json
 from genops_assets.lib.prompts import CANDIDATE
 from genops_assets.lib.report import png_markdown, rag_section, write_eval_report
+from genops_assets.lib.tasks import TaskRef
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import CHAMPION, PREVIOUS_CHAMPION_TAG, MlflowTracking, prompt_tags
-from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, mart_schema
 
 
 def gate_reference(mlflow: MlflowTracking, home: GenopsHome, model_name: str, version: str) -> RegisteredAdapter | None:
@@ -51,14 +52,12 @@ def gate_reference(mlflow: MlflowTracking, home: GenopsHome, model_name: str, ve
                              str(adapter_dir))
 
 
-@dg.asset(group_name="evaluation", kinds={"mlflow"},
-          deps=[dg.AssetKey("golden_eval_dataset"), dg.AssetKey("few_shot_examples"), dg.AssetKey("prompt_templates")])
 def eval_report(
     context: dg.AssetExecutionContext,
     config: EvalConfig,
     base_model: dict,
     tuned_adapter: dict,
-    task: TaskResource,
+    task: TaskRef,
     warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
     home: GenopsHome,
@@ -77,14 +76,15 @@ def eval_report(
     spec = task.load()
     production = mlflow.resolve_prompt(spec)
     context.log.info(f"prompt: {production.name} v{production.version} (alias production)")
-    golden = warehouse.query_df(f"select * from {MART_SCHEMA}.golden_eval_dataset order by example_id")
+    schema = mart_schema(spec.name)
+    golden = warehouse.query_df(f"select * from {schema}.golden_eval_dataset order by example_id")
     examples = examples_from_frame(golden.head(config.max_examples) if config.max_examples else golden)
     if not examples:
         raise ValueError("golden_eval_dataset is empty: nothing to evaluate against")
     golden_digest = sha256_json([e.identity() for e in examples])
     few_shots = None
     if config.base_few_shot > 0:
-        pool = warehouse.query_df(f"select * from {MART_SCHEMA}.few_shot_examples order by label, example_id")
+        pool = warehouse.query_df(f"select * from {schema}.few_shot_examples order by label, example_id")
         few_shots = select_few_shots(pool, [e.input_text for e in examples], config.few_shot_strategy,
                                      config.base_few_shot, home.cache_dir / "embeddings.sqlite")
 
@@ -237,3 +237,17 @@ def rag_metadata(rag: dict, cand: ModelEval) -> dict:
     out.update({metric: float(s["estimate"]) for metric, s in rag["retrieval"].items() if s["n"]})
     out.update({f"candidate_{m}": float(cand.metrics[m]) for m in JUDGED_METRICS if m in cand.metrics})
     return out
+
+
+def build_evaluation_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
+    """The golden-set evaluation and the AutoSxS comparison of one task."""
+    from genops_assets.defs.evaluation.sxs import sxs_evaluation
+
+    group = task_group(task, "evaluation")
+    return [
+        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"}, ins=task_ins(task, "tuned_adapter"),
+                 deps=[task_key(task, name) for name in ("golden_eval_dataset", "few_shot_examples",
+                                                         "prompt_templates")])(bind_task(eval_report, task)),
+        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"}, ins=task_ins(task, "eval_report"))(
+            bind_task(sxs_evaluation, task)),
+    ]

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import dagster as dg
 
+from genops_assets.components.binding import task_key
+from genops_assets.lib.tasks import TaskRef
 
-@dg.asset_check(asset=dg.AssetKey("eval_report"), blocking=True,
-                description="The tuned adapter beats the champion (or the base model when there is none; "
-                            "for a candidate that already is the champion, the champion before it or the base "
-                            "model) by the configured margin on the task's primary metric.")
+
+def build_evaluation_checks(task: TaskRef) -> list[dg.AssetChecksDefinition]:
+    """The promotion gate on the task's eval_report."""
+    return [dg.asset_check(
+        asset=task_key(task, "eval_report"), blocking=True,
+        description="The tuned adapter beats the champion (or the base model when there is none; "
+                    "for a candidate that already is the champion, the champion before it or the base "
+                    "model) by the configured margin on the task's primary metric.")(beats_champion)]
+
+
 def beats_champion(eval_report: dict) -> dg.AssetCheckResult:
     gate = eval_report["gate"]
     return dg.AssetCheckResult(

@@ -11,9 +11,9 @@ from genops_assets.lib.formatting import build_messages
 from genops_assets.lib.jsonl import iter_jsonl
 from genops_assets.lib.prompts import PromptError
 from genops_assets.lib.report import png_markdown
+from genops_assets.lib.tasks import TaskRef
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking, prompt_tags
 
 
@@ -39,13 +39,12 @@ def _judge_input(spec, text: str, prompt=None, contexts=()) -> str:
     return "\n\n".join(m["content"] for m in build_messages(spec, text, [], prompt, contexts))
 
 
-@dg.asset(group_name="evaluation", kinds={"mlflow"})
 def sxs_evaluation(
     context: dg.AssetExecutionContext,
     config: SxsConfig,
     eval_report: dict,
     base_model: dict,
-    task: TaskResource,
+    task: TaskRef,
     judge: JudgeResource,
     mlflow: MlflowTracking,
     home: GenopsHome,

@@ -5,10 +5,14 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-MONITORING_START = "2026-01-01"
+# The endpoint process's own table (resource_usage); a task's tables are in monitoring_<task>.
 MONITORING_SCHEMA = "monitoring"
 
-daily = dg.DailyPartitionsDefinition(start_date=MONITORING_START, timezone="UTC", end_offset=1)
+
+def daily_partitions(start_date: str) -> dg.DailyPartitionsDefinition:
+    """One partition per UTC day from ``start_date`` (the data directory's install day, so a
+    fresh install shows today, not months of empty days) to today."""
+    return dg.DailyPartitionsDefinition(start_date=start_date, timezone="UTC", end_offset=1)
 
 
 def monitoring_experiment(task_name: str) -> str:

@@ -17,10 +17,9 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
+from genops_assets.components.binding import bind_task, task_group, task_ins, task_key
 from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import (
-    MONITORING_SCHEMA,
-    daily,
     monitoring_experiment,
     naive_utc,
     run_in_background,
@@ -28,10 +27,10 @@ from genops_assets.defs.monitoring.common import (
 )
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 from genops_assets.lib.report import png_markdown
+from genops_assets.lib.tasks import TaskRef
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from resources.warehouse import FEEDBACK_SCHEMA, MART_SCHEMA, DuckDBWarehouse
+from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, mart_schema, monitoring_schema
 
 FLAGGED_TABLE = "flagged_prompts"
 CLUSTERS_TABLE = "prompt_clusters"
@@ -68,19 +67,19 @@ class DriftConfig(dg.Config):
                                                        "(all held-out golden and live prompts go in).")
 
 
-def _mart_texts(warehouse: DuckDBWarehouse):
+def _mart_texts(warehouse: DuckDBWarehouse, schema: str):
     for mart in ("sft_dataset", "golden_eval_dataset"):
-        if not warehouse.table_exists(MART_SCHEMA, mart):
-            raise ValueError(f"{warehouse.path}: table {MART_SCHEMA}.{mart} does not exist; materialize the "
+        if not warehouse.table_exists(schema, mart):
+            raise ValueError(f"{warehouse.path}: table {schema}.{mart} does not exist; materialize the "
                              "dbt marts (raw_task_examples, dbt_marts) before drift_calibration")
-    sft = warehouse.query_df(f"select example_id, input_text, split from {MART_SCHEMA}.sft_dataset "
+    sft = warehouse.query_df(f"select example_id, input_text, split from {schema}.sft_dataset "
                              "order by example_id")
-    golden = warehouse.query_df(f"select example_id, input_text from {MART_SCHEMA}.golden_eval_dataset "
+    golden = warehouse.query_df(f"select example_id, input_text from {schema}.golden_eval_dataset "
                                 "order by example_id")
     train = [str(t) for t in sft.loc[sft["split"] == "train", "input_text"]]
     validation = [str(t) for t in sft.loc[sft["split"] == "validation", "input_text"]]
     if not train:
-        raise ValueError(f"{warehouse.path}: {MART_SCHEMA}.sft_dataset has no 'train' rows: no reference to "
+        raise ValueError(f"{warehouse.path}: {schema}.sft_dataset has no 'train' rows: no reference to "
                          "measure prompts against")
     return train, validation, [str(t) for t in golden["input_text"]]
 
@@ -130,16 +129,10 @@ def _publish_latest(projector_root: Path, partition_dir: Path, partition: str) -
     return True
 
 
-@dg.asset(
-    group_name="monitoring",
-    kinds={"numpy"},
-    deps=[dg.AssetKey("sft_dataset"), dg.AssetKey("golden_eval_dataset")],
-    # Recomputed when the marts change; prompt_drift then measures new days against it.
-    automation_condition=dg.AutomationCondition.eager(),
-)
 def drift_calibration(
     context: dg.AssetExecutionContext,
     config: DriftCalibrationConfig,
+    task: TaskRef,
     warehouse: DuckDBWarehouse,
     home: GenopsHome,
 ) -> dg.Output[dict]:
@@ -152,7 +145,7 @@ def drift_calibration(
     from genops_assets.lib.drift import DriftReference, calibrate
     from genops_assets.lib.embeddings import Embedder
 
-    train, validation, golden = _mart_texts(warehouse)
+    train, validation, golden = _mart_texts(warehouse, mart_schema(task.name))
     embedder = Embedder(cache_path=home.cache_dir / "embeddings.sqlite")
     train_embeddings = embedder.embed(train)
     heldout_embeddings = embedder.embed(validation + golden)
@@ -180,19 +173,11 @@ def drift_calibration(
     })
 
 
-@dg.asset(
-    partitions_def=daily,
-    group_name="monitoring",
-    kinds={"duckdb", "mlflow"},
-    deps=[dg.AssetKey("request_log")],
-    # New live prompts start a refresh; a new calibration (new marts) alone does not.
-    automation_condition=eager_with_follow_up().ignore(dg.AssetSelection.assets("drift_calibration")),
-)
 def prompt_drift(
     context: dg.AssetExecutionContext,
     config: DriftConfig,
     drift_calibration: dict,
-    task: TaskResource,
+    task: TaskRef,
     warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
     home: GenopsHome,
@@ -201,7 +186,7 @@ def prompt_drift(
     (all-MiniLM-L6-v2 embeddings, mean cosine distance to the k nearest) against the threshold of
     drift_calibration. Flagged prompts are clustered and described (representatives, top terms)
     for turning into training or preference data. Grain: one partition per day; its rows in
-    monitoring.flagged_prompts and in monitoring.prompt_clusters are each replaced in one
+    monitoring_<task>.flagged_prompts and .prompt_clusters are each replaced in one
     transaction. Empty day: zero counts, no drift. Cost: seconds (embeddings are cached)."""
     run_in_background(context, home.background_nice)
     from genops_assets.lib.drift import (
@@ -237,11 +222,12 @@ def prompt_drift(
         cluster_rows = [(partition, c.cluster_id, c.size, c.mean_score, json.dumps(list(c.top_terms)),
                          json.dumps(list(c.representatives), ensure_ascii=False), now) for c in day.clusters]
         # Both tables' rows of the day are replaced in one transaction.
-        warehouse.replace_partitions(MONITORING_SCHEMA, "partition_key", partition, {
+        schema = monitoring_schema(spec.name)
+        warehouse.replace_partitions(schema, "partition_key", partition, {
             FLAGGED_TABLE: (FLAGGED_COLUMNS, [tuple(row[name] for name, _ in FLAGGED_COLUMNS) for row in flagged]),
             CLUSTERS_TABLE: (CLUSTER_COLUMNS, cluster_rows)})
 
-        projector_root = home.sub("monitoring", "projector")
+        projector_root = home.sub("monitoring", spec.name, "projector")
         partition_dir = projector_root / partition
         with atomic_dir(partition_dir) as tmp:
             export = write_projector(tmp, *projector_rows(reference, live_texts, live_embeddings, day,
@@ -252,7 +238,7 @@ def prompt_drift(
 
         md = clusters_markdown(day.clusters)
         png = score_histogram_png(day.scores, calibration.heldout_scores, calibration.threshold)
-        report_dir = home.sub("monitoring", "drift") / partition
+        report_dir = home.sub("monitoring", spec.name, "drift") / partition
         with atomic_dir(report_dir) as tmp:
             (tmp / "scores.png").write_bytes(png)
             (tmp / "clusters.md").write_text(md + "\n", encoding="utf-8")
@@ -296,5 +282,23 @@ def prompt_drift(
         "projector_dir": dg.MetadataValue.path(str(partition_dir)),
         "projector_latest_updated": dg.MetadataValue.bool(latest_updated),
         "mlflow_run_id": run_id,
-        "tables": f"{MONITORING_SCHEMA}.{FLAGGED_TABLE}, {MONITORING_SCHEMA}.{CLUSTERS_TABLE}",
+        "tables": f"{schema}.{FLAGGED_TABLE}, {schema}.{CLUSTERS_TABLE}",
     })
+
+
+def build_drift_assets(task: TaskRef, daily: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    group = task_group(task, "monitoring")
+    calibration = dg.asset(
+        key_prefix=[task.name], group_name=group, kinds={"numpy"},
+        deps=[task_key(task, "sft_dataset"), task_key(task, "golden_eval_dataset")],
+        # Recomputed when the marts change; prompt_drift then measures new days against it.
+        automation_condition=dg.AutomationCondition.eager(),
+    )(bind_task(drift_calibration, task))
+    drift = dg.asset(
+        key_prefix=[task.name], partitions_def=daily, group_name=group, kinds={"duckdb", "mlflow"},
+        deps=[dg.AssetKey("request_log")], ins=task_ins(task, "drift_calibration"),
+        # New live prompts start a refresh; a new calibration (new marts) alone does not.
+        automation_condition=eager_with_follow_up().ignore(dg.AssetSelection.assets(task_key(task,
+                                                                                             "drift_calibration"))),
+    )(bind_task(prompt_drift, task))
+    return [calibration, drift]

@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 import dagster as dg
 from pydantic import Field
 
+from genops_assets.components.binding import bind_task, task_group, task_ins, task_key
 from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import (
-    MONITORING_SCHEMA,
-    daily,
     monitoring_experiment,
     naive_utc,
     run_in_background,
@@ -19,11 +18,11 @@ from genops_assets.defs.monitoring.common import (
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.online_quality import ROW_COLUMNS, SUMMARY_COLUMNS, LiveAnswer, QualityPlan
 from genops_assets.lib.report import png_markdown
+from genops_assets.lib.tasks import TaskRef
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
+from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, monitoring_schema
 
 ROWS_TABLE = "online_quality"
 SUMMARY_TABLE = "online_quality_summary"
@@ -79,25 +78,19 @@ def _offline_labels(eval_report: dict) -> dict[str, str]:
     return labels
 
 
-def _replace_partition(warehouse: DuckDBWarehouse, partition_key: str, rows: list[tuple],
+def _replace_partition(warehouse: DuckDBWarehouse, schema: str, partition_key: str, rows: list[tuple],
                        summaries: list[tuple]) -> None:
     """The partition's judged rows and its summaries, both tables replaced in one transaction."""
-    warehouse.replace_partitions(MONITORING_SCHEMA, "partition_key", partition_key, {
+    warehouse.replace_partitions(schema, "partition_key", partition_key, {
         ROWS_TABLE: (ROW_COLUMNS, rows), SUMMARY_TABLE: (SUMMARY_COLUMNS, summaries)})
 
 
-@dg.asset(group_name="monitoring", kinds={"duckdb", "mlflow"}, partitions_def=daily,
-          deps=[dg.AssetKey("request_log")],
-          # New live answers start a refresh; a new evaluation alone does not (it is read when
-          # the next answers arrive).
-          automation_condition=eager_with_follow_up().ignore(
-              dg.AssetSelection.assets("eval_report", "base_model")))
 def online_quality(
     context: dg.AssetExecutionContext,
     config: OnlineQualityConfig,
     eval_report: dict,
     base_model: dict,
-    task: TaskResource,
+    task: TaskRef,
     warehouse: DuckDBWarehouse,
     judge: JudgeResource,
     mlflow: MlflowTracking,
@@ -107,7 +100,7 @@ def online_quality(
     adapter version that eval_report evaluated, judged pointwise with one rubric, against the same
     judge on that version's golden-set answers; means, live-minus-offline difference with a 95%
     bootstrap interval, and a regression / improvement decision. Rows (one per judged answer) and
-    a summary per version go to `monitoring.online_quality` / `monitoring.online_quality_summary`,
+    a summary per version go to `monitoring_<task>.online_quality` / `..._summary`,
     the partition replaced atomically. Metadata `regression` (bool) and `version` (str) are read
     by the rollback sensor. Judge calls are cached by content, so the offline side and re-runs
     cost nothing twice. Cost: about one judge call per sampled answer."""
@@ -126,6 +119,7 @@ def online_quality(
     )
 
     spec = task.load()
+    schema = monitoring_schema(spec.name)
     rubric = pointwise_rubric(config.rubric, spec.root / "rubrics")
     partition = context.partition_key
     start, end = (naive_utc(t) for t in utc_day(context))
@@ -142,7 +136,7 @@ def online_quality(
                f"no live answers from a version with offline predictions (live: {live_versions or 'no adapter'}, "
                f"offline: {sorted(offline)})")
         context.log.info(f"online quality {partition}: {why}; nothing compared")
-        _replace_partition(warehouse, partition, [], [])
+        _replace_partition(warehouse, schema, partition, [], [])
         return dg.MaterializeResult(metadata={
             **day_meta, "compared": False, "reason": why, "version": "", "regression": False,
             "improvement": False, "live_n": 0, "offline_n": 0})
@@ -166,7 +160,7 @@ def online_quality(
                          f"{len(results[version].offline)} golden answers judged; "
                          f"{results[version].comparison.reason}")
     rows = [row for r in results.values() for row in result_rows(partition, r, rubric, client.model, judged_at)]
-    _replace_partition(warehouse, partition, rows,
+    _replace_partition(warehouse, schema, partition, rows,
                        [summary_row(partition, r, rubric, judged_at) for r in results.values()])
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
     head = headline_version(results)
@@ -177,7 +171,7 @@ def online_quality(
     with mlflow.run(monitoring_experiment(spec.name), f"online-quality-{partition}", run_tags) as run_id:
         chart = comparison_chart_png({v: r.comparison for v, r in results.items()}, rubric.name,
                                      float(max(int(c) for c in rubric.choices)))
-        out_dir = write_day_files(home.runs_dir / "online_quality" / partition, chart,
+        out_dir = write_day_files(home.runs_dir / spec.name / "online_quality" / partition, chart,
                                   {**day_meta, "versions": by_version, "judge_usage": usage},
                                   [dict(zip((name for name, _ in ROW_COLUMNS), row, strict=True)) for row in rows])
         mlflow.log_params(run_id, {"rubric": f"{rubric.name}@{rubric.version}", "judge_model": client.model,
@@ -203,6 +197,17 @@ def online_quality(
         "judge_completion_tokens": int(usage["completion_tokens"]),
         "judge_usage": dg.MetadataValue.json(usage),
         "mlflow_run_id": run_id,
-        "table": f"{MONITORING_SCHEMA}.{ROWS_TABLE}",
+        "table": f"{schema}.{ROWS_TABLE}",
         "chart": dg.MetadataValue.md(png_markdown("online quality", chart)),
     })
+
+
+def build_quality_assets(task: TaskRef, daily: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    return [dg.asset(
+        key_prefix=[task.name], group_name=task_group(task, "monitoring"), kinds={"duckdb", "mlflow"},
+        partitions_def=daily, deps=[dg.AssetKey("request_log")], ins=task_ins(task, "eval_report"),
+        # New live answers start a refresh; a new evaluation alone does not (it is read when
+        # the next answers arrive).
+        automation_condition=eager_with_follow_up().ignore(
+            dg.AssetSelection.assets(task_key(task, "eval_report"), "base_model")),
+    )(bind_task(online_quality, task))]

@@ -7,19 +7,19 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from genops_assets.components.binding import bind_task, task_group
 from genops_assets.defs.monitoring.automation import eager_with_follow_up
 from genops_assets.defs.monitoring.common import (
     MONITORING_SCHEMA,
-    daily,
     monitoring_experiment,
     run_in_background,
     utc_day,
 )
 from genops_assets.lib.report import png_markdown
+from genops_assets.lib.tasks import TaskRef
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
+from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, monitoring_schema
 
 SERVING_TABLE = "serving_metrics"
 RESOURCE_TABLE = "resource_usage"
@@ -44,20 +44,18 @@ def _metric_key(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", text)
 
 
-@dg.asset(group_name="monitoring", kinds={"duckdb", "mlflow"}, partitions_def=daily,
-          deps=[dg.AssetKey("request_log")], automation_condition=eager_with_follow_up())
 def serving_metrics(
     context: dg.AssetExecutionContext,
     warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
-    task: TaskResource,
+    task: TaskRef,
     home: GenopsHome,
 ) -> dg.MaterializeResult:
     """One UTC day of the endpoint's requests from `feedback.requests`, per served adapter version
     and prompt version and overall: request count, throughput, latency p50/p95/p99 and queue
     p50/p95 of answered requests (numpy 'linear' percentiles), tokens, error rate and errors by
     class, and task health of live answers (strict / lenient valid-JSON rate, schema conformance
-    against the task's output schema). Rows go to `monitoring.serving_metrics` (the partition
+    against the task's output schema). Rows go to `monitoring_<task>.serving_metrics` (the partition
     replaced in one transaction: an `overall` row and one `version` row per group); plots and a
     JSON summary to the day's MLflow run in `genops/<task>/monitoring`. A day without requests is
     a result: request_count 0, no plots. Cost: seconds."""
@@ -79,7 +77,8 @@ def serving_metrics(
         raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
     df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None)])
     report = serving_report(df, start, end, spec.output_schema, now=datetime.now(UTC))
-    warehouse.replace_partition(MONITORING_SCHEMA, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,
+    schema = monitoring_schema(spec.name)
+    warehouse.replace_partition(schema, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,
                                 report.rows(partition))
     o = report.overall
     context.log.info(f"serving {partition}: {o.request_count} requests in {len(report.groups)} version group(s), "
@@ -100,7 +99,8 @@ def serving_metrics(
                 PARTITION_TAG: partition}
     with mlflow.run(monitoring_experiment(spec.name), f"{SERVING_TABLE}-{partition}", run_tags,
                     reopen_matching=(KIND_TAG, PARTITION_TAG)) as run_id:
-        with atomic_dir(home.runs_dir / SERVING_TABLE / partition) as tmp:
+        day_dir = home.runs_dir / spec.name / SERVING_TABLE / partition
+        with atomic_dir(day_dir) as tmp:
             for name, png in plots.items():
                 (tmp / f"{name}.png").write_bytes(png)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str),
@@ -110,12 +110,12 @@ def serving_metrics(
             prefix = _metric_key(f"{g.served_by}.adapter_{g.adapter_version}.prompt_{g.prompt_version}")
             metrics.update({f"{prefix}.{k}": getattr(g, k) for k in GROUP_NUMBERS})
         mlflow.log_metrics(run_id, {k: float(v) for k, v in metrics.items() if v is not None})
-        mlflow.log_artifacts(run_id, home.runs_dir / SERVING_TABLE / partition, SERVING_TABLE)
+        mlflow.log_artifacts(run_id, day_dir, SERVING_TABLE)
 
     metadata: dict[str, object] = {
         "partition": partition,
         "window": f"{start.isoformat()} .. {end.isoformat()}",
-        "table": f"{MONITORING_SCHEMA}.{SERVING_TABLE}",
+        "table": f"{schema}.{SERVING_TABLE}",
         "versions": len(report.groups),
         "reloads": report.reloads,
         "errors_by_class": dg.MetadataValue.json(o.errors_by_class),
@@ -127,8 +127,6 @@ def serving_metrics(
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name="monitoring", kinds={"duckdb"}, partitions_def=daily,
-          deps=[dg.AssetKey("request_log")], automation_condition=eager_with_follow_up())
 def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse,
                    home: GenopsHome) -> dg.MaterializeResult:
     """One UTC day of the endpoint process's resource samples (`<endpoint>/resources.jsonl`,
@@ -170,3 +168,15 @@ def resource_usage(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
     if summary["sample_count"]:
         metadata["resources_plot"] = dg.MetadataValue.md(png_markdown("resources", resource_chart_png(samples)))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def build_serving_monitoring_assets(task: TaskRef, daily: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    return [dg.asset(key_prefix=[task.name], group_name=task_group(task, "monitoring"), kinds={"duckdb", "mlflow"},
+                     partitions_def=daily, deps=[dg.AssetKey("request_log")],
+                     automation_condition=eager_with_follow_up())(bind_task(serving_metrics, task))]
+
+
+def build_resource_usage(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The endpoint process's resources: one process serves every task, so one asset."""
+    return dg.asset(group_name="monitoring", kinds={"duckdb"}, partitions_def=daily,
+                    deps=[dg.AssetKey("request_log")], automation_condition=eager_with_follow_up())(resource_usage)

@@ -6,6 +6,7 @@ import json
 import dagster as dg
 from pydantic import Field
 
+from genops_assets.components.binding import bind_task, task_group, task_ins
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.eval_report import adapter_on_base
 from genops_assets.lib.evaluation import evaluate_model, examples_from_frame
@@ -15,11 +16,11 @@ from genops_assets.lib.metrics import per_example
 from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, prompt_registry_name
 from genops_assets.lib.report import png_markdown
 from genops_assets.lib.stats import bootstrap_ci
+from genops_assets.lib.tasks import TaskRef
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import MlflowTracking, prompt_tags
-from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, mart_schema
 
 
 class PromptTemplatesConfig(dg.Config):
@@ -29,8 +30,7 @@ class PromptTemplatesConfig(dg.Config):
     commit_message: str = Field("", description="Commit message of a new version (default: names the files).")
 
 
-@dg.asset(group_name="prompts", kinds={"mlflow"})
-def prompt_templates(context: dg.AssetExecutionContext, config: PromptTemplatesConfig, task: TaskResource,
+def prompt_templates(context: dg.AssetExecutionContext, config: PromptTemplatesConfig, task: TaskRef,
                      mlflow: MlflowTracking) -> dg.Output[dict]:
     """The task folder's prompt (system and user templates, generation parameters) registered in
     MLflow's prompt registry: one immutable version per distinct text (same text, no new
@@ -84,7 +84,6 @@ class PromptCandidatesConfig(dg.Config):
     batch_size: int = Field(8)
 
 
-@dg.asset(group_name="prompts", kinds={"mlflow"})
 def prompt_candidates(
     context: dg.AssetExecutionContext,
     config: PromptCandidatesConfig,
@@ -92,7 +91,7 @@ def prompt_candidates(
     eval_report: dict,
     tuned_adapter: dict,
     base_model: dict,
-    task: TaskResource,
+    task: TaskRef,
     warehouse: DuckDBWarehouse,
     judge: JudgeResource,
     mlflow: MlflowTracking,
@@ -113,10 +112,11 @@ def prompt_candidates(
     name = production.name
     primary = spec.primary_metric
 
-    validation = warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset where split = 'validation' "
+    schema = mart_schema(spec.name)
+    validation = warehouse.query_df(f"select * from {schema}.sft_dataset where split = 'validation' "
                                     "order by example_id")
     examples = examples_from_frame(validation.head(config.max_examples) if config.max_examples else validation)
-    golden_ids = set(warehouse.query_df(f"select example_id from {MART_SCHEMA}.golden_eval_dataset")["example_id"])
+    golden_ids = set(warehouse.query_df(f"select example_id from {schema}.golden_eval_dataset")["example_id"])
     failures = failure_digest([row for _, row in iter_jsonl(eval_report["predictions_file"])
                                if row["model"].startswith("candidate")], spec.label_fields)
 
@@ -218,3 +218,13 @@ def prompt_candidates(
         f"production_{primary}": float(selection.production.metrics[primary]),
         "teacher_calls": teacher.usage.as_dict().get("calls", 0),
     })
+
+
+def build_prompt_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
+    group = task_group(task, "prompts")
+    return [
+        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"})(bind_task(prompt_templates, task)),
+        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"},
+                 ins=task_ins(task, "prompt_templates", "eval_report", "tuned_adapter"))(
+            bind_task(prompt_candidates, task)),
+    ]

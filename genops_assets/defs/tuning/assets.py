@@ -4,10 +4,12 @@
 import dagster as dg
 
 from genops_assets import __version__
+from genops_assets.components.binding import bind_task, task_group, task_key
 from genops_assets.defs.tuning.config import TuningConfig
 from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.report import loss_curve_png, png_markdown
+from genops_assets.lib.tasks import TaskRef
 from genops_assets.lib.training import TRAINING_CODE_VERSION, TrainingInputError, train_lora
 from genops_assets.lib.tuning import (
     ProgressLine,
@@ -19,9 +21,8 @@ from genops_assets.lib.tuning import (
 )
 from genops_assets.serving.protocol import CHALLENGER
 from resources.paths import GenopsHome
-from resources.task import TaskResource
 from resources.tracking import VERSION_KEY_TAG, MlflowTracking, prompt_tags, registered_model_name
-from resources.warehouse import MART_SCHEMA, DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, mart_schema
 
 CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
 # Transient failures (preemption, OOM kill of a worker, a flaky MLflow store) are retried after
@@ -31,21 +32,11 @@ TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backo
 NOT_COMPUTED = "not computed"
 
 
-@dg.asset(
-    group_name="tuning",
-    # Golden and few-shot marts are upstream too: a failing gate on any mart stops training.
-    deps=[dg.AssetKey("sft_dataset"), dg.AssetKey("golden_eval_dataset"), dg.AssetKey("few_shot_examples"),
-          dg.AssetKey("prompt_templates")],
-    kinds={"pytorch", "mlflow"},
-    code_version=CODE_VERSION,
-    pool="training",
-    retry_policy=TRAINING_RETRY_POLICY,
-)
 def tuned_adapter(
     context: dg.AssetExecutionContext,
     config: TuningConfig,
     base_model: dict,
-    task: TaskResource,
+    task: TaskRef,
     warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
     home: GenopsHome,
@@ -62,7 +53,8 @@ def tuned_adapter(
     spec = task.load()
     prompt_ref = mlflow.resolve_prompt(spec)
     cfg = config.to_train_config()
-    plan = plan_tuning(warehouse.query_df(f"select * from {MART_SCHEMA}.sft_dataset order by example_id"),
+    sft_table = f"{mart_schema(spec.name)}.sft_dataset"
+    plan = plan_tuning(warehouse.query_df(f"select * from {sft_table} order by example_id"),
                        base_model["folder_digest"], prompt_ref.digest, cfg.as_params(), CODE_VERSION,
                        config.max_train_examples)
     model_name = registered_model_name(spec.name)
@@ -85,7 +77,7 @@ def tuned_adapter(
                                    "task": spec.name, "prompt_version": prompt_ref.version})
         for split, rows in (("train", plan.train), ("validation", plan.validation)):
             mlflow.log_dataset(run_id, rows[["example_id", "input_text", "output_json"]].reset_index(drop=True),
-                               name=f"{spec.name}-sft-{split}", source=f"{warehouse.path}#{MART_SCHEMA}.sft_dataset",
+                               name=f"{spec.name}-sft-{split}", source=f"{warehouse.path}#{sft_table}",
                                digest=plan.digests[split], context="training" if split == "train" else "validation")
 
         progress_line = ProgressLine()
@@ -158,3 +150,17 @@ def tuned_adapter(
             "loss_curve": dg.MetadataValue.md(png_markdown("loss", curve.read_bytes())),
         },
     )
+
+
+def build_tuning_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
+    return [dg.asset(
+        key_prefix=[task.name],
+        group_name=task_group(task, "tuning"),
+        # Golden and few-shot marts are upstream too: a failing gate on any mart stops training.
+        deps=[task_key(task, name) for name in ("sft_dataset", "golden_eval_dataset", "few_shot_examples",
+                                                "prompt_templates")],
+        kinds={"pytorch", "mlflow"},
+        code_version=CODE_VERSION,
+        pool="training",
+        retry_policy=TRAINING_RETRY_POLICY,
+    )(bind_task(tuned_adapter, task))]
