@@ -18,7 +18,7 @@ from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.settings import REPO_ROOT, GenopsSettings
 from resources.task import TaskResource
-from resources.tracking import MlflowTracking
+from resources.tracking import MlflowTracking, registered_model_name
 from resources.warehouse import DuckDBWarehouse
 
 DBT_PROJECT_DIR = REPO_ROOT / "dbt"
@@ -69,7 +69,7 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
         "warehouse": warehouse,
         "feedback_store": feedback_store_backend(warehouse, settings),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
-        "endpoint": serving_backend(home, settings, port, tracking_uri, f"genops-{task_name}"),
+        "endpoint": serving_backend(home, settings, port, tracking_uri),
         "judge": JudgeResource(
             base_url=settings.judge_base_url,
             model=settings.judge_model,
@@ -87,9 +87,9 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     }
 
 
-def serving_backend(home: Path, settings: GenopsSettings, port: int | None = None, tracking_uri: str | None = None,
-                    model_name: str | None = None):
-    """genops' local server, or a running vLLM server when ``GENOPS_SERVING_BACKEND=vllm``."""
+def serving_backend(home: Path, settings: GenopsSettings, port: int | None = None, tracking_uri: str | None = None):
+    """genops' local server (one for every task, following each task's registered model in
+    ``tracking_uri``), or a running vLLM server when ``GENOPS_SERVING_BACKEND=vllm``."""
     if settings.serving_backend == "vllm":
         if not settings.vllm_base_url:
             raise ValueError("GENOPS_SERVING_BACKEND=vllm needs GENOPS_VLLM_BASE_URL (the server's .../v1 URL)")
@@ -100,7 +100,8 @@ def serving_backend(home: Path, settings: GenopsSettings, port: int | None = Non
             lora_path_template=settings.vllm_lora_path,
         )
     return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or settings.endpoint_port,
-                         watch_registry=tracking_uri, watch_model=model_name, canary_share=settings.canary_share,
+                         watch_registry=tracking_uri, watch_prefix=registered_model_name(""),
+                         tasks_dir=str(settings.tasks_dir), canary_share=settings.canary_share,
                          api_keys=_secret("GENOPS_API_KEYS", settings.api_keys, ""))
 
 
