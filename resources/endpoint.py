@@ -83,7 +83,9 @@ class LocalEndpoint(ServingBackend):
     tasks_dir: str | None = Field(None, description="Folder of task folders: the server stops serving a task "
                                   "whose folder was removed")
     canary_share: float = Field(0.0, description="Share of each task's champion requests answered by its "
-                                "challenger (GENOPS_CANARY_SHARES=task=share,... sets it per task)")
+                                "challenger")
+    canary_shares: str = Field("", description="Per-task shares over canary_share, as task=share,... "
+                               "(e.g. support_triage=0.1)")
     api_keys: str = Field("", description="Bind with dg.EnvVar('GENOPS_API_KEYS') when the endpoint requires "
                           "keys; never a literal")
 
@@ -152,6 +154,8 @@ class LocalEndpoint(ServingBackend):
             args += ["--tasks-dir", str(self.tasks_dir)]
         if self.canary_share:
             args += ["--canary-share", str(self.canary_share)]
+        if self.canary_shares:
+            args += ["--canary-shares", self.canary_shares]
         return args
 
     def stop(self) -> None:
