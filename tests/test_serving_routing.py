@@ -95,6 +95,11 @@ def test_a_removed_task_folder_is_no_longer_served(tmp_path):
     with pytest.raises(ModelNotFound, match=f"the folder of task 'b' was removed from {tasks}"):
         r.resolve("b")
     assert r.resolve("a").served.served == "a"
+    # A folder whose task.yaml names the task defines it too.
+    (tasks / "b-folder").mkdir()
+    (tasks / "b-folder" / "task.yaml").write_text("name: b\ninput_field: message\n")
+    r._present.clear()
+    assert r.names() == ["base", "a", "b"]
 
 
 def test_each_task_has_its_deployed_prompt(tmp_path):

@@ -91,6 +91,23 @@ class Route:
         return None if self.served.task is None else self.served.served
 
 
+def task_defined(tasks_dir: Path, task: str) -> bool:
+    """Whether a folder of ``tasks_dir`` defines ``task``: the folder of that name, or one whose
+    ``task.yaml`` names it (``name:``)."""
+    if (tasks_dir / task).is_dir():
+        return True
+    import yaml
+
+    for config in tasks_dir.glob("*/task.yaml"):
+        try:
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # a broken folder defines nothing; the code location reports it
+        if isinstance(data, dict) and data.get("name") == task:
+            return True
+    return False
+
+
 class Router:
     """Resolves model names against the adapters loaded now (``loaded.adapters``, keyed by
     served name) and their registry versions (``versions``, served name -> version)."""
@@ -108,7 +125,7 @@ class Router:
         now = time.monotonic()
         seen = self._present.get(task)
         if seen is None or now - seen[0] > FOLDER_CHECK_S:
-            seen = (now, (Path(tasks_dir) / task).is_dir())
+            seen = (now, task_defined(Path(tasks_dir), task))
             self._present[task] = seen
         return not seen[1]
 
