@@ -95,6 +95,8 @@ def test_a_removed_task_folder_is_no_longer_served(tmp_path):
     with pytest.raises(ModelNotFound, match=f"the folder of task 'b' was removed from {tasks}"):
         r.resolve("b")
     assert r.resolve("a").served.served == "a"
+    with pytest.raises(ModelNotFound, match="no task 'c' is served"):  # never deployed, not "removed"
+        r.resolve("c")
     # A folder whose task.yaml names the task defines it too.
     (tasks / "b-folder").mkdir()
     (tasks / "b-folder" / "task.yaml").write_text("name: b\ninput_field: message\n")

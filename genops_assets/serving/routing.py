@@ -149,12 +149,12 @@ class Router:
             raise ModelNotFound(f"The model '{name}' does not exist: {exc} (served: {self.names()})") from None
         if model.task is None:
             return model
-        if self.removed(model.task):
-            raise ModelNotFound(f"The model '{name}' is no longer served: the folder of task '{model.task}' was "
-                                f"removed from {self.settings.tasks_dir} (served: {self.names()})")
         if model.task not in self.tasks():
             raise ModelNotFound(f"The model '{name}' does not exist: no task '{model.task}' is served here "
                                 f"(served: {self.names()})")
+        if self.removed(model.task):
+            raise ModelNotFound(f"The model '{name}' is no longer served: the folder of task '{model.task}' was "
+                                f"removed from {self.settings.tasks_dir} (served: {self.names()})")
         return model
 
     def resolve(self, name: str) -> Route:
