@@ -197,6 +197,32 @@ def test_reloading_one_task_never_disturbs_another(served, tiny_model_dir, tiny_
     assert reloads[-3:] == [("qa", "qa:challenger", "3"), ("qa", "qa:challenger", "2"), ("qa", "qa:challenger", "3")]
 
 
+def test_a_request_waiting_through_a_swap_reports_the_version_that_answered(served, tiny_model_dir, tiny_adapters):
+    """A request accepted for qa v3 waits while a long triage stream decodes; qa is swapped to
+    v2 meanwhile. Its answer comes from v2, and its headers, body and log record say v2."""
+    endpoint, _, oracle, _ = served
+    endpoint.deploy(str(tiny_model_dir), "qa", "challenger", str(tiny_adapters(QA_NEXT_SEED)), "3")
+    long_stream = client(endpoint).chat.completions.create(
+        model="triage", temperature=0, max_tokens=1500, stream=True, messages=[], extra_body={
+            "prompt_variables": {"message": INPUT}})
+    next(iter(long_stream))  # its batch is decoding now
+    result = {}
+    waiting = threading.Thread(target=lambda: result.update(raw=ask(endpoint, "qa")))
+    waiting.start()
+    time.sleep(0.5)
+    endpoint.deploy(str(tiny_model_dir), "qa", "challenger", str(tiny_adapters(QA_CHALLENGER_SEED)), "2")
+    assert waiting.is_alive(), "the qa request was answered before the swap: the triage stream was too short"
+    rest = list(long_stream)
+    waiting.join(timeout=120)
+    raw = result["raw"]
+    reply = raw.parse()
+    assert reply.choices[0].message.content == expected(oracle, "qa", "qa:challenger")
+    assert raw.headers["x-genops-model-version"] == reply.system_fingerprint == "2"
+    assert rest and rest[-1].choices[0].finish_reason in ("length", "stop")
+    log = [json.loads(x) for x in (endpoint_dir(endpoint) / "requests.jsonl").read_text().splitlines()]
+    assert next(e for e in log if e.get("request_id") == reply.id)["version"] == "2"
+
+
 def endpoint_dir(endpoint: LocalEndpoint):
     from pathlib import Path
 

@@ -345,6 +345,7 @@ class ChatService:
         else:
             text, prompt_tokens = result.text, result.prompt_tokens
             completion_tokens, finish = result.completion_tokens, result.finish_reason
+        self.answered_by(p)
         self.metrics.account(p.entry["model"], job, t0, prompt_tokens, completion_tokens, finish)
         latency = time.perf_counter() - t0
         self.request_log.write({"ts": time.time(), **p.entry, "status": 200, "prompt_tokens": prompt_tokens,
@@ -469,6 +470,7 @@ class ChatService:
                         finish, completion_tokens = result.finish_reason, result.completion_tokens
             # Answered: accounted for now, so a client leaving during the last events is no failure.
             finished = True
+            self.answered_by(p)  # the log's version; the first chunk said the one seen on arrival
             self.metrics.account(p.entry["model"], job, t0, prompt_tokens, completion_tokens, finish)
             self.request_log.write({"ts": time.time(), **p.entry, "status": 200, "prompt_tokens": prompt_tokens,
                                     "completion_tokens": completion_tokens,
@@ -494,10 +496,17 @@ class ChatService:
         model = ModelName.parse(name)
         if model.task is None:
             raise ValueError(f"'{BASE_NAME}' names the base model and cannot be replaced")
-        add_adapter(self.loaded, model.served, folder)
+        add_adapter(self.loaded, model.served, folder, version=version)
         self.versions[model.served] = version
         self.request_log.write({"ts": time.time(), "event": "reload", "task": model.task, "model": model.served,
                                 "version": version})
+
+    def answered_by(self, p: Prepared) -> None:
+        """Record the version that really answered: a hot swap between accepting the request
+        and its batch starting means the new version answered, not the one seen on arrival."""
+        label = self.loaded.labels.get(p.job.internal) if p.job.internal is not None else None
+        if label is not None and label != p.entry["version"]:
+            p.entry["version"] = label
 
     def served_versions(self, task: str | None = None) -> dict[str, str]:
         """Served model name -> registry version, of one task or all."""
@@ -520,6 +529,9 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
     task sends that share of the task's champion requests to its challenger when one is loaded;
     every response and log record says which one answered (``genops.served_by``)."""
     versions = {} if versions is None else versions
+    for name, version in versions.items():  # the versions loaded at start label their adapters
+        if name in loaded.internal:
+            loaded.labels.setdefault(loaded.internal[name], str(version))
     keys = ApiKeys(settings.api_keys)
     if not keys:
         log.warning("%s is not set: /v1/* answers requests without an API key", API_KEYS_ENV)

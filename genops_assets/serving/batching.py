@@ -56,6 +56,7 @@ class Job:
     token_times: list[float] = field(default_factory=list)  # perf_counter of each decoding step
     error: BaseException | None = None
     batch: int = 1  # rows decoding together when this request joined
+    internal: str | None = None  # the peft adapter (version) its batch decoded with
 
     def group_key(self) -> tuple:
         if self.kind == "choice":
@@ -204,6 +205,8 @@ class Batcher:
         jobs = self._start(take)
         if not jobs:
             return
+        for j in jobs:
+            j.internal = batch.internal
         self.batches += 1
         self.batched_jobs += len(jobs)
         for j in jobs:
@@ -295,6 +298,9 @@ class Batcher:
             return
         head = jobs[0]
         started = time.perf_counter()
+        internal = self.loaded.internal.get(head.adapter) if head.adapter is not None else None
+        for j in jobs:
+            j.internal = internal
         try:
             results: list[Any]
             if head.kind == "choice":
