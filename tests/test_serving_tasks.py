@@ -197,6 +197,47 @@ def test_reloading_one_task_never_disturbs_another(served, tiny_model_dir, tiny_
     assert reloads[-3:] == [("qa", "qa:challenger", "3"), ("qa", "qa:challenger", "2"), ("qa", "qa:challenger", "3")]
 
 
+def test_one_tasks_steady_traffic_does_not_starve_another(served):
+    """Six clients keep triage's batch busy; an extract request is answered while that traffic
+    goes on (a batch decodes one adapter: once the extract request is the oldest waiting, the
+    triage batch takes no one new, drains, and extract goes next)."""
+    endpoint = served[0]
+    stop, triage_done, errors = threading.Event(), [], []
+
+    def traffic(max_tokens: int) -> None:
+        c = client(endpoint)
+        while not stop.is_set():
+            try:
+                c.chat.completions.create(model="triage", temperature=0, max_tokens=max_tokens, messages=[],
+                                          extra_body={"prompt_variables": {"message": INPUT}})
+                triage_done.append(time.monotonic())
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    # Rows of different lengths end at different steps: the batch never runs empty.
+    threads = [threading.Thread(target=traffic, args=(n,)) for n in (5, 9, 14, 22, 31, 40)]
+    for t in threads:
+        t.start()
+    def wait_until(condition) -> None:
+        deadline = time.monotonic() + 60
+        while not condition() and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+
+    try:
+        wait_until(lambda: len(triage_done) >= 4)
+        asked = time.monotonic()
+        ask(endpoint, "extract")
+        answered = time.monotonic()
+        wait_until(lambda: sum(t > answered for t in triage_done) >= 2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert errors == []
+    assert any(t < asked for t in triage_done), "triage traffic was flowing before extract asked"
+    assert any(t > answered for t in triage_done), "extract was answered while triage traffic went on"
+
+
 def test_a_request_waiting_through_a_swap_reports_the_version_that_answered(served, tiny_model_dir, tiny_adapters):
     """A request accepted for qa v3 waits while a long triage stream decodes; qa is swapped to
     v2 meanwhile. Its answer comes from v2, and its headers, body and log record say v2."""
