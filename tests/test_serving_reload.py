@@ -61,7 +61,7 @@ def test_alias_moves_under_load_without_a_failed_request(tmp_path, tiny_model_di
         str(tiny_model_dir), {MOVED: str(tiny_adapters(1)), STILL: str(tiny_adapters(3))}, {MOVED: v1, STILL: still},
         state_dir, port=free_port(),
         extra_args=["--watch-registry", tracking.tracking_uri, "--watch-prefix", registered_model_name(""),
-                    "--watch-interval-s", "0.3"],
+                    "--watch-interval-s", "0.3", "--pinned-versions", "1"],
         env={"GENOPS_API_KEYS": ""}, ready_timeout_s=180)
     try:
         client = OpenAI(base_url=f"{state.url}/v1", api_key="x", max_retries=0, timeout=60)
@@ -98,6 +98,15 @@ def test_alias_moves_under_load_without_a_failed_request(tmp_path, tiny_model_di
         # Any registry version of a task can be asked for by name; an unknown one is a 404.
         r = client.chat.completions.create(model=f"{MOVED}:v{v2}", messages=MSG, max_tokens=2)
         assert r.system_fingerprint == v2 and r.model_extra["genops"]["served_by"] == f"{MOVED}:v{v2}"
+        # One registry version per task stays loaded (--pinned-versions 1): the next one replaces it.
+        r = client.chat.completions.create(model=f"{MOVED}:v{v1}", messages=MSG, max_tokens=2)
+        assert r.system_fingerprint == v1
+        served = {m["id"] for m in json.loads(urllib.request.urlopen(f"{state.url}/v1/models").read())["data"]}
+        assert f"{MOVED}:v{v1}" in served and f"{MOVED}:v{v2}" not in served
+        log = [json.loads(x) for x in (state_dir / "requests.jsonl").read_text().splitlines()]
+        assert [(e["model"], e["version"]) for e in log if e.get("event") == "unload"] == [(f"{MOVED}:v{v2}", v2)]
+        assert client.chat.completions.create(model=f"{MOVED}:v{v2}", messages=MSG, max_tokens=2).system_fingerprint \
+            == v2  # loaded again on demand
         with pytest.raises(openai.NotFoundError, match="cannot be loaded from the registry"):
             client.chat.completions.create(model=f"{MOVED}:v99", messages=MSG, max_tokens=2)
         with pytest.raises(openai.NotFoundError, match="no task 'unknown_task' is served"):

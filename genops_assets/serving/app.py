@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from genops_assets.serving.adapters import LoadedModel, add_adapter
+from genops_assets.serving.adapters import LoadedModel, add_adapter, remove_adapter
 from genops_assets.serving.batching import Batcher, Job
 from genops_assets.serving.metrics import CONTENT_TYPE, Registry
 from genops_assets.serving.protection import (
@@ -219,7 +219,21 @@ class ChatService:
                 raise ModelNotFound(f"The model '{name}' does not exist: version {number} of task '{asked.task}' "
                                     f"cannot be loaded from the registry ({str(exc)[:200]}) "
                                     f"(served: {self.router.names()})") from None
+            self.unload_old_versions(asked.task, keep=asked.served)
         return self.router.resolve(name)
+
+    def unload_old_versions(self, task: str, keep: str) -> None:
+        """Keep at most ``pinned_versions`` registry versions of ``task`` loaded: the oldest
+        loaded go (a batch decoding one finishes on it first)."""
+        loaded = [n for n in self.loaded.adapters
+                  if ModelName.parse(n).task == task and ModelName.parse(n).version_number is not None]
+        for name in loaded[: max(0, len(loaded) - self.settings.pinned_versions)]:
+            if name == keep:
+                continue
+            remove_adapter(self.loaded, name)
+            version = self.versions.pop(name, None)
+            self.request_log.write({"ts": time.time(), "event": "unload", "task": task, "model": name,
+                                    "version": version})
 
     async def validate(self, req: ChatRequest) -> Prepared | JSONResponse:
         t0 = time.perf_counter()

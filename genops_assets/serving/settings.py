@@ -60,6 +60,8 @@ class ServerSettings(BaseSettings):
     canary_shares: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict, description="per-task canary shares over canary_share, as task=share,... "
                                           "(e.g. support_triage=0.1,product_qa=0)")
+    pinned_versions: int = Field(4, ge=1, description="registry versions (<task>:v<N>) kept loaded per task; "
+                                                       "loading one more unloads the task's oldest")
     tasks_dir: Path | None = Field(None, description="the folder of task folders: a task whose folder is gone is "
                                                      "no longer served (its requests get a 404); unset: not checked")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
