@@ -5,8 +5,8 @@ Both take the same calls from ``deployed_endpoint``, each naming the task: ``pub
 task's champion or challenger, hot-swapping a running one and leaving every other task's
 models as they are) and ``url``. One endpoint serves every task; clients select a task's
 version by model name (``protocol.served_name``: ``support_triage``,
-``support_triage:challenger``). The vLLM backend drives a running vLLM server through its runtime LoRA API
-(``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``; the server needs
+``support_triage:challenger``). The vLLM backend drives a running vLLM server through its
+runtime LoRA API (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``; the server needs
 ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``).
 """
 
@@ -19,7 +19,7 @@ import dagster as dg
 from pydantic import Field
 
 from genops_assets.serving.protection import parse_api_keys
-from genops_assets.serving.protocol import ROLES, served_name
+from genops_assets.serving.protocol import ROLES, ModelName, served_name
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,14 @@ class LocalEndpoint(ServingBackend):
         state_dir = Path(self.state_dir)
         state = control.read_state(state_dir)
         if state is not None and state.base_model != str(base_model):
-            # Every task shares the one base model: another base needs another server.
+            # Every task shares the one base model: another base needs another server, which
+            # must not take the other tasks' models down with it.
+            others = sorted({ModelName.parse(n).task for n in state.versions} - {task, None})
+            if others:
+                raise control.EndpointError(
+                    f"the endpoint at {state_dir} serves base model {state.base_model} for task(s) {others}; task "
+                    f"'{task}' deploys on {base_model}: one endpoint serves one base model (use another "
+                    f"state_dir and port for another base)")
             control.stop_server(state_dir)
             state = None
         if state is not None:

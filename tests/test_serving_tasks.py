@@ -18,6 +18,7 @@ from graph_support import free_port
 from openai import OpenAI
 
 from genops_assets.lib.prompts import PromptTemplate
+from genops_assets.serving.control import EndpointError
 from resources.endpoint import LocalEndpoint
 
 pytestmark = pytest.mark.server
@@ -89,7 +90,7 @@ def ask(endpoint: LocalEndpoint, model: str, text: str = INPUT, bare: bool = Fal
         model=model, temperature=0, messages=[], extra_body={"prompt_variables": {field: text}})
 
 
-def test_one_server_answers_every_task_with_its_own_adapter_and_prompt(served):
+def test_one_server_answers_every_task_with_its_own_adapter_and_prompt(served, tiny_model_dir, tiny_adapters):
     endpoint, _, oracle, actions = served
     # The first deploy started the server; every later one, of any task, hot-loaded into it.
     assert [a.action for a in actions] == ["started", "reloaded", "reloaded", "reloaded"]
@@ -121,6 +122,11 @@ def test_one_server_answers_every_task_with_its_own_adapter_and_prompt(served):
     assert ask(endpoint, "qa:challenger").headers["x-genops-served-by"] == "qa:challenger"
     # Canary shares are per task: triage's champion (share 0) is never replaced by another model.
     assert {ask(endpoint, "triage").headers["x-genops-served-by"] for _ in range(5)} == {"triage"}
+
+    # One endpoint serves one base model: a task deploying on another is refused, the others untouched.
+    with pytest.raises(EndpointError, match=r"serves base model .* for task\(s\) \['extract', 'qa'\]"):
+        endpoint.deploy(str(tiny_model_dir) + "-other", "triage", "champion", str(tiny_adapters(11)), "9")
+    assert ask(endpoint, "extract").parse().choices[0].message.content == answers["extract"]
 
 
 @pytest.mark.parametrize("model, says", [
