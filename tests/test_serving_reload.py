@@ -141,3 +141,32 @@ def test_canary_routes_a_share_of_champion_traffic_to_challenger(tmp_path, tiny_
         assert all(e["task"] == e["served_by"].partition(":")[0] for e in log if e.get("task"))
     finally:
         control.stop_server(state_dir)
+
+
+def test_registry_watcher_follows_every_task_and_isolates_failures(tmp_path, tiny_adapters):
+    """One poll over every `genops-<task>` model: each task whose champion moved is swapped; a
+    task with a broken version (digest mismatch) is reported and skipped, never blocking the
+    others; a removed task and a model outside the prefix are left alone."""
+    from genops_assets.serving.registry_watch import RegistryWatcher
+
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              artifact_root=(tmp_path / "artifacts").as_uri())
+    for task in ("good", "broken", "gone"):
+        tracking.set_alias(registered_model_name(task), "champion", register(tracking, task, tiny_adapters(1), 1))
+    broken = registered_model_name("broken")
+    tracking.client().set_model_version_tag(broken, "1", "genops.adapter_digest", "0" * 64)
+    run = tracking.start_run("reload-test", "other", tags={})
+    tracking.log_artifacts(run, tiny_adapters(1), "adapter")
+    other = tracking.register("someone-elses-model", tracking.artifact_uri(run, "adapter"), run, tags={})
+    tracking.end_run(run)
+    tracking.set_alias("someone-elses-model", "champion", other.version)
+
+    swapped, versions = [], {"good": None}
+    watcher = RegistryWatcher(tracking.tracking_uri, registered_model_name(""), tmp_path / "cache",
+                              lambda name, folder, version: swapped.append((name, version)), versions.get,
+                              skip=lambda task: task == "gone")
+    assert watcher.targets() == {"good": "1", "broken": "1"}
+    assert watcher.check_once() == 1
+    assert swapped == [("good", "1")] and watcher.errors == {"broken": 1}
+    versions["good"] = "1"
+    assert watcher.check_once() == 0 and watcher.errors == {"broken": 2}  # retried each poll, still reported
