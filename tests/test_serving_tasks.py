@@ -169,6 +169,7 @@ def test_reloading_one_task_never_disturbs_another(served, tiny_model_dir, tiny_
                                                            extra_body={"prompt_variables": {field: INPUT}}))
                     text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
                     version = parts[0].system_fingerprint
+                    assert parts[-1].model_extra["genops"]["model_version"] == version == parts[-1].system_fingerprint
                 else:
                     raw = ask(endpoint, task)
                     text, version = raw.parse().choices[0].message.content, raw.headers["x-genops-model-version"]

@@ -426,13 +426,13 @@ class ChatService:
         def event(body: dict[str, Any]) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None, first: bool = False) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None, tell: bool = False) -> str:
             body = {"id": p.request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "system_fingerprint": p.entry["version"],
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
                 body["usage"] = None
-            if first:
+            if tell:  # the first chunk (version seen on arrival) and the last (the version that answered)
                 body.update(_genops_extra(p.entry))
             return event(body)
 
@@ -444,7 +444,7 @@ class ChatService:
         outcome = (499, "client disconnected")
         timeout_s = self.settings.request_timeout_s
         try:
-            yield chunk({"role": "assistant", "content": ""}, first=True)
+            yield chunk({"role": "assistant", "content": ""}, tell=True)
             deadline = t0 + timeout_s
             completion_tokens, finish, logprobs = 0, None, None
             answer: list[str] = []
@@ -491,7 +491,7 @@ class ChatService:
                                     "latency_s": round(time.perf_counter() - t0, 4),
                                     "queue_s": round((job.started or t0) - job.enqueued, 4), "finish_reason": finish,
                                     "response": "".join(answer)})
-            yield chunk({}, finish=finish)
+            yield chunk({}, finish=finish, tell=True)
             if include_usage:
                 yield event({"id": p.request_id, "object": "chat.completion.chunk", "created": created,
                              "model": req.model, "system_fingerprint": p.entry["version"], "choices": [],
