@@ -55,8 +55,8 @@ def serving_metrics(
     task: TaskResource,
     home: GenopsHome,
 ) -> dg.MaterializeResult:
-    """One UTC day of the endpoint's requests from `feedback.requests`, per served adapter version
-    and prompt version and overall: request count, throughput, latency p50/p95/p99 and queue
+    """One UTC day of the task's requests (and the base model's) from `feedback.requests`, per
+    served adapter version and prompt version and overall: request count, throughput, latency p50/p95/p99 and queue
     p50/p95 of answered requests (numpy 'linear' percentiles), tokens, error rate and errors by
     class, and task health of live answers (strict / lenient valid-JSON rate, schema conformance
     against the task's output schema). Rows go to `monitoring.serving_metrics` (the partition
