@@ -225,7 +225,7 @@ class ChatService:
     def unload_old_versions(self, task: str, keep: str) -> None:
         """Keep at most ``pinned_versions`` registry versions of ``task`` loaded: the oldest
         loaded go (a batch decoding one finishes on it first)."""
-        loaded = [n for n in self.loaded.adapters
+        loaded = [n for n in list(self.loaded.adapters)
                   if ModelName.parse(n).task == task and ModelName.parse(n).version_number is not None]
         for name in loaded[: max(0, len(loaded) - self.settings.pinned_versions)]:
             if name == keep:
@@ -524,7 +524,7 @@ class ChatService:
 
     def served_versions(self, task: str | None = None) -> dict[str, str]:
         """Served model name -> registry version, of one task or all."""
-        return {n: v for n, v in self.versions.items() if task is None or ModelName.parse(n).task == task}
+        return {n: v for n, v in list(self.versions.items()) if task is None or ModelName.parse(n).task == task}
 
 
 def _genops_extra(entry: dict[str, Any]) -> dict[str, Any]:

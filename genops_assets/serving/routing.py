@@ -139,7 +139,12 @@ class Router:
 
     def tasks(self) -> list[str]:
         """The tasks with a version loaded or a prompt deployed (removed ones included)."""
-        return sorted({m.task for m in map(ModelName.parse, self.loaded.adapters)} | set(self.prompts.tasks()))
+        return sorted({m.task for m in map(ModelName.parse, list(self.loaded.adapters))} | set(self.prompts.tasks()))
+
+    def knows(self, task: str) -> bool:
+        """Whether ``task`` has a version loaded or a prompt deployed (without listing every task)."""
+        return (any(ModelName.parse(n).task == task for n in list(self.loaded.adapters))
+                or (self.prompts.folder / f"{task}.json").is_file())
 
     def parse(self, name: str) -> ModelName:
         """The model ``name`` asks for, or ModelNotFound when it names no task served here."""
@@ -149,7 +154,7 @@ class Router:
             raise ModelNotFound(f"The model '{name}' does not exist: {exc} (served: {self.names()})") from None
         if model.task is None:
             return model
-        if model.task not in self.tasks():
+        if not self.knows(model.task):
             raise ModelNotFound(f"The model '{name}' does not exist: no task '{model.task}' is served here "
                                 f"(served: {self.names()})")
         if self.removed(model.task):
