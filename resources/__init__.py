@@ -17,7 +17,7 @@ from resources.feedback_store import BigQueryFeedbackStore, DuckDBFeedbackStore,
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.settings import REPO_ROOT, GenopsSettings
-from resources.tracking import MlflowTracking
+from resources.tracking import MlflowTracking, registered_model_name
 from resources.warehouse import DuckDBWarehouse
 
 DBT_PROJECT_DIR = REPO_ROOT / "dbt"
@@ -48,7 +48,7 @@ def _secret(name: str, value: object, unset: str | None) -> dg.EnvVar | str | No
     return dg.EnvVar(name) if value is not None else unset
 
 
-def build_resources(home: Path | None = None, task: str | None = None, port: int | None = None,
+def build_resources(home: Path | None = None, port: int | None = None,
                     judge_port: int | None = None, settings: GenopsSettings | None = None) -> dict:
     """Every resource, from ``settings`` (read from the environment when not given); the
     arguments override the settings of the same name."""
@@ -60,14 +60,13 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = settings.mlflow_tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
     artifact_root = settings.mlflow_artifact_root or (mlflow_dir / "artifacts").as_uri()
-    task_name = task or settings.task
     warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
     return {
         "home": GenopsHome(root=str(home), background_nice=settings.background_nice),
         "warehouse": warehouse,
         "feedback_store": feedback_store_backend(warehouse, settings),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
-        "endpoint": serving_backend(home, settings, port, tracking_uri, f"genops-{task_name}"),
+        "endpoint": serving_backend(home, settings, port, tracking_uri),
         "judge": JudgeResource(
             base_url=settings.judge_base_url,
             model=settings.judge_model,
@@ -85,9 +84,9 @@ def build_resources(home: Path | None = None, task: str | None = None, port: int
     }
 
 
-def serving_backend(home: Path, settings: GenopsSettings, port: int | None = None, tracking_uri: str | None = None,
-                    model_name: str | None = None):
-    """genops' local server, or a running vLLM server when ``GENOPS_SERVING_BACKEND=vllm``."""
+def serving_backend(home: Path, settings: GenopsSettings, port: int | None = None, tracking_uri: str | None = None):
+    """genops' local server (one for every task, following each task's registered model in
+    ``tracking_uri``), or a running vLLM server when ``GENOPS_SERVING_BACKEND=vllm``."""
     if settings.serving_backend == "vllm":
         if not settings.vllm_base_url:
             raise ValueError("GENOPS_SERVING_BACKEND=vllm needs GENOPS_VLLM_BASE_URL (the server's .../v1 URL)")
@@ -98,7 +97,8 @@ def serving_backend(home: Path, settings: GenopsSettings, port: int | None = Non
             lora_path_template=settings.vllm_lora_path,
         )
     return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or settings.endpoint_port,
-                         watch_registry=tracking_uri, watch_model=model_name, canary_share=settings.canary_share,
+                         watch_registry=tracking_uri, watch_prefix=registered_model_name(""),
+                         tasks_dir=str(settings.tasks_dir), canary_share=settings.canary_share,
                          api_keys=_secret("GENOPS_API_KEYS", settings.api_keys, ""))
 
 

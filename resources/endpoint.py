@@ -1,9 +1,12 @@
 """Serving backends behind the deploy asset: genops' own local server, or a vLLM OpenAI server.
 
-Both take the same calls from ``deployed_endpoint``: ``publish_prompt`` (the prompt version
-the endpoint renders), ``deploy`` (serve an adapter under a name, hot-swapping a running
-one) and ``url``. The vLLM backend drives a running vLLM server through its runtime LoRA API
-(``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``; the server needs
+Both take the same calls from ``deployed_endpoint``, each naming the task: ``publish_prompt``
+(the prompt version the endpoint renders for that task), ``deploy`` (serve an adapter as the
+task's champion or challenger, hot-swapping a running one and leaving every other task's
+models as they are) and ``url``. One endpoint serves every task; clients select a task's
+version by model name (``protocol.served_name``: ``support_triage``,
+``support_triage:challenger``). The vLLM backend drives a running vLLM server through its
+runtime LoRA API (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``; the server needs
 ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``).
 """
 
@@ -16,6 +19,7 @@ import dagster as dg
 from pydantic import Field
 
 from genops_assets.serving.protection import parse_api_keys
+from genops_assets.serving.protocol import ROLES, ModelName, served_name
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,19 @@ class ServingBackend(dg.ConfigurableResource):
         """The bearer key genops' own requests to this endpoint send."""
         raise NotImplementedError
 
-    def publish_prompt(self, prompt: dict) -> None:
-        """Make ``prompt`` (name, version, digest, template) the one the endpoint renders."""
+    def publish_prompt(self, task: str, prompt: dict) -> None:
+        """Make ``prompt`` (name, version, digest, template) the one the endpoint renders for ``task``."""
 
-    def deploy(self, base_model: str, name: str, adapter_dir: str, version: str) -> DeployOutcome:
+    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
+        """Serve ``adapter_dir`` (registry ``version``) as ``task``'s ``role`` (champion or
+        challenger): the model ``served_name(task, role)``."""
         raise NotImplementedError
+
+
+def _model(task: str, role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {list(ROLES)}, got {role!r}")
+    return served_name(task, role)
 
 
 class LocalEndpoint(ServingBackend):
@@ -65,9 +77,15 @@ class LocalEndpoint(ServingBackend):
     port: int = 8008
     ready_timeout_s: float = 240.0
     watch_registry: str | None = Field(None, description="MLflow tracking URI: the server follows the "
-                                       "`champion` alias of watch_model (manual promotion or rollback in MLflow)")
-    watch_model: str | None = None
-    canary_share: float = Field(0.0, description="Share of champion requests answered by challenger")
+                                       "`champion` alias of every registered model named <watch_prefix><task> "
+                                       "(manual promotion or rollback in MLflow) and serves <task>:v<N> from it")
+    watch_prefix: str = Field("genops-", description="Registered models named <prefix><task> hold task versions")
+    tasks_dir: str | None = Field(None, description="Folder of task folders: the server stops serving a task "
+                                  "whose folder was removed")
+    canary_share: float = Field(0.0, description="Share of each task's champion requests answered by its "
+                                "challenger")
+    canary_shares: str = Field("", description="Per-task shares over canary_share, as task=share,... "
+                               "(e.g. support_triage=0.1)")
     api_keys: str = Field("", description="Bind with dg.EnvVar('GENOPS_API_KEYS') when the endpoint requires "
                           "keys; never a literal")
 
@@ -85,22 +103,35 @@ class LocalEndpoint(ServingBackend):
         keys = self.api_keys.get_value() if isinstance(self.api_keys, dg.EnvVar) else self.api_keys
         return client_api_key(keys)
 
-    def publish_prompt(self, prompt: dict) -> None:
+    def publish_prompt(self, task: str, prompt: dict) -> None:
         import json
 
         from genops_assets.lib.hashing import atomic_write_text
+        from genops_assets.serving.routing import prompt_file
 
         # The server re-reads this file when it changes: a new prompt needs no restart.
-        Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(self.state_dir) / "prompt.json", json.dumps(prompt))
+        path = prompt_file(Path(self.state_dir), task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(prompt))
 
-    def deploy(self, base_model: str, name: str, adapter_dir: str, version: str) -> DeployOutcome:
-        """Serve ``adapter_dir`` as model ``name`` on ``base_model``; a no-op when already serving it."""
+    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
+        """Serve ``adapter_dir`` as ``task``'s ``role`` on ``base_model``; a no-op when already
+        serving it. The first deploy starts the server; later ones, of any task, hot-swap that
+        one model in the running server."""
         from genops_assets.serving import control
 
+        name = _model(task, role)
         state_dir = Path(self.state_dir)
         state = control.read_state(state_dir)
         if state is not None and state.base_model != str(base_model):
+            # Every task shares the one base model: another base needs another server, which
+            # must not take the other tasks' models down with it.
+            others = sorted({ModelName.parse(n).task for n in state.versions} - {task, None})
+            if others:
+                raise control.EndpointError(
+                    f"the endpoint at {state_dir} serves base model {state.base_model} for task(s) {others}; task "
+                    f"'{task}' deploys on {base_model}: one endpoint serves one base model (use another "
+                    f"state_dir and port for another base)")
             control.stop_server(state_dir)
             state = None
         if state is not None:
@@ -123,11 +154,15 @@ class LocalEndpoint(ServingBackend):
 
     def _server_args(self) -> list[str]:
         args: list[str] = []
-        if self.watch_registry and self.watch_model:
-            args += ["--watch-registry", self.watch_registry, "--watch-model", self.watch_model,
-                     "--watch-alias", "champion=champion"]
+        if self.watch_registry:
+            args += ["--watch-registry", self.watch_registry, "--watch-prefix", self.watch_prefix,
+                     "--watch-alias", "champion"]
+        if self.tasks_dir:
+            args += ["--tasks-dir", str(self.tasks_dir)]
         if self.canary_share:
             args += ["--canary-share", str(self.canary_share)]
+        if self.canary_shares:
+            args += ["--canary-shares", self.canary_shares]
         return args
 
     def stop(self) -> None:
@@ -147,9 +182,11 @@ class VllmEndpoint(ServingBackend):
     api_key: str = Field("unused", description="Bind with dg.EnvVar('GENOPS_VLLM_API_KEY'); never a literal")
     base_model_name: str | None = Field(None, description="Model id vLLM serves as the base; checked on deploy")
     lora_path_template: str = Field("{adapter_dir}", description="Path of the adapter as the vLLM server sees it; "
-                                    "placeholders {adapter_dir}, {name}, {version} (e.g. /adapters/{name}/v{version} "
+                                    "placeholders {adapter_dir}, {task}, {name} (the served name), {version} (e.g. "
+                                    "/adapters/{task}/v{version} "
                                     "for a volume the adapter-sync sidecar fills)")
-    keep_versions: int = Field(2, description="Pinned versions kept loaded as '<name>-v<version>' (rollback targets)")
+    keep_versions: int = Field(2, description="Pinned versions of a task kept loaded as '<task>:v<version>' "
+                               "(rollback targets)")
     timeout_s: float = Field(120.0)
 
     @property
@@ -189,15 +226,17 @@ class VllmEndpoint(ServingBackend):
         if resp.status_code not in (200, 404):
             raise VllmError(f"unloading adapter '{lora_name}': {resp.status_code} {resp.text[:300]}")
 
-    def deploy(self, base_model: str, name: str, adapter_dir: str, version: str) -> DeployOutcome:
-        """Serve the adapter as ``name`` (what clients ask for) and as ``<name>-v<version>``
-        (pinned); older pinned versions beyond ``keep_versions`` are unloaded."""
+    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
+        """Serve the adapter as ``task``'s ``role`` (the name clients ask for, e.g.
+        ``support_triage``) and as ``<task>:v<version>`` (pinned); older pinned versions of the
+        task beyond ``keep_versions`` are unloaded. Other tasks' adapters are not touched."""
+        name = _model(task, role)
         models = self.loaded()
         bases = [m for m, info in models.items() if not info.get("parent")]
         if self.base_model_name and self.base_model_name not in bases:
             raise VllmError(f"vLLM at {self.url} serves {bases}, not the base model '{self.base_model_name}'")
-        path = self.lora_path_template.format(adapter_dir=adapter_dir, name=name, version=version)
-        pinned = f"{name}-v{version}"
+        path = self.lora_path_template.format(adapter_dir=adapter_dir, name=name, task=task, version=version)
+        pinned = served_name(task, f"v{version}")
         if pinned in models and name in models and models[name].get("root") == models[pinned].get("root"):
             return DeployOutcome("unchanged", self.url, 0, 0, version)
         if pinned not in models:
@@ -213,7 +252,7 @@ class VllmEndpoint(ServingBackend):
         else:
             self.load(name, path)
             action = "started"
-        prefix = f"{name}-v"
+        prefix = served_name(task, "v1")[:-1]
         old = sorted((m for m in self.loaded() if m.startswith(prefix) and m != pinned),
                      key=lambda m: int(m[len(prefix):]) if m[len(prefix):].isdigit() else -1)
         for m in old[: max(0, len(old) - (self.keep_versions - 1))]:

@@ -70,19 +70,33 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A LoRA adapter on the tiny model with non-zero B weights, so it changes the outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def tiny_adapters(tmp_path_factory, tiny_model_dir):
+    """``make(seed)``: a LoRA adapter on the tiny model with non-zero B weights drawn from
+    ``seed`` (so it changes the outputs, and adapters of different seeds differ); one per seed."""
+    made: dict[int, Path] = {}
 
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                                                  task_type="CAUSAL_LM", init_lora_weights=False))
-    out = tmp_path_factory.mktemp("tiny-adapter")
-    peft_model.save_pretrained(out)
-    return out
+    def make(seed: int) -> Path:
+        if seed not in made:
+            import torch
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM
+
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+            peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                          task_type="CAUSAL_LM", init_lora_weights=False))
+            out = tmp_path_factory.mktemp(f"tiny-adapter-{seed}")
+            peft_model.save_pretrained(out)
+            made[seed] = out
+        return made[seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_adapters) -> Path:
+    """A LoRA adapter on the tiny model with non-zero B weights, so it changes the outputs."""
+    return tiny_adapters(1)
 
 
 @pytest.fixture()

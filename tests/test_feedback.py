@@ -113,7 +113,8 @@ def test_rotation_keeps_every_row_of_the_new_file_even_below_the_stored_offset(f
     row = {"request_id": "r9", "ts": None, "event": "request", "model": "m", "adapter_version": None,
            "prompt_version": None, "status": 200, "error": None, "latency_s": 0.1, "queue_s": 0.0,
            "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": None, "input_text": None,
-           "response_text": None, "source_file": "requests.jsonl", "source_offset": 0, "record_json": "{}"}
+           "response_text": None, "source_file": "requests.jsonl", "source_offset": 0, "record_json": "{}",
+           "task": None}
     assert list(row) == [n for n, _ in COLUMNS]
     # A rotated file's first line, at offset 0, far below the 500 bytes stored for the old file.
     assert s.append(source, Chunk([tuple(row.values())], 0, 40, True, []), COLUMNS) == 1

@@ -70,7 +70,7 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert "train_loss" in run.data.metrics
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    assert {m.id for m in client.models.list().data} >= {"base", "champion", "challenger"}
+    assert {m.id for m in client.models.list().data} >= {"base", "support_triage", "support_triage:challenger"}
 
     # Same data, config and base model: no second training, no new version, deploy is a no-op.
     again = job.execute_in_process(run_config=run_config, instance=instance)

@@ -60,7 +60,7 @@ def test_loop_on_embedded_smollm2(tmp_path):
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
         reply = client.chat.completions.create(
-            model="champion", max_tokens=16, temperature=0,
+            model="support_triage", max_tokens=16, temperature=0,
             messages=[{"role": "user", "content": "My doorbell camera is offline since this morning."}])
         assert reply.choices[0].message.content
         assert reply.usage.completion_tokens > 0

@@ -45,7 +45,7 @@ def exact_match_retrieval(retrieved: list[str], reference: list[str]) -> tuple[f
 def test_product_qa_loop_reports_rag_metrics_then_reruns_from_the_cache(home, tiny_model_dir):
     port = free_port()
     with StandInJudge(judge_script, free_port()) as judge:
-        res = build_resources(home=home, task="product_qa", port=port, judge_port=free_port())
+        res = build_resources(home=home, port=port, judge_port=free_port())
         res["judge"] = JudgeResource(base_url=judge.url, model="judge")
         defs = load_graph(home, resources=res)
         job = loop_job(defs, QA)

@@ -16,10 +16,12 @@ from graph_support import free_port
 from openai import OpenAI
 
 from genops_assets.serving import control
+from resources.endpoint import LocalEndpoint
 
 pytestmark = pytest.mark.server
 
 MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
+TASK = "support_triage"  # the task whose champion the server fixture serves (model name = task name)
 
 
 def test_generation_base_and_adapter_differ_and_respect_limits(tiny_model_dir, tiny_adapter_dir):
@@ -72,7 +74,7 @@ def test_token_sinks_stream_each_row_and_stop_one_while_the_batch_goes_on(tiny_m
 def server(tmp_path, tiny_model_dir, tiny_adapter_dir):
     port = free_port()
     # No API keys, whatever the environment holds: the local default is an open endpoint.
-    state = control.start_server(str(tiny_model_dir), {"champion": str(tiny_adapter_dir)}, {"champion": "1"},
+    state = control.start_server(str(tiny_model_dir), {TASK: str(tiny_adapter_dir)}, {TASK: "1"},
                                  tmp_path / "endpoint", port=port, ready_timeout_s=180, env={"GENOPS_API_KEYS": ""})
     yield state
     control.stop_server(tmp_path / "endpoint")
@@ -81,10 +83,10 @@ def server(tmp_path, tiny_model_dir, tiny_adapter_dir):
 def test_endpoint_speaks_openai_and_hot_reloads(server, tmp_path, tiny_adapter_dir):
     state_dir = tmp_path / "endpoint"
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    assert {m.id for m in client.models.list().data} == {"base", "champion"}
+    assert {m.id for m in client.models.list().data} == {"base", TASK}
 
-    reply = client.chat.completions.create(model="champion", messages=MSG, max_tokens=5, temperature=0)
-    assert reply.object == "chat.completion" and reply.model == "champion"
+    reply = client.chat.completions.create(model=TASK, messages=MSG, max_tokens=5, temperature=0)
+    assert reply.object == "chat.completion" and reply.model == TASK
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert 0 < reply.usage.completion_tokens <= 5
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
@@ -98,14 +100,16 @@ def test_endpoint_speaks_openai_and_hot_reloads(server, tmp_path, tiny_adapter_d
 
     # Hot reload: same process, new version served, a bad folder refused with the reason.
     pid = server.pid
-    new = control.reload_adapter(state_dir, "champion", str(tiny_adapter_dir), "2")
-    assert new.pid == pid and new.versions == {"champion": "2"}
+    new = control.reload_adapter(state_dir, TASK, str(tiny_adapter_dir), "2")
+    assert new.pid == pid and new.versions == {TASK: "2"}
     health = json.loads(urllib.request.urlopen(f"{server.url}/health").read())
-    assert health["adapters"] == {"champion": "2"}
-    assert client.chat.completions.create(model="champion", messages=MSG, max_tokens=3).choices[0].message
+    assert health["adapters"] == {TASK: "2"} and health["tasks"][TASK]["versions"] == {TASK: "2"}
+    assert client.chat.completions.create(model=TASK, messages=MSG, max_tokens=3).choices[0].message
     with pytest.raises(control.EndpointError, match=r"adapter_config.json"):
-        control.reload_adapter(state_dir, "champion", str(tmp_path), "3")
-    assert control.read_state(state_dir).versions == {"champion": "2"}
+        control.reload_adapter(state_dir, TASK, str(tmp_path), "3")
+    with pytest.raises(control.EndpointError, match="base model"):
+        control.reload_adapter(state_dir, "base", str(tiny_adapter_dir), "3")
+    assert control.read_state(state_dir).versions == {TASK: "2"}
 
     # The admin route needs the token.
     req = urllib.request.Request(f"{server.url}/admin/reload", method="POST",
@@ -276,39 +280,56 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
 
     state_dir = tmp_path / "endpoint"
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    with pytest.raises(openai.BadRequestError, match="no prompt is deployed"):
-        client.chat.completions.create(model="champion", messages=[], extra_body={"prompt_variables": {"message": "x"}})
+    with pytest.raises(openai.BadRequestError, match="no prompt is deployed for task"):
+        client.chat.completions.create(model=TASK, messages=[], extra_body={"prompt_variables": {"message": "x"}})
+    with pytest.raises(openai.BadRequestError, match="no prompt is deployed for 'base'"):
+        client.chat.completions.create(model="base", messages=[], extra_body={"prompt_variables": {"message": "x"}})
 
     def deploy(version: int, system: str) -> None:
         t = PromptTemplate(system, "Message: {message}", "message", max_new_tokens=4)
-        (state_dir / "prompt.json.tmp").write_text(json.dumps({"version": version, "template": asdict(t)}))
-        (state_dir / "prompt.json.tmp").replace(state_dir / "prompt.json")
+        LocalEndpoint(state_dir=str(state_dir)).publish_prompt(TASK, {"version": version, "template": asdict(t)})
 
     deploy(1, "Triage the message.")
-    r1 = client.chat.completions.create(model="champion", messages=[], temperature=0,
+    r1 = client.chat.completions.create(model=TASK, messages=[], temperature=0,
                                         extra_body={"prompt_variables": {"message": "my camera is offline"}})
-    assert r1.model_extra["genops"] == {"prompt_version": "1"}
+    assert r1.model_extra["genops"] == {"task": TASK, "served_by": TASK, "model_version": "1", "prompt_version": "1",
+                                       "prompt_source": "prompt_variables"}
     assert 0 < r1.usage.completion_tokens <= 4  # the prompt's own generation limit
-    # The same prompt rendered by the client gives the same prompt tokens.
-    manual = client.chat.completions.create(model="champion", max_tokens=4, temperature=0, messages=[
+    # The same prompt rendered by the client gives the same prompt tokens; a request with a
+    # system message of its own is sent as it is.
+    manual = client.chat.completions.create(model=TASK, max_tokens=4, temperature=0, messages=[
         {"role": "system", "content": "Triage the message."},
         {"role": "user", "content": "Message: my camera is offline"}])
     assert manual.usage.prompt_tokens == r1.usage.prompt_tokens
     assert manual.choices[0].message.content == r1.choices[0].message.content
+    assert manual.model_extra["genops"]["prompt_version"] is None
+    # A bare chat request gets the deployed prompt: its user message is the template's input.
+    bare = client.chat.completions.with_raw_response.create(
+        model=TASK, temperature=0, messages=[{"role": "user", "content": "my camera is offline"}])
+    assert bare.headers["x-genops-prompt-version"] == "1" and bare.headers["x-genops-task"] == TASK
+    assert bare.headers["x-genops-model-version"] == "1"
+    bare = bare.parse()
+    assert (bare.choices[0].message.content, bare.usage.prompt_tokens) == (r1.choices[0].message.content,
+                                                                           r1.usage.prompt_tokens)
+    assert bare.model_extra["genops"]["prompt_source"] == "bare_chat"
 
     time.sleep(0.01)
     deploy(2, "Triage the customer message into JSON, please, with every field.")
-    r2 = client.chat.completions.create(model="champion", messages=[], temperature=0,
+    r2 = client.chat.completions.create(model=TASK, messages=[], temperature=0,
                                         extra_body={"prompt_variables": {"message": "my camera is offline"}})
-    assert r2.model_extra["genops"] == {"prompt_version": "2"} and r2.usage.prompt_tokens > r1.usage.prompt_tokens
+    assert r2.model_extra["genops"]["prompt_version"] == "2" and r2.usage.prompt_tokens > r1.usage.prompt_tokens
 
     with pytest.raises(openai.BadRequestError, match="either messages or prompt_variables"):
-        client.chat.completions.create(model="champion", messages=MSG,
+        client.chat.completions.create(model=TASK, messages=MSG,
                                        extra_body={"prompt_variables": {"message": "x"}})
     with pytest.raises(openai.BadRequestError, match="needs the variable 'message'"):
-        client.chat.completions.create(model="champion", messages=[], extra_body={"prompt_variables": {"msg": "x"}})
+        client.chat.completions.create(model=TASK, messages=[], extra_body={"prompt_variables": {"msg": "x"}})
     log = [json.loads(line) for line in (state_dir / "requests.jsonl").read_text().splitlines()]
-    assert [e.get("prompt_version") for e in log if e.get("status") == 200] == ["1", None, "2"]
+    answered = [e for e in log if e.get("status") == 200]
+    assert [(e["task"], e["prompt_version"], e["prompt_source"]) for e in answered] == [
+        (TASK, "1", "prompt_variables"), (TASK, None, None), (TASK, "1", "bare_chat"), (TASK, "2", "prompt_variables")]
+    # The bare request is recorded with the input it gave the prompt, as monitoring reads it.
+    assert answered[2]["prompt_variables"] == {"message": "my camera is offline"}
 
 
 def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir, tiny_adapter_dir):

@@ -24,13 +24,14 @@ from genops_assets.serving.protection import ApiKeys, RateLimiter, parse_api_key
 pytestmark = pytest.mark.server
 
 MSG = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
+TASK = "support_triage"  # the served task: its champion is asked by the task's name
 KEY = "test-key-alpha"
 RL_KEY, TO_KEY = "rate-limited-key", "timeout-key"
 
 
 def _start(tmp_path_factory, tiny_model_dir, tiny_adapter_dir, name: str, keys: str, extra: list[str]):
     state_dir = tmp_path_factory.mktemp(name) / "endpoint"
-    state = control.start_server(str(tiny_model_dir), {"champion": str(tiny_adapter_dir)}, {"champion": "1"},
+    state = control.start_server(str(tiny_model_dir), {TASK: str(tiny_adapter_dir)}, {TASK: "1"},
                                  state_dir, port=free_port(), ready_timeout_s=180, extra_args=extra,
                                  env={"GENOPS_API_KEYS": keys})
     return state, state_dir
@@ -99,10 +100,10 @@ def assert_openai_error(resp: httpx.Response, status: int, needle: str) -> dict:
 def test_stream_delivers_the_non_streamed_answer_in_chunks_with_usage(api):
     state, _ = api
     client = _client(state.url)
-    whole = client.chat.completions.create(model="champion", messages=MSG, max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(model=TASK, messages=MSG, max_tokens=16, temperature=0)
     assert whole.choices[0].message.content, "the adapter answers with text on the tiny model"
 
-    chunks = list(client.chat.completions.create(model="champion", messages=MSG, max_tokens=16, temperature=0,
+    chunks = list(client.chat.completions.create(model=TASK, messages=MSG, max_tokens=16, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -117,8 +118,8 @@ def test_stream_delivers_the_non_streamed_answer_in_chunks_with_usage(api):
 
     # Without include_usage no usage chunk is sent; a stop string ends the stream where it begins.
     word = whole.choices[0].message.content.split()[1]
-    cut = client.chat.completions.create(model="champion", messages=MSG, max_tokens=16, temperature=0, stop=[word])
-    streamed = list(client.chat.completions.create(model="champion", messages=MSG, max_tokens=16, temperature=0,
+    cut = client.chat.completions.create(model=TASK, messages=MSG, max_tokens=16, temperature=0, stop=[word])
+    streamed = list(client.chat.completions.create(model=TASK, messages=MSG, max_tokens=16, temperature=0,
                                                    stop=[word], stream=True))
     assert all(c.choices and c.usage is None for c in streamed)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.choices[0].message.content
@@ -128,7 +129,7 @@ def test_stream_delivers_the_non_streamed_answer_in_chunks_with_usage(api):
 def test_stream_sends_tokens_while_they_are_generated(api):
     """The first words arrive long before the last: tokens are not generated first and split after."""
     state, _ = api
-    body = {"model": "champion", "messages": MSG, "max_tokens": 300, "temperature": 0, "stream": True}
+    body = {"model": TASK, "messages": MSG, "max_tokens": 300, "temperature": 0, "stream": True}
     arrivals = []
     started = time.perf_counter()
     with httpx.stream("POST", f"{state.url}/v1/chat/completions", json=body, headers=_auth(), timeout=60) as resp:
@@ -147,13 +148,13 @@ def test_stream_sends_tokens_while_they_are_generated(api):
 def test_client_that_disconnects_mid_stream_frees_its_slot(api):
     state, state_dir = api
     before = scrape(state.url)
-    body = {"model": "champion", "messages": MSG, "max_tokens": 1500, "temperature": 0, "stream": True}
+    body = {"model": TASK, "messages": MSG, "max_tokens": 1500, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{state.url}/v1/chat/completions", json=body, headers=_auth(), timeout=60) as resp:
         lines = resp.iter_lines()  # kept open: dropping the iterator would close the connection
         for line in lines:  # up to the first words: the request is being decoded
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break
-        running = total(scrape(state.url), "vllm:num_requests_running", model_name="champion")
+        running = total(scrape(state.url), "vllm:num_requests_running", model_name=TASK)
         assert running == 1
     # Closed after the first chunk: the row stops, long before 1500 tokens would have been generated.
     deadline = time.monotonic() + 5
@@ -170,7 +171,7 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(api):
     after = scrape(state.url)
     cancelled = 'genops:request_errors_total'
     assert total(after, cancelled, **{"class": "cancelled"}) == total(before, cancelled, **{"class": "cancelled"}) + 1
-    reply = _client(state.url).chat.completions.create(model="champion", messages=MSG, max_tokens=3)
+    reply = _client(state.url).chat.completions.create(model=TASK, messages=MSG, max_tokens=3)
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
@@ -243,7 +244,7 @@ def test_openai_client_sees_its_usual_exceptions(api):
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         client.chat.completions.create(model="base", messages=MSG, n=2)
     # The second configured key works too; /health stays open.
-    assert {m.id for m in _client(state.url, "other-key").models.list().data} == {"base", "champion"}
+    assert {m.id for m in _client(state.url, "other-key").models.list().data} == {"base", TASK}
     assert httpx.get(f"{state.url}/health").json()["status"] == "ok"
 
 
@@ -251,7 +252,7 @@ def test_request_over_its_time_limit_is_cancelled_with_504(limited):
     state, state_dir = limited
     started = time.monotonic()
     resp = httpx.post(f"{state.url}{CHAT}", headers=_auth(TO_KEY), timeout=60,
-                      json={"model": "champion", "messages": MSG, "max_tokens": 1900})
+                      json={"model": TASK, "messages": MSG, "max_tokens": 1900})
     assert time.monotonic() - started < 10
     error = assert_openai_error(resp, 504, "timed out after 1 s")
     assert error["type"] == "timeout_error"
@@ -280,7 +281,7 @@ def test_32_concurrent_clients_are_all_answered(api):
     def ask(i: int) -> str:
         client = _client(state.url)
         barrier.wait()
-        model = "champion" if i % 2 else "base"
+        model = TASK if i % 2 else "base"
         if i % 4 == 3:
             parts = client.chat.completions.create(model=model, messages=MSG, max_tokens=4, stream=True)
             return "".join(c.choices[0].delta.content or "" for c in parts if c.choices) + "|stream"
@@ -312,9 +313,9 @@ def test_metrics_are_prometheus_text_and_move_with_traffic(api):
                          ("genops:request_errors_total", "counter"), ("genops:loaded_adapters", "gauge")]:
         assert f"# TYPE {family} {kind}\n" in text and f"# HELP {family} " in text
     before = scrape(state.url)
-    assert before[("genops:loaded_adapters", frozenset({("adapter", "champion"), ("version", "1")}))] == 1
+    assert before[("genops:loaded_adapters", frozenset({("adapter", TASK), ("version", "1")}))] == 1
 
-    reply = _client(state.url).chat.completions.create(model="champion", messages=MSG, max_tokens=5)
+    reply = _client(state.url).chat.completions.create(model=TASK, messages=MSG, max_tokens=5)
     with pytest.raises(openai.NotFoundError):
         _client(state.url).chat.completions.create(model="missing", messages=MSG)
     after = scrape(state.url)
@@ -322,20 +323,20 @@ def test_metrics_are_prometheus_text_and_move_with_traffic(api):
     def moved(name, **labels):
         return total(after, name, **labels) - total(before, name, **labels)
 
-    assert moved("vllm:prompt_tokens_total", model_name="champion") == reply.usage.prompt_tokens
-    assert moved("vllm:generation_tokens_total", model_name="champion") == reply.usage.completion_tokens
-    assert moved("vllm:request_success_total", model_name="champion",
+    assert moved("vllm:prompt_tokens_total", model_name=TASK) == reply.usage.prompt_tokens
+    assert moved("vllm:generation_tokens_total", model_name=TASK) == reply.usage.completion_tokens
+    assert moved("vllm:request_success_total", model_name=TASK,
                  finished_reason=reply.choices[0].finish_reason) == 1
-    assert moved("vllm:e2e_request_latency_seconds_count", model_name="champion") == 1
-    assert moved("vllm:time_to_first_token_seconds_count", model_name="champion") == 1
-    assert moved("vllm:time_per_output_token_seconds_count", model_name="champion") == \
+    assert moved("vllm:e2e_request_latency_seconds_count", model_name=TASK) == 1
+    assert moved("vllm:time_to_first_token_seconds_count", model_name=TASK) == 1
+    assert moved("vllm:time_per_output_token_seconds_count", model_name=TASK) == \
         reply.usage.completion_tokens - 1 + (reply.choices[0].finish_reason == "stop")
     assert moved("genops:request_errors_total", **{"class": "not_found"}) == 1
     # Histogram buckets are cumulative and end at the count.
     buckets = sorted(((float(dict(ls)["le"]), v) for (n, ls), v in after.items()
-                      if n == "vllm:e2e_request_latency_seconds_bucket" and ("model_name", "champion") in ls))
+                      if n == "vllm:e2e_request_latency_seconds_bucket" and ("model_name", TASK) in ls))
     assert [v for _, v in buckets] == sorted(v for _, v in buckets) and math.isinf(buckets[-1][0])
-    assert buckets[-1][1] == total(after, "vllm:e2e_request_latency_seconds_count", model_name="champion")
+    assert buckets[-1][1] == total(after, "vllm:e2e_request_latency_seconds_count", model_name=TASK)
 
 
 # ---------------------------------------------------------------------------------------------

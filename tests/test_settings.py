@@ -51,7 +51,7 @@ def test_variables_override_and_empty_ones_count_as_unset(monkeypatch, tmp_path)
     assert (res["judge"].local_port, res["judge"].model) == (9101, "base")
     assert res["mlflow"].tracking_uri == "postgresql://mlflow@db/mlflow"
     assert res["feedback_store"].redactor == "mod:fn"
-    assert build_resources(port=9200, judge_port=9201, task="support_triage")["endpoint"].port == 9200
+    assert build_resources(port=9200, judge_port=9201)["endpoint"].port == 9200
 
 
 def test_secrets_are_bound_as_environment_variables_never_copied(monkeypatch, tmp_path):

@@ -54,33 +54,39 @@ class StandInVllm(BackgroundServer):
 
 
 @pytest.mark.parametrize("inplace", [True, False])
-def test_deploy_loads_pins_swaps_and_prunes_versions(inplace):
+def test_deploy_loads_pins_swaps_and_prunes_versions_per_task(inplace):
     with StandInVllm(free_port(), inplace=inplace) as vllm:
         backend = VllmEndpoint(base_url=vllm.url, base_model_name=BASE,
-                               lora_path_template="/adapters/{name}/v{version}", keep_versions=2)
-        assert backend.deploy("ignored", "champion", "/local/a1", "1").action == "started"
-        assert vllm.loras == {"champion-v1": "/adapters/champion/v1", "champion": "/adapters/champion/v1"}
-        assert backend.deploy("ignored", "champion", "/local/a1", "1").action == "unchanged"
+                               lora_path_template="/adapters/{task}/v{version}", keep_versions=2)
+        assert backend.deploy("ignored", "triage", "champion", "/local/a1", "1").action == "started"
+        assert vllm.loras == {"triage:v1": "/adapters/triage/v1", "triage": "/adapters/triage/v1"}
+        assert backend.deploy("ignored", "triage", "champion", "/local/a1", "1").action == "unchanged"
+        # Another task on the same server: its own names, nothing of the first task touched.
+        assert backend.deploy("ignored", "qa", "challenger", "/local/q1", "1").action == "started"
+        assert vllm.loras["qa:challenger"] == vllm.loras["qa:v1"] == "/adapters/qa/v1"
 
-        assert backend.deploy("ignored", "champion", "/local/a2", "2").action == "reloaded"
-        assert vllm.loras["champion"] == "/adapters/champion/v2"
-        assert set(vllm.loras) == {"champion", "champion-v1", "champion-v2"}  # v1 kept for rollback
-        backend.deploy("ignored", "champion", "/local/a3", "3")
-        assert set(vllm.loras) == {"champion", "champion-v2", "champion-v3"}  # v1 pruned
+        assert backend.deploy("ignored", "triage", "champion", "/local/a2", "2").action == "reloaded"
+        assert vllm.loras["triage"] == "/adapters/triage/v2"
+        assert set(vllm.loras) == {"triage", "triage:v1", "triage:v2", "qa:challenger", "qa:v1"}  # v1 kept
+        backend.deploy("ignored", "triage", "champion", "/local/a3", "3")
+        assert set(vllm.loras) == {"triage", "triage:v2", "triage:v3", "qa:challenger", "qa:v1"}  # v1 pruned
         # Rollback is a deploy of the older version: the pinned copy is reused, nothing reloaded twice.
-        backend.deploy("ignored", "champion", "/local/a2", "2")
-        assert vllm.loras["champion"] == "/adapters/champion/v2"
+        backend.deploy("ignored", "triage", "champion", "/local/a2", "2")
+        assert vllm.loras["triage"] == "/adapters/triage/v2"
         unloads = [b["lora_name"] for kind, b in vllm.calls if kind == "unload"]
-        assert "champion-v1" in unloads
+        assert "triage:v1" in unloads and not any(n.startswith("qa") for n in unloads)
         if not inplace:  # no in-place replacement on this server: unload then load
-            assert "champion" in unloads
+            assert "triage" in unloads
+        with pytest.raises(ValueError, match="role must be one of"):
+            backend.deploy("ignored", "triage", "v3", "/local/a3", "3")
 
 
 def test_wrong_base_model_and_unreachable_server_are_clear_errors():
     with StandInVllm(free_port()) as vllm:
         backend = VllmEndpoint(base_url=vllm.url, base_model_name="some/other-model")
         with pytest.raises(VllmError, match="not the base model 'some/other-model'"):
-            backend.deploy("x", "champion", "/a", "1")
+            backend.deploy("x", "triage", "champion", "/a", "1")
         assert vllm.loras == {}
     with pytest.raises(VllmError, match="unreachable"):
-        VllmEndpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=2).deploy("x", "champion", "/a", "1")
+        VllmEndpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=2).deploy("x", "triage", "champion",
+                                                                                         "/a", "1")

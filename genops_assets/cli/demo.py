@@ -28,7 +28,6 @@ from genops_assets.cli.progress import RunEvent, RunProgress, duration
 # The demo's sizing of the loop (tuning budget, evaluation batch, executor): a run config, so
 # the defaults every other run gets stay as they are.
 DEMO_RUN_CONFIG = Path(__file__).with_name("demo_run_config.yaml")
-SERVED_MODEL = "champion"
 
 
 @dataclass
@@ -175,9 +174,9 @@ class Example:
 
 def demo_example(spec, predictions_file: Path) -> Example:
     """The first golden example whose evaluated candidate answer fits the task's schema, as a
-    chat request that lets the endpoint render its deployed prompt around the input
-    (`prompt_variables`): the champion was tuned with that prompt, and a bare user message
-    is not what it expects. The endpoint answers greedily as the offline evaluation did
+    chat request to the task's model (its champion, named like the task) that lets the endpoint
+    render the task's deployed prompt around the input (`prompt_variables`): the champion was
+    tuned with that prompt. The endpoint answers greedily as the offline evaluation did
     (serving parity), so the printed request gets a schema-valid answer."""
     from genops_assets.lib.formatting import prompt_variables
     from genops_assets.lib.jsonl import read_jsonl
@@ -186,7 +185,7 @@ def demo_example(spec, predictions_file: Path) -> Example:
     if not candidate:
         raise ValueError(f"{predictions_file}: no candidate predictions")
     chosen = next((p for p in candidate if schema_problem(spec, p["prediction"]) is None), candidate[0])
-    body = {"model": SERVED_MODEL, "temperature": 0,
+    body = {"model": spec.name, "temperature": 0,
             "prompt_variables": prompt_variables(spec, chosen["input"], chosen.get("contexts") or ())}
     return Example(chosen["example_id"], chosen["input"], chosen["reference"], body)
 
@@ -269,8 +268,9 @@ def print_summary(root: Path, run: JobRun, task, out=sys.stdout) -> int:
         answer = reply["choices"][0]["message"]["content"] or ""
         problem = schema_problem(spec, answer)
         rc = 0 if problem is None else 1
-        say(f"\nAsked the endpoint ({SERVED_MODEL} v{reply.get('system_fingerprint')}, prompt "
-            f"v{(reply.get('genops') or {}).get('prompt_version')}) about golden example {example.example_id} "
+        served = reply.get("genops") or {}
+        say(f"\nAsked the endpoint ({served.get('served_by', spec.name)} v{reply.get('system_fingerprint')}, prompt "
+            f"v{served.get('prompt_version')}) about golden example {example.example_id} "
             f"of task {spec.name}:\n  {example.input_text}\n  -> {answer}"
             f"\n  reference: {json.dumps(example.reference, ensure_ascii=False)}"
             f"\n  {'schema-valid answer' if problem is None else 'answer does NOT fit the schema: ' + problem}")
@@ -280,7 +280,8 @@ def print_summary(root: Path, run: JobRun, task, out=sys.stdout) -> int:
 genops demo finished in {duration(run.wall_s)}. Slowest steps:
 {chr(10).join('  ' + ln for ln in stage_lines(run.step_s))}
 
-  Endpoint (OpenAI-compatible, pid {deployed.get('pid', '?')}): {endpoint.url}   models: base, challenger, champion
+  Endpoint (OpenAI-compatible, pid {deployed.get('pid', '?')}): {endpoint.url}
+    models: base, {spec.name} (its champion), {spec.name}:challenger, {spec.name}:v<N> (each task alike)
     {curl_command(endpoint.url, example.body, keys_required)}
   Evaluation report:                   {report_html}
   AutoSxS report:                      {sxs.get('report_html', 'not written')}

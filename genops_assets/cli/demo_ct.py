@@ -7,7 +7,7 @@
    automation refreshes the monitoring assets (serving metrics, drift, online quality).
 4. A reviewer's labels for the live tickets land in ``<home>/feedback/labels/support_triage/``.
 5. The feedback sensor fires -> <task>_continuous_training: retrain, evaluate, promote, deploy.
-6. The endpoint answers `champion` with the new version.
+6. The endpoint answers the task's model (`support_triage`, its champion) with the new version.
 
 The run's latency breakdown (detection, queue, data, training, registration, evaluation,
 deploy, serving switch) comes from the Dagster event log and goes to
@@ -92,8 +92,9 @@ def _champion(env: dict[str, str]):
     return res, name, res["mlflow"].alias(name, "champion")
 
 
-def send_traffic(base_url: str, api_key: str, input_field: str) -> list[dict]:
-    """Every ticket and off-topic question once, 4 at a time, as the deployed prompt's input."""
+def send_traffic(base_url: str, api_key: str, model: str, input_field: str) -> list[dict]:
+    """Every ticket and off-topic question once, 4 at a time, to the task's ``model`` (its
+    champion) as the deployed prompt's input."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=2, timeout=300)
@@ -102,7 +103,7 @@ def send_traffic(base_url: str, api_key: str, input_field: str) -> list[dict]:
 
     def ask(item: dict) -> dict:
         resp = client.chat.completions.create(
-            model="champion", messages=[], temperature=0.0,
+            model=model, messages=[], temperature=0.0,
             extra_body={"prompt_variables": {input_field: item["message"]}})
         return {**item, "request_id": resp.id, "answer": resp.choices[0].message.content,
                 "version": resp.system_fingerprint}
@@ -191,20 +192,22 @@ def wait_finished(instance, run_id: str, timeout_s: float):
     raise TimeoutError(f"run {run_id} not finished after {timeout_s:.0f}s")
 
 
-def wait_served(base_url: str, api_key: str, version: str, input_field: str, timeout_s: float = 120) -> float:
-    """Seconds until `champion` answers from ``version`` (the server follows the registry alias)."""
+def wait_served(base_url: str, api_key: str, model: str, version: str, input_field: str,
+                timeout_s: float = 120) -> float:
+    """Seconds until the task's ``model`` (its champion) answers from ``version`` (the server
+    follows the registry alias)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0, timeout=120)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         resp = client.chat.completions.create(
-            model="champion", messages=[], max_tokens=4,
+            model=model, messages=[], max_tokens=4,
             extra_body={"prompt_variables": {input_field: "My camera is offline since this morning."}})
         if str(resp.system_fingerprint) == str(version):
             return time.time()
         time.sleep(1)
-    raise TimeoutError(f"the endpoint did not serve champion v{version} within {timeout_s:.0f}s")
+    raise TimeoutError(f"the endpoint did not serve {model} v{version} within {timeout_s:.0f}s")
 
 
 def _stage(step_key: str) -> str:
@@ -364,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         res, model_name, champion = _champion(env)
     endpoint = res["endpoint"]
     value = json.loads(champion.tags["genops.asset_value"])
-    outcome = endpoint.deploy(value["base_model_path"], "champion", value["adapter_dir"], str(champion.version))
+    task_name = res["task"].name
+    outcome = endpoint.deploy(value["base_model_path"], task_name, "champion", value["adapter_dir"],
+                              str(champion.version))
     base_url = outcome.url
     key = endpoint.client_key()
     log(f"champion: {model_name} v{champion.version}, endpoint {base_url}")
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(5)
         input_field = demo_task(CT_TASK).load().input_field
         t_traffic = time.time()
-        answers = send_traffic(base_url, key, input_field)
+        answers = send_traffic(base_url, key, task_name, input_field)
         log(f"{len(answers)} live requests answered by champion v{answers[0]['version']}; "
             "waiting for the request-log sensor and the monitoring assets")
         wait_idle(instance, timeout_s=900, since=t_traffic)
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         if new_champion is None or new_champion.version == champion.version:
             log(f"the retrained model did not beat champion v{champion.version}: nothing promoted")
             return 1
-        confirmed_at = wait_served(base_url, key, new_champion.version, input_field)
+        confirmed_at = wait_served(base_url, key, task_name, new_champion.version, input_field)
         b = breakdown(instance, record, labels_at, confirmed_at)
         b.update({"previous_champion": champion.version, "new_champion": new_champion.version,
                   "labels": len(rows), "corrected": corrected,

@@ -13,8 +13,11 @@ SERVERS = ("endpoint", "judge")
 
 
 def serve(host: str, port: int) -> int:
-    """The server in the foreground (containers): the embedded model converted once, or
-    GENOPS_BASE_MODEL; adapters from GENOPS_ADAPTERS as name=folder,..."""
+    """The server in the foreground (containers), one for every task: the embedded model
+    converted once, or GENOPS_BASE_MODEL; adapters from GENOPS_ADAPTERS as model=folder,...
+    where the model is a task's served name (``support_triage=/adapters/support_triage,
+    product_qa:challenger=/adapters/qa-next``); it stops serving a task whose folder is removed
+    from GENOPS_TASKS_DIR (default tasks/)."""
     import secrets
 
     from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf
@@ -29,7 +32,11 @@ def serve(host: str, port: int) -> int:
     token = state_dir / control.TOKEN_FILE
     atomic_write_text(token, secrets.token_urlsafe(32))
     os.chmod(token, 0o600)
-    argv = ["--base-model", str(base), "--state-dir", str(state_dir), "--host", host, "--port", str(port)]
+    from resources.settings import GenopsSettings
+
+    tasks_dir = GenopsSettings.from_env().tasks_dir
+    argv = ["--base-model", str(base), "--state-dir", str(state_dir), "--host", host, "--port", str(port),
+            "--tasks-dir", str(tasks_dir)]
     for item in filter(None, (os.environ.get("GENOPS_ADAPTERS") or "").split(",")):
         argv += ["--adapter", item.strip()]
     server.main(argv)

@@ -5,6 +5,10 @@ the cloud profile).
 The server appends one JSON line per request to ``requests.jsonl`` (crash-safe: a torn last
 line is left for the next read). Ingestion remembers the byte offset it reached, so each
 line is loaded once; a file shorter than that offset was rotated and is read from the start.
+
+One endpoint serves every task: each record names its ``task`` (null for the base model, and
+in records written before the endpoint served several tasks). ``TASK_ROWS`` keeps one task's
+rows in a query over the table.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("source_file", "varchar"),
     ("source_offset", "bigint"),
     ("record_json", "varchar"),
+    ("task", "varchar"),
 )
+
+TASK_ROWS = "(task = ? or task is null)"
+"""SQL condition (one parameter: the task's name) that keeps a task's rows of the requests table:
+its own, and those that name no task (the base model's, and records older than per-task logging)."""
 
 
 def no_redaction(record: dict[str, Any]) -> dict[str, Any]:
@@ -148,4 +157,5 @@ def to_row(record: Mapping[str, Any], source_file: str, offset: int) -> tuple:
         source_file,
         offset,
         json.dumps(record, ensure_ascii=False, sort_keys=True),
+        None if record.get("task") is None else str(record["task"]),
     )

@@ -29,6 +29,7 @@ class LoadedModel:
     device: str
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> adapter folder
     internal: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
+    labels: dict[str, str] = field(default_factory=dict)  # peft adapter name -> its registry version
     lock: threading.RLock = field(default_factory=threading.RLock)
     _counter: Any = field(default_factory=lambda: itertools.count(1))
     # peft adapters a running decode batch still uses (internal name -> users); a replaced or
@@ -85,8 +86,9 @@ def load_model(
     return loaded
 
 
-def add_adapter(loaded: LoadedModel, name: str, adapter_dir: str | Path) -> None:
-    """Serve ``adapter_dir`` as ``name``, replacing any adapter already served under it."""
+def add_adapter(loaded: LoadedModel, name: str, adapter_dir: str | Path, version: str | None = None) -> None:
+    """Serve ``adapter_dir`` as ``name``, replacing any adapter already served under it;
+    ``version`` labels this load (what a request answered by it reports)."""
     adapter_dir = str(adapter_dir)
     if not Path(adapter_dir, "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
@@ -101,6 +103,8 @@ def add_adapter(loaded: LoadedModel, name: str, adapter_dir: str | Path) -> None
             loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=internal)
         loaded.model.eval()
         old = loaded.internal.get(name)
+        if version is not None:
+            loaded.labels[internal] = str(version)
         loaded.internal[name] = internal
         loaded.adapters[name] = adapter_dir
         if old is not None:
@@ -152,6 +156,7 @@ def _delete(loaded: LoadedModel, internal: str) -> None:
     if loaded.pinned.get(internal):
         loaded.retired.add(internal)
         return
+    loaded.labels.pop(internal, None)
     model = loaded.model
     remaining = [a for a in loaded.internal.values() if a != internal]
     if remaining and internal in (model.active_adapters if hasattr(model, "active_adapters") else []):

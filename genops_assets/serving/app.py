@@ -1,12 +1,20 @@
-"""OpenAI-compatible chat completions over one base model plus LoRA adapters (FastAPI).
+"""OpenAI-compatible chat completions over one base model plus LoRA adapters (FastAPI), for
+every task at once.
 
-Models served: ``base`` (the base model alone) and one name per adapter. ``POST /admin/reload``
-swaps an adapter in place (bearer token from ``<state_dir>/admin_token``). Every request is
-appended to ``<state_dir>/requests.jsonl`` (model, tokens, latency, status) for monitoring.
+Models served: ``base`` (the base model alone) and each task's versions by name:
+``<task>`` (its champion), ``<task>:challenger``, ``<task>:v<N>`` (a registry version, loaded
+on first use when the server follows a registry); see ``routing``. ``POST /admin/reload`` swaps
+one task's adapter in place (bearer token from ``<state_dir>/admin_token``) without touching
+the others. Every request is appended to ``<state_dir>/requests.jsonl`` (task, model, tokens,
+latency, status) for monitoring.
 
-Prompt serving: a request may send ``prompt_variables`` (e.g. ``{"message": "..."}``) instead
-of ``messages``; the server renders the deployed prompt version from ``<state_dir>/prompt.json``
-(written by the deploy step, re-read when it changes) and records that version.
+Prompt serving: a request to a task model may send ``prompt_variables`` (e.g.
+``{"message": "..."}``) instead of ``messages``; the server renders that task's deployed prompt
+version from ``<state_dir>/prompts/<task>.json`` (written by the deploy step, re-read when it
+changes). A bare chat request (messages without a system message) gets the deployed prompt too
+(``routing.bare_chat``). Responses say which task, served model, adapter version and prompt
+version answered: headers ``x-genops-task``, ``x-genops-served-by``, ``x-genops-model-version``,
+``x-genops-prompt-version``, and the same in the body's ``genops`` field.
 
 Streaming: ``stream: true`` answers with server-sent ``chat.completion.chunk`` events as the
 tokens are decoded (inside the dynamic batch); a client that goes away stops its row.
@@ -24,7 +32,6 @@ import copy
 import itertools
 import json
 import logging
-import random
 import secrets
 import threading
 import time
@@ -40,7 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from genops_assets.serving.adapters import LoadedModel, add_adapter
+from genops_assets.serving.adapters import LoadedModel, add_adapter, remove_adapter
 from genops_assets.serving.batching import Batcher, Job
 from genops_assets.serving.metrics import CONTENT_TYPE, Registry
 from genops_assets.serving.protection import (
@@ -53,14 +60,21 @@ from genops_assets.serving.protection import (
 )
 from genops_assets.serving.protocol import (
     BASE_NAME,
-    CHALLENGER,
-    CHAMPION,
     ROUTES,
-    VERSION_NAME,
     ChatRequest,
+    ModelName,
+    ModelNameError,
     ReloadRequest,
     choice_logprobs,
     usage,
+)
+from genops_assets.serving.routing import (
+    DeployedPrompts,
+    ModelNotFound,
+    Route,
+    Router,
+    bare_chat,
+    response_headers,
 )
 from genops_assets.serving.sampler import sampler_lifespan
 from genops_assets.serving.settings import API_KEYS_ENV, ServerSettings
@@ -76,8 +90,10 @@ TOKEN_GAP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 
 class EndpointMetrics:
     """The endpoint's Prometheus metrics, with vLLM's names where they mean the same thing."""
 
-    def __init__(self, loaded: LoadedModel, versions: dict[str, str], batcher: Batcher):
+    def __init__(self, loaded: LoadedModel, versions: dict[str, str], batcher: Batcher,
+                 served_names: Callable[[], list[str]]):
         self.loaded = loaded
+        self.served_names = served_names
         self.registry = registry = Registry()
         registry.gauge("vllm:num_requests_running", "Requests whose tokens are being generated (in a batch).",
                        ["model_name"], collect=lambda: self._per_model(batcher.load()[1]))
@@ -102,9 +118,6 @@ class EndpointMetrics:
                                              "Requests refused or failed, by error class.", ["class"])
         for cls in sorted({*ERROR_CLASSES.values(), "server"}):
             self.errors_total.inc(0, **{"class": cls})
-
-    def served_names(self) -> list[str]:
-        return [BASE_NAME, *sorted(self.loaded.adapters)]
 
     def _per_model(self, counts) -> dict[tuple[str, ...], float]:
         return {(n,): float(counts.get(None if n == BASE_NAME else n, 0)) for n in self.served_names()}
@@ -140,27 +153,6 @@ class RequestLog:
             fh.write(json.dumps(entry) + "\n")
 
 
-class DeployedPrompt:
-    """The prompt version the deploy step wrote to ``prompt.json``, re-read when the file changes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._cache: dict[str, Any] = {}
-
-    def current(self):
-        """(version, template), or None when no prompt is deployed."""
-        from genops_assets.lib.prompts import PromptTemplate
-
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return None
-        if self._cache.get("mtime") != mtime:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            self._cache.update(mtime=mtime, version=str(data["version"]), template=PromptTemplate(**data["template"]))
-        return self._cache["version"], self._cache["template"]
-
-
 @dataclass
 class Prepared:
     """A valid request, ready for the batcher."""
@@ -172,6 +164,12 @@ class Prepared:
     prompt_tokens: int
     stop: list[str]
     entry: dict[str, Any]  # what every request-log record of this request holds
+    route: Route
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return response_headers(self.route.task, self.entry["served_by"], self.entry["version"],
+                                self.entry["prompt_version"])
 
 
 def _context_tokens(loaded: LoadedModel) -> int | None:
@@ -186,15 +184,16 @@ class ChatService:
     answered is ``abandon``ed. Every request is counted in the metrics and logged once."""
 
     def __init__(self, loaded: LoadedModel, settings: ServerSettings, versions: dict[str, str], batcher: Batcher,
-                 metrics: EndpointMetrics, request_log: RequestLog, prompt: DeployedPrompt):
+                 metrics: EndpointMetrics, request_log: RequestLog, router: Router):
         self.loaded, self.settings, self.versions = loaded, settings, versions
-        self.batcher, self.metrics, self.request_log, self.prompt = batcher, metrics, request_log, prompt
+        self.batcher, self.metrics, self.request_log, self.router = batcher, metrics, request_log, router
         self.context = settings.context_tokens or _context_tokens(loaded)
         # The batcher thread encodes with loaded.tokenizer; the event loop counts prompt tokens with
         # its own copy, so the two never share a tokenizer (fast tokenizers are not re-entrant).
         self._counting_tokenizer = copy.deepcopy(loaded.tokenizer)
-        # Set by the CLI when it follows a registry: loads a version asked by name ("v3").
-        self.version_loader: Callable[[str], Any] | None = None
+        # Set by the CLI when it follows a registry: loads a task's version asked by name
+        # ("support_triage:v3") as version_loader(task, "3").
+        self.version_loader: Callable[[str, str], Any] | None = None
 
     def fail(self, status: int, message: str, param: str | None = None, code: str | None = None,
              headers: dict[str, str] | None = None) -> JSONResponse:
@@ -206,17 +205,43 @@ class ChatService:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
+    async def route(self, name: str) -> Route:
+        """The route of model ``name``; a task's registry version asked by name is fetched,
+        digest-checked and loaded on first use. ModelNotFound when it cannot be served."""
+        asked = self.router.parse(name)
+        number = asked.version_number
+        if (number is not None and asked.served not in self.loaded.adapters
+                and self.version_loader is not None):
+            try:
+                await asyncio.to_thread(self.version_loader, asked.task, number)
+            except Exception as exc:
+                log.warning("cannot load %s from the registry: %s", name, exc)
+                raise ModelNotFound(f"The model '{name}' does not exist: version {number} of task '{asked.task}' "
+                                    f"cannot be loaded from the registry ({str(exc)[:200]}) "
+                                    f"(served: {self.router.names()})") from None
+            self.unload_old_versions(asked.task, keep=asked.served)
+        return self.router.resolve(name)
+
+    def unload_old_versions(self, task: str, keep: str) -> None:
+        """Keep at most ``pinned_versions`` registry versions of ``task`` loaded: the oldest
+        loaded go (a batch decoding one finishes on it first)."""
+        loaded = [n for n in list(self.loaded.adapters)
+                  if ModelName.parse(n).task == task and ModelName.parse(n).version_number is not None]
+        for name in loaded[: max(0, len(loaded) - self.settings.pinned_versions)]:
+            if name == keep:
+                continue
+            remove_adapter(self.loaded, name)
+            version = self.versions.pop(name, None)
+            self.request_log.write({"ts": time.time(), "event": "unload", "task": task, "model": name,
+                                    "version": version})
+
     async def validate(self, req: ChatRequest) -> Prepared | JSONResponse:
         t0 = time.perf_counter()
-        settings, served_names = self.settings, self.metrics.served_names
-        if req.model not in served_names() and self.version_loader is not None and VERSION_NAME.fullmatch(req.model):
-            try:  # a registry version asked by name: fetched, digest-checked and loaded once
-                await asyncio.to_thread(self.version_loader, req.model)
-            except Exception as exc:
-                log.warning("cannot load %s from the registry: %s", req.model, exc)
-        if req.model not in served_names():
-            return self.fail(404, f"The model '{req.model}' does not exist (served: {served_names()})",
-                             param="model", code="model_not_found")
+        settings = self.settings
+        try:
+            route = await self.route(req.model)
+        except ModelNotFound as exc:
+            return self.fail(404, str(exc), param="model", code="model_not_found")
         if req.n != 1:
             return self.fail(400, f"n must be 1 (got {req.n}): this endpoint returns one choice per request",
                              param="n")
@@ -231,30 +256,39 @@ class ChatService:
             return self.fail(400, f"{limit_param} is {asked}, above this endpoint's limit of "
                                   f"{settings.max_output_tokens}", param=limit_param)
         stop = req.stops
-        served = req.model
-        if (req.model == CHAMPION and settings.canary_share > 0 and CHALLENGER in self.loaded.adapters
-                and random.random() < settings.canary_share):
-            served = CHALLENGER
-        adapter = None if served == BASE_NAME else served
+        task, adapter = route.task, route.adapter
         messages = [m.model_dump() for m in req.messages]
-        prompt_version = None
+        variables, prompt_source, prompt_version = req.prompt_variables, None, None
         max_tokens = asked
+        if req.prompt_variables is not None and messages:
+            return self.fail(400, "send either messages or prompt_variables, not both", param="prompt_variables")
+        if req.prompt_variables is None and not messages:
+            return self.fail(400, "messages must not be empty", param="messages")
+        try:
+            deployed = self.router.prompts.current(task) if task is not None else None
+        except ValueError as exc:
+            return self.fail(500, f"task '{task}': {exc}")
         if req.prompt_variables is not None:
-            if messages:
-                return self.fail(400, "send either messages or prompt_variables, not both", param="prompt_variables")
-            deployed = self.prompt.current()
             if deployed is None:
-                return self.fail(400, "no prompt is deployed on this endpoint; send messages",
-                                 param="prompt_variables")
+                where = f"for task '{task}'" if task is not None else f"for '{BASE_NAME}' (ask a task's model)"
+                return self.fail(400, f"no prompt is deployed {where}; send messages", param="prompt_variables")
             prompt_version, template = deployed
             try:
                 messages = template.render(req.prompt_variables)
             except (KeyError, ValueError) as exc:
-                return self.fail(400, f"prompt v{prompt_version}: {exc}", param="prompt_variables")
-            if max_tokens is None:
-                max_tokens = min(template.max_new_tokens, settings.max_output_tokens)
-        elif not messages:
-            return self.fail(400, "messages must not be empty", param="messages")
+                return self.fail(400, f"task '{task}' prompt v{prompt_version}: {exc}", param="prompt_variables")
+            prompt_source = "prompt_variables"
+        elif deployed is not None:
+            version, template = deployed
+            try:
+                applied = bare_chat(template, messages)
+            except (KeyError, ValueError) as exc:
+                return self.fail(400, f"task '{task}' prompt v{version} applied to a bare chat request: {exc}; "
+                                      "send prompt_variables, or a system message of your own", param="messages")
+            if applied is not None:
+                (messages, variables), prompt_version, prompt_source = applied, version, "bare_chat"
+        if prompt_source is not None and max_tokens is None:
+            max_tokens = min(template.max_new_tokens, settings.max_output_tokens)
         try:
             prompt_tokens = self._count_prompt_tokens(messages)
         except (TemplateError, ValueError) as exc:  # the chat template refuses these messages
@@ -283,13 +317,15 @@ class ChatService:
             job = Job("generate", messages, adapter, max_new_tokens=max_tokens, temperature=req.temperature,
                       top_p=req.top_p, stop=tuple(stop), seed=req.seed)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        entry = {"request_id": request_id, "model": req.model, "served_by": served,
-                 "version": self.versions.get(served),
-                 "prompt_version": prompt_version, "guided": bool(req.guided_choice), "stream": req.stream,
+        entry = {"request_id": request_id, "task": task, "model": route.asked.served,
+                 "served_by": route.served.served, "version": route.version,
+                 "prompt_version": prompt_version, "prompt_source": prompt_source,
+                 "guided": bool(req.guided_choice), "stream": req.stream,
                  # what was asked, for monitoring, drift and online quality (the redaction hook
-                 # scrubs it on its way into the feedback store)
-                 "prompt_variables": req.prompt_variables, "messages": messages}
-        return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry)
+                 # scrubs it on its way into the feedback store); a bare chat request records
+                 # the prompt variable its last user message filled
+                 "prompt_variables": variables, "messages": messages}
+        return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry, route)
 
     async def run(self, p: Prepared, request: Request) -> dict[str, Any] | JSONResponse:
         """The whole answer at once; 504 past the request timeout, 499 when the client leaves."""
@@ -323,13 +359,14 @@ class ChatService:
         else:
             text, prompt_tokens = result.text, result.prompt_tokens
             completion_tokens, finish = result.completion_tokens, result.finish_reason
-        self.metrics.account(req.model, job, t0, prompt_tokens, completion_tokens, finish)
+        self.answered_by(p)
+        self.metrics.account(p.entry["model"], job, t0, prompt_tokens, completion_tokens, finish)
         latency = time.perf_counter() - t0
         self.request_log.write({"ts": time.time(), **p.entry, "status": 200, "prompt_tokens": prompt_tokens,
                                 "completion_tokens": completion_tokens, "latency_s": round(latency, 4),
                                 "queue_s": round(timing["queue_s"], 4), "batch": timing["batch"],
                                 "finish_reason": finish, "response": text})
-        return {
+        return JSONResponse({
             "id": p.request_id,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -339,7 +376,7 @@ class ChatService:
                          "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage(prompt_tokens, completion_tokens),
             **_genops_extra(p.entry),
-        }
+        }, headers=p.headers)
 
     def abandon(self, p: Prepared, status: int, message: str) -> None:
         """Stop a request that will not be answered (timeout, client gone, failure). Its tokens
@@ -389,12 +426,14 @@ class ChatService:
         def event(body: dict[str, Any]) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None, tell: bool = False) -> str:
             body = {"id": p.request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "system_fingerprint": p.entry["version"],
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
                 body["usage"] = None
+            if tell:  # the first chunk (version seen on arrival) and the last (the version that answered)
+                body.update(_genops_extra(p.entry))
             return event(body)
 
         if job.kind == "generate":
@@ -405,7 +444,7 @@ class ChatService:
         outcome = (499, "client disconnected")
         timeout_s = self.settings.request_timeout_s
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunk({"role": "assistant", "content": ""}, tell=True)
             deadline = t0 + timeout_s
             completion_tokens, finish, logprobs = 0, None, None
             answer: list[str] = []
@@ -445,13 +484,14 @@ class ChatService:
                         finish, completion_tokens = result.finish_reason, result.completion_tokens
             # Answered: accounted for now, so a client leaving during the last events is no failure.
             finished = True
-            self.metrics.account(req.model, job, t0, prompt_tokens, completion_tokens, finish)
+            self.answered_by(p)  # the log's version; the first chunk said the one seen on arrival
+            self.metrics.account(p.entry["model"], job, t0, prompt_tokens, completion_tokens, finish)
             self.request_log.write({"ts": time.time(), **p.entry, "status": 200, "prompt_tokens": prompt_tokens,
                                     "completion_tokens": completion_tokens,
                                     "latency_s": round(time.perf_counter() - t0, 4),
                                     "queue_s": round((job.started or t0) - job.enqueued, 4), "finish_reason": finish,
                                     "response": "".join(answer)})
-            yield chunk({}, finish=finish)
+            yield chunk({}, finish=finish, tell=True)
             if include_usage:
                 yield event({"id": p.request_id, "object": "chat.completion.chunk", "created": created,
                              "model": req.model, "system_fingerprint": p.entry["version"], "choices": [],
@@ -464,27 +504,48 @@ class ChatService:
                 self.abandon(p, status, message)
 
     def swap_adapter(self, name: str, folder: str, version: str) -> None:
-        """Load ``folder`` as ``name`` beside the running one, then switch: requests in flight
-        finish on the adapter they started with."""
-        add_adapter(self.loaded, name, folder)
-        self.versions[name] = version
-        self.request_log.write({"ts": time.time(), "event": "reload", "model": name, "version": version})
+        """Load ``folder`` as task model ``name`` (``support_triage``, ``support_triage:challenger``)
+        beside the running one, then switch: requests in flight finish on the adapter they started
+        with, and other tasks' adapters are not touched. ValueError for a name that is no task model."""
+        model = ModelName.parse(name)
+        if model.task is None:
+            raise ValueError(f"'{BASE_NAME}' names the base model and cannot be replaced")
+        add_adapter(self.loaded, model.served, folder, version=version)
+        self.versions[model.served] = version
+        self.request_log.write({"ts": time.time(), "event": "reload", "task": model.task, "model": model.served,
+                                "version": version})
+
+    def answered_by(self, p: Prepared) -> None:
+        """Record the version that really answered: a hot swap between accepting the request
+        and its batch starting means the new version answered, not the one seen on arrival."""
+        label = self.loaded.labels.get(p.job.internal) if p.job.internal is not None else None
+        if label is not None and label != p.entry["version"]:
+            p.entry["version"] = label
+
+    def served_versions(self, task: str | None = None) -> dict[str, str]:
+        """Served model name -> registry version, of one task or all."""
+        return {n: v for n, v in list(self.versions.items()) if task is None or ModelName.parse(n).task == task}
 
 
 def _genops_extra(entry: dict[str, Any]) -> dict[str, Any]:
-    extra = {k: entry[k] for k in ("prompt_version",) if entry.get(k)}
-    if entry["served_by"] != entry["model"]:
-        extra["served_by"] = entry["served_by"]
-    return {"genops": extra} if extra else {}
+    """The body's ``genops`` field: which task, model, adapter and prompt version answered (task models)."""
+    if entry.get("task") is None:
+        return {}
+    return {"genops": {"task": entry["task"], "served_by": entry["served_by"], "model_version": entry["version"],
+                       "prompt_version": entry["prompt_version"], "prompt_source": entry["prompt_source"]}}
 
 
 def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, admin_token: str,
                versions: dict[str, str] | None = None) -> FastAPI:
-    """The endpoint app over ``loaded``, serving adapter ``versions`` (served name -> registry
-    version), writing its request log and resource samples under ``state_dir``. ``canary_share``
-    of the settings sends that share of `champion` requests to `challenger` when one is loaded;
+    """The endpoint app over ``loaded`` (adapters keyed by served model name, e.g.
+    ``support_triage``), serving adapter ``versions`` (served name -> registry version), writing
+    its request log and resource samples under ``state_dir``. The settings' canary share of a
+    task sends that share of the task's champion requests to its challenger when one is loaded;
     every response and log record says which one answered (``genops.served_by``)."""
     versions = {} if versions is None else versions
+    for name, version in versions.items():  # the versions loaded at start label their adapters
+        if name in loaded.internal:
+            loaded.labels.setdefault(loaded.internal[name], str(version))
     keys = ApiKeys(settings.api_keys)
     if not keys:
         log.warning("%s is not set: /v1/* answers requests without an API key", API_KEYS_ENV)
@@ -493,9 +554,10 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
                   lifespan=sampler_lifespan(state_dir, settings.resource_sample_s))
     batcher = Batcher(loaded, max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s,
                       scheduler=settings.scheduler)
-    metrics = EndpointMetrics(loaded, versions, batcher)
+    router = Router(loaded, versions, settings, DeployedPrompts(state_dir))
+    metrics = EndpointMetrics(loaded, versions, batcher, router.names)
     chat = ChatService(loaded, settings, versions, batcher, metrics, RequestLog(state_dir / "requests.jsonl"),
-                       DeployedPrompt(state_dir / "prompt.json"))
+                       router)
     app.state.batcher, app.state.chat, app.state.swap_adapter = batcher, chat, chat.swap_adapter
     started_at = int(time.time())
     fail = chat.fail
@@ -531,9 +593,18 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
     async def _crash(_: Request, exc: Exception):  # Starlette logs the traceback after this answer
         return fail(500, f"internal error: {type(exc).__name__}: {exc}")
 
+    def task_summary(task: str) -> dict[str, Any]:
+        try:
+            deployed = router.prompts.current(task)
+        except ValueError as exc:
+            deployed = (f"unreadable: {exc}", None)
+        return {"versions": chat.served_versions(task), "prompt_version": deployed[0] if deployed else None,
+                "removed": router.removed(task)}
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "base_model": loaded.base_dir, "adapters": dict(versions),
+                "tasks": {t: task_summary(t) for t in router.tasks()},
                 "started_at": started_at, "queue_depth": batcher.depth, "batches": batcher.batches,
                 "batched_requests": batcher.batched_jobs}
 
@@ -544,8 +615,8 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
-            {"id": n, "object": "model", "created": started_at, "owned_by": "genops",
-             "version": versions.get(n)} for n in metrics.served_names()]}
+            {"id": m.served, "object": "model", "created": started_at, "owned_by": "genops", "task": m.task,
+             "version": versions.get(m.served)} for m in router.models()]}
 
     @app.post("/v1/chat/completions")
     async def completions(req: ChatRequest, request: Request):
@@ -554,19 +625,22 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
             return prepared
         if req.stream:
             return StreamingResponse(chat.stream(prepared), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              **prepared.headers})
         return await chat.run(prepared, request)
 
     @app.post("/admin/reload")
     def reload(req: ReloadRequest, authorization: str | None = Header(None)):
         if not authorization or not secrets.compare_digest(authorization.encode(), f"Bearer {admin_token}".encode()):
             return fail(401, "missing or wrong admin token")
-        if req.name == BASE_NAME:
-            return fail(400, f"'{BASE_NAME}' names the base model and cannot be replaced", param="name")
+        try:
+            ModelName.parse(req.name)
+        except ModelNameError as exc:
+            return fail(400, str(exc), param="name")
         try:
             chat.swap_adapter(req.name, req.adapter_dir, req.version)
         except (FileNotFoundError, ValueError, OSError) as exc:
-            return fail(400, str(exc), param="adapter_dir")
+            return fail(400, str(exc), param="name" if req.name == BASE_NAME else "adapter_dir")
         return {"status": "reloaded", "adapters": dict(versions)}
 
     return app

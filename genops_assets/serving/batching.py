@@ -4,11 +4,14 @@ Requests wait in a queue that one scheduler thread serves. Generation is batched
 continuously (``scheduler="continuous"``, the default): between two decoding steps, waiting
 requests for the adapter being decoded join the running batch (up to ``max_batch`` rows), and
 each row leaves as soon as it ends, so a request never waits for a whole batch to finish and
-the batch stays full under load. Judge requests (scoring fixed choices: one forward pass) and
-seeded samples (reproducible only alone) run as static groups between steps: the scheduler
-takes what arrived within ``max_wait_s`` and runs each group of compatible requests (same
-kind, adapter and decoding parameters) as one batch. ``scheduler="static"`` runs generation
-that way too, one whole batch at a time (with ``max_batch=1``: one request at a time).
+the batch stays full under load. A batch decodes one adapter; requests for another adapter
+(another task) wait until it drains, and once such a request is the oldest waiting, the running
+batch admits no one new, so adapters take turns in arrival order. Judge requests (scoring
+fixed choices: one forward pass) and seeded samples (reproducible only alone) run as static
+groups between steps: the scheduler takes what arrived within ``max_wait_s`` and runs each
+group of compatible requests (same kind, adapter and decoding parameters) as one batch.
+``scheduler="static"`` runs generation that way too, one whole batch at a time (with
+``max_batch=1``: one request at a time).
 
 Each generation request is hooked into the decoding loop: its tokens are timed (time to
 first token, time per token), handed to its ``on_token`` callback (streaming), and its row
@@ -53,6 +56,7 @@ class Job:
     token_times: list[float] = field(default_factory=list)  # perf_counter of each decoding step
     error: BaseException | None = None
     batch: int = 1  # rows decoding together when this request joined
+    internal: str | None = None  # the peft adapter (version) its batch decoded with
 
     def group_key(self) -> tuple:
         if self.kind == "choice":
@@ -189,14 +193,20 @@ class Batcher:
                 return
         batch = self._decode
         room = self.max_batch - len(batch)
-        # A reloaded adapter: new requests wait for the batch on the old version to finish.
-        take = [j for j in self._pending if j.adapter == batch.adapter][:room] if batch.current() else []
+        # A reloaded adapter: new requests wait for the batch on the old version to finish. One
+        # batch decodes one adapter (one task's version): once the oldest waiting request is for
+        # another one, the batch takes no one new and drains, so that request goes next and no
+        # task starves behind another's steady traffic.
+        fair = self._pending[0].adapter == batch.adapter
+        take = [j for j in self._pending if j.adapter == batch.adapter][:room] if fair and batch.current() else []
         if not take:
             return
         self._pending = [j for j in self._pending if j not in take]
         jobs = self._start(take)
         if not jobs:
             return
+        for j in jobs:
+            j.internal = batch.internal
         self.batches += 1
         self.batched_jobs += len(jobs)
         for j in jobs:
@@ -288,6 +298,9 @@ class Batcher:
             return
         head = jobs[0]
         started = time.perf_counter()
+        internal = self.loaded.internal.get(head.adapter) if head.adapter is not None else None
+        for j in jobs:
+            j.internal = internal
         try:
             results: list[Any]
             if head.kind == "choice":

@@ -1,5 +1,10 @@
 """The endpoint process: ``python -m genops_assets.serving.cli --base-model DIR --state-dir DIR``.
 
+One process serves every task: ``--adapter support_triage=DIR --version support_triage=3`` serves
+a task's champion, ``--adapter support_triage:challenger=DIR`` its challenger. With
+``--watch-registry`` it follows the `champion` alias of every registered model named
+``<watch prefix><task>`` and loads ``<task>:v<N>`` from that registry when asked.
+
 Started and stopped by ``genops_assets.serving.control``. What the model serves and where the
 process keeps its state are options here; how it serves (batching, limits, canary share,
 sampling) are the ``ServerSettings``, each an option with a ``GENOPS_*`` environment default.
@@ -10,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from genops_assets.serving.protocol import CHAMPION
+from genops_assets.serving.protocol import CHAMPION, ROLES
 from genops_assets.serving.settings import API_KEYS_ENV, ServerSettings
 
 
@@ -28,16 +33,18 @@ def parser(defaults: ServerSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="genops OpenAI-compatible endpoint "
                                                  f"(API keys: {API_KEYS_ENV}, comma-separated)")
     parser.add_argument("--base-model", required=True)
-    parser.add_argument("--adapter", action="append", default=[], help="name=folder")
-    parser.add_argument("--version", action="append", default=[], help="name=version")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="model=folder, the model a task's served name (support_triage, support_triage:challenger)")
+    parser.add_argument("--version", action="append", default=[], help="model=registry version")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8008)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--watch-registry", default=None, help="MLflow tracking URI whose aliases to follow")
-    parser.add_argument("--watch-model", default=None, help="registered model name")
-    parser.add_argument("--watch-alias", action="append", default=[],
-                        help=f"alias=served name (e.g. {CHAMPION}={CHAMPION}): hot-swap when the alias moves")
+    parser.add_argument("--watch-prefix", default="genops-",
+                        help="registered models named <prefix><task> hold each task's versions")
+    parser.add_argument("--watch-alias", action="append", default=[], choices=ROLES,
+                        help=f"the alias followed in every task's model (default {CHAMPION}): hot-swap when it moves")
     parser.add_argument("--watch-interval-s", type=float, default=5.0)
     parser.add_argument("--nice", type=int, default=0,
                         help="run at this lower CPU priority (0-19), in an autogroup of its own: for background "
@@ -67,28 +74,34 @@ def main(argv: list[str] | None = None) -> None:
 
     from genops_assets.serving.adapters import load_model
     from genops_assets.serving.app import create_app
+    from genops_assets.serving.protocol import BASE_NAME, ModelName, ModelNameError
 
     state_dir = Path(args.state_dir)
     token = (state_dir / "admin_token").read_text().strip()
-    loaded = load_model(args.base_model, adapters, dtype=args.dtype)
+    try:
+        names = {ModelName.parse(name).served: folder for name, folder in adapters.items()}
+        versions = {ModelName.parse(name).served: version for name, version in versions.items()}
+    except ModelNameError as exc:
+        cli.error(f"--adapter/--version: {exc}")
+    if any(ModelName.parse(n).task is None for n in names):
+        cli.error(f"--adapter: '{BASE_NAME}' is the base model, not an adapter")
+    loaded = load_model(args.base_model, names, dtype=args.dtype)
     app = create_app(loaded, settings, state_dir, token, versions)
-    watchers = []
-    if args.watch_registry and args.watch_model:
-        from genops_assets.serving.registry_watch import AliasWatcher, version_loader
+    watcher = None
+    if args.watch_registry:
+        from genops_assets.serving.registry_watch import RegistryWatcher, version_loader
 
-        swap = app.state.swap_adapter
-        app.state.chat.version_loader = version_loader(args.watch_registry, args.watch_model,
-                                                       state_dir / "registry", swap)
-        for item in args.watch_alias or [f"{CHAMPION}={CHAMPION}"]:
-            alias, _, name = item.partition("=")
-            watchers.append(AliasWatcher(args.watch_registry, args.watch_model, alias, name or alias,
-                                         state_dir / "registry", swap,
-                                         lambda n=name or alias: versions.get(n), args.watch_interval_s).start())
+        chat = app.state.chat
+        chat.version_loader = version_loader(args.watch_registry, args.watch_prefix, state_dir / "registry",
+                                             chat.swap_adapter)
+        watcher = RegistryWatcher(args.watch_registry, args.watch_prefix, state_dir / "registry", chat.swap_adapter,
+                                  versions.get, tuple(args.watch_alias or [CHAMPION]), args.watch_interval_s,
+                                  skip=chat.router.removed).start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
-        for w in watchers:
-            w.stop()
+        if watcher is not None:
+            watcher.stop()
 
 
 if __name__ == "__main__":

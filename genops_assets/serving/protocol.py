@@ -1,9 +1,14 @@
 """The endpoint's wire protocol: OpenAI's chat completions request (with vLLM's and genops'
-extensions), the admin reload request, and the served model names with a meaning."""
+extensions), the admin reload request, and the served model names.
+
+One server serves every task. A model name is ``base`` (the base model alone) or names a task
+and one of its versions: ``<task>`` (its champion; ``<task>:champion`` says the same),
+``<task>:challenger``, or ``<task>:v<N>`` (registered version N of the task's model)."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -14,8 +19,68 @@ CHAMPION = "champion"
 """The served name (and registry alias) of the production adapter."""
 CHALLENGER = "challenger"
 """The served name of the adapter that answers a share of the champion's requests (canary)."""
-VERSION_NAME = re.compile(r"v[0-9]+")
-"""A model asked as a registry version (``v3``): fetched and loaded on first use."""
+ROLES = (CHAMPION, CHALLENGER)
+"""The versions of a task that the deploy step and the registry aliases name."""
+VERSION_NAME = re.compile(r"v[1-9][0-9]*")
+"""A task version asked as a registry version (``<task>:v3``): fetched and loaded on first use."""
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""A task's name as a model name uses it (its folder name under ``tasks/``)."""
+SEPARATOR = ":"
+
+
+class ModelNameError(ValueError):
+    """A model name that cannot name a task version; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """A served model: ``task`` None is the base model; ``slot`` is ``champion``,
+    ``challenger`` or ``v<N>`` (``base`` for the base model)."""
+
+    task: str | None
+    slot: str
+
+    @property
+    def served(self) -> str:
+        """The canonical name: ``base``, ``<task>``, ``<task>:challenger`` or ``<task>:v<N>``."""
+        if self.task is None:
+            return BASE_NAME
+        return self.task if self.slot == CHAMPION else f"{self.task}{SEPARATOR}{self.slot}"
+
+    @property
+    def version_number(self) -> str | None:
+        """N of a ``v<N>`` slot."""
+        return self.slot[1:] if VERSION_NAME.fullmatch(self.slot) else None
+
+    @classmethod
+    def parse(cls, name: str) -> ModelName:
+        """The model a request or a reload names; ModelNameError says what is wrong."""
+        if name == BASE_NAME:
+            return cls(None, BASE_NAME)
+        task, sep, slot = name.partition(SEPARATOR)
+        if not TASK_NAME.fullmatch(task):
+            raise ModelNameError(f"'{name}' is not a model name: use '{BASE_NAME}', '<task>', "
+                                 f"'<task>{SEPARATOR}{CHALLENGER}' or '<task>{SEPARATOR}v<N>'")
+        if task == BASE_NAME:
+            raise ModelNameError(f"'{BASE_NAME}' names the base model, not a task")
+        if not sep:
+            return cls(task, CHAMPION)
+        if slot not in ROLES and not VERSION_NAME.fullmatch(slot):
+            raise ModelNameError(f"'{name}': '{slot}' is not a version of task '{task}' (use {CHAMPION}, "
+                                 f"{CHALLENGER} or v<N>)")
+        return cls(task, slot)
+
+    @classmethod
+    def of(cls, task: str, slot: str) -> ModelName:
+        """The model of ``task``'s ``slot`` (a role or ``v<N>``), checked like a parsed name."""
+        return cls.parse(f"{task}{SEPARATOR}{slot}")
+
+
+def served_name(task: str, slot: str) -> str:
+    """The name clients ask for ``task``'s ``slot``: ``support_triage``, ``support_triage:challenger``."""
+    return ModelName.of(task, slot).served
+
+
 ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /admin/reload"
 
 
@@ -54,7 +119,8 @@ class ChatRequest(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="The served model name: '<task>', '<task>:challenger', "
+                                                "'<task>:v<N>'")
     adapter_dir: str
     version: str
 

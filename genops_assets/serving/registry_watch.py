@@ -1,6 +1,8 @@
-"""Follow an MLflow registry alias from inside the server: when `champion` moves (a promotion,
-or a rollback that moves it back), fetch that version's adapter, check its digest, and
-hot-swap it in place. In-flight requests finish on the adapter they started with."""
+"""Follow MLflow registry aliases from inside the server, for every task: when the `champion`
+alias of a task's registered model (``genops-<task>``) moves (a promotion, or a rollback that
+moves it back), fetch that version's adapter, check its digest, and hot-swap it in place for
+that task. In-flight requests finish on the adapter they started with; other tasks are not
+touched."""
 
 from __future__ import annotations
 
@@ -48,68 +50,110 @@ def fetch_adapter(client, tracking_uri: str, model_name: str, version: str, cach
     return target
 
 
-def version_loader(tracking_uri: str, model_name: str, cache_dir: Path,
-                   swap: Callable[[str, str, str], None]) -> Callable[[str], None]:
-    """Load registry version ``vN`` of ``model_name`` under the name ``vN`` (one load at a time)."""
+def version_loader(tracking_uri: str, model_prefix: str, cache_dir: Path,
+                   swap: Callable[[str, str, str], None]) -> Callable[[str, str], None]:
+    """Load registry version N of ``<model_prefix><task>`` as ``<task>:vN`` (one load at a time)."""
     from mlflow.tracking import MlflowClient
+
+    from genops_assets.serving.protocol import ModelName
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     lock = threading.Lock()
 
-    def load(name: str) -> None:
+    def load(task: str, version: str) -> None:
+        name = ModelName.of(task, f"v{version}").served
         with lock:
-            version = name[1:]
-            folder = fetch_adapter(client, tracking_uri, model_name, version, Path(cache_dir))
+            folder = fetch_adapter(client, tracking_uri, model_prefix + task, version, Path(cache_dir))
             swap(name, str(folder), version)
 
     return load
 
 
-class AliasWatcher:
-    """Polls ``alias`` of ``model_name`` every ``interval_s``; calls ``swap(name, folder, version)``
-    when it points at a version other than the one served."""
+class RegistryWatcher:
+    """Polls every registered model named ``<model_prefix><task>`` every ``interval_s`` and
+    follows each of ``aliases`` (``champion`` -> served as ``<task>``, ``challenger`` -> as
+    ``<task>:challenger``): when an alias points at a version other than the one served, that
+    version is fetched, digest-checked and hot-swapped for that task alone. A task that
+    ``skip(task)`` names (its folder was removed) is left as it is; one task's failure (a
+    broken artifact) is logged and counted and never stops the others."""
 
-    def __init__(self, tracking_uri: str, model_name: str, alias: str, served_name: str, cache_dir: Path,
-                 swap: Callable[[str, str, str], None], current: Callable[[], str | None],
-                 interval_s: float = 5.0):
+    def __init__(self, tracking_uri: str, model_prefix: str, cache_dir: Path,
+                 swap: Callable[[str, str, str], None], current: Callable[[str], str | None],
+                 aliases: tuple[str, ...] = ("champion",), interval_s: float = 5.0,
+                 skip: Callable[[str], bool] = lambda task: False):
         from mlflow.tracking import MlflowClient
 
+        from genops_assets.serving.protocol import ROLES
+
+        unknown = [a for a in aliases if a not in ROLES]
+        if unknown:
+            raise ValueError(f"cannot follow alias(es) {unknown}: a task serves {list(ROLES)}")
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        self.tracking_uri, self.model_name, self.alias = tracking_uri, model_name, alias
-        self.served_name, self.cache_dir = served_name, Path(cache_dir)
-        self.swap, self.current, self.interval_s = swap, current, interval_s
-        self.errors = 0
+        self.tracking_uri, self.model_prefix, self.aliases = tracking_uri, model_prefix, tuple(aliases)
+        self.cache_dir, self.swap, self.current, self.skip = Path(cache_dir), swap, current, skip
+        self.interval_s = interval_s
+        self.errors: dict[str, int] = {}
         self.swaps = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="registry-watcher", daemon=True)
 
-    def check_once(self) -> bool:
-        """One poll; True when it swapped."""
-        from mlflow.exceptions import MlflowException
+    def targets(self) -> dict[str, str]:
+        """Served model name -> the version its alias points at, over every watched model."""
+        from genops_assets.serving.protocol import TASK_NAME, ModelName
 
-        try:
-            mv = self.client.get_model_version_by_alias(self.model_name, self.alias)
-        except MlflowException:
-            return False  # alias not set (yet): keep serving what is loaded
-        version = str(mv.version)
-        if version == self.current():
-            return False
-        folder = fetch_adapter(self.client, self.tracking_uri, self.model_name, version, self.cache_dir)
-        self.swap(self.served_name, str(folder), version)
-        self.swaps += 1
-        log.warning("alias %s of %s moved: serving v%s as %s", self.alias, self.model_name, version,
-                    self.served_name)
-        return True
+        wanted = {}
+        prefix = self.model_prefix
+        for rm in self._registered_models():
+            task = rm.name[len(prefix):]
+            if not rm.name.startswith(prefix) or not TASK_NAME.fullmatch(task) or self.skip(task):
+                continue
+            for alias in self.aliases:
+                version = (rm.aliases or {}).get(alias)
+                if version is not None:
+                    wanted[ModelName.of(task, alias).served] = str(version)
+        return wanted
+
+    def _registered_models(self) -> list:
+        models, token = [], None
+        while True:
+            page = self.client.search_registered_models(filter_string=f"name LIKE '{self.model_prefix}%'",
+                                                        max_results=100, page_token=token)
+            models.extend(page)
+            token = page.token
+            if not token:
+                return models
+
+    def check_once(self) -> int:
+        """One poll; the number of models swapped."""
+        from genops_assets.serving.protocol import ModelName
+
+        swapped = 0
+        for name, version in sorted(self.targets().items()):
+            if version == self.current(name):
+                continue
+            task = ModelName.parse(name).task
+            try:
+                folder = fetch_adapter(self.client, self.tracking_uri, self.model_prefix + task, version,
+                                       self.cache_dir)
+                self.swap(name, str(folder), version)
+            except Exception as exc:
+                self.errors[name] = self.errors.get(name, 0) + 1
+                log.error("registry watch: cannot serve %s v%s: %s", name, version, exc)
+                continue
+            swapped += 1
+            self.swaps += 1
+            log.warning("registry alias moved: serving %s%s v%s as %s", self.model_prefix, task, version, name)
+        return swapped
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.check_once()
-            except Exception as exc:
-                self.errors += 1
-                log.error("alias watch of %s@%s failed: %s", self.model_name, self.alias, exc)
+            except Exception as exc:  # the registry is unreachable: try again next poll
+                self.errors["registry"] = self.errors.get("registry", 0) + 1
+                log.error("registry watch of %s* failed: %s", self.model_prefix, exc)
 
-    def start(self) -> AliasWatcher:
+    def start(self) -> RegistryWatcher:
         self._thread.start()
         return self
 

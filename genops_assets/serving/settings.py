@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -54,8 +55,15 @@ class ServerSettings(BaseSettings):
                                                          "without keys); 0: no limit")
     rate_limit_burst: int | None = Field(None, ge=1, description="requests a client may send at once (default: "
                                                                  "one minute's worth)")
-    canary_share: float = Field(0.0, ge=0, le=1, description="share of champion requests answered by challenger "
-                                                             "when one is loaded (0..1)")
+    canary_share: float = Field(0.0, ge=0, le=1, description="share of a task's champion requests answered by "
+                                                             "that task's challenger when one is loaded (0..1)")
+    canary_shares: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, description="per-task canary shares over canary_share, as task=share,... "
+                                          "(e.g. support_triage=0.1,product_qa=0)")
+    pinned_versions: int = Field(4, ge=1, description="registry versions (<task>:v<N>) kept loaded per task; "
+                                                       "loading one more unloads the task's oldest")
+    tasks_dir: Path | None = Field(None, description="the folder of task folders: a task whose folder is gone is "
+                                                     "no longer served (its requests get a 404); unset: not checked")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="bearer keys accepted on /v1/*, comma-separated (none: open, with a warning)")
     resource_sample_s: float = Field(5.0, ge=0, allow_inf_nan=False,
@@ -66,6 +74,31 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         return parse_api_keys(value) if isinstance(value, str) else value
+
+    @field_validator("canary_shares", mode="before")
+    @classmethod
+    def _split_shares(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        shares: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            task, sep, share = item.partition("=")
+            if not sep or not task.strip():
+                raise ValueError(f"expected task=share, got {item!r}")
+            shares[task.strip()] = share.strip()
+        return shares
+
+    @field_validator("canary_shares")
+    @classmethod
+    def _check_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {task: share for task, share in value.items() if not 0 <= share <= 1}
+        if bad:
+            raise ValueError(f"canary shares must be between 0 and 1, got {bad}")
+        return value
+
+    def canary(self, task: str) -> float:
+        """The share of ``task``'s champion requests its challenger answers."""
+        return self.canary_shares.get(task, self.canary_share)
 
     @property
     def batch_wait_s(self) -> float:
@@ -96,6 +129,8 @@ class ServerSettings(BaseSettings):
             kinds = [k for k in typing.get_args(field.annotation) if k is not type(None)]
             if typing.get_origin(field.annotation) is Literal:
                 option["choices"] = kinds
+            elif typing.get_origin(field.annotation) is dict:  # task=value,... parsed by the field's validator
+                option["type"] = str
             else:
                 option["type"] = kinds[0] if kinds else field.annotation
             parser.add_argument("--" + name.replace("_", "-"), **option)

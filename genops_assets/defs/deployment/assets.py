@@ -13,7 +13,7 @@ from pydantic import Field
 from genops_assets.components.binding import bind_task, task_group, task_ins
 from genops_assets.lib.formatting import build_messages, prompt_variables
 from genops_assets.lib.tasks import TaskRef
-from genops_assets.serving.protocol import CHALLENGER, CHAMPION
+from genops_assets.serving.protocol import CHALLENGER, CHAMPION, served_name
 from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.tracking import MlflowTracking
@@ -86,16 +86,17 @@ def deployed_endpoint(
     if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
         raise dg.Failure(f"production prompt moved to v{prompt_ref.version} after the evaluation (which used "
                          f"v{eval_report['prompt']['version']}); re-run eval_report before deploying")
-    endpoint.publish_prompt(prompt_ref.served())
+    endpoint.publish_prompt(spec.name, prompt_ref.served())
     adapter_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, version)
-    staged = endpoint.deploy(base_model["path"], CHALLENGER, str(adapter_dir), version)
-    context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {CHALLENGER}")
+    challenger, champion = served_name(spec.name, CHALLENGER), served_name(spec.name, CHAMPION)
+    staged = endpoint.deploy(base_model["path"], spec.name, CHALLENGER, str(adapter_dir), version)
+    context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {challenger}")
     client = OpenAI(base_url=staged.url, api_key=endpoint.client_key(), timeout=300, max_retries=0)
 
     parity = {"checked": 0, "matched": 0, "mismatches": [], "seconds": 0.0}
     cases = eval_report.get("parity_examples", [])[: config.parity_examples]
     if cases:
-        parity = parity_check(client, CHALLENGER, cases, spec, prompt_ref, endpoint.renders_prompts)
+        parity = parity_check(client, challenger, cases, spec, prompt_ref, endpoint.renders_prompts)
         context.log.info(f"serving parity: {parity['matched']}/{parity['checked']} answers equal the offline "
                          f"evaluation ({parity['seconds']}s)")
         if parity["mismatches"]:
@@ -117,25 +118,25 @@ def deployed_endpoint(
         context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} "
                          f"(was {previous.version if previous else 'unset'})")
 
-    outcome = endpoint.deploy(base_model["path"], CHAMPION, str(adapter_dir), version)
-    context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version} as {CHAMPION}")
+    outcome = endpoint.deploy(base_model["path"], spec.name, CHAMPION, str(adapter_dir), version)
+    context.log.info(f"endpoint {outcome.action}: {outcome.url} (pid {outcome.pid}) serving v{version} as {champion}")
 
     first = eval_report["first_example"]
     started = time.monotonic()
-    reply = client.chat.completions.create(model=CHAMPION, temperature=0.0,
+    reply = client.chat.completions.create(model=champion, temperature=0.0,
                                            **request_for(first, spec, prompt_ref, endpoint.renders_prompts))
     latency = time.monotonic() - started
     answer = reply.choices[0].message.content or ""
     answered_by = reply.system_fingerprint
     if endpoint.renders_prompts and answered_by is not None and str(answered_by) != str(version):
-        raise dg.Failure(f"the endpoint answered {CHAMPION} from v{answered_by}, expected v{version}: the new "
+        raise dg.Failure(f"the endpoint answered {champion} from v{answered_by}, expected v{version}: the new "
                          f"champion is not being served ({outcome.url})")
     served_prompt = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
     value = {
         "url": outcome.url,
         "pid": outcome.pid,
         "port": outcome.port,
-        "model": CHAMPION,
+        "model": champion,
         "version": version,
         "previous_champion": previous.version if previous else None,
         "action": outcome.action,

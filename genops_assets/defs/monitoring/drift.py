@@ -25,6 +25,7 @@ from genops_assets.defs.monitoring.common import (
     run_in_background,
     utc_day,
 )
+from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 from genops_assets.lib.report import png_markdown
 from genops_assets.lib.tasks import TaskRef
@@ -84,7 +85,7 @@ def _mart_texts(warehouse: DuckDBWarehouse, schema: str):
     return train, validation, [str(t) for t in golden["input_text"]]
 
 
-def _live_requests(warehouse: DuckDBWarehouse, start: datetime, end: datetime):
+def _live_requests(warehouse: DuckDBWarehouse, start: datetime, end: datetime, task: str):
     import pandas as pd
 
     cols = ["request_id", "ts", "model", "adapter_version", "prompt_version", "input_text"]
@@ -94,9 +95,9 @@ def _live_requests(warehouse: DuckDBWarehouse, start: datetime, end: datetime):
     # request still shows what people ask for.
     return warehouse.query_df(
         f"select {', '.join(cols)} from {FEEDBACK_SCHEMA}.requests "
-        "where coalesce(event, 'request') = 'request' and ts >= ? and ts < ? "
+        f"where coalesce(event, 'request') = 'request' and ts >= ? and ts < ? and {TASK_ROWS} "
         "and input_text is not null and trim(input_text) <> '' order by ts, request_id",
-        [start, end],
+        [start, end, task],
     )
 
 
@@ -204,7 +205,7 @@ def prompt_drift(
     start, end = (naive_utc(t) for t in utc_day(context))
     reference = DriftReference.load(drift_calibration["path"])
     calibration = reference.calibration
-    live_df = _live_requests(warehouse, start, end)
+    live_df = _live_requests(warehouse, start, end, spec.name)
     live_texts = [str(t) for t in live_df["input_text"]]
     live_embeddings = Embedder(cache_path=home.cache_dir / "embeddings.sqlite").embed(live_texts)
     day = score_window(reference, live_texts, live_embeddings, drift_share=config.drift_share,

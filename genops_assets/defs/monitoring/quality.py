@@ -16,6 +16,7 @@ from genops_assets.defs.monitoring.common import (
     utc_day,
 )
 from genops_assets.lib.cache import CallCache
+from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.online_quality import ROW_COLUMNS, SUMMARY_COLUMNS, LiveAnswer, QualityPlan
 from genops_assets.lib.report import png_markdown
 from genops_assets.lib.tasks import TaskRef
@@ -42,16 +43,16 @@ class OnlineQualityConfig(dg.Config):
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
 
 
-def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime) -> list[LiveAnswer]:
-    """The day's successful answers with what was asked and what was answered."""
+def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime, task: str) -> list[LiveAnswer]:
+    """The day's successful answers of ``task`` with what was asked and what was answered."""
     if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         return []
     df = warehouse.query_df(
         f"""select request_id, ts, adapter_version, prompt_version, input_text, response_text, record_json
             from {FEEDBACK_SCHEMA}.requests
-            where coalesce(event, 'request') = 'request' and status = 200 and ts >= ? and ts < ?
+            where coalesce(event, 'request') = 'request' and status = 200 and ts >= ? and ts < ? and {TASK_ROWS}
               and request_id is not null and input_text is not null and response_text is not null
-            order by ts, request_id""", [start, end])
+            order by ts, request_id""", [start, end, task])
     seen, answers = set(), []
     for request in df.itertuples(index=False):
         if request.request_id in seen:
@@ -124,7 +125,7 @@ def online_quality(
     partition = context.partition_key
     start, end = (naive_utc(t) for t in utc_day(context))
 
-    live = _live_answers(warehouse, start, end)
+    live = _live_answers(warehouse, start, end, spec.name)
     offline = load_offline_predictions(eval_report["predictions_file"], _offline_labels(eval_report))
     live_versions = sorted({a.version for a in live if a.version is not None})
     versions = [v for v in live_versions if v in offline]

@@ -15,6 +15,7 @@ from genops_assets.defs.monitoring.common import (
     run_in_background,
     utc_day,
 )
+from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.report import png_markdown
 from genops_assets.lib.tasks import TaskRef
 from resources.paths import GenopsHome
@@ -37,7 +38,8 @@ GROUP_NUMBERS = ("request_count", "error_rate", "latency_p95_s", "valid_json_rat
 
 REQUEST_QUERY = f"""select request_id, ts, event, model, adapter_version, prompt_version, status, error, latency_s,
     queue_s, prompt_tokens, completion_tokens, finish_reason, response_text, record_json
-    from {FEEDBACK_SCHEMA}.requests where ts >= ? and ts < ? order by ts, source_file, source_offset"""
+    from {FEEDBACK_SCHEMA}.requests where ts >= ? and ts < ? and {TASK_ROWS}
+    order by ts, source_file, source_offset"""
 
 
 def _metric_key(text: str) -> str:
@@ -51,8 +53,8 @@ def serving_metrics(
     task: TaskRef,
     home: GenopsHome,
 ) -> dg.MaterializeResult:
-    """One UTC day of the endpoint's requests from `feedback.requests`, per served adapter version
-    and prompt version and overall: request count, throughput, latency p50/p95/p99 and queue
+    """One UTC day of the task's requests (and the base model's) from `feedback.requests`, per
+    served adapter version and prompt version and overall: request count, throughput, latency p50/p95/p99 and queue
     p50/p95 of answered requests (numpy 'linear' percentiles), tokens, error rate and errors by
     class, and task health of live answers (strict / lenient valid-JSON rate, schema conformance
     against the task's output schema). Rows go to `monitoring_<task>.serving_metrics` (the partition
@@ -75,7 +77,7 @@ def serving_metrics(
     start, end = utc_day(context)
     if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
         raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
-    df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None)])
+    df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None), spec.name])
     report = serving_report(df, start, end, spec.output_schema, now=datetime.now(UTC))
     schema = monitoring_schema(spec.name)
     warehouse.replace_partition(schema, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,
