@@ -62,17 +62,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_graph(home: Path, tasks_dir: Path | None = None, resources: dict | None = None) -> dg.Definitions:
+def load_graph(home: Path, tasks_dir: Path | None = None, resources: dict | None = None,
+               **resource_args) -> dg.Definitions:
     """The code location's graph (every task folder of ``tasks_dir``, default tasks/) over the
     data directory ``home``: the defs folder as the code location loads it, with ``resources``
-    (default: genops' resources on ``home``; nothing is started until a run asks for it)."""
+    (default: genops' resources on ``home`` and ``tasks_dir``, built with ``resource_args``;
+    nothing is started until a run asks for it)."""
     with genops_env(home=str(home), tasks_dir=str(tasks_dir or REPO / "tasks")):
         graph = graph_definitions()
-    return dg.Definitions.merge(graph, dg.Definitions(resources=resources or build_resources(home=home)))
+        resources = resources or build_resources(home=home, **resource_args)
+    return dg.Definitions.merge(graph, dg.Definitions(resources=resources))
 
 
 def make_defs(home: Path, port: int, tasks_dir: Path | None = None) -> dg.Definitions:
-    return load_graph(home, tasks_dir, build_resources(home=home, port=port, judge_port=free_port()))
+    return load_graph(home, tasks_dir, port=port, judge_port=free_port())
 
 
 def loop_job(defs: dg.Definitions, task: str = TASK, job: str = "genops_loop") -> dg.JobDefinition:

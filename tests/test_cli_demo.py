@@ -112,7 +112,7 @@ def test_the_closing_request_is_the_first_golden_example_answered_within_the_sch
     ])
     ex = demo_example(spec, path)
     # the endpoint renders its deployed prompt around the task's own input field
-    assert ex.body == {"model": "champion", "temperature": 0,
+    assert ex.body == {"model": "expenses", "temperature": 0,
                        "prompt_variables": {"line": "Lunch with the client at Luigi's, 64.20"}}
     assert ex.example_id == "e-2" and ex.reference == {"category": "meals", "amount_eur": 64.2}
     with pytest.raises(ValueError, match="no candidate predictions"):
@@ -120,7 +120,7 @@ def test_the_closing_request_is_the_first_golden_example_answered_within_the_sch
 
 
 def test_the_curl_command_sends_exactly_the_request_body(expenses_task):
-    body = {"model": "champion", "temperature": 0, "prompt_variables": {"line": "Lunch at Luigi's, 64.20 €"}}
+    body = {"model": "expenses", "temperature": 0, "prompt_variables": {"line": "Lunch at Luigi's, 64.20 €"}}
     cmd = curl_command("http://127.0.0.1:8008/v1", body, api_key_required=False)
     argv = shlex.split(cmd.replace("\\\n", " "))
     assert argv[:2] == ["curl", "-s"] and argv[2] == "http://127.0.0.1:8008/v1/chat/completions"

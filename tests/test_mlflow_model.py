@@ -119,21 +119,22 @@ def test_the_champion_loaded_with_pyfunc_answers_as_the_endpoint(registry, tiny_
 
     # The endpoint, deployed as deployed_endpoint deploys a champion, asked as its parity check asks.
     endpoint = LocalEndpoint(state_dir=str(home / "endpoint"), port=free_port(), ready_timeout_s=240)
-    endpoint.publish_prompt(registry.prompt.served())
+    endpoint.publish_prompt(TASK, registry.prompt.served())
     adapter = registry.tracking.fetch_registered_adapter(home / "registry", MODEL, registry.version)
-    outcome = endpoint.deploy(str(tiny_model_dir), CHAMPION, str(adapter), registry.version)
+    outcome = endpoint.deploy(str(tiny_model_dir), TASK, CHAMPION, str(adapter), registry.version)
     client = OpenAI(base_url=outcome.url, api_key=endpoint.client_key(), timeout=120, max_retries=0)
     served = []
     for text in inputs:
-        reply = client.chat.completions.create(model=CHAMPION, temperature=0.0,
+        reply = client.chat.completions.create(model=TASK, temperature=0.0,
                                                **request_for({"input": text}, registry.spec, registry.prompt, True))
         assert reply.model_extra["genops"]["prompt_version"] == str(registry.prompt.version)
         assert reply.usage.completion_tokens <= MAX_NEW_TOKENS
         served.append(reply.choices[0].message.content)
     assert answers["frame"] == served
     # The base model alone answers otherwise: the adapter is applied.
+    # (the base model has no deployed prompt: it is sent the rendered messages)
     base = client.chat.completions.create(model="base", temperature=0.0,
-                                          **request_for({"input": inputs[0]}, registry.spec, registry.prompt, True))
+                                          **request_for({"input": inputs[0]}, registry.spec, registry.prompt, False))
     assert base.choices[0].message.content != served[0]
 
 
