@@ -80,6 +80,7 @@ lint: $(STAMP)
 
 # The code location loads with every task folder, as dg sees it (components, defs folder).
 check-defs: install
+	$(BIN)/python -m genops_assets.cli init-home
 	$(BIN)/dg check defs
 
 # Side-by-side timings (ratios) written to $(GENOPS_HOME)/bench/results.json.
