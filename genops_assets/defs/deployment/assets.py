@@ -72,7 +72,6 @@ def deployed_endpoint(
     hot-swaps it. Deploying the serving version again is a no-op. Cost: seconds to a minute."""
     from openai import OpenAI
 
-
     gate = eval_report["gate"]
     if not gate["passed"]:
         raise dg.Failure(f"not deploying: promotion gate failed ({gate['reason']})")
