@@ -85,6 +85,11 @@ class GenopsHome(dg.ConfigurableResource):
         """The folder of reviewers' labelled live answers, one subfolder per task."""
         return self.path / "feedback" / "labels"
 
+    @property
+    def ratings_path(self) -> Path:
+        """The rating UI's store of raters, queue items and ratings (SQLite)."""
+        return self.sub("feedback") / "ratings.sqlite"
+
     def task_labels_dir(self, task: str) -> Path:
         """Where reviewers drop labelled live answers of ``task`` (read by the task's feedback
         sensor and raw examples; not created here, a missing folder means no labels)."""

@@ -8,14 +8,18 @@ import dagster as dg
 from genops_assets.components.binding import task_group, task_key
 from genops_assets.lib.tasks import TaskRef
 
+# Stages with jobs of their own: daily monitoring, preference tuning (DPO) and judge tuning.
+OUTSIDE_LOOP = ("monitoring", "preference", "judge_tuning")
+
 
 def loop_selection(task: TaskRef) -> dg.AssetSelection:
     """The task's assets and the shared base model, except prompt enhancement (its own job: it asks
-    a teacher model and scores candidates, which the loop does not need on every run) and
-    monitoring (partitioned by day, it follows the request log through declarative automation)."""
+    a teacher model and scores candidates, which the loop does not need on every run),
+    monitoring (partitioned by day, it follows the request log through declarative automation),
+    and the stages people's ratings drive: preference tuning and judge tuning."""
     return ((dg.AssetSelection.key_prefixes([task.name]) | dg.AssetSelection.assets("base_model"))
             - dg.AssetSelection.assets(task_key(task, "prompt_candidates"))
-            - dg.AssetSelection.groups(task_group(task, "monitoring")))
+            - dg.AssetSelection.groups(*(task_group(task, stage) for stage in OUTSIDE_LOOP)))
 
 
 def loop_job_name(task: str) -> str:
@@ -28,6 +32,10 @@ def continuous_training_job_name(task: str) -> str:
 
 def prompt_enhancement_job_name(task: str) -> str:
     return f"{task}_prompt_enhancement"
+
+
+def preference_tuning_job_name(task: str) -> str:
+    return f"{task}_preference_tuning"
 
 
 def build_task_jobs(task: TaskRef) -> list[dg.UnresolvedAssetJobDefinition]:

@@ -102,6 +102,38 @@ class Generation(_Section):
     max_new_tokens: int = Field(128, gt=0)
 
 
+class Feedback(_Section):
+    """How people's ratings become data: redundancy, agreement rules, gold questions."""
+
+    ratings_per_item: int = Field(3, ge=1, description="Raters asked per queue item")
+    min_item_agreement: float = Field(
+        0.66, gt=0, le=1, description="Share of an item's raters that must pick the majority choice")
+    min_item_ratings: int = Field(2, ge=1, description="Ratings an item needs before it counts")
+    min_gold_accuracy: float = Field(
+        0.75, ge=0, le=1, description="Raters below this accuracy on gold questions are excluded")
+    min_gold_answered: int = Field(
+        2, ge=0, description="Gold questions a rater must answer before their accuracy is judged")
+    gold_share: float = Field(0.1, ge=0, lt=1, description="Share of a rater's queue that is gold questions")
+    heldout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of agreed pairs (by hash) held out from preference tuning")
+    min_new_pairs: int = Field(
+        20, ge=1, description="New agreed train pairs that request a preference-tuning run")
+
+
+class JudgeThresholds(_Section):
+    """What a judge must show before its verdicts may gate anything (judge_certificate)."""
+
+    min_position_consistency: float = Field(0.8, ge=0, le=1)
+    min_repeat_stability: float = Field(0.9, ge=0, le=1)
+    min_human_kappa: float = Field(0.4, ge=-1, le=1, description="Cohen's kappa with human choices")
+    min_balanced_accuracy: float = Field(0.7, ge=0, le=1, description="Balanced accuracy on human choices")
+    min_probe_accuracy: float = Field(0.9, ge=0, le=1, description="Accuracy on the objective golden probes")
+    max_length_bias: float = Field(
+        0.2, ge=0, le=1, description="Largest allowed excess preference for the longer answer")
+    min_human_labels: int = Field(30, ge=0, description="Human-labelled pairs needed before certification")
+    max_probe_examples: int = Field(40, ge=1, description="Golden examples the objective probe is built from")
+
+
 class TaskSettings(_Section):
     """What ``task.yaml`` says, with its defaults; files are checked by :func:`load_task`."""
 
@@ -119,6 +151,8 @@ class TaskSettings(_Section):
     text_length: Bounds = Bounds(min=1, max=1000)
     splits: Splits = Splits()
     generation: Generation = Generation()
+    feedback: Feedback = Feedback()
+    judge: JudgeThresholds = JudgeThresholds()
 
 
 @dataclass(frozen=True)
@@ -142,6 +176,8 @@ class TaskSpec:
     max_new_tokens: int
     template_files: dict[str, str] = field(default_factory=dict)
     contexts: ContextFields | None = None
+    feedback: Feedback = field(default_factory=Feedback)
+    judge: JudgeThresholds = field(default_factory=JudgeThresholds)
 
     @property
     def schema(self) -> dict[str, Any]:
@@ -278,6 +314,8 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         max_new_tokens=cfg.generation.max_new_tokens,
         template_files=template_files,
         contexts=contexts,
+        feedback=cfg.feedback,
+        judge=cfg.judge,
     )
 
 
