@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from genops_assets.lib.ratings import store_path
 from resources.settings import DEFAULT_BACKGROUND_NICE
 
 # The UTC day the data directory was set up (YYYY-MM-DD): daily monitoring partitions start there.
@@ -88,7 +89,7 @@ class GenopsHome(dg.ConfigurableResource):
     @property
     def ratings_path(self) -> Path:
         """The rating UI's store of raters, queue items and ratings (SQLite)."""
-        return self.sub("feedback") / "ratings.sqlite"
+        return store_path(self.path)
 
     def task_labels_dir(self, task: str) -> Path:
         """Where reviewers drop labelled live answers of ``task`` (read by the task's feedback

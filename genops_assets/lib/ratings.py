@@ -10,20 +10,33 @@ Items are identified by their content (task, kind, input, both answers and their
 rebuilding the queue re-finds the same items; an item that leaves the queue is retired, not
 deleted, and its ratings stay. A rating names its item's responses by number ("1", "2"), never
 by the side of the screen it was shown on; ``shown_first`` records which one was on the left.
+
+Raters sign in with a name and a token made by ``add_rater``: the token is shown once and only
+its sha256 is stored. A submission is one transaction, and ``unique (item_id, rater)`` makes a
+second rating of the same item by the same rater fail however the two requests interleave.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import math
+import re
+import secrets
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genops_assets.lib.hashing import sha256_json
+
+if TYPE_CHECKING:
+    from genops_assets.lib.output_schema import OutputSchema
+    from genops_assets.lib.tasks import Feedback
 
 KINDS = ("pairwise", "single")
 SOURCES = ("golden", "live", "gold")
@@ -77,6 +90,86 @@ create table if not exists ratings (
 );
 create index if not exists ratings_task on ratings (task, item_id);
 """
+
+
+STORE_FILE = Path("feedback", "ratings.sqlite")
+RATER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def store_path(home: str | Path) -> Path:
+    """Where the rating store lives in a genops data directory."""
+    return Path(home) / STORE_FILE
+
+
+class RatingError(Exception):
+    """A request the store refuses; ``status`` is the HTTP status the rating API answers with."""
+
+    status = 400
+
+
+class AuthError(RatingError):
+    """Unknown rater, wrong token or disabled rater (the message does not say which)."""
+
+    status = 401
+
+
+class UnknownItem(RatingError):
+    """No such item in the task's queue."""
+
+    status = 404
+
+
+class DuplicateRating(RatingError):
+    """The rater has rated this item already; the first rating stands."""
+
+    status = 409
+
+
+class RetiredItem(RatingError):
+    """The item has left the queue (the queue was rebuilt without it); its ratings stay."""
+
+    status = 410
+
+
+class InvalidRating(RatingError):
+    """A choice or score that does not fit the item (a missing choice, a score out of 1-5)."""
+
+    status = 422
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidCorrection(InvalidRating):
+    """A corrected answer that is not JSON or breaks the task's output schema; ``field`` names
+    the first field at fault ("" for the object as a whole)."""
+
+
+class RaterExists(ValueError):
+    """``add_rater`` for a name that is taken (pass ``rotate=True`` to issue a new token)."""
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def shown_first(rater: str, item_id: str) -> str:
+    """Which response ("1" or "2") goes on the left for this rater and item: random across raters
+    and items, but the same on every reload, so a rater never sees the sides swap."""
+    return "1" if hashlib.sha256(f"{rater}\0{item_id}".encode()).digest()[0] % 2 == 0 else "2"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A rater's place in a task's queue: items rated, and items still open to them."""
+
+    done: int
+    remaining: int
+
+    @property
+    def total(self) -> int:
+        return self.done + self.remaining
 
 
 def now_iso() -> str:
@@ -179,3 +272,166 @@ class RatingStore:
         with self.connect() as db:
             return [dict(r) for r in db.execute("select * from ratings where task = ? order by ts, rating_id",
                                                 (task,))]
+
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        with self.connect() as db:
+            row = db.execute("select * from items where item_id = ?", (item_id,)).fetchone()
+        return dict(row) if row else None
+
+    # raters
+
+    def add_rater(self, name: str, rotate: bool = False) -> str:
+        """Create rater ``name`` and return its token; only the token's sha256 is stored, so this
+        is the one time it can be shown. ``rotate=True`` replaces an existing rater's token."""
+        if not RATER_NAME.fullmatch(name or ""):
+            raise ValueError(f"rater name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-', "
+                             "starting with a letter or digit")
+        token = secrets.token_urlsafe(24)
+        with self.connect() as db:
+            exists = db.execute("select 1 from raters where name = ?", (name,)).fetchone()
+            if exists and not rotate:
+                raise RaterExists(f"rater '{name}' exists; rotate its token to issue a new one")
+            if not exists and rotate:
+                raise ValueError(f"rater '{name}' does not exist: nothing to rotate")
+            db.execute("insert into raters (name, token_sha256, created_at) values (?, ?, ?) "
+                       "on conflict (name) do update set token_sha256 = excluded.token_sha256",
+                       (name, token_digest(token), now_iso()))
+        return token
+
+    def disable_rater(self, name: str) -> None:
+        """Refuse the rater's token from now on; their ratings stay."""
+        with self.connect() as db:
+            if db.execute("update raters set disabled = 1 where name = ?", (name,)).rowcount == 0:
+                raise ValueError(f"rater '{name}' does not exist")
+
+    def list_raters(self) -> list[dict[str, Any]]:
+        """Every rater with the number of ratings they gave (tokens are never listed)."""
+        with self.connect() as db:
+            return [dict(r) for r in db.execute(
+                "select r.name, r.created_at, r.disabled, count(g.rating_id) as ratings from raters r "
+                "left join ratings g on g.rater = r.name group by r.name order by r.name")]
+
+    def authenticate(self, name: str, token: str) -> None:
+        """Raise AuthError unless ``token`` is the enabled rater ``name``'s token. The digests are
+        compared in constant time, and an unknown name costs the same comparison."""
+        with self.connect() as db:
+            row = db.execute("select token_sha256, disabled from raters where name = ?", (name or "",)).fetchone()
+        stored = row["token_sha256"] if row else token_digest(secrets.token_urlsafe(24))
+        matches = hmac.compare_digest(stored, token_digest(token or ""))
+        if row is None or not matches or row["disabled"]:
+            raise AuthError("unknown rater or wrong token")
+
+    # the queue
+
+    def _open_items(self, db: sqlite3.Connection, task: str, rater: str, feedback: Feedback) -> list[sqlite3.Row]:
+        """Open items the rater has not rated, highest priority first: gold questions (asked of
+        every rater) and the others while they have fewer than ``ratings_per_item`` ratings."""
+        return db.execute(
+            "select i.*, (select count(*) from ratings g where g.item_id = i.item_id) as n_ratings from items i "
+            "where i.task = ? and i.retired = 0 "
+            "and not exists (select 1 from ratings g where g.item_id = i.item_id and g.rater = ?) "
+            "and (i.source = 'gold' or (select count(*) from ratings g where g.item_id = i.item_id) < ?) "
+            "order by i.priority desc, i.created_at, i.item_id",
+            (task, rater, feedback.ratings_per_item)).fetchall()
+
+    def next_item(self, task: str, rater: str, feedback: Feedback | None = None) -> dict[str, Any] | None:
+        """The next item for ``rater`` in ``task``'s queue, or None when nothing is left. Gold
+        questions come in at about ``feedback.gold_share`` of the rater's ratings (all of them once
+        the other items are done), so a careless rater meets them without being able to tell."""
+        from genops_assets.lib.tasks import Feedback
+
+        feedback = feedback or Feedback()
+        with self.connect() as db:
+            candidates = self._open_items(db, task, rater, feedback)
+            done = db.execute("select count(*) as n, coalesce(sum(i.source = 'gold'), 0) as gold from ratings g "
+                              "join items i on i.item_id = g.item_id where g.task = ? and g.rater = ?",
+                              (task, rater)).fetchone()
+        gold = [r for r in candidates if r["source"] == "gold"]
+        other = [r for r in candidates if r["source"] != "gold"]
+        gold_due = math.floor(feedback.gold_share * (done["n"] + 1)) > done["gold"]
+        pick = gold[0] if gold and (gold_due or not other) else (other[0] if other else None)
+        if pick is None:
+            return None
+        row = dict(pick)
+        row.pop("n_ratings")
+        return row
+
+    def progress(self, task: str, rater: str, feedback: Feedback | None = None) -> Progress:
+        from genops_assets.lib.tasks import Feedback
+
+        with self.connect() as db:
+            done = db.execute("select count(*) from ratings where task = ? and rater = ?", (task, rater)).fetchone()[0]
+            remaining = len(self._open_items(db, task, rater, feedback or Feedback()))
+        return Progress(done=done, remaining=remaining)
+
+    def submit(self, task: str, item_id: str, rater: str, *, choice: str | None = None,
+               shown_first: str | None = None, score_1: int | None = None, score_2: int | None = None,
+               unsafe_1: bool = False, unsafe_2: bool = False, correction: Mapping[str, Any] | str | None = None,
+               output_schema: OutputSchema | None = None) -> dict[str, Any]:
+        """Store one rating in one transaction and return its row. ``choice`` and ``shown_first``
+        name responses by number; the item's model versions and prompt version are copied onto the
+        rating. A correction (an object, or its JSON text) must pass ``output_schema``."""
+        correction_json = _correction_json(correction, output_schema)
+        row = {"rating_id": "rt_" + sha256_json({"item": item_id, "rater": rater})[:20], "task": task,
+               "item_id": item_id, "rater": rater, "ts": now_iso(), "choice": choice, "shown_first": shown_first,
+               "score_1": score_1, "score_2": score_2, "unsafe_1": int(bool(unsafe_1)),
+               "unsafe_2": int(bool(unsafe_2)), "correction_json": correction_json}
+        with self.connect() as db:
+            r = db.execute("select disabled from raters where name = ?", (rater,)).fetchone()
+            if r is None or r["disabled"]:
+                raise AuthError("unknown rater or wrong token")
+            item = db.execute("select * from items where item_id = ?", (item_id,)).fetchone()
+            if item is None or item["task"] != task:
+                raise UnknownItem(f"item '{item_id}' does not exist in the queue of task '{task}'")
+            if item["retired"]:
+                raise RetiredItem(f"item '{item_id}' has left the queue of task '{task}'; take the next one")
+            _check_rating(item, row)
+            row.update(model_1=item["model_1"], model_2=item["model_2"], prompt_version=item["prompt_version"])
+            try:
+                db.execute(f"insert into ratings ({', '.join(row)}) values ({', '.join('?' for _ in row)})",
+                           list(row.values()))
+            except sqlite3.IntegrityError as exc:
+                if "unique" not in str(exc).lower():
+                    raise
+                raise DuplicateRating(f"rater '{rater}' has already rated item '{item_id}'; "
+                                      "a rating is given once and is not replaced") from exc
+        return row
+
+
+def _check_rating(item: sqlite3.Row, row: dict[str, Any]) -> None:
+    """The choice and scores a rating of ``item`` may carry (pairwise: a choice; single: a score)."""
+    pairwise = item["kind"] == "pairwise"
+    if pairwise and row["choice"] not in CHOICES:
+        raise InvalidRating(f"choice must be one of {list(CHOICES)} (responses by number), got {row['choice']!r}",
+                            "choice")
+    if not pairwise and row["choice"] is not None:
+        raise InvalidRating("a single answer takes a score and a correction, not a choice", "choice")
+    if row["shown_first"] not in (None, "1", "2") or (not pairwise and row["shown_first"] not in (None, "1")):
+        raise InvalidRating(f"shown_first must be '1' or '2', got {row['shown_first']!r}", "shown_first")
+    if not pairwise and row["score_1"] is None:
+        raise InvalidRating("a single answer needs a score (1-5)", "score_1")
+    if not pairwise and (row["score_2"] is not None or row["unsafe_2"]):
+        raise InvalidRating("a single answer has no second response to score", "score_2")
+    for key in ("score_1", "score_2"):
+        value = row[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5):
+            raise InvalidRating(f"{key} must be a whole number from 1 to 5, got {value!r}", key)
+
+
+def _correction_json(correction: Mapping[str, Any] | str | None, schema: OutputSchema | None) -> str | None:
+    """The corrected answer as stored (compact JSON), after the task's output schema passed it."""
+    if correction is None or (isinstance(correction, str) and not correction.strip()):
+        return None
+    if schema is None:
+        raise ValueError("a correction needs the task's output schema to be checked against")
+    if isinstance(correction, str):
+        try:
+            correction = json.loads(correction)
+        except json.JSONDecodeError as exc:
+            raise InvalidCorrection(f"the corrected answer is not valid JSON: {exc}", "") from exc
+    issues = schema.errors(correction)
+    if issues:
+        first = issues[0]
+        where = f"field '{first.field}'" if first.field else "the answer object"
+        raise InvalidCorrection(f"corrected answer, {where}: {first.message}", first.field)
+    return json.dumps(correction, ensure_ascii=False, separators=(",", ":"))
