@@ -289,10 +289,10 @@ def _queue(state: State) -> None:
         me.radio(options=[me.RadioOption(label=f"{label} [{key.upper()}]", value=choice)
                           for key, (choice, label) in zip(KEY_CHOICES, SCREEN_CHOICES.items(), strict=True)],
                  value=state.choice, on_change=on_choice, key=f"choice-{state.form}")
+        keys = {me.Shortcut(key=k): on_key for k in [*KEY_CHOICES, "enter"]}
         me.native_textarea(placeholder="Keys: focus here, then A / B / T (tie) / X (both bad); Enter submits",
-                           value="", rows=1, shortcuts={me.Shortcut(key=k): on_key for k in [*KEY_CHOICES, "enter"]},
-                           key=f"keys-{state.form}", style=me.Style(width="100%", padding=me.Padding.all(8),
-                                                                   border=BORDER, border_radius=6))
+                           value="", min_rows=1, shortcuts=keys, key=f"keys-{state.form}",
+                           style=me.Style(width="100%", padding=me.Padding.all(8), border=BORDER, border_radius=6))
     fields = ", ".join(service().spec(state.task).output_fields)
     me.textarea(label=f"Corrected answer (optional JSON with {fields}); Ctrl+Enter submits", rows=5,
                 value=state.correction, on_blur=on_correction, key=f"correction-{state.form}",
