@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -167,3 +168,20 @@ def test_sides_are_stable_per_rater_and_item():
     assert sides == [shown_first("ana", i) for i in ids]
     assert set(sides) == {"1", "2"}
     assert any(shown_first("ana", i) != shown_first("bo", i) for i in ids)
+
+
+def test_raters_command(tmp_path, monkeypatch, capsys):
+    from genops_assets.cli.main import main
+
+    monkeypatch.setenv("GENOPS_HOME", str(tmp_path))
+    assert main(["raters", "add", "ana"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    store = RatingStore(tmp_path / "feedback" / "ratings.sqlite")
+    store.authenticate("ana", token)
+    assert main(["raters", "add", "ana"]) == 2
+    assert "--rotate" in capsys.readouterr().err
+    assert main(["raters", "disable", "ana"]) == 0
+    assert main(["raters", "list"]) == 0
+    assert re.search(r"^ana\s+disabled\s+0 ratings", capsys.readouterr().out, re.M)
+    with pytest.raises(AuthError):
+        store.authenticate("ana", token)

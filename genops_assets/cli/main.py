@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from genops_assets.cli import raters
 from genops_assets.cli.home import init_home
 
 
@@ -39,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("alias")
     a.add_argument("version", type=int)
     a.add_argument("--task", default=None)
+    raters.add_parser(sub)
     return p
 
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         from genops_assets.cli.prompt import prompt_command
 
         return prompt_command(args)
+    if args.cmd == "raters":
+        return raters.raters_command(args)
     if args.cmd == "ui":
         from genops_assets.cli.ui import ui
 

@@ -290,7 +290,7 @@ class RatingStore:
         with self.connect() as db:
             exists = db.execute("select 1 from raters where name = ?", (name,)).fetchone()
             if exists and not rotate:
-                raise RaterExists(f"rater '{name}' exists; rotate its token to issue a new one")
+                raise RaterExists(f"rater '{name}' exists (`genops raters add --rotate {name}` issues a new token)")
             if not exists and rotate:
                 raise ValueError(f"rater '{name}' does not exist: nothing to rotate")
             db.execute("insert into raters (name, token_sha256, created_at) values (?, ?, ?) "
