@@ -16,7 +16,8 @@ export PYTHONUNBUFFERED := 1
 MANIFEST := dbt/target/manifest.json
 DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
 
-.PHONY: install demo ct-demo enhance test test-fast lint check-defs bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard
+.PHONY: install demo ct-demo enhance test test-fast lint check-defs bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard \
+	feedback chromium
 
 install: $(STAMP) $(MANIFEST)
 
@@ -65,9 +66,15 @@ enhance: install
 
 # Every tier: unit, graph (the asset graph in-process on a tiny model), server (HTTP servers and
 # subprocesses) and integration (the real bundled models). Markers in pyproject.toml.
-test: install
+test: install chromium
 	$(BIN)/python -m genops_assets.cli init-home
 	$(BIN)/python -m pytest -q --timeout=900 --durations=15
+
+# The rating UI's browser test drives the system Chromium through Playwright (never
+# `playwright install`): Debian's package, installed here when missing (sudo when not root).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 # The unit tier only: pure code and single assets over temporary stores (under 2 minutes).
 test-fast: install
@@ -100,6 +107,13 @@ bench: install
 
 ui: install
 	$(BIN)/python -m genops_assets.cli ui
+
+# The rating UI and its API (human feedback) on http://127.0.0.1:$(FEEDBACK_PORT)/; raters come
+# from `genops raters add NAME`.
+FEEDBACK_PORT ?= 8090
+feedback: install
+	$(BIN)/python -m genops_assets.cli init-home
+	$(BIN)/python -m genops_assets.rating.cli --port $(FEEDBACK_PORT)
 
 stop:
 	-$(BIN)/python -m genops_assets.cli stop

@@ -257,6 +257,7 @@ def _answer(title: str, text: str, side: str, state: State) -> None:
         me.text(title, type="subtitle-1", style=me.Style(font_weight="bold"))
         me.text(pretty(text), style=me.Style(white_space="pre-wrap", font_family=MONO, font_size=13,
                                              overflow_wrap="anywhere"))
+        me.text("Score (1 poor, 5 excellent)", style=me.Style(font_size=13, color="#546e7a", margin=me.Margin(top=8)))
         me.radio(options=[me.RadioOption(label=s or "no score", value=s) for s in SCORES],
                  value=state.score_a if side == "A" else state.score_b,
                  on_change=on_score_a if side == "A" else on_score_b, key=f"score-{side}-{state.form}")
