@@ -151,6 +151,8 @@ def saved(page, item_id: str) -> None:
 
 
 def test_rate_in_the_browser_and_find_the_rows(setup, browser):
+    from playwright.sync_api import expect
+
     server, store, tokens, items = setup
     first, second, live, gold = items
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
@@ -181,7 +183,10 @@ def test_rate_in_the_browser_and_find_the_rows(setup, browser):
 
     # the live answer: a score and a correction, first one the schema refuses
     assert current_item(page) == live.item_id
-    page.get_by_role("radio", name="2").check()
+    keys = page.get_by_placeholder(re.compile("^Keys:"))
+    keys.click()
+    keys.press("2")
+    expect(page.get_by_role("radio", name="2")).to_be_checked()
     fixed = {**json.loads(live.response_1), "product": "doorbell"}
     correction = page.get_by_label(re.compile("^Corrected answer"))
     correction.fill(json.dumps({**fixed, "priority": "asap"}))

@@ -6,8 +6,9 @@ it unsafe and write a corrected answer, which must pass the task's output schema
 is stored. Single answers are scored 1-5 and may be corrected. Every error is shown on the page;
 the store refuses a second rating of the same item, so a double click stores one row.
 
-Keyboard: Enter in the token field signs in; in the key field, A / B / T / X pick the choice and
-Enter submits; Ctrl+Enter in the corrected answer submits; every control is reachable with Tab.
+Keyboard: Enter in the token field signs in; in the key field, A / B / T / X pick the choice
+(1-5 score a single answer) and Enter submits; Ctrl+Enter in the corrected answer submits;
+every control is reachable with Tab.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ def on_key(e: me.TextareaShortcutEvent) -> None:
         submit(e)
     elif key in KEY_CHOICES:
         state.choice = KEY_CHOICES[key]
+    elif key in SCORES:
+        state.score_a = key
 
 
 def submit(e: me.ClickEvent | me.TextareaShortcutEvent) -> None:
@@ -290,10 +293,11 @@ def _queue(state: State) -> None:
         me.radio(options=[me.RadioOption(label=f"{label} [{key.upper()}]", value=choice)
                           for key, (choice, label) in zip(KEY_CHOICES, SCREEN_CHOICES.items(), strict=True)],
                  value=state.choice, on_change=on_choice, key=f"choice-{state.form}")
-        keys = {me.Shortcut(key=k): on_key for k in [*KEY_CHOICES, "enter"]}
-        me.native_textarea(placeholder="Keys: focus here, then A / B / T (tie) / X (both bad); Enter submits",
-                           value="", min_rows=1, shortcuts=keys, key=f"keys-{state.form}",
-                           style=me.Style(width="100%", padding=me.Padding.all(8), border=BORDER, border_radius=6))
+    keys = [*KEY_CHOICES, "enter"] if pairwise else [*SCORES[1:], "enter"]
+    hint = "A / B / T (tie) / X (both bad)" if pairwise else "1-5 to score"
+    me.native_textarea(placeholder=f"Keys: focus here, then {hint}; Enter submits", value="", min_rows=1,
+                       shortcuts={me.Shortcut(key=k): on_key for k in keys}, key=f"keys-{state.form}",
+                       style=me.Style(width="100%", padding=me.Padding.all(8), border=BORDER, border_radius=6))
     fields = ", ".join(service().spec(state.task).output_fields)
     me.textarea(label=f"Corrected answer (optional JSON with {fields}); Ctrl+Enter submits", rows=5,
                 value=state.correction, on_blur=on_correction, key=f"correction-{state.form}",
