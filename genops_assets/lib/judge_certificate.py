@@ -371,3 +371,28 @@ def certify(judge: PairwiseJudge, rubric: Rubric, human: Sequence[HumanChoice], 
     log(f"judge certificate: {'PASSED' if passed else 'FAILED'}"
         + ("" if passed else f" ({'; '.join(failures)})"))
     return Certificate(passed, checks, failures, needed, needed_reason, statistics)
+
+
+def judge_trust(certificate: Mapping[str, Any], judge_model: str, judge_url: str,
+                rubric: str | None = None) -> tuple[bool, str]:
+    """Whether the judge_certificate value ``certificate`` certifies this judge (model and URL)
+    and, when given, this pairwise rubric (``name@version``); with the reason in words."""
+    run = certificate.get("mlflow_run_id", "?")
+    if not certificate.get("certified"):
+        failed = (certificate.get("certificate") or {}).get("failures") or []
+        return False, (f"UNCERTIFIED judge {judge_model}: its certificate (MLflow run {run}) failed"
+                       + (f": {'; '.join(failed[:3])}" if failed else ""))
+    if (certificate.get("judge_model"), certificate.get("judge_url")) != (judge_model, judge_url):
+        return False, (f"UNCERTIFIED judge {judge_model} at {judge_url}: the certificate (MLflow run {run}) is for "
+                       f"{certificate.get('judge_model')} at {certificate.get('judge_url')}")
+    if rubric is not None and certificate.get("rubric") != rubric:
+        return False, (f"UNCERTIFIED rubric {rubric}: the certificate (MLflow run {run}) is for rubric "
+                       f"{certificate.get('rubric')}")
+    return True, f"judge {judge_model} certified with rubric {certificate.get('rubric')} (MLflow run {run})"
+
+
+def trust_tags(certified: bool, certificate: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow tags of a run whose numbers come from a judge: whether they may count, and which
+    certificate run says so."""
+    return {"genops.judge_certified": str(bool(certified)).lower(),
+            "genops.judge_certificate_run_id": str(certificate.get("mlflow_run_id", ""))}
