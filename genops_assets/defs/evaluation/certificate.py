@@ -38,8 +38,8 @@ def judge_certificate(
     config: JudgeCertificateConfig,
     base_model: dict,
     task: TaskRef,
-    warehouse: DuckDBWarehouse,
     judge: JudgeResource,
+    warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
     home: GenopsHome,
 ) -> dg.Output[dict]:
