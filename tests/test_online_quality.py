@@ -289,6 +289,7 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     rows = warehouse.query_df(f"select * from {MONITORING}.online_quality where partition_key = '2026-03-01' "
                               "order by side, item_id")
     assert len(rows) == 32  # replaced, not appended, by the re-run
+    assert not rows.judge_certified.any()  # the last run of the day was judged by an uncertified judge
     live = rows[rows.side == "live"]
     assert set(live.item_id) == {r["request_id"] for r in picked}
     failed = live[live.error.notna()]
@@ -298,6 +299,7 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     summary = warehouse.query_df(f"select * from {MONITORING}.online_quality_summary order by partition_key")
     assert list(summary.partition_key) == ["2026-03-01", "2026-03-02"]
     assert bool(summary.regression.iloc[0]) and summary.live_failures.iloc[0] == 1
+    assert list(summary.judge_certified) == [False, True]
 
     assert other["version"] == "3" and other["live_n"] == 1 and other["regression"] is False
     assert other["decided"] is False

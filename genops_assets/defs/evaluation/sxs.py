@@ -113,7 +113,7 @@ def sxs_evaluation(
     context.log.info(f"human labels: {human_source}")
     result = run_sxs(client, pairwise_rubric, pointwise, rows, log=context.log.info, seed=config.seed)
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
-    result.summary.update(judge_certified=certified, judge_trust=trust, human_labels_source=human_source)
+    result.summary.update(judge_certified=certified, human_labels_source=human_source)
 
     run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.kind": "autosxs", **prompt_tags(prompt_ref),
                 **trust_tags(certified, judge_certificate)}
@@ -150,7 +150,7 @@ def sxs_evaluation(
                      f"{s['preference_margin']['high']:+.3f}], judge calls {usage['calls']} "
                      f"({usage['cached']} cached, {usage['failures']} failed)" if win else "AutoSxS: no judged pairs")
     value = {"summary": s, "usage": usage, "report_html": str(paths["html"]), "mlflow_run_id": run_id,
-             "failures": result.failures[:50], "judge_certified": certified,
+             "failures": result.failures[:50], "judge_certified": certified, "judge_status": trust,
              "judge_certificate_run_id": judge_certificate["mlflow_run_id"]}
 
     def marked(number):

@@ -172,9 +172,10 @@ def online_quality(
         context.log.info(f"version {version}: {len(results[version].live)} live answers, "
                          f"{len(results[version].offline)} golden answers judged; "
                          f"{results[version].comparison.reason}")
-    rows = [row for r in results.values() for row in result_rows(partition, r, rubric, client.model, judged_at)]
+    rows = [row for r in results.values()
+            for row in result_rows(partition, r, rubric, client.model, judged_at, certified)]
     _replace_partition(warehouse, schema, partition, rows,
-                       [summary_row(partition, r, rubric, judged_at) for r in results.values()])
+                       [summary_row(partition, r, rubric, judged_at, certified) for r in results.values()])
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
     head = headline_version(results)
     by_version = {v: r.as_dict() for v, r in results.items()}
@@ -185,7 +186,8 @@ def online_quality(
         chart = comparison_chart_png({v: r.comparison for v, r in results.items()}, rubric.name,
                                      float(max(int(c) for c in rubric.choices)))
         out_dir = write_day_files(home.runs_dir / spec.name / "online_quality" / partition, chart,
-                                  {**day_meta, "versions": by_version, "judge_usage": usage},
+                                  {**day_meta, "versions": by_version, "judge_usage": usage,
+                                   "judge_certified": certified, "judge_status": trust},
                                   [dict(zip((name for name, _ in ROW_COLUMNS), row, strict=True)) for row in rows])
         mlflow.log_params(run_id, {"rubric": f"{rubric.name}@{rubric.version}", "judge_model": client.model,
                                    "judge_url": client.base_url, "share": config.share,
