@@ -251,3 +251,18 @@ def test_human_choices_from_the_mart_frame():
         human_choices_from_frame(bad)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['response_2'\]"):
         human_choices_from_frame(df.drop(columns=["response_2"]))
+
+
+def test_human_outcomes_and_the_prediction_powered_win_rate_need_enough_rows():
+    from genops_assets.lib.sxs import human_outcome, ppi_win_rate, version_name
+
+    cand = version_name("support_triage", "v3")
+    assert cand == "support_triage:v3" == version_name("support_triage", "3")
+    assert human_outcome(cand, "base", "1", cand) == "win" and human_outcome("base", cand, "1", cand) == "loss"
+    assert human_outcome("base", cand, "both_bad", cand) == "tie"
+    with pytest.raises(ValueError, match="neither model_1 'base' nor model_2 'reference'"):
+        human_outcome("base", "reference", "1", cand)
+    rows = [{"outcome": "win", "human": "win"}, {"outcome": "loss"}, {"outcome": "win"}, {"outcome": None}]
+    out = ppi_win_rate(rows)  # one labelled example: not enough for an interval
+    assert out["estimate"] is None and out["reason"].startswith("not computed")
+    assert (out["n_labelled"], out["n_unlabelled"]) == (1, 2)
