@@ -88,7 +88,10 @@ def judge_certificate(
     run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.kind": "judge_certificate",
                 "genops.judge_model": client.model, "genops.judge_url": client.base_url,
                 "genops.judge_rubric": rubric_label, "genops.judge_rubric_digest": rubric_digest,
-                "genops.judge_certified": str(cert.passed).lower()}
+                "genops.judge_certified": str(cert.passed).lower(),
+                # The local judge serves the base model: its digest names the judge's weights.
+                **({"genops.judge_base_model_digest": str(base_model.get("folder_digest", ""))}
+                   if not judge.base_url else {})}
     with mlflow.run(f"genops/{spec.name}", "judge-certificate", run_tags) as run_id:
         out_dir = home.runs_dir / "judge_certificate" / run_id
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +126,7 @@ def judge_certificate(
             f"Human labels needed: {cert.labels_needed if cert.labels_needed is not None else 'none would do'} "
             f"({cert.labels_needed_reason})."),
         "failures": dg.MetadataValue.json(cert.failures),
-        "labels_needed": cert.labels_needed if cert.labels_needed is not None else "not computed",
+        "labels_needed": cert.labels_needed if cert.labels_needed is not None else cert.labels_needed_reason,
         "human_labels": cert.statistics["human"]["n"],
         "human_labels_source": human_source,
         "probe_pairs": cert.statistics["probe"]["n"],
