@@ -64,6 +64,16 @@ tensorboard: install
 enhance: install
 	$(BIN)/python -m genops_assets.cli enhance
 
+# The configured judge's certificate for TASK (run `make demo` first: the base model, the golden
+# set and the prompt are its inputs). PROBE_EXAMPLES=n bounds the objective probe (default: the
+# task's judge.max_probe_examples); the result is in the asset's metadata and MLflow.
+.PHONY: certify-judge
+PROBE_EXAMPLES ?=
+certify-judge: install
+	$(BIN)/python -m genops_assets.cli init-home
+	$(BIN)/dagster asset materialize -m genops_assets.definitions --select "$(TASK)/judge_certificate" \
+	  $(if $(PROBE_EXAMPLES),--config-json '{"ops": {"$(TASK)__judge_certificate": {"config": {"max_probe_examples": $(PROBE_EXAMPLES)}}}}')
+
 # Every tier: unit, graph (the asset graph in-process on a tiny model), server (HTTP servers and
 # subprocesses) and integration (the real bundled models). Markers in pyproject.toml.
 test: install chromium

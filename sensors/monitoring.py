@@ -1,5 +1,6 @@
 """Monitoring signals that leave Dagster or act on the world: prompt drift -> retrain or alert,
-online-quality regression -> alert (and optionally champion rollback), failed runs -> alert.
+online-quality regression -> alert (and optionally champion rollback) when the judge behind it is
+certified (an uncertified judge's regression is logged, never acted on), failed runs -> alert.
 
 The monitoring assets are read through the Dagster instance (their materialization
 metadata), never imported. Each sensor keeps the storage id of the last materialization it
@@ -138,6 +139,12 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
         meta = metadata_values(rec)
         if not _flag(meta, "regression", rec):
             continue
+        if meta.get("judge_certified") is not True:
+            # An uncertified judge's scores decide nothing: no alert, no rollback.
+            context.log.info(f"online_quality {rec.partition_key or '-'} (materialization {rec.storage_id}) reports a "
+                             f"regression from an uncertified judge: not acted on ({meta.get('judge_status')})")
+            handled.append(f"{rec.partition_key or '-'}: ignored (uncertified judge)")
+            continue
         version = str(meta.get("version") or "").removeprefix("v")
         partition = rec.partition_key or "-"
         if not automation.auto_rollback:
@@ -176,7 +183,8 @@ def build_monitoring_sensors(task: TaskRef) -> list[dg.SensorDefinition]:
         f"Acts on prompt drift of {task.name} (a {task.name}/prompt_drift materialization with drift=True) once "
         "per partition: a continuous-training run (GENOPS_DRIFT_ACTION=retrain, default) or an alert (=alert).")
     quality_description = (
-        f"Alerts when a {task.name}/online_quality materialization reports regression=True; with "
+        f"Alerts when a {task.name}/online_quality materialization reports regression=True from a certified "
+        "judge (judge_certified=True; an uncertified judge's scores are not acted on); with "
         "GENOPS_AUTO_ROLLBACK=1 it also moves `champion` back to the previous champion, but only if the "
         "regressing version is still the champion. Once per materialization.")
     return [

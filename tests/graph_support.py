@@ -97,6 +97,7 @@ def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: 
             "eval_report": {"config": {"max_examples": examples, "batch_size": 4, "margin": margin,
                                        "base_few_shot": 1}},
             "sxs_evaluation": {"config": {"max_examples": examples}},
+            "judge_certificate": {"config": {"max_probe_examples": examples}},
         }
     })
 

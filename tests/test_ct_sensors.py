@@ -241,7 +241,8 @@ def test_regression_alerts_and_rolls_back_the_champion_when_enabled(res, registr
     calm = quality_tick(res, registry, instance)
     assert read_alerts(res["home"].path) == [] and tracking.alias(name, "champion").version == "2"
 
-    materialize(instance, "online_quality", "2026-03-02", regression=True, version="2", accuracy=0.41)
+    materialize(instance, "online_quality", "2026-03-02", regression=True, version="2", accuracy=0.41,
+                judge_certified=True)
     got = quality_tick(res, registry, instance, calm.cursor)
     assert tracking.alias(name, "champion").version == "1"
     demoted = tracking.get_version(name, "2")
@@ -256,7 +257,7 @@ def test_regression_alerts_and_rolls_back_the_champion_when_enabled(res, registr
     assert isinstance(quality_tick(res, registry, instance, got.cursor), dg.SkipReason)
     assert len(read_alerts(res["home"].path)) == 1 and tracking.alias(name, "champion").version == "1"
     # a late regression report on v2, which is no longer the champion: alert, champion stays
-    materialize(instance, "online_quality", "2026-03-03", regression=True, version="v2")
+    materialize(instance, "online_quality", "2026-03-03", regression=True, version="v2", judge_certified=True)
     quality_tick(res, registry, instance, got.cursor)
     late = read_alerts(res["home"].path)[-1]
     assert late["details"]["rollback"]["action"] == "skipped" and tracking.alias(name, "champion").version == "1"
@@ -265,12 +266,28 @@ def test_regression_alerts_and_rolls_back_the_champion_when_enabled(res, registr
 def test_regression_only_alerts_when_rollback_is_disabled(res, registry):
     tracking, name = registry
     instance = dg.DagsterInstance.ephemeral()
-    materialize(instance, "online_quality", "2026-03-02", regression=True, version="2")
+    materialize(instance, "online_quality", "2026-03-02", regression=True, version="2", judge_certified=True)
     quality_tick(res, registry, instance)
     [alert] = read_alerts(res["home"].path)
     assert alert["details"]["rollback"]["action"] == "disabled"
     assert tracking.alias(name, "champion").version == "2"
     assert "genops.rolled_back_to" not in tracking.get_version(name, "2").tags
+
+
+def test_an_uncertified_judges_regression_is_not_acted_on(res, registry):
+    """Rollback enabled, the champion is the regressing version, but the judge behind the scores
+    is not certified (or the materialization does not say): no alert, no rollback, no request."""
+    res = automation(res, auto_rollback=True)
+    tracking, name = registry
+    instance = dg.DagsterInstance.ephemeral()
+    materialize(instance, "online_quality", "2026-03-02", regression=True, version="2", judge_certified=False,
+                judge_status="UNCERTIFIED judge base: its certificate failed")
+    got = quality_tick(res, registry, instance)
+    assert not got.run_requests and "ignored (uncertified judge)" in got.skip_reason.skip_message
+    materialize(instance, "online_quality", "2026-03-03", regression=True, version="2")  # says nothing: the same
+    later = quality_tick(res, registry, instance, got.cursor)
+    assert not later.run_requests and "2026-03-03: ignored (uncertified judge)" in later.skip_reason.skip_message
+    assert read_alerts(res["home"].path) == [] and tracking.alias(name, "champion").version == "2"
 
 
 def test_rollback_function_errors(registry):

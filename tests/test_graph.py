@@ -40,7 +40,13 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert gate["baseline_name"] == "base model" and gate["improvement_low"] == low
     assert gate["passed"] and gate["margin"] < low
     assert {"raw_task_examples", "golden_eval_dataset", "sft_dataset", "few_shot_examples", "base_model",
-            "tuned_adapter", "eval_report", "sxs_evaluation", "deployed_endpoint"} <= materialized(result)
+            "tuned_adapter", "eval_report", "judge_certificate", "sxs_evaluation",
+            "deployed_endpoint"} <= materialized(result)
+    # No ratings yet: the local judge is measured on the probe but not certified, and AutoSxS says so.
+    certificate = result.output_for_node(node("judge_certificate"))
+    assert certificate["certified"] is False and certificate["certificate"]["labels_needed"] == 30
+    assert certificate["certificate"]["statistics"]["probe"]["n"] > 0
+    assert result.output_for_node(node("sxs_evaluation"))["judge_certified"] is False
     checks = check_results(result)
     assert checks["gx_sft_dataset"] and checks["gx_golden_eval_dataset"] and checks["beats_champion"]
     # A task without retrieved contexts: no RAG metrics, no judge calls from the evaluation.

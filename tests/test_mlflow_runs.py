@@ -1,5 +1,5 @@
 """Every asset that records to MLflow ends its run FINISHED or FAILED, never RUNNING: a failure
-injected inside the run of each family (tuning, evaluation and AutoSxS, prompt enhancement,
+injected inside the run of each family (tuning, evaluation, judge certificate and AutoSxS, prompt enhancement,
 monitoring: prompt drift, online quality, serving metrics) fails the asset and leaves its run
 FAILED. The deployment family moves registry aliases but opens no run.
 
@@ -43,7 +43,7 @@ TASK = "support_triage"
 REF = TaskRef(TASK, str(ROOT / "tasks"))
 MART_SCHEMA = mart_schema(TASK)
 DAILY = daily_partitions("2026-01-01")
-eval_report, sxs_evaluation = build_evaluation_assets(REF)
+eval_report, judge_certificate, sxs_evaluation = build_evaluation_assets(REF)
 _, prompt_drift = build_drift_assets(REF, DAILY)
 (online_quality,) = build_quality_assets(REF, DAILY)
 (serving_metrics,) = build_serving_monitoring_assets(REF, DAILY)
@@ -212,12 +212,27 @@ def test_evaluation_failure_ends_the_run_failed(res, monkeypatch):
     assert_run_failed(res["mlflow"], "eval-v3")
 
 
-def test_autosxs_failure_ends_the_run_failed(res, monkeypatch, tmp_path):
-    monkeypatch.setattr("genops_assets.lib.report.write_sxs_report", fail)
-    report = value_asset("eval_report", {"predictions_file": str(predictions_file(tmp_path))})
+def uncertified() -> dg.AssetsDefinition:
+    return value_asset("judge_certificate", {"certified": False, "mlflow_run_id": "cert-run"})
+
+
+def test_judge_certificate_failure_ends_the_run_failed(res, monkeypatch):
+    monkeypatch.setattr("genops_assets.lib.hashing.atomic_write_text", fail)
     with StandInJudge(judge_script, free_port()) as standin:
         res["judge"] = JudgeResource(base_url=standin.url, model="judge", max_retries=0)
-        materialize_failing(sxs_evaluation, [base_model_value(), report], res)
+        materialize_failing(judge_certificate, [base_model_value()], res, run_config={
+            "ops": {REF.step("judge_certificate"): {"config": {"max_probe_examples": 1}}}})
+        assert standin.calls > 0  # judged before the run opened
+    assert_run_failed(res["mlflow"], "judge-certificate")
+
+
+def test_autosxs_failure_ends_the_run_failed(res, monkeypatch, tmp_path):
+    monkeypatch.setattr("genops_assets.lib.report.write_sxs_report", fail)
+    report = value_asset("eval_report", {"candidate": {"version": "3"},
+                                         "predictions_file": str(predictions_file(tmp_path))})
+    with StandInJudge(judge_script, free_port()) as standin:
+        res["judge"] = JudgeResource(base_url=standin.url, model="judge", max_retries=0)
+        materialize_failing(sxs_evaluation, [base_model_value(), report, uncertified()], res)
         assert standin.calls > 0  # judged before the run opened
     assert_run_failed(res["mlflow"], "sxs-")
 
@@ -260,7 +275,7 @@ def test_online_quality_failure_ends_the_run_failed(res, monkeypatch, tmp_path):
                                          "predictions_file": str(predictions_file(tmp_path))})
     with StandInJudge(judge_script, free_port()) as standin:
         res["judge"] = JudgeResource(base_url=standin.url, model="judge", max_retries=0)
-        materialize_failing(online_quality, [base_model_value(), report], res, partition_key=DAY,
+        materialize_failing(online_quality, [base_model_value(), report, uncertified()], res, partition_key=DAY,
                             run_config={"ops": {REF.step("online_quality"): {"config": {"share": 1.0,
                                                                                          "min_samples": 1}}}})
         assert standin.calls == 4 + 2  # every live and golden answer judged before the run failed

@@ -144,7 +144,8 @@ def test_without_loads_during_a_run_it_requests_what_eager_does(name, upstream_p
 
 @pytest.mark.parametrize("asset, ignored", [
     (prompt_drift, (dg.AssetKey([TASK.name, "drift_calibration"]),)),
-    (online_quality, (dg.AssetKey([TASK.name, "eval_report"]), "base_model")),
+    (online_quality, (dg.AssetKey([TASK.name, "eval_report"]), dg.AssetKey([TASK.name, "judge_certificate"]),
+                      "base_model")),
     (serving_metrics, ()),
     (resource_usage, ()),
 ], ids=["prompt_drift", "online_quality", "serving_metrics", "resource_usage"])

@@ -186,6 +186,14 @@ def served(i: int, ts: float, version: str | None, response: str, **kw) -> dict:
             "prompt_variables": {"message": f"ticket {i}: my invoice is wrong"}, "response": response, **kw}
 
 
+def certificate_value(state: dict) -> dg.AssetsDefinition:
+    """judge_certificate's value as an upstream asset of the same key, read from ``state``."""
+    @dg.asset(key=[TASK.name, "judge_certificate"])
+    def judge_certificate_value() -> dict:
+        return dict(state)
+    return judge_certificate_value
+
+
 def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     # Live answers of version 3 on the day: 60 of them, all judged BAD (1.7), one of the sampled
     # ones a judge failure. Noise the asset must leave out: a failed request, a reload event,
@@ -224,17 +232,22 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
 
     warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
     io = dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))
+    certificate: dict = {}
+    cert_asset = certificate_value(certificate)
     with StandInJudge(scripted_judge, free_port()) as standin:
+        # The judge's certificate (judge_certificate's value): this judge, certified.
+        certificate.update(certified=True, judge_model="judge", judge_url=standin.url, rubric="pairwise_quality@x",
+                           rubric_digest="x", certificate={"failures": []}, mlflow_run_id="cert-run")
         res = {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
                "home": GenopsHome(root=str(home)), "io_manager": io,
                "judge": JudgeResource(base_url=standin.url, model="judge", max_retries=0),
                "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                         artifact_root=(tmp_path / "artifacts").as_uri())}
-        assert dg.materialize([request_log, eval_report_value, base_model_value], resources=res).success
+        assert dg.materialize([request_log, eval_report_value, base_model_value, cert_asset], resources=res).success
         cfg = {"ops": {TASK.step("online_quality"): {"config": {"share": 0.5, "max_samples": 20, "min_samples": 10}}}}
 
         def run(day: str):
-            result = dg.materialize([eval_report_value, base_model_value, online_quality], resources=res,
+            result = dg.materialize([eval_report_value, base_model_value, cert_asset, online_quality], resources=res,
                                     selection=[online_quality], partition_key=day, run_config=cfg)
             assert result.success
             return {k: v.value for k, v in result.asset_materializations_for_node(TASK.step("online_quality"))[0]
@@ -246,9 +259,22 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
         assert standin.calls == 32 + 1  # a re-run is answered from the cache; only the failure is retried
         other = run("2026-03-02")  # the next day has one version-3 answer: too few to decide
         assert standin.calls == 33 + 1
+        # The same day judged by a judge whose certificate failed: the same numbers, marked, and
+        # nothing decided on them (the rollback sensor reads judge_certified).
+        certificate.update(certified=False, certificate={"failures": ["position_consistency: 0.000"]})
+        assert dg.materialize([cert_asset], resources=res).success
+        uncertified = run("2026-03-01")
+        certificate.update(certified=True, judge_model="another-judge")
+        assert dg.materialize([cert_asset], resources=res).success
+        other_judge = run("2026-03-01")
 
     # live: 19 judged at 1.7 (one failure); offline: 12 at 4.8; 1.7 - 4.8 = -3.1, a point interval.
     assert meta["version"] == "3" and meta["regression"] is True and meta["improvement"] is False
+    assert meta["judge_certified"] is True and "certified" in meta["judge_status"]
+    assert uncertified["judge_certified"] is False and uncertified["delta"] == pytest.approx(-3.1)
+    assert uncertified["reason"].startswith("UNCERTIFIED judge, not a result")
+    assert "position_consistency: 0.000" in uncertified["judge_status"]
+    assert other_judge["judge_certified"] is False and "is for another-judge" in other_judge["judge_status"]
     assert (meta["live_n"], meta["offline_n"], meta["live_failures"]) == (19, 12, 1)
     assert meta["live_mean"] == pytest.approx(1.7) and meta["offline_mean"] == pytest.approx(4.8)
     assert meta["delta"] == pytest.approx(-3.1)
@@ -263,6 +289,7 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     rows = warehouse.query_df(f"select * from {MONITORING}.online_quality where partition_key = '2026-03-01' "
                               "order by side, item_id")
     assert len(rows) == 32  # replaced, not appended, by the re-run
+    assert not rows.judge_certified.any()  # the last run of the day was judged by an uncertified judge
     live = rows[rows.side == "live"]
     assert set(live.item_id) == {r["request_id"] for r in picked}
     failed = live[live.error.notna()]
@@ -272,6 +299,7 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     summary = warehouse.query_df(f"select * from {MONITORING}.online_quality_summary order by partition_key")
     assert list(summary.partition_key) == ["2026-03-01", "2026-03-02"]
     assert bool(summary.regression.iloc[0]) and summary.live_failures.iloc[0] == 1
+    assert list(summary.judge_certified) == [False, True]
 
     assert other["version"] == "3" and other["live_n"] == 1 and other["regression"] is False
     assert other["decided"] is False
@@ -282,6 +310,7 @@ def test_online_quality_flags_a_live_regression_for_one_day(tmp_path):
     client = res["mlflow"].client()
     run_info = client.get_run(meta["mlflow_run_id"])
     assert run_info.data.metrics["v3.regression"] == 1.0
+    assert client.get_run(uncertified["mlflow_run_id"]).data.tags["genops.judge_certified"] == "false"
     assert client.get_experiment(run_info.info.experiment_id).name == "genops/support_triage/monitoring"
     assert {a.path for a in client.list_artifacts(meta["mlflow_run_id"], "online_quality")} >= \
         {"online_quality/online_quality.png", "online_quality/summary.json", "online_quality/rows.jsonl"}
@@ -312,8 +341,9 @@ def test_online_quality_without_an_evaluated_version_compares_nothing(tmp_path):
            "judge": JudgeResource(base_url=f"http://127.0.0.1:{free_port()}/v1", model="judge", max_retries=0),
            "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                     artifact_root=(tmp_path / "artifacts").as_uri())}
-    assert dg.materialize([request_log, eval_report_value, base_model_value], resources=res).success
-    result = dg.materialize([eval_report_value, base_model_value, online_quality], resources=res,
+    cert_asset = certificate_value({"certified": False, "mlflow_run_id": "cert-run"})
+    assert dg.materialize([request_log, eval_report_value, base_model_value, cert_asset], resources=res).success
+    result = dg.materialize([eval_report_value, base_model_value, cert_asset, online_quality], resources=res,
                             selection=[online_quality], partition_key="2026-03-01")
     assert result.success
     (mat,) = result.asset_materializations_for_node(TASK.step("online_quality"))

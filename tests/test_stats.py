@@ -10,12 +10,15 @@ from sklearn.metrics import cohen_kappa_score
 
 from genops_assets.lib.stats import (
     accuracy,
+    balanced_accuracy,
     bootstrap_ci,
     cohen_kappa,
+    confusion,
     paired_difference_ci,
     pass_at_k,
     pass_hat_k,
     percentile,
+    ppi_mean,
     unpaired_difference_ci,
     win_rates,
 )
@@ -112,3 +115,51 @@ def test_pass_at_k_and_pass_hat_k_by_hand():
     assert pass_hat_k(5, 5, 5) == 1.0
     with pytest.raises(ValueError):
         pass_at_k(3, 4, 1)
+
+
+def test_three_class_agreement_by_hand():
+    """truth 1 1 1 2 2 tie, predicted 1 1 2 2 tie tie.
+    Confusion (rows truth 1/2/tie, columns predicted): [[2,1,0],[0,1,1],[0,0,1]].
+    Observed agreement 4/6; chance (3*2 + 2*2 + 1*2) / 36 = 1/3; kappa (2/3 - 1/3) / (2/3) = 0.5.
+    Balanced accuracy: recalls 2/3, 1/2, 1/1 -> 0.7222."""
+    truth, predicted = ["1", "1", "1", "2", "2", "tie"], ["1", "1", "2", "2", "tie", "tie"]
+    assert confusion(truth, predicted, ["1", "2", "tie"]) == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert cohen_kappa(truth, predicted) == pytest.approx(0.5)
+    assert balanced_accuracy(truth, predicted) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    # Always naming the majority class: plain accuracy 0.5, balanced accuracy 1/3.
+    assert accuracy(truth, ["1"] * 6) == 0.5 and balanced_accuracy(truth, ["1"] * 6) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match=r"labels \['both_bad'\] are not among"):
+        confusion(["both_bad"], ["1"], ["1", "2", "tie"])
+
+
+def test_ppi_mean_by_hand():
+    """Judge on 4 unlabelled items 1 0 1 1 (mean 0.75, variance 0.25); on 3 labelled items
+    1 0 1 where people said 1 1 0: rectifier 0 1 -1 (mean 0, variance 1). Estimate 0.75;
+    SE sqrt(0.25/4 + 1/3) = 0.629153; 95% interval 0.75 -/+ 1.959964 * 0.629153."""
+    iv = ppi_mean([1, 0, 1, 1], [1, 0, 1], [1, 1, 0])
+    assert iv.estimate == pytest.approx(0.75)
+    assert iv.low == pytest.approx(0.75 - 1.959964 * 0.629153, abs=1e-5)
+    assert iv.high == pytest.approx(0.75 + 1.959964 * 0.629153, abs=1e-5)
+    with pytest.raises(ValueError, match="at least 2 unlabelled and 2 labelled"):
+        ppi_mean([1, 0], [1], [1])
+    with pytest.raises(ValueError, match="differ in length"):
+        ppi_mean([1, 0], [1, 0], [1])
+
+
+def test_ppi_interval_covers_the_truth_where_the_biased_judge_alone_does_not():
+    """People prefer the candidate with probability 0.6; a judge agrees with them 80% of the
+    time, so it alone estimates 0.6 * 0.8 + 0.4 * 0.2 = 0.56 (biased). Over 2000 seeded repeats
+    of 400 judged items, 40 of them also human-labelled, the 95% prediction-powered interval
+    covers 0.6 in about 95% of repeats; the judge-only normal interval in about two thirds."""
+    rng = np.random.default_rng(7)
+    truth, repeats, big_n, n = 0.6, 2000, 360, 40
+    covered = judge_only_covered = 0
+    for _ in range(repeats):
+        human = rng.random(big_n + n) < truth
+        judge = np.where(rng.random(big_n + n) < 0.8, human, ~human).astype(float)
+        iv = ppi_mean(judge[:big_n], judge[big_n:], human[big_n:].astype(float))
+        covered += iv.low <= truth <= iv.high
+        se = judge.std(ddof=1) / math.sqrt(judge.size)
+        judge_only_covered += abs(judge.mean() - truth) <= 1.96 * se
+    assert 0.93 <= covered / repeats <= 0.97
+    assert judge_only_covered / repeats < 0.75  # about 0.64: its interval sits around 0.56

@@ -45,6 +45,7 @@ LABEL_FIELDS = ("category", "priority", "product", "summary")
 EVAL_CONFIG = {
     "eval_report": {"config": {"max_examples": 40}},
     "sxs_evaluation": {"config": {"max_examples": 12}},
+    "judge_certificate": {"config": {"max_probe_examples": 4}},
 }
 # "Yesterday's model": a short run on part of the data.
 BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}}}
@@ -214,7 +215,8 @@ def _stage(step_key: str) -> str:
     """Stage of the breakdown a step belongs to (its key, or its asset's key for a check)."""
     if step_key.startswith("tuned_adapter"):
         return "training"
-    if step_key.startswith(("eval_report", "sxs_evaluation")):  # the gate is eval_report_beats_champion
+    # The gate is eval_report_beats_champion.
+    if step_key.startswith(("eval_report", "sxs_evaluation", "judge_certificate")):
         return "evaluation"
     if step_key == "deployed_endpoint":
         return "deploy"

@@ -219,7 +219,7 @@ ROW_COLUMNS = (
     ("partition_key", "varchar"), ("side", "varchar"), ("version", "varchar"), ("item_id", "varchar"),
     ("ts", "timestamp"), ("served_by", "varchar"), ("prompt_version", "varchar"), ("rubric", "varchar"),
     ("rubric_version", "varchar"), ("judge_model", "varchar"), ("score", "double"), ("choice", "varchar"),
-    ("error", "varchar"), ("cached", "boolean"), ("judged_at", "timestamp"),
+    ("error", "varchar"), ("cached", "boolean"), ("judged_at", "timestamp"), ("judge_certified", "boolean"),
 )
 SUMMARY_COLUMNS = (
     ("partition_key", "varchar"), ("version", "varchar"), ("rubric", "varchar"), ("rubric_version", "varchar"),
@@ -227,7 +227,7 @@ SUMMARY_COLUMNS = (
     ("live_high", "double"), ("offline_n", "integer"), ("offline_failures", "integer"), ("offline_mean", "double"),
     ("offline_low", "double"), ("offline_high", "double"), ("delta", "double"), ("ci_low", "double"),
     ("ci_high", "double"), ("margin", "double"), ("decided", "boolean"), ("regression", "boolean"),
-    ("improvement", "boolean"), ("reason", "varchar"), ("judged_at", "timestamp"),
+    ("improvement", "boolean"), ("reason", "varchar"), ("judged_at", "timestamp"), ("judge_certified", "boolean"),
 )
 
 
@@ -311,22 +311,25 @@ def _bounds(interval: Interval | None) -> tuple[float | None, float | None, floa
 
 
 def result_rows(partition: str, result: VersionQuality, rubric: Rubric, judge_model: str,
-                judged_at: Any) -> list[tuple]:
-    """The version's judged answers as ROW_COLUMNS rows (live first, then offline)."""
+                judged_at: Any, judge_certified: bool) -> list[tuple]:
+    """The version's judged answers as ROW_COLUMNS rows (live first, then offline), each marked
+    with whether its judge was certified."""
     judged_by = (rubric.name, rubric.version, judge_model)
     rows = [(partition, "live", result.version, s.item_id, answer.ts, answer.served_by, answer.prompt_version,
-             *judged_by, s.score, s.choice, s.error, s.cached, judged_at) for answer, s in result.live]
+             *judged_by, s.score, s.choice, s.error, s.cached, judged_at, judge_certified)
+            for answer, s in result.live]
     rows += [(partition, "offline", result.version, s.item_id, None, None, None, *judged_by, s.score, s.choice,
-              s.error, s.cached, judged_at) for s in result.offline]
+              s.error, s.cached, judged_at, judge_certified) for s in result.offline]
     return rows
 
 
-def summary_row(partition: str, result: VersionQuality, rubric: Rubric, judged_at: Any) -> tuple:
+def summary_row(partition: str, result: VersionQuality, rubric: Rubric, judged_at: Any,
+                judge_certified: bool) -> tuple:
     """The version's comparison as a SUMMARY_COLUMNS row."""
     c = result.comparison
     return (partition, result.version, rubric.name, rubric.version, c.live_n, result.live_failures,
             *_bounds(c.live), c.offline_n, result.offline_failures, *_bounds(c.offline), *_bounds(c.delta),
-            c.margin, c.decided, c.regression, c.improvement, c.reason, judged_at)
+            c.margin, c.decided, c.regression, c.improvement, c.reason, judged_at, judge_certified)
 
 
 def quality_metrics(results: Mapping[str, VersionQuality]) -> dict[str, float]:

@@ -210,8 +210,10 @@ def delta_chart_png(pointwise: Mapping[str, Mapping[str, Any]]) -> bytes:
 
 
 def write_sxs_report(out_dir: Path, title: str, candidate: str, baseline: str, summary: Mapping[str, Any],
-                     rows: Sequence[Mapping[str, Any]], usage: Mapping[str, Any]) -> dict[str, Path]:
-    """One self-contained HTML page (charts inlined) plus the charts and rows as files."""
+                     rows: Sequence[Mapping[str, Any]], usage: Mapping[str, Any],
+                     judge_status: str | None = None) -> dict[str, Path]:
+    """One self-contained HTML page (charts inlined) plus the charts and rows as files.
+    ``judge_status``: a warning shown above everything (an uncertified judge)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     charts: dict[str, bytes] = {}
     if "win_rate" in summary:
@@ -239,10 +241,16 @@ def write_sxs_report(out_dir: Path, title: str, candidate: str, baseline: str, s
         jh = summary["judge_human"]
         kappa = "not computed" if jh["cohen_kappa"] is None else f"{jh['cohen_kappa']:.3f}"
         summary_rows.append(("judge-human agreement", f"accuracy {jh['accuracy']:.3f}, kappa {kappa} (n={jh['n']})"))
+    if summary.get("win_rate_ppi"):
+        ppi = summary["win_rate_ppi"]
+        summary_rows.append(("win rate, prediction-powered (judge corrected by human labels)",
+                             (iv(ppi) if ppi.get("estimate") is not None else ppi.get("reason", "not computed"))
+                             + f" (human-labelled {ppi['n_labelled']}, judge only {ppi['n_unlabelled']})"))
     summary_rows += [(f"judge {k}", v) for k, v in usage.items()]
     point_cols = sorted({k for r in rows for k in r if k.endswith("_candidate") and k != "candidate"})
     page = render(
-        "sxs_report.html", title=title, candidate=candidate, baseline=baseline, summary_rows=summary_rows,
+        "sxs_report.html", title=title, judge_status=judge_status, candidate=candidate, baseline=baseline,
+        summary_rows=summary_rows,
         charts=[(n, base64.b64encode(d).decode()) for n, d in charts.items()],
         point_columns=[c.removesuffix("_candidate") for c in point_cols],
         rows=[{**{k: str(r.get(k)) for k in ("outcome", "consistent", "verdict_candidate_first",

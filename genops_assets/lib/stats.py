@@ -1,5 +1,6 @@
 """Statistics for evaluation and monitoring: percentiles, bootstrap intervals, win/tie/loss
-rates, agreement, pass@k.
+rates, agreement (scikit-learn's Cohen's kappa, balanced accuracy, confusion matrix), pass@k,
+and prediction-powered inference of a mean.
 
 Every function is deterministic for a given seed.
 
@@ -154,6 +155,63 @@ def accuracy(a: Sequence[str], b: Sequence[str]) -> float:
     from sklearn.metrics import accuracy_score
 
     return float(accuracy_score(list(a), list(b)))
+
+
+def balanced_accuracy(truth: Sequence[str], predicted: Sequence[str]) -> float:
+    """Mean recall over the classes that occur in ``truth`` (scikit-learn's): a judge cannot
+    score well by always naming the most common class."""
+    _two_raters(truth, predicted, "balanced accuracy")
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():  # predicted classes absent from truth: recall over truth's classes
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(list(truth), list(predicted)))
+
+
+def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> list[list[int]]:
+    """Counts ``[i][j]`` of items whose true label is ``labels[i]`` and predicted ``labels[j]``
+    (scikit-learn's confusion matrix); a label outside ``labels`` is an error."""
+    _two_raters(truth, predicted, "confusion matrix")
+    unknown = sorted((set(truth) | set(predicted)) - set(labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among {list(labels)}")
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(list(truth), list(predicted), labels=list(labels)).tolist()
+
+
+def normal_quantile(level: float) -> float:
+    """z of a two-sided ``level`` interval (1.96 for 0.95)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be within (0, 1), got {level}")
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2.0))
+
+
+def ppi_mean(judge_unlabelled: Sequence[float], judge_labelled: Sequence[float], human_labelled: Sequence[float],
+             level: float = 0.95) -> Interval:
+    """Prediction-powered estimate of a mean (Angelopoulos et al., 2023): a judge labelled N
+    items nobody rated and n items people rated too. The judge's mean on the N items, corrected
+    by the mean of (human - judge) on the n items (the rectifier: the judge's bias, measured where
+    people answered), is unbiased whatever the judge's quality; its variance is
+    var(judge on N)/N + var(human - judge on n)/n, so the normal interval is valid and narrower
+    than the human-only one when the judge tracks people. The n labelled items must be a random
+    sample of the same population as the N (not chosen by the judge's verdict)."""
+    f = np.asarray(judge_unlabelled, dtype=float)
+    fl, y = np.asarray(judge_labelled, dtype=float), np.asarray(human_labelled, dtype=float)
+    if fl.shape != y.shape:
+        raise ValueError(f"judge and human labels of the labelled items differ in length: {fl.size} vs {y.size}")
+    if f.size < 2 or y.size < 2:
+        raise ValueError(f"prediction-powered inference needs at least 2 unlabelled and 2 labelled items "
+                         f"(got {f.size} and {y.size})")
+    rectifier = y - fl
+    estimate = float(f.mean() + rectifier.mean())
+    se = math.sqrt(f.var(ddof=1) / f.size + rectifier.var(ddof=1) / y.size)
+    z = normal_quantile(level)
+    return Interval(estimate, estimate - z * se, estimate + z * se, level)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -3,7 +3,9 @@
 Every pair is judged in both orders (candidate as A, then as B). The outcome counts only when
 both orders agree; otherwise it is a tie and the pair is flagged position-inconsistent.
 Rates come with bootstrap intervals; pointwise rubric scores with paired intervals of the
-candidate-minus-baseline difference.
+candidate-minus-baseline difference. Where people compared the same two versions on some of the
+examples, a prediction-powered win rate (judge on every example, corrected by the human labels)
+stands beside the judge-only one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from genops_assets.lib.judging import ChatJudge, Failure, Rubric, expected_score, pairwise_outcome
-from genops_assets.lib.stats import accuracy, bootstrap_ci, cohen_kappa, paired_difference_ci, win_rates
+from genops_assets.lib.stats import (
+    LOSS,
+    TIE,
+    WIN,
+    accuracy,
+    bootstrap_ci,
+    cohen_kappa,
+    paired_difference_ci,
+    ppi_mean,
+    win_rates,
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ def run_sxs(
                        explanation=first.explanation or second.explanation)
             if r.human:
                 human_pairs.append((outcome, r.human))
+                row["human"] = r.human
         for j, rub in enumerate(pointwise):
             vc, vb = chunk[2 + 2 * j], chunk[3 + 2 * j]
             if isinstance(vc, Failure) or isinstance(vb, Failure):
@@ -136,5 +149,39 @@ def run_sxs(
         judge_labels, human_labels = zip(*human_pairs, strict=True)
         summary["judge_human"] = {"n": len(human_pairs), "accuracy": accuracy(judge_labels, human_labels),
                                   "cohen_kappa": cohen_kappa(judge_labels, human_labels)}
+        summary["win_rate_ppi"] = ppi_win_rate(out_rows)
     return SxsResult(out_rows, summary, failures)
 
+
+
+def version_name(task: str, version: str) -> str:
+    """How ratings name a registered version of a task's model (``support_triage:v3``)."""
+    return f"{task}:v{str(version).removeprefix('v')}"
+
+
+def human_outcome(model_1: str, model_2: str, choice: str, candidate: str) -> str:
+    """The candidate's outcome in one human comparison: ``choice`` is a response number, ``tie``
+    or ``both_bad`` (neither preferred: a tie)."""
+    if candidate not in (model_1, model_2):
+        raise ValueError(f"candidate '{candidate}' is neither model_1 '{model_1}' nor model_2 '{model_2}'")
+    if choice in ("tie", "both_bad"):
+        return TIE
+    if choice not in ("1", "2"):
+        raise ValueError(f"human choice {choice!r} is not 1, 2, tie or both_bad")
+    return WIN if (choice == "1") == (model_1 == candidate) else LOSS
+
+
+def ppi_win_rate(rows: Sequence[dict[str, Any]], level: float = 0.95) -> dict[str, Any]:
+    """Prediction-powered win rate: the judge's wins on the examples nobody labelled, corrected
+    by (human win - judge win) on those people labelled. Valid whether or not the judge is
+    certified (people anchor it), provided the labelled examples are a random share of them."""
+    judged = [r for r in rows if r.get("outcome") is not None]
+    labelled = [r for r in judged if r.get("human")]
+    unlabelled = [float(r["outcome"] == WIN) for r in judged if not r.get("human")]
+    out: dict[str, Any] = {"n_labelled": len(labelled), "n_unlabelled": len(unlabelled)}
+    if len(labelled) < 2 or len(unlabelled) < 2:
+        return {**out, "estimate": None, "reason": "not computed: needs at least 2 human-labelled and 2 unlabelled "
+                                                   "judged examples"}
+    interval = ppi_mean(unlabelled, [float(r["outcome"] == WIN) for r in labelled],
+                        [float(r["human"] == WIN) for r in labelled], level)
+    return {**out, **interval.as_dict()}

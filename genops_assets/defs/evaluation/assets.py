@@ -240,7 +240,8 @@ def rag_metadata(rag: dict, cand: ModelEval) -> dict:
 
 
 def build_evaluation_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
-    """The golden-set evaluation and the AutoSxS comparison of one task."""
+    """The golden-set evaluation, the judge's certificate and the AutoSxS comparison of one task."""
+    from genops_assets.defs.evaluation.certificate import judge_certificate
     from genops_assets.defs.evaluation.sxs import sxs_evaluation
 
     group = task_group(task, "evaluation")
@@ -248,6 +249,9 @@ def build_evaluation_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
         dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"}, ins=task_ins(task, "tuned_adapter"),
                  deps=[task_key(task, name) for name in ("golden_eval_dataset", "few_shot_examples",
                                                          "prompt_templates")])(bind_task(eval_report, task)),
-        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"}, ins=task_ins(task, "eval_report"))(
-            bind_task(sxs_evaluation, task)),
+        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"},
+                 deps=[task_key(task, name) for name in ("golden_eval_dataset", "prompt_templates",
+                                                         "human_judgements")])(bind_task(judge_certificate, task)),
+        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"},
+                 ins=task_ins(task, "eval_report", "judge_certificate"))(bind_task(sxs_evaluation, task)),
     ]

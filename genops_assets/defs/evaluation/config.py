@@ -33,3 +33,13 @@ class SxsConfig(dg.Config):
     max_examples: int | None = Field(48, description="Judge the first N golden examples (None: all). The "
                                      "intervals in the report show what the sample size allows.")
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
+
+
+class JudgeCertificateConfig(dg.Config):
+    rubric: str = Field("pairwise_quality", description="Pairwise rubric the judge is certified with (the one "
+                                                        "AutoSxS uses; a certificate holds for its judge and rubric).")
+    repeats: int = Field(2, ge=1, description="Calls per pair in the first order: the first as is, the others "
+                                             "with the prompt's whitespace reformatted (repeat stability).")
+    max_probe_examples: int | None = Field(None, ge=1, description="Golden examples the objective probe is built "
+                                           "from; None: the task's judge.max_probe_examples.")
+    seed: int = Field(0, description="Seed of the probes' corruptions and sides, and of the bootstrap.")

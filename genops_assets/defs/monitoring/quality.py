@@ -91,6 +91,7 @@ def online_quality(
     config: OnlineQualityConfig,
     eval_report: dict,
     base_model: dict,
+    judge_certificate: dict,
     task: TaskRef,
     warehouse: DuckDBWarehouse,
     judge: JudgeResource,
@@ -102,10 +103,13 @@ def online_quality(
     judge on that version's golden-set answers; means, live-minus-offline difference with a 95%
     bootstrap interval, and a regression / improvement decision. Rows (one per judged answer) and
     a summary per version go to `monitoring_<task>.online_quality` / `..._summary`,
-    the partition replaced atomically. Metadata `regression` (bool) and `version` (str) are read
-    by the rollback sensor. Judge calls are cached by content, so the offline side and re-runs
+    the partition replaced atomically. Metadata `regression` (bool), `judge_certified` (bool) and
+    `version` (str) are read by the rollback sensor, which acts only on a judge that
+    judge_certificate certified; an uncertified judge's scores are shown, marked, and
+    decide nothing. Judge calls are cached by content, so the offline side and re-runs
     cost nothing twice. Cost: about one judge call per sampled answer."""
     run_in_background(context, home.background_nice)
+    from genops_assets.lib.judge_certificate import judge_trust, trust_tags
     from genops_assets.lib.online_quality import (
         comparison_chart_png,
         headline_metadata,
@@ -140,9 +144,17 @@ def online_quality(
         _replace_partition(warehouse, schema, partition, [], [])
         return dg.MaterializeResult(metadata={
             **day_meta, "compared": False, "reason": why, "version": "", "regression": False,
-            "improvement": False, "live_n": 0, "offline_n": 0})
+            "improvement": False, "live_n": 0, "offline_n": 0, "judge_certified": False,
+            "judge_status": "no judge asked"})
 
     client = judge.connect(base_model.get("path"), cache=CallCache(home.cache_dir / "calls.sqlite"))
+    # The certificate is for the judge (model and endpoint); the pointwise rubric is not itself
+    # certified, which the status says.
+    certified, trust = judge_trust(judge_certificate, client.model, client.base_url)
+    if certified:
+        trust += f"; the pointwise rubric {rubric.name}@{rubric.version} is scored by that judge"
+    else:
+        context.log.warning(f"{trust}: online quality scores are shown, marked, and decide nothing")
 
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 5) == 0:
@@ -160,20 +172,22 @@ def online_quality(
         context.log.info(f"version {version}: {len(results[version].live)} live answers, "
                          f"{len(results[version].offline)} golden answers judged; "
                          f"{results[version].comparison.reason}")
-    rows = [row for r in results.values() for row in result_rows(partition, r, rubric, client.model, judged_at)]
+    rows = [row for r in results.values()
+            for row in result_rows(partition, r, rubric, client.model, judged_at, certified)]
     _replace_partition(warehouse, schema, partition, rows,
-                       [summary_row(partition, r, rubric, judged_at) for r in results.values()])
+                       [summary_row(partition, r, rubric, judged_at, certified) for r in results.values()])
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
     head = headline_version(results)
     by_version = {v: r.as_dict() for v, r in results.items()}
 
     run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.kind": "online_quality",
-                "genops.partition": partition, "genops.version": head}
+                "genops.partition": partition, "genops.version": head, **trust_tags(certified, judge_certificate)}
     with mlflow.run(monitoring_experiment(spec.name), f"online-quality-{partition}", run_tags) as run_id:
         chart = comparison_chart_png({v: r.comparison for v, r in results.items()}, rubric.name,
                                      float(max(int(c) for c in rubric.choices)))
         out_dir = write_day_files(home.runs_dir / spec.name / "online_quality" / partition, chart,
-                                  {**day_meta, "versions": by_version, "judge_usage": usage},
+                                  {**day_meta, "versions": by_version, "judge_usage": usage,
+                                   "judge_certified": certified, "judge_status": trust},
                                   [dict(zip((name for name, _ in ROW_COLUMNS), row, strict=True)) for row in rows])
         mlflow.log_params(run_id, {"rubric": f"{rubric.name}@{rubric.version}", "judge_model": client.model,
                                    "judge_url": client.base_url, "share": config.share,
@@ -184,11 +198,16 @@ def online_quality(
         mlflow.log_metrics(run_id, {**{f"judge_{k}": float(n) for k, n in usage.items()}, **quality_metrics(results)})
         mlflow.log_artifacts(run_id, out_dir, "online_quality")
 
+    headline = headline_metadata(results[head])
+    if not certified:
+        headline["reason"] = f"UNCERTIFIED judge, not a result: {headline['reason']}"
     return dg.MaterializeResult(metadata={
         **day_meta,
         "compared": True,
         "version": str(head),
-        **headline_metadata(results[head]),
+        **headline,
+        "judge_certified": certified,
+        "judge_status": trust,
         "margin": float(config.margin),
         "comparisons": dg.MetadataValue.json(by_version),
         "judge_calls": int(usage["calls"]),
@@ -206,9 +225,10 @@ def online_quality(
 def build_quality_assets(task: TaskRef, daily: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     return [dg.asset(
         key_prefix=[task.name], group_name=task_group(task, "monitoring"), kinds={"duckdb", "mlflow"},
-        partitions_def=daily, deps=[dg.AssetKey("request_log")], ins=task_ins(task, "eval_report"),
-        # New live answers start a refresh; a new evaluation alone does not (it is read when
-        # the next answers arrive).
+        partitions_def=daily, deps=[dg.AssetKey("request_log")], ins=task_ins(task, "eval_report", "judge_certificate"),
+        # New live answers start a refresh; a new evaluation or certificate alone does not (they
+        # are read when the next answers arrive).
         automation_condition=eager_with_follow_up().ignore(
-            dg.AssetSelection.assets(task_key(task, "eval_report"), "base_model")),
+            dg.AssetSelection.assets(task_key(task, "eval_report"), task_key(task, "judge_certificate"),
+                                     "base_model")),
     )(bind_task(online_quality, task))]
