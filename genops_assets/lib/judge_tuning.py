@@ -190,14 +190,17 @@ class JudgeTuningPlan:
 
 def plan_judge_tuning(rubric: Rubric, human: Sequence[JudgePair], probes: Sequence[JudgePair],
                       golden_inputs: Sequence[str], near_jaccard: float, base_model_digest: str,
-                      params: Mapping[str, Any], code_version: str, validation_fraction: float = 0.1
-                      ) -> JudgeTuningPlan:
-    """Check the pairs against the golden set, split them and render both orders."""
+                      params: Mapping[str, Any], code_version: str, validation_fraction: float = 0.1,
+                      max_train_pairs: int | None = None) -> JudgeTuningPlan:
+    """Check the pairs against the golden set, split them (the train pairs capped at
+    ``max_train_pairs``, for quick runs) and render both orders."""
     pairs = [*human, *probes]
     if not pairs:
         raise ValueError("no training pairs for the judge: no human choices in split train and no probe pairs")
     check_no_golden(pairs, golden_inputs, near_jaccard)
     train_pairs, validation_pairs = split_pairs(pairs, validation_fraction)
+    if max_train_pairs:
+        train_pairs = train_pairs[:max_train_pairs]
     if not train_pairs:
         raise ValueError(f"all {len(pairs)} pairs fell into validation (validation_fraction {validation_fraction})")
     counts = {"human_pairs": len(human), "probe_pairs": len(probes), "train_pairs": len(train_pairs),
@@ -207,7 +210,8 @@ def plan_judge_tuning(rubric: Rubric, human: Sequence[JudgePair], probes: Sequen
     digests = {"base_model": base_model_digest, "rubric": f"{rubric.name}@{rubric.version}",
                "human": pairs_digest(human), "probes": pairs_digest(probes),
                "train": pairs_digest(train_pairs), "validation": pairs_digest(validation_pairs)}
-    key = sha256_json({**digests, "config": dict(params), "code": code_version})[:32]
+    key = sha256_json({**digests, "config": dict(params), "code": code_version,
+                       "max_train_pairs": max_train_pairs})[:32]
     return JudgeTuningPlan(train_pairs, validation_pairs, judge_examples(rubric, train_pairs),
                            judge_examples(rubric, validation_pairs), counts, digests, key)
 

@@ -86,7 +86,7 @@ def sxs_evaluation(
                    cand_preds[i]["prediction"], preds[base_label][i]["prediction"]) for i in ids]
 
     cache = CallCache(home.cache_dir / "calls.sqlite")
-    client = judge.connect(base_model["path"], cache=cache)
+    client = judge.connect(base_model["path"], cache=cache, task=spec.name)
     context.log.info(f"AutoSxS: {cand_label} vs {base_label} on {len(rows)} examples, judge {client.model} at "
                      f"{client.base_url}, rubrics {[config.pairwise_rubric] + [r.name for r in pointwise]}")
     result = run_sxs(client, rubrics[config.pairwise_rubric], pointwise, rows, log=context.log.info, seed=config.seed)
