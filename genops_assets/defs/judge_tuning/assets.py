@@ -52,6 +52,19 @@ def _missed_by(certificate: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def register_judge_version(mlflow: MlflowTracking, model_name: str, run_id: str, adapter_dir, base_model: dict,
+                           tags: Mapping[str, str], description: str):
+    """Log ``adapter_dir`` to the run (``adapter/``) and register it as a new version of
+    ``model_name``, tagged with its digest (checked whenever it is fetched) and the base model it
+    was trained on. Returns (the version, the adapter digest)."""
+    mlflow.log_artifacts(run_id, adapter_dir, "adapter")
+    digest = sha256_json(file_digests(adapter_dir))
+    mv = mlflow.register(model_name, mlflow.artifact_uri(run_id, "adapter"), run_id, tags={
+        **tags, DIGEST_TAG: digest, BASE_MODEL_PATH_TAG: str(base_model["path"]),
+        "genops.base_model_digest": base_model["folder_digest"]}, description=description)
+    return mv, digest
+
+
 def _train_and_register(context, spec, cfg, plan, base_model: dict, config: JudgeTuningConfig,
                         mlflow: MlflowTracking, home: GenopsHome) -> dict:
     """Train the judge LoRA on ``plan`` and register it as a version of ``genops-<task>-judge``
@@ -83,19 +96,16 @@ def _train_and_register(context, spec, cfg, plan, base_model: dict, config: Judg
         if result.resumed_from_step:
             for record in history_until(result.history, result.resumed_from_step):
                 mlflow.log_metrics(run_id, tracked_metrics(record), step=int(record["step"]))
-        mlflow.log_artifacts(run_id, adapter_dir, "adapter")
-        digest = sha256_json(file_digests(adapter_dir))
+        mv, digest = register_judge_version(
+            mlflow, model_name, run_id, adapter_dir, base_model, {**tags, VERSION_KEY_TAG: plan.version_key},
+            description=f"LoRA judge r={cfg.rank} on {base_model['name']}, {result.steps} steps, "
+                        f"{plan.counts['train_pairs']} pairs ({plan.counts['human_pairs']} human)")
         value = {"model_name": model_name, "version_key": plan.version_key, "adapter_dir": str(adapter_dir),
                  "adapter_digest": digest, "run_id": run_id, "base_model_digest": base_model["folder_digest"],
                  "base_model_path": base_model["path"], "dataset_digests": plan.digests, "counts": plan.counts,
                  "steps": result.steps, "skipped_too_long": len(result.skipped_too_long),
                  "final_train_loss": result.last("loss"), "final_eval_loss": result.last("eval_loss"),
                  "runtime_s": round(result.runtime_s, 1)}
-        mv = mlflow.register(model_name, mlflow.artifact_uri(run_id, "adapter"), run_id, tags={
-            **tags, VERSION_KEY_TAG: plan.version_key, DIGEST_TAG: digest,
-            BASE_MODEL_PATH_TAG: base_model["path"], "genops.base_model_digest": base_model["folder_digest"]},
-            description=f"LoRA judge r={cfg.rank} on {base_model['name']}, {result.steps} steps, "
-                        f"{plan.counts['train_pairs']} pairs ({plan.counts['human_pairs']} human)")
         value["version"] = mv.version
         mlflow.set_version_tags(model_name, mv.version, {ASSET_VALUE_TAG: json.dumps(value)})
     context.log.info(f"registered {model_name} v{mv.version}: {result.steps} steps in {result.runtime_s:.0f}s")
