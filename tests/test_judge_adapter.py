@@ -252,3 +252,30 @@ def test_two_versions_served_under_one_name_never_share_cached_verdicts(tmp_path
     assert len(calls) == 2  # v1 once (then cached), v2 asked again
     ChatJudge("http://127.0.0.1:9/v1", f"{TASK}:judge", cache=cache, client=client).choose(messages, ("A", "B", "C"))
     assert len(calls) == 3
+
+
+@pytest.mark.graph
+def test_the_judge_bench_seeds_choices_and_compares_both_certificates(tiny_model_dir, tmp_path, certificate,
+                                                                      monkeypatch):
+    """The lead's real-model command, end to end on the tiny model: marts, seeded choices,
+    the base judge's certificate, the tuned judge's, both in the report."""
+    from genops_assets.bench.judge_tuning import run
+
+    home = tmp_path / "bench-home"
+    monkeypatch.setenv("GENOPS_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    monkeypatch.setenv("GENOPS_JUDGE_PORT", str(free_port()))
+    lines = []
+    report = run(home, steps=1, model_path=str(tiny_model_dir), items=24, log=lines.append,
+                 judge_config={"batch_size": 2, "rank": 4, "alpha": 8, "eval_every": 0, "save_every": 100,
+                               "max_length": 2048, "probe_examples": 2, "max_train_examples": 8})
+    seeded = report["seeded"]["by_split_choice"]
+    assert {k.split("/")[0] for k in seeded} == {"train", "certify"}
+    # Raters right 90% of the time: the reference's slot wins most items of each split.
+    assert sum(v for k, v in seeded.items() if k.endswith(("/1", "/2"))) > 0.8 * report["seeded"]["items"]
+    assert report["base_judge"]["model"] == "base" and report["tuned_judge"]["model"] == "support_triage:judge-v1"
+    assert [a[0] for a in certificate["asked"]] == ["base", "support_triage:judge-v1"]
+    assert certificate["asked"][0][1] == certificate["asked"][1][1] > 0  # the same held-out labels for both
+    assert (home / "bench" / "judge_tuning.json").is_file()
+    table = next(line for line in lines if line.startswith("check"))
+    assert "base judge" in table and "tuned judge" in table
