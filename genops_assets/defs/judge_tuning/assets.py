@@ -48,7 +48,8 @@ def _missed_by(certificate: Mapping[str, Any]) -> dict[str, Any]:
         value, threshold = check.get("value"), check.get("threshold")
         numbers = isinstance(value, (int, float)) and isinstance(threshold, (int, float))
         out[name] = {"value": NOT_COMPUTED if value is None else value, "threshold": threshold,
-                     "missed_by": round(abs(float(value) - float(threshold)), 4) if numbers else NOT_COMPUTED}
+                     "missed_by": round(abs(float(value) - float(threshold)), 4) if numbers else NOT_COMPUTED,
+                     **{k: check[k] for k in ("direction", "detail") if check.get(k)}}
     return out
 
 
