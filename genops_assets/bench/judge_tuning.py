@@ -17,9 +17,12 @@ and dbt build from real ratings); then
    split, registers it and certifies it on the same rows and probes;
 3. both certificates are printed side by side and written to ``<home>/bench/judge_tuning.json``.
 
-Expected runtime with the embedded SmolLM2-135M: about 1 minute on a GPU. On 2 CPU cores: data
-and base model 1-2 minutes, each certificate 2-5 minutes (``judge.max_probe_examples`` probes
-and the certify rows, both orders, twice), training about 6 s a step (200 steps: ~20 minutes).
+Expected runtime with the embedded SmolLM2-135M and the defaults (every golden example and 300
+SFT examples seeded: about 235 held-out labels; 40 golden examples give 120 probes): data and
+base model 1-2 minutes; each certificate about 1,100 judge calls (both orders, a repeat, the
+probes): a minute on a GPU, 10-20 minutes on 2 shared CPU cores; training 200 steps of 4 judge
+prompts: a minute on a GPU, about 20-25 minutes on 2 CPU cores. ``--items 100 --steps 60`` is
+a quicker CPU run (about 25 minutes in all).
 """
 
 from __future__ import annotations
