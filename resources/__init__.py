@@ -74,6 +74,7 @@ def build_resources(home: Path | None = None, port: int | None = None,
             local_state_dir=str(home / "judge"),
             local_port=judge_port or settings.judge_port,
             local_nice=settings.background_nice,
+            tracking_uri=tracking_uri,
         ),
         "automation": AutomationResource.from_settings(settings),
         "dbt": DbtCliResource(

@@ -62,10 +62,18 @@ def test_asset_graph_has_the_lifecycle_and_gates_of_every_task():
         for c in graph.asset_check_keys:
             if c.asset_key.path[0] == task and c.name in ("gx_sft_dataset", "beats_champion"):
                 assert graph.get_check_spec(c).blocking, c
-        for job in ("genops_loop", "continuous_training", "prompt_enhancement"):
+        for job in ("genops_loop", "continuous_training", "prompt_enhancement", "judge_tuning"):
             assert defs.resolve_job_def(f"{task}_{job}")
         loop = {k.to_user_string() for k in defs.resolve_job_def(f"{task}_genops_loop").asset_layer.selected_asset_keys}
         assert f"{task}/deployed_endpoint" in loop and "base_model" in loop
+        # The task's judge is tuned in a job of its own, from the human choices, never in the loop.
+        judge_tuning = defs.resolve_job_def(f"{task}_judge_tuning").asset_layer.selected_asset_keys
+        assert {k.to_user_string() for k in judge_tuning} == {f"{task}/judge_adapter"}
+        assert f"{task}/judge_adapter" not in loop
+        judge = graph.get(dg.AssetKey([task, "judge_adapter"]))
+        assert judge.group_name == f"{task}_judge_tuning"
+        assert {f"{task}/human_judgements", f"{task}/sft_dataset", f"{task}/golden_eval_dataset", "base_model"} <= {
+            k.to_user_string() for k in judge.parent_keys}
         assert not {k for k in loop if k.split("/")[0] in set(TASKS) - {task}}, "a loop reaches another task"
         assert defs.resolve_sensor_def(f"{task}_incoming_data_sensor").job_name == f"{task}_continuous_training"
         assert defs.resolve_schedule_def(f"{task}_nightly_training").job_name == f"{task}_continuous_training"

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from genops_assets.lib.prompts import PromptError, PromptTemplate
-from genops_assets.serving.protocol import ModelName, ModelNameError, served_name
+from genops_assets.serving.protocol import ModelName, ModelNameError, judge_name, served_name
 from genops_assets.serving.routing import DeployedPrompts, ModelNotFound, Router, bare_chat, prompt_file
 from genops_assets.serving.settings import ServerSettings
 
@@ -21,6 +21,8 @@ from genops_assets.serving.settings import ServerSettings
     ("support_triage:champion", "support_triage", "champion", "support_triage"),
     ("support_triage:challenger", "support_triage", "challenger", "support_triage:challenger"),
     ("expenses:v3", "expenses", "v3", "expenses:v3"),
+    ("support_triage:judge", "support_triage", "judge", "support_triage:judge"),
+    ("support_triage:judge-v2", "support_triage", "judge-v2", "support_triage:judge-v2"),
 ])
 def test_model_names(name, task, slot, canonical):
     model = ModelName.parse(name)
@@ -31,10 +33,34 @@ def test_model_names(name, task, slot, canonical):
 @pytest.mark.parametrize("name, says", [
     ("", "is not a model name"), ("a b", "is not a model name"), ("x:v0", "not a version of task 'x'"),
     ("x:latest", "not a version of task 'x'"), ("base:v1", "names the base model"), (":v1", "is not a model name"),
+    ("x:judge-v0", "not a version of task 'x'"), ("x:judge-2", "not a version of task 'x'"),
+    ("x:judges", "not a version of task 'x'"),
 ])
 def test_bad_model_names_say_why(name, says):
     with pytest.raises(ModelNameError, match=says):
         ModelName.parse(name)
+
+
+def test_judge_names():
+    assert judge_name("qa") == "qa:judge" and judge_name("qa", 3) == "qa:judge-v3"
+    # A judge version is no task version: nothing fetches it from the task's model registry.
+    assert ModelName.parse("qa:judge-v3").version_number is None
+    with pytest.raises(ModelNameError):
+        judge_name("base")
+
+
+def test_a_task_judge_is_routed_as_itself_without_a_canary(tmp_path):
+    r = router(tmp_path, {"a": "/x", "a:challenger": "/y", "a:judge": "/j", "a:judge-v2": "/j2"},
+               canary_share=1.0)
+    assert r.resolve("a:judge").served.served == "a:judge" and r.resolve("a:judge").adapter == "a:judge"
+    assert r.resolve("a:judge-v2").adapter == "a:judge-v2"
+    assert r.resolve("a").served.served == "a:challenger"  # the canary share is the champion's alone
+    assert "a:judge" in r.names()
+    with pytest.raises(ModelNotFound, match="task 'a' has no judge-v3 loaded"):
+        r.resolve("a:judge-v3")
+    r2 = router(tmp_path, {"a": "/x"})
+    with pytest.raises(ModelNotFound, match="task 'a' has no judge loaded"):
+        r2.resolve("a:judge")
 
 
 def test_served_name_of_a_role():

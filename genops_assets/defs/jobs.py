@@ -38,6 +38,10 @@ def preference_tuning_job_name(task: str) -> str:
     return f"{task}_preference_tuning"
 
 
+def judge_tuning_job_name(task: str) -> str:
+    return f"{task}_judge_tuning"
+
+
 def build_task_jobs(task: TaskRef) -> list[dg.UnresolvedAssetJobDefinition]:
     tags = {"genops/task": task.name}
     return [
@@ -56,5 +60,11 @@ def build_task_jobs(task: TaskRef) -> list[dg.UnresolvedAssetJobDefinition]:
                 task_key(task, "prompt_candidates")), tags=tags,
             description="An LLM rewrites the production prompt from the last evaluation's failures; candidates are "
                         "scored on the validation split and the best becomes `candidate` if it clears the gate.",
+        ),
+        dg.define_asset_job(
+            judge_tuning_job_name(task.name), selection=dg.AssetSelection.groups(task_group(task, "judge_tuning")),
+            tags=tags, description=f"Tune a LoRA judge for task {task.name} on people's choices and probe pairs, "
+                                   "register it and certify it on held-out human labels; a passing certificate "
+                                   "makes it the task's judge.",
         ),
     ]

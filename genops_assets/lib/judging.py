@@ -187,16 +187,23 @@ class ChatJudge:
     def __init__(self, base_url: str, model: str, api_key: str = "unused", timeout_s: float = 120.0,
                  max_retries: int = 4, backoff_s: float = 0.5, max_concurrency: int = 8, explain: bool = False,
                  explain_tokens: int = 48, cache: CallCache | None = None, client=None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, model_version: str = ""):
         from openai import OpenAI
 
         self.base_url, self.model = base_url, model
+        # A served name whose weights change (a task's tuned judge, ``<task>:judge``) names its
+        # version here, so cached verdicts of an earlier version are never reused.
+        self.model_version = model_version
         self.max_retries, self.backoff_s, self.max_concurrency = max_retries, backoff_s, max(1, max_concurrency)
         self.explain, self.explain_tokens = explain, explain_tokens
         self.cache = cache
         self.usage = Usage()
         self._sleep = sleep
         self._client = client or OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
+
+    @property
+    def _cache_model(self) -> str:
+        return f"{self.model}@{self.model_version}" if self.model_version else self.model
 
     # -- one call -----------------------------------------------------------------------
     def _wait(self, state) -> float:
@@ -247,7 +254,7 @@ class ChatJudge:
                        completion_tokens=resp.usage.completion_tokens if resp.usage else 0)
 
     def choose(self, messages: Sequence[Mapping[str, str]], choices: Sequence[str], version: str = "") -> Verdict:
-        key = cache_key(kind="judge", endpoint=self.base_url, model=self.model, version=version,
+        key = cache_key(kind="judge", endpoint=self.base_url, model=self._cache_model, version=version,
                         messages=list(messages), choices=list(choices), explain=self.explain)
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -262,7 +269,7 @@ class ChatJudge:
     def complete(self, messages: Sequence[Mapping[str, str]], max_tokens: int = 256, temperature: float = 0.0,
                  seed: int | None = None, version: str = "") -> str:
         """Free text from the model (teacher use: rewriting prompts), cached like verdicts."""
-        key = cache_key(kind="completion", endpoint=self.base_url, model=self.model, version=version,
+        key = cache_key(kind="completion", endpoint=self.base_url, model=self._cache_model, version=version,
                         messages=list(messages), max_tokens=max_tokens, temperature=temperature, seed=seed)
         if self.cache is not None:
             hit = self.cache.get(key)

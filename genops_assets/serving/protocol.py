@@ -3,7 +3,9 @@ extensions), the admin reload request, and the served model names.
 
 One server serves every task. A model name is ``base`` (the base model alone) or names a task
 and one of its versions: ``<task>`` (its champion; ``<task>:champion`` says the same),
-``<task>:challenger``, or ``<task>:v<N>`` (registered version N of the task's model)."""
+``<task>:challenger``, or ``<task>:v<N>`` (registered version N of the task's model). A task's
+tuned judge is ``<task>:judge`` (its certified judge adapter) or ``<task>:judge-v<N>`` (version N
+of the task's judge model, served while it is being certified)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ ROLES = (CHAMPION, CHALLENGER)
 """The versions of a task that the deploy step and the registry aliases name."""
 VERSION_NAME = re.compile(r"v[1-9][0-9]*")
 """A task version asked as a registry version (``<task>:v3``): fetched and loaded on first use."""
+JUDGE = "judge"
+"""The served name (``<task>:judge``) of a task's certified judge adapter on the local judge server."""
+JUDGE_VERSION = re.compile(r"judge-v[1-9][0-9]*")
+"""A version of a task's judge model served by number (``<task>:judge-v2``), e.g. while it is certified."""
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 """A task's name as a model name uses it (its folder name under ``tasks/``)."""
 SEPARATOR = ":"
@@ -35,14 +41,14 @@ class ModelNameError(ValueError):
 @dataclass(frozen=True)
 class ModelName:
     """A served model: ``task`` None is the base model; ``slot`` is ``champion``,
-    ``challenger`` or ``v<N>`` (``base`` for the base model)."""
+    ``challenger``, ``v<N>``, ``judge`` or ``judge-v<N>`` (``base`` for the base model)."""
 
     task: str | None
     slot: str
 
     @property
     def served(self) -> str:
-        """The canonical name: ``base``, ``<task>``, ``<task>:challenger`` or ``<task>:v<N>``."""
+        """The canonical name: ``base``, ``<task>``, ``<task>:challenger``, ``<task>:v<N>``, ``<task>:judge``..."""
         if self.task is None:
             return BASE_NAME
         return self.task if self.slot == CHAMPION else f"{self.task}{SEPARATOR}{self.slot}"
@@ -60,14 +66,15 @@ class ModelName:
         task, sep, slot = name.partition(SEPARATOR)
         if not TASK_NAME.fullmatch(task):
             raise ModelNameError(f"'{name}' is not a model name: use '{BASE_NAME}', '<task>', "
-                                 f"'<task>{SEPARATOR}{CHALLENGER}' or '<task>{SEPARATOR}v<N>'")
+                                 f"'<task>{SEPARATOR}{CHALLENGER}', '<task>{SEPARATOR}v<N>' or "
+                                 f"'<task>{SEPARATOR}{JUDGE}'")
         if task == BASE_NAME:
             raise ModelNameError(f"'{BASE_NAME}' names the base model, not a task")
         if not sep:
             return cls(task, CHAMPION)
-        if slot not in ROLES and not VERSION_NAME.fullmatch(slot):
+        if slot not in (*ROLES, JUDGE) and not VERSION_NAME.fullmatch(slot) and not JUDGE_VERSION.fullmatch(slot):
             raise ModelNameError(f"'{name}': '{slot}' is not a version of task '{task}' (use {CHAMPION}, "
-                                 f"{CHALLENGER} or v<N>)")
+                                 f"{CHALLENGER}, v<N>, {JUDGE} or {JUDGE}-v<N>)")
         return cls(task, slot)
 
     @classmethod
@@ -79,6 +86,12 @@ class ModelName:
 def served_name(task: str, slot: str) -> str:
     """The name clients ask for ``task``'s ``slot``: ``support_triage``, ``support_triage:challenger``."""
     return ModelName.of(task, slot).served
+
+
+def judge_name(task: str, version: str | int | None = None) -> str:
+    """The name clients ask for ``task``'s tuned judge: ``<task>:judge`` (its certified adapter),
+    or ``<task>:judge-v<N>`` (version N of its judge model)."""
+    return ModelName.of(task, JUDGE if version is None else f"{JUDGE}-v{version}").served
 
 
 ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /admin/reload"

@@ -103,7 +103,7 @@ def sxs_evaluation(
             for i in ids]
 
     cache = CallCache(home.cache_dir / "calls.sqlite")
-    client = judge.connect(base_model["path"], cache=cache)
+    client = judge.connect(base_model["path"], cache=cache, task=spec.name)
     context.log.info(f"AutoSxS: {cand_label} vs {base_label} on {len(rows)} examples, judge {client.model} at "
                      f"{client.base_url}, rubrics {[config.pairwise_rubric] + [r.name for r in pointwise]}")
     pairwise_rubric = rubrics[config.pairwise_rubric]

@@ -1,5 +1,6 @@
 """LoRA SFT of the base model on the sft_dataset mart, tracked and registered in MLflow."""
 
+from collections.abc import Callable
 
 import dagster as dg
 
@@ -30,6 +31,21 @@ CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
 TRAINING_LOCK = "training.lock"  # in the runs folder: one training at a time on this machine
 TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 NOT_COMPUTED = "not computed"
+
+
+def progress_to(mlflow: MlflowTracking, run_id: str, log: Callable[[str], None], label: str = "tuning"
+                ) -> Callable[[dict[str, float]], None]:
+    """The trainer's progress callback: each record's metrics to the MLflow run, and a progress
+    line to ``log`` when one is due."""
+    progress_line = ProgressLine()
+
+    def on_progress(record: dict[str, float]) -> None:
+        mlflow.log_metrics(run_id, tracked_metrics(record), step=int(record["step"]))
+        line = progress_line(record)
+        if line:
+            log(line if label == "tuning" else line.replace("tuning:", f"{label}:", 1))
+
+    return on_progress
 
 
 def tuned_adapter(
@@ -80,14 +96,7 @@ def tuned_adapter(
                                name=f"{spec.name}-sft-{split}", source=f"{warehouse.path}#{sft_table}",
                                digest=plan.digests[split], context="training" if split == "train" else "validation")
 
-        progress_line = ProgressLine()
-
-        def on_progress(record: dict[str, float]) -> None:
-            mlflow.log_metrics(run_id, tracked_metrics(record), step=int(record["step"]))
-            line = progress_line(record)
-            if line:
-                context.log.info(line)
-
+        on_progress = progress_to(mlflow, run_id, context.log.info)
         adapter_dir = home.models_dir / "adapters" / plan.version_key
         try:
             # The pool of one keeps trainings apart, except where Dagster's SQLite storage lets
