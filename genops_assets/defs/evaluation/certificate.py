@@ -76,7 +76,8 @@ def judge_certificate(
     probes = probe_pairs([(e.example_id, shown[e.example_id], e.reference) for e in examples], spec, seed=config.seed)
     context.log.info(f"human labels: {human_source}; probe: {len(probes)} pairs from {len(examples)} golden examples")
 
-    client = judge.connect(base_model["path"], cache=CallCache(home.cache_dir / "calls.sqlite"))
+    # The task's certified judge adapter when it has one (as AutoSxS asks), else the configured judge.
+    client = judge.connect(base_model["path"], cache=CallCache(home.cache_dir / "calls.sqlite"), task=spec.name)
     cert = certify(client, rubric, human, probes, spec.judge, repeats=config.repeats, seed=config.seed,
                    log=context.log.info)
     usage = client.usage.as_dict(judge.price_in_per_1k, judge.price_out_per_1k)
