@@ -289,7 +289,7 @@ def train_dpo(
     import torch
     from datasets import Dataset
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
     from trl import DPOConfig, DPOTrainer
 
     validate_pairs(train)
@@ -373,6 +373,7 @@ def train_dpo(
              "chosen": p.chosen, "rejected": p.rejected} for p in kept]
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[_Progress()])
+    trainer.remove_callback(PrinterCallback)  # the progress callback reports each log record
     ref = trainer.train_dataset
     reference_logps = {p.pair_id: (float(c), float(r))
                        for p, c, r in zip(kept, ref["ref_chosen_logps"], ref["ref_rejected_logps"], strict=True)}
