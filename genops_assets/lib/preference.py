@@ -167,15 +167,15 @@ def to_preference_pairs(spec, df, prompt=None, contexts: Mapping[str, Sequence[s
 
 
 def validate_pairs(pairs: Sequence[PreferencePair]) -> None:
-    """Refuse pairs nothing can be learnt from: the same answer twice, an empty answer, a pair id twice."""
+    """Refuse pairs nothing can be learnt from: the same answer twice, an empty chosen answer, a
+    pair id twice. An empty rejected answer is a real one (a model that stopped at once)."""
     seen: set[str] = set()
     for p in pairs:
         if p.pair_id in seen:
             raise PreferenceInputError(f"pair {p.pair_id} appears twice")
         seen.add(p.pair_id)
-        if not p.chosen.strip() or not p.rejected.strip():
-            raise PreferenceInputError(f"pair {p.pair_id}: the {'chosen' if not p.chosen.strip() else 'rejected'} "
-                                       "answer is empty")
+        if not p.chosen.strip():
+            raise PreferenceInputError(f"pair {p.pair_id}: the chosen answer is empty")
         if p.chosen.strip() == p.rejected.strip():
             raise PreferenceInputError(f"pair {p.pair_id}: chosen and rejected are the same answer "
                                        f"({p.chosen[:80]!r}); a preference needs two different answers")
