@@ -213,3 +213,16 @@ def test_version_key_follows_every_input(spec):
         assert other.version_key != key
     capped = plan_preference(df, "b", parent, "p", {"beta": 0.1}, "c", max_pairs=3)
     assert len(capped.train) == 3 and len(capped.heldout) == 2
+
+
+def test_pairs_of_a_task_with_contexts_show_their_passages():
+    spec = load_task(REPO_TASKS, "product_qa")
+    df = pd.DataFrame([{"pair_id": "p1", "example_id": "ex1", "input_text": "How often is the filter replaced?",
+                        "chosen_json": '{"answerable": "yes", "answer": "Every 6 to 8 months."}',
+                        "rejected_json": '{"answerable": "no", "answer": "Not covered."}', "split": "train"}])
+    with pytest.raises(PreferenceInputError, match="pair p1: task 'product_qa' shows retrieved passages, and "
+                                                   "example 'ex1' has none"):
+        to_preference_pairs(spec, df)
+    (pair,) = to_preference_pairs(spec, df, contexts={"ex1": ("Replace the NF-300 filter every 6 to 8 months.",)})
+    text = "\n".join(m["content"] for m in pair.messages)
+    assert "Replace the NF-300 filter every 6 to 8 months." in text and "How often is the filter replaced?" in text
