@@ -258,6 +258,14 @@ def win_rate_change(before: PreferenceAccuracy, after: PreferenceAccuracy, seed:
     return paired_difference_ci([after.outcomes[i] for i in ids], [before.outcomes[i] for i in ids], seed=seed)
 
 
+def win_rate_report(base_dir: str | Path, champion_dir: str | Path, tuned_dir: str | Path,
+                    pairs: Sequence[PreferencePair], batch_size: int = 4, seed: int = 0) -> dict[str, dict]:
+    """The held-out win rate before (champion) and after (tuned adapter), and the paired change."""
+    rates = heldout_win_rates(base_dir, {"champion": champion_dir, "tuned": tuned_dir}, pairs, batch_size)
+    change = win_rate_change(rates["champion"], rates["tuned"], seed=seed)
+    return {"before": rates["champion"].as_dict(), "after": rates["tuned"].as_dict(), "change": change.as_dict()}
+
+
 # -- training --------------------------------------------------------------------------------
 
 

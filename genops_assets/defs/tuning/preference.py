@@ -27,11 +27,10 @@ from genops_assets.lib.preference import (
     PREFERENCE_CODE_VERSION,
     PreferenceInputError,
     dpo_metrics,
-    heldout_win_rates,
     plan_preference,
     to_preference_pairs,
     train_dpo,
-    win_rate_change,
+    win_rate_report,
 )
 from genops_assets.lib.report import loss_curve_png, png_markdown
 from genops_assets.lib.tasks import TaskRef
@@ -46,6 +45,10 @@ PAIRS_MART = "preference_pairs"
 TUNING_TAG = "genops.tuning"
 PARENT_VERSION_TAG = "genops.parent_version"
 PAIR_LOG_COLUMNS = ["pair_id", "input_text", "chosen_json", "rejected_json"]
+
+
+def interval_text(iv: dict) -> str:
+    return f"{iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
 
 
 def example_contexts(warehouse: DuckDBWarehouse, schema: str) -> dict[str, tuple[str, ...]]:
@@ -131,16 +134,14 @@ def preference_tuned_adapter(
 
         win_rates = None
         if heldout:
-            rates = heldout_win_rates(base_model["path"], {"champion": champion_dir, "candidate": adapter_dir},
-                                      heldout, config.score_batch_size)
-            change = win_rate_change(rates["champion"], rates["candidate"], seed=cfg.seed)
-            win_rates = {"before": rates["champion"].as_dict(), "after": rates["candidate"].as_dict(),
-                         "change": change.as_dict()}
+            win_rates = win_rate_report(base_model["path"], champion_dir, adapter_dir, heldout,
+                                        config.score_batch_size, cfg.seed)
             mlflow.log_metrics(run_id, {f"heldout_win_rate_{when}{part}": win_rates[when][key]
                                         for when in ("before", "after")
                                         for part, key in (("", "estimate"), ("_low", "low"), ("_high", "high"))})
-            context.log.info(f"held-out preference win rate: champion v{champion.version} {rates['champion'].interval}"
-                             f", tuned {rates['candidate'].interval}, change {change} ({len(heldout)} pairs)")
+            context.log.info(f"held-out preference win rate on {len(heldout)} pairs: champion v{champion.version} "
+                             f"{interval_text(win_rates['before'])}, tuned {interval_text(win_rates['after'])}, "
+                             f"change {interval_text(win_rates['change'])}")
         else:
             context.log.warning(f"{table} has no '{HELDOUT}' pairs: held-out win rate not computed")
 
