@@ -97,6 +97,7 @@ def test_wilson_interval_matches_hand_computed_values():
         wilson_interval(3, 2)
 
 
+@pytest.mark.graph  # trains or runs the tiny Llama
 def test_prompt_rendered_as_sft_renders_it(spec, pairs, tiny_model_dir):
     """TRL's tokenisation of a pair (chat-template prompt, answer, end-of-turn) equals SFT's."""
     from transformers import AutoTokenizer
@@ -109,6 +110,7 @@ def test_prompt_rendered_as_sft_renders_it(spec, pairs, tiny_model_dir):
     assert trl_ids == sft["input_ids"]
 
 
+@pytest.mark.graph  # trains or runs the tiny Llama
 def test_dpo_moves_heldout_win_rate_from_the_champion(dpo_run, pairs, tiny_model_dir, tiny_adapter_dir):
     result, progress = dpo_run
     assert result.steps == TINY_DPO.max_steps and result.train_pairs == len(pairs[0])
@@ -124,6 +126,7 @@ def test_dpo_moves_heldout_win_rate_from_the_champion(dpo_run, pairs, tiny_model
     assert progress[-1]["reward_accuracy"] >= progress[0]["reward_accuracy"]
 
 
+@pytest.mark.graph  # trains or runs the tiny Llama
 def test_reference_is_the_champion_not_the_base(dpo_run, pairs, tiny_model_dir, tiny_adapter_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,6 +144,7 @@ def test_reference_is_the_champion_not_the_base(dpo_run, pairs, tiny_model_dir, 
     assert max(abs(result.reference_logps[p][0] - base_lp[p][0]) for p in base_lp) > 0.1
 
 
+@pytest.mark.graph  # trains or runs the tiny Llama
 def test_tuned_adapter_has_the_champions_shape_and_loads_in_the_endpoint(dpo_run, tiny_model_dir, tiny_adapter_dir):
     from safetensors.torch import load_file
 
@@ -157,6 +161,7 @@ def test_tuned_adapter_has_the_champions_shape_and_loads_in_the_endpoint(dpo_run
     assert loaded.adapters == {"dpo": result.adapter_dir}
 
 
+@pytest.mark.graph  # trains or runs the tiny Llama
 def test_same_seed_same_adapter(dpo_run, pairs, tiny_model_dir, tiny_adapter_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -167,6 +172,7 @@ def test_same_seed_same_adapter(dpo_run, pairs, tiny_model_dir, tiny_adapter_dir
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+@pytest.mark.graph  # trains or runs the tiny Llama
 def test_preference_accuracy_counts_wins(tiny_model_dir, tiny_adapter_dir, pairs):
     """A pair and its mirror image: the model prefers exactly one of them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
