@@ -232,3 +232,39 @@ def test_pairs_of_a_task_with_contexts_show_their_passages():
     (pair,) = to_preference_pairs(spec, df, contexts={"ex1": ("Replace the NF-300 filter every 6 to 8 months.",)})
     text = "\n".join(m["content"] for m in pair.messages)
     assert "Replace the NF-300 filter every 6 to 8 months." in text and "How often is the filter replaced?" in text
+
+
+@pytest.mark.graph  # trains or runs the tiny Llama
+def test_bench_seeds_pairs_tunes_and_reports(tmp_path, spec, tiny_model_dir, tiny_adapter_dir, capsys):
+    """The real-model benchmark, end to end on the tiny Llama: pairs seeded from the marts."""
+    import duckdb
+    from graph_support import genops_env
+
+    from genops_assets.bench.preference import main
+    from resources.warehouse import mart_schema
+
+    home = tmp_path / "home"
+    home.mkdir()
+    schema = mart_schema("support_triage")
+    con = duckdb.connect(str(home / "warehouse.duckdb"))
+    con.execute(f"create schema {schema}")
+    rows = [(eid, text, json.dumps(out), "train" if i < 6 else "golden") for i, (eid, text, out)
+            in enumerate(task_rows(spec, 10))]
+    con.execute(f"create table {schema}.sft_dataset (example_id varchar, input_text varchar, output_json varchar, "
+                "split varchar)")
+    con.executemany(f"insert into {schema}.sft_dataset values (?, ?, ?, ?)", [r for r in rows if r[3] == "train"])
+    con.execute(f"create table {schema}.golden_eval_dataset as select example_id, input_text, output_json "
+                f"from {schema}.sft_dataset limit 0")
+    con.executemany(f"insert into {schema}.golden_eval_dataset values (?, ?, ?)",
+                    [r[:3] for r in rows if r[3] == "golden"])
+    con.close()
+    with genops_env(home=str(home), tasks_dir=str(REPO_TASKS)):
+        code = main(["--train", "6", "--heldout", "4", "--steps", "2", "--lr", "5e-3",
+                     "--champion-adapter", str(tiny_adapter_dir), "--base-model", str(tiny_model_dir)])
+    assert code == 0
+    report = json.loads((home / "bench" / "preference.json").read_text())
+    assert report["train_pairs"] == 6 and report["heldout_pairs"] == 4 and report["steps"] == 2
+    assert sum(k["n"] for k in report["heldout_by_kind"].values()) == 4
+    before = report["heldout_win_rate"]["before"]
+    assert before["n"] == 4 and before["low"] <= before["estimate"] <= before["high"]
+    assert "held-out human-preference win rate on 4 golden-prompt pairs" in capsys.readouterr().out
