@@ -1,5 +1,5 @@
-"""Jobs of one task: the whole loop, the same loop as the target of continuous training, and
-prompt enhancement; each named after its task (``support_triage_genops_loop``)."""
+"""Jobs of one task: the whole loop, the same loop as the target of continuous training, prompt
+enhancement and preference tuning; each named after its task (``support_triage_genops_loop``)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def loop_selection(task: TaskRef) -> dg.AssetSelection:
     return ((dg.AssetSelection.key_prefixes([task.name]) | dg.AssetSelection.assets("base_model"))
             - dg.AssetSelection.assets(task_key(task, "prompt_candidates"))
             - dg.AssetSelection.groups(*(task_group(task, stage) for stage in OUTSIDE_LOOP)))
+
+
+def preference_selection(task: TaskRef) -> dg.AssetSelection:
+    """Preference tuning end to end: the dbt models it reads (preference_pairs), the base model,
+    DPO from the champion, its evaluation and gate, deployment."""
+    tuned = dg.AssetSelection.assets(task_key(task, "preference_tuned_adapter"))
+    marts = tuned.upstream(depth=1) & dg.AssetSelection.groups(task_group(task, "datasets"))
+    return marts | dg.AssetSelection.assets("base_model") | dg.AssetSelection.groups(task_group(task, "preference"))
 
 
 def loop_job_name(task: str) -> str:
@@ -66,5 +74,11 @@ def build_task_jobs(task: TaskRef) -> list[dg.UnresolvedAssetJobDefinition]:
             tags=tags, description=f"Tune a LoRA judge for task {task.name} on people's choices and probe pairs, "
                                    "register it and certify it on held-out human labels; a passing certificate "
                                    "makes it the task's judge.",
+        ),
+        dg.define_asset_job(
+            preference_tuning_job_name(task.name), selection=preference_selection(task),
+            tags={**tags, "genops/trigger": "preference_pairs"},
+            description=f"Rebuild task {task.name}'s preference pairs, tune the champion on them by DPO, evaluate, "
+                        "gate and deploy like an SFT candidate.",
         ),
     ]

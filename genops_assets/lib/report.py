@@ -77,7 +77,7 @@ def metric_chart_png(models: Mapping[str, Mapping[str, float]], metrics: Sequenc
     return _png(fig)
 
 
-def loss_curve_png(history: Sequence[Mapping[str, float]]) -> bytes:
+def loss_curve_png(history: Sequence[Mapping[str, float]], title: str = "LoRA SFT loss") -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -88,7 +88,7 @@ def loss_curve_png(history: Sequence[Mapping[str, float]]) -> bytes:
         ax.plot(*zip(*val, strict=True), marker="o", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("LoRA SFT loss")
+    ax.set_title(title)
     ax.legend()
     return _png(fig)
 

@@ -133,6 +133,24 @@ def win_rates(outcomes: Sequence[str], n_resamples: int = 2000, level: float = 0
     )
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
+    """Wilson score interval of a proportion (``successes`` of ``n``). Unlike a bootstrap it
+    stays informative at 0 or ``n`` successes, which small held-out sets often give."""
+    from statistics import NormalDist
+
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"a proportion needs 0 <= successes <= n and n > 0 (successes={successes}, n={n})")
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At 0 or n successes the bound is exactly 0 or 1; the formula leaves a rounding residue.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Interval(p, low, high, level)
+
+
 def _two_raters(a: Sequence[str], b: Sequence[str], what: str) -> None:
     if len(a) != len(b) or not a:
         raise ValueError(f"{what} needs two equally long, non-empty label lists (lengths {len(a)}, {len(b)})")

@@ -69,10 +69,13 @@ class ProgressLine:
     """One progress line per training log record that is due: at most every ``every_s`` seconds,
     and always at an evaluation and at the last step."""
 
-    def __init__(self, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 keys: Sequence[str] = LOGGED_KEYS, label: str = "tuning"):
         self.every_s = every_s
         self.clock = clock
         self.last_at = float("-inf")
+        self.keys = keys  # the record's numbers shown, in this order (the learning rate never)
+        self.label = label
 
     def __call__(self, record: Mapping[str, float]) -> str | None:
         step, total = int(record["step"]), int(record["total_steps"])
@@ -81,11 +84,11 @@ class ProgressLine:
             return None
         self.last_at = now
         parts = [f"step {step}/{total}"]
-        parts += [f"{k} {record[k]:.4f}" for k in LOGGED_KEYS if k in record and k != "learning_rate"]
+        parts += [f"{k} {record[k]:.4f}" for k in self.keys if k in record and k != "learning_rate"]
         eta = record.get("eta_s")
         if eta is not None:
             parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
-        return "tuning: " + ", ".join(parts)
+        return f"{self.label}: " + ", ".join(parts)
 
 
 def history_until(history: Sequence[Mapping[str, float]], step: int) -> list[Mapping[str, float]]:

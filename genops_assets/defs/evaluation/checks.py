@@ -8,13 +8,18 @@ from genops_assets.components.binding import task_key
 from genops_assets.lib.tasks import TaskRef
 
 
-def build_evaluation_checks(task: TaskRef) -> list[dg.AssetChecksDefinition]:
-    """The promotion gate on the task's eval_report."""
-    return [dg.asset_check(
-        asset=task_key(task, "eval_report"), blocking=True,
+def promotion_gate_check(task: TaskRef, report: str = "eval_report") -> dg.AssetChecksDefinition:
+    """``beats_champion`` on one of the task's evaluation reports (SFT's or preference tuning's)."""
+    return dg.asset_check(
+        asset=task_key(task, report), blocking=True,
         description="The tuned adapter beats the champion (or the base model when there is none; "
                     "for a candidate that already is the champion, the champion before it or the base "
-                    "model) by the configured margin on the task's primary metric.")(beats_champion)]
+                    "model) by the configured margin on the task's primary metric.")(beats_champion)
+
+
+def build_evaluation_checks(task: TaskRef) -> list[dg.AssetChecksDefinition]:
+    """The promotion gate on the task's eval_report."""
+    return [promotion_gate_check(task)]
 
 
 def beats_champion(eval_report: dict) -> dg.AssetCheckResult:

@@ -10,12 +10,12 @@ import dagster as dg
 from genops_assets import __version__
 from genops_assets.components.binding import bind_task, task_group, task_key
 from genops_assets.defs.judge_tuning.config import JudgeTuningConfig
-from genops_assets.defs.tuning.assets import NOT_COMPUTED, TRAINING_LOCK, TRAINING_RETRY_POLICY, progress_to
+from genops_assets.defs.tuning.assets import NOT_COMPUTED, TRAINING_LOCK, TRAINING_RETRY_POLICY, progress_logger
 from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.tasks import TaskRef
 from genops_assets.lib.training import TRAINING_CODE_VERSION, TrainingInputError, train_lora
-from genops_assets.lib.tuning import history_until, tracked_metrics
+from genops_assets.lib.tuning import ProgressLine, history_until, tracked_metrics
 from genops_assets.serving.protocol import judge_name
 from genops_assets.serving.registry_watch import DIGEST_TAG
 from resources.judge import BASE_MODEL_PATH_TAG, CERTIFIED, JudgeResource, judge_model_name
@@ -84,7 +84,7 @@ def _train_and_register(context, spec, cfg, plan, base_model: dict, config: Judg
             mlflow.log_dataset(run_id, pairs_frame(pairs), name=f"{spec.name}-judge-{split}",
                                source=f"{mart_schema(spec.name)}.{HUMAN_MART}+sft_dataset probes",
                                digest=plan.digests[split], context="training" if split == "train" else "validation")
-        on_progress = progress_to(mlflow, run_id, context.log.info, "judge tuning")
+        on_progress = progress_logger(context, mlflow, run_id, tracked_metrics, ProgressLine(label="judge tuning"))
         adapter_dir = home.models_dir / "judges" / plan.version_key
         try:
             with exclusive(home.runs_dir / TRAINING_LOCK, on_wait=context.log.warning):

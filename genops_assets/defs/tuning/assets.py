@@ -1,6 +1,7 @@
 """LoRA SFT of the base model on the sft_dataset mart, tracked and registered in MLflow."""
 
 from collections.abc import Callable
+from pathlib import Path
 
 import dagster as dg
 
@@ -33,19 +34,54 @@ TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backo
 NOT_COMPUTED = "not computed"
 
 
-def progress_to(mlflow: MlflowTracking, run_id: str, log: Callable[[str], None], label: str = "tuning"
-                ) -> Callable[[dict[str, float]], None]:
-    """The trainer's progress callback: each record's metrics to the MLflow run, and a progress
-    line to ``log`` when one is due."""
-    progress_line = ProgressLine()
+def reuse_registered(context: dg.AssetExecutionContext, mlflow: MlflowTracking, model_name: str,
+                     version_key: str) -> dg.Output[dict] | None:
+    """The output of the version already registered under ``version_key`` (alias `challenger`
+    again), or None when there is none: the same inputs are never trained twice."""
+    reused = mlflow.registered_value(model_name, version_key)
+    if reused is None:
+        return None
+    existing, value = reused
+    context.log.info(f"{model_name} v{existing.version} already has version key {version_key}: not training again")
+    return dg.Output(value, metadata={"model": model_name, "version": existing.version, "reused": True,
+                                      "version_key": version_key})
+
+
+def progress_logger(context: dg.AssetExecutionContext, mlflow: MlflowTracking, run_id: str,
+                    metrics: Callable[[dict[str, float]], dict[str, float]],
+                    line: ProgressLine) -> Callable[[dict[str, float]], None]:
+    """A training progress callback: each log record's metrics to the MLflow run at its step,
+    a progress line to the Dagster log when one is due."""
 
     def on_progress(record: dict[str, float]) -> None:
-        mlflow.log_metrics(run_id, tracked_metrics(record), step=int(record["step"]))
-        line = progress_line(record)
-        if line:
-            log(line if label == "tuning" else line.replace("tuning:", f"{label}:", 1))
+        mlflow.log_metrics(run_id, metrics(record), step=int(record["step"]))
+        text = line(record)
+        if text:
+            context.log.info(text)
 
     return on_progress
+
+
+def register_tuned(mlflow: MlflowTracking, run_id: str, model_name: str, version_key: str, adapter_dir: Path,
+                   prompt_ref, base_model: dict, tags: dict[str, str], dataset_digests: dict[str, str], steps: int,
+                   losses: tuple[float | None, float | None], description: str, extra: dict | None = None):
+    """Log ``adapter_dir`` as the run's MLflow model (the adapter and prompt on the base model, by
+    path and digest) and register it as a new version with alias `challenger`; the asset value
+    (the adapter's, plus ``extra``) is recorded on the version for a re-run with the same key.
+    Returns (adapter, MLflow model, version)."""
+    adapter_files = file_digests(adapter_dir)
+    version_tags = {**tags, "genops.base_model_digest": base_model["folder_digest"],
+                    "genops.adapter_digest": sha256_json(adapter_files), VERSION_KEY_TAG: version_key}
+    model = mlflow.log_version_model(run_id, adapter_dir, prompt_ref, base_model, version_tags)
+    adapter = TunedAdapter(
+        model_name=model_name, version_key=version_key, adapter_dir=str(adapter_dir),
+        adapter_digest=sha256_json(adapter_files), adapter_files=adapter_files, run_id=run_id,
+        base_model_digest=base_model["folder_digest"], base_model_path=base_model["path"],
+        dataset_digests=dataset_digests, prompt=prompt_ref.summary(), steps=steps,
+        final_train_loss=losses[0], final_eval_loss=losses[1], model_id=model.model_id)
+    mv = mlflow.register_adapter(model_name, model, version_key, tags=version_tags,
+                                 value={**adapter.as_dict(), **(extra or {})}, description=description)
+    return adapter, model, mv
 
 
 def tuned_adapter(
@@ -75,13 +111,9 @@ def tuned_adapter(
                        config.max_train_examples)
     model_name = registered_model_name(spec.name)
 
-    reused = mlflow.registered_value(model_name, plan.version_key)
+    reused = reuse_registered(context, mlflow, model_name, plan.version_key)
     if reused is not None:
-        existing, value = reused
-        context.log.info(f"{model_name} v{existing.version} already has version key {plan.version_key}: "
-                         "not training again")
-        return dg.Output(value, metadata={"model": model_name, "version": existing.version, "reused": True,
-                                          "version_key": plan.version_key})
+        return reused
 
     tags = {"genops.dagster_run_id": context.run.run_id, "genops.code_version": CODE_VERSION,
             **prompt_tags(prompt_ref)}
@@ -96,7 +128,7 @@ def tuned_adapter(
                                name=f"{spec.name}-sft-{split}", source=f"{warehouse.path}#{sft_table}",
                                digest=plan.digests[split], context="training" if split == "train" else "validation")
 
-        on_progress = progress_to(mlflow, run_id, context.log.info)
+        on_progress = progress_logger(context, mlflow, run_id, tracked_metrics, ProgressLine())
         adapter_dir = home.models_dir / "adapters" / plan.version_key
         try:
             # The pool of one keeps trainings apart, except where Dagster's SQLite storage lets
@@ -118,22 +150,11 @@ def tuned_adapter(
         curve = home.runs_dir / plan.version_key / "loss_curve.png"
         curve.write_bytes(loss_curve_png(result.history))
         mlflow.log_artifact(run_id, curve, "plots")
-        adapter_files = file_digests(adapter_dir)
-        version_tags = {**tags, "genops.base_model_digest": base_model["folder_digest"],
-                        "genops.train_digest": plan.digests["train"],
-                        "genops.validation_digest": plan.digests["validation"],
-                        "genops.adapter_digest": sha256_json(adapter_files), VERSION_KEY_TAG: plan.version_key}
-        # The version is an MLflow model: the adapter and prompt on the base model (by path and digest).
-        model = mlflow.log_version_model(run_id, adapter_dir, prompt_ref, base_model, version_tags)
-        adapter = TunedAdapter(
-            model_name=model_name, version_key=plan.version_key, adapter_dir=str(adapter_dir),
-            adapter_digest=sha256_json(adapter_files), adapter_files=adapter_files, run_id=run_id,
-            base_model_digest=base_model["folder_digest"], base_model_path=base_model["path"],
-            dataset_digests=plan.digests, prompt=prompt_ref.summary(), steps=result.steps,
-            final_train_loss=result.last("loss"), final_eval_loss=result.last("eval_loss"), model_id=model.model_id)
-        mv = mlflow.register_adapter(
-            model_name, model, plan.version_key, tags=version_tags, value=adapter.as_dict(),
-            description=f"LoRA r={cfg.rank} on {base_model['name']}, {result.steps} steps")
+        digests = {"genops.train_digest": plan.digests["train"], "genops.validation_digest": plan.digests["validation"]}
+        adapter, model, mv = register_tuned(
+            mlflow, run_id, model_name, plan.version_key, adapter_dir, prompt_ref, base_model, {**tags, **digests},
+            plan.digests, result.steps, (result.last("loss"), result.last("eval_loss")),
+            f"LoRA r={cfg.rank} on {base_model['name']}, {result.steps} steps")
     context.log.info(f"registered {model_name} v{mv.version} (alias {CHALLENGER}), {result.steps} steps in "
                      f"{result.runtime_s:.0f}s")
     return dg.Output(

@@ -1,6 +1,6 @@
 """Typed tuning configuration, converted once into the training library's dataclass.
 
-The defaults are those of ``LoraTrainConfig``: stated once, in the library.
+The defaults are those of ``LoraTrainConfig`` and ``DpoTrainConfig``: stated once, in the library.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
+from genops_assets.lib.preference import DpoTrainConfig
 from genops_assets.lib.training import LoraTrainConfig
 
 _LIB = LoraTrainConfig()
@@ -49,3 +50,35 @@ class TuningConfig(dg.Config):
         names = {f.name for f in dataclasses.fields(LoraTrainConfig)} & set(type(self).model_fields)
         values = {name: getattr(self, name) for name in names}
         return LoraTrainConfig(**{**values, "target_modules": tuple(self.target_modules)})
+
+
+_DPO = DpoTrainConfig()
+
+
+class PreferenceTuningConfig(dg.Config):
+    """DPO of the champion adapter; its LoRA shape (rank, alpha, modules) is the champion's."""
+
+    beta: float = Field(_DPO.beta, gt=0, description="How far the tuned adapter may move from the champion "
+                        "(higher: closer to the champion).")
+    loss_type: str = Field(_DPO.loss_type, description="TRL DPO loss ('sigmoid' is the DPO paper's).")
+    learning_rate: float = Field(_DPO.learning_rate, gt=0, description="Peak learning rate (cosine schedule).")
+    max_steps: int = Field(_DPO.max_steps, description="Optimizer steps; <= 0 means use `epochs`.")
+    epochs: float = Field(_DPO.epochs, description="Epochs over the train pairs when max_steps <= 0.")
+    batch_size: int = Field(_DPO.batch_size, ge=1, description="Pairs per device batch.")
+    grad_accum: int = Field(_DPO.grad_accum, ge=1, description="Gradient accumulation steps.")
+    warmup_steps: int = Field(_DPO.warmup_steps, ge=0, description="Linear warm-up steps.")
+    max_length: int = Field(_DPO.max_length,
+        description="Longest prompt+answer in tokens; longer pairs are skipped and reported.")
+    seed: int = Field(_DPO.seed, description="Seed for shuffling and initialisation.")
+    log_every: int = Field(_DPO.log_every, ge=1, description="Log loss and reward accuracy every N steps.")
+    bf16: bool = Field(_DPO.bf16, description="bf16 mixed precision (GPU only).")
+    gradient_checkpointing: bool = Field(_DPO.gradient_checkpointing,
+        description="Trade compute for memory on big models.")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N train pairs by pair id (quick runs).")
+    min_train_pairs: int = Field(8, ge=1, description="Fewer train pairs than this fail the run: DPO on a "
+                                 "handful of ratings learns their noise.")
+    score_batch_size: int = Field(4, ge=1, description="Pairs scored at once for the held-out win rate.")
+
+    def to_train_config(self) -> DpoTrainConfig:
+        names = {f.name for f in dataclasses.fields(DpoTrainConfig)} & set(type(self).model_fields)
+        return DpoTrainConfig(**{name: getattr(self, name) for name in names})
