@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from rating_rows import add_ratings
 
 from genops_assets.lib.agreement import (
     agreed_pairs,
@@ -164,18 +165,6 @@ def test_hash_bucket_is_stable_and_in_range():
     assert hash_bucket("it_abc") == int(head, 16) / 2**32
 
 
-def add_ratings(store: RatingStore, rows: list[tuple[str, str, str | None]]) -> None:
-    """Raters and ratings written as the rating UI stores them (item, rater, choice)."""
-    with store.connect() as db:
-        for rater in sorted({r for _, r, _ in rows}):
-            db.execute("insert or ignore into raters (name, token_sha256, created_at) values (?, ?, ?)",
-                       (rater, "0" * 64, "2026-01-01T00:00:00+00:00"))
-        for n, (item_id, rater, choice) in enumerate(rows):
-            db.execute("insert into ratings (rating_id, task, item_id, rater, ts, choice) "
-                       "values (?, ?, ?, ?, ?, ?)",
-                       (f"r{n}", "support_triage", item_id, rater, f"2026-01-01T00:00:{n:02d}", choice))
-
-
 def test_agreed_pairs_from_the_store(tmp_path):
     spec = load_task(REPO / "tasks", "support_triage")
     store = RatingStore(tmp_path / "ratings.sqlite")
@@ -187,8 +176,9 @@ def test_agreed_pairs_from_the_store(tmp_path):
                       "corrupted:broken_json", gold_choice="1")
     store.put_items("support_triage", [live, golden, gold])
     assert agreed_pairs(store, spec) == []  # no ratings: no pairs, no error
-    add_ratings(store, [(live.item_id, "a", "2"), (live.item_id, "b", "2"), (golden.item_id, "a", "1"),
-                        (golden.item_id, "b", "1"), (gold.item_id, "a", "1"), (gold.item_id, "b", "1")])
+    add_ratings(store, "support_triage", [
+        (live.item_id, "a", "2"), (live.item_id, "b", "2"), (golden.item_id, "a", "1"), (golden.item_id, "b", "1"),
+        (gold.item_id, "a", "1"), (gold.item_id, "b", "1")])
     pairs = {p.item_id: p for p in agreed_pairs(store, spec)}
     assert set(pairs) == {live.item_id, golden.item_id}  # the gold question is never a training pair
     p = pairs[live.item_id]
