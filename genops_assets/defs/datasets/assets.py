@@ -106,8 +106,8 @@ def raw_task_examples(
 
 class GenopsDbtTranslator(DagsterDbtTranslator):
     """One task's view of the dbt project: a model is ``<task>/<model>`` in the task's datasets
-    group; the raw source is the task's ``raw_task_examples`` asset, the ``feedback`` sources its
-    ``human_ratings`` asset."""
+    group; the raw source is the task's ``raw_task_examples`` asset, the ``feedback`` sources the
+    tables its ``human_ratings`` step writes."""
 
     def __init__(self, task: str):
         super().__init__()
@@ -119,7 +119,9 @@ class GenopsDbtTranslator(DagsterDbtTranslator):
         if props["resource_type"] == "source" and props["name"] == "task_examples":
             return spec.replace_attributes(key=task_key(self.task, RAW_ASSET))
         if props["resource_type"] == "source" and props["source_name"] == FEEDBACK_SCHEMA:
-            return spec.replace_attributes(key=task_key(self.task, "human_ratings"))
+            from genops_assets.defs.feedback.ratings import TABLE_ASSETS
+
+            return spec.replace_attributes(key=task_key(self.task, TABLE_ASSETS[props["name"]]))
         if props["resource_type"] == "model":
             return spec.replace_attributes(key=task_key(self.task, props["name"]), group_name=f"{self.task}_datasets")
         return spec

@@ -44,6 +44,10 @@ ITEM_AGREEMENT_COLUMNS = (
     ("agreement", "double"), ("included", "boolean"), ("reason", "varchar"),
 )
 BOOLEAN_COLUMNS = {"retired", "unsafe_1", "unsafe_2"}
+# The asset (``<task>/<name>``) of each table: all four are written by the one ``human_ratings``
+# step in one transaction; the ratings table carries the asset's name and its agreement report.
+TABLE_ASSETS = {"ratings": "human_ratings", "rating_items": "rating_items", "rater_quality": "rater_quality",
+                "item_agreement": "item_agreement"}
 
 
 class RatingQueueConfig(dg.Config):
@@ -168,14 +172,14 @@ def copy_ratings(warehouse: DuckDBWarehouse, task: str, items: list[dict], ratin
     return report, written
 
 
-def human_ratings(
-    context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, home: GenopsHome
-) -> dg.MaterializeResult:
+def human_ratings(context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, home: GenopsHome):
     """The task's rating items and ratings copied from the rating store into the warehouse
     (``feedback.rating_items``, ``feedback.ratings``) with the agreement rules applied
     (``feedback.rater_quality``: gold accuracy, kappa, exclusions; ``feedback.item_agreement``:
     majority, agreement, inclusion), the task's rows of all four replaced in one transaction.
-    With no ratings the tables exist and hold none. Cost: seconds."""
+    Each table is an asset of this one step: ``human_ratings`` (feedback.ratings, with the
+    agreement report), ``rating_items``, ``rater_quality``, ``item_agreement``. With no ratings
+    the tables exist and hold none. Cost: seconds."""
     from genops_assets.lib.agreement import agreed_pairs
     from genops_assets.lib.ratings import RatingStore
 
@@ -189,7 +193,9 @@ def human_ratings(
     context.log.info(f"human ratings of {spec.name}: {written}; kappa {summary['kappa']} ({summary['kappa_method']}), "
                      f"{summary['excluded_raters']} rater(s) and {summary['excluded_items']} item(s) excluded; "
                      f"{len(pairs)} agreed pair(s), {len(train)} for training")
-    return dg.MaterializeResult(
+    version = dg.DataVersion(sha256_json([items, ratings])[:16])
+    yield dg.MaterializeResult(
+        asset_key=task_key(task, TABLE_ASSETS["ratings"]),
         metadata={
             "agreement_report": dg.MetadataValue.md(report.markdown()),
             "kappa": dg.MetadataValue.float(report.kappa) if report.kappa is not None else "not computed",
@@ -202,9 +208,14 @@ def human_ratings(
             "agreed_train_pairs": len(train),
             "train_pairs_digest": sha256_json(train),
             "store": dg.MetadataValue.path(str(home.ratings_path)),
+            "table": f"{FEEDBACK_SCHEMA}.ratings",
         },
-        data_version=dg.DataVersion(sha256_json([items, ratings])[:16]),
+        data_version=version,
     )
+    for table, name in TABLE_ASSETS.items():
+        if table != "ratings":
+            yield dg.MaterializeResult(asset_key=task_key(task, name), data_version=version,
+                                       metadata={"rows": written[table], "table": f"{FEEDBACK_SCHEMA}.{table}"})
 
 
 def build_rating_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
@@ -214,5 +225,9 @@ def build_rating_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
         dg.asset(key_prefix=[task.name], group_name=group, kinds={"sqlite"},
                  ins=task_ins(task, "eval_report", "sxs_evaluation"),
                  deps=[task_key(task, "golden_eval_dataset")])(bind_task(rating_queue, task)),
-        dg.asset(key_prefix=[task.name], group_name=group, kinds={"duckdb"})(bind_task(human_ratings, task)),
+        dg.multi_asset(name=task.step("human_ratings"), specs=[
+            dg.AssetSpec(task_key(task, name), group_name=group, kinds={"duckdb"},
+                         description=f"{FEEDBACK_SCHEMA}.{table}: the task's rows, copied from the rating store by "
+                                     "the human_ratings step (agreement rules applied)")
+            for table, name in TABLE_ASSETS.items()])(bind_task(human_ratings, task)),
     ]
