@@ -114,3 +114,24 @@ def test_marts_build_empty_then_from_ratings(tmp_path):
     assert list(proposals["item_id"]) == [new_input.item_id]
     assert (proposals["n_raters"][0], proposals["output_json"][0]) == (2, FIX)
 
+
+
+def test_golden_additions_always_join_the_golden_set(tmp_path):
+    wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
+    messages = _messages()
+    rows = [("examples.jsonl", i + 1, m, OUT) for i, m in enumerate(messages)]
+    _build_with(wh, tmp_path, rows)
+    sft_text = wh.query_df("select input_text from marts_t.sft_dataset order by example_id limit 1")["input_text"][0]
+    # An accepted proposal repeating a training example, and a new one: both golden, the duplicate
+    # leaves the SFT data (the golden addition comes first in load order).
+    additions = [("golden_additions.jsonl", 1, sft_text, FIX), ("golden_additions.jsonl", 2, "brand new input", FIX)]
+    _build_with(wh, tmp_path, rows + additions)
+    golden = wh.query_df("select * from marts_t.golden_eval_dataset").set_index("input_text")
+    assert {sft_text, "brand new input"} <= set(golden.index)
+    assert golden.loc[sft_text].source_file == "golden_additions.jsonl" and golden.loc[sft_text].output_json == FIX
+    assert sft_text not in set(wh.query_df("select input_text from marts_t.sft_dataset")["input_text"])
+
+
+def _build_with(wh: DuckDBWarehouse, tmp: Path, rows: list[tuple]) -> None:
+    wh.replace_raw_examples(TASK, rows)
+    _build(Path(wh.path), tmp)

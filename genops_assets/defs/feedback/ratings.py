@@ -194,9 +194,8 @@ def human_ratings(context: dg.AssetExecutionContext, task: TaskRef, warehouse: D
                      f"{summary['excluded_raters']} rater(s) and {summary['excluded_items']} item(s) excluded; "
                      f"{len(pairs)} agreed pair(s), {len(train)} for training")
     version = dg.DataVersion(sha256_json([items, ratings])[:16])
-    yield dg.MaterializeResult(
-        asset_key=task_key(task, TABLE_ASSETS["ratings"]),
-        metadata={
+    metadata = {
+        "ratings": {
             "agreement_report": dg.MetadataValue.md(report.markdown()),
             "kappa": dg.MetadataValue.float(report.kappa) if report.kappa is not None else "not computed",
             "kappa_method": report.kappa_method,
@@ -208,14 +207,15 @@ def human_ratings(context: dg.AssetExecutionContext, task: TaskRef, warehouse: D
             "agreed_train_pairs": len(train),
             "train_pairs_digest": sha256_json(train),
             "store": dg.MetadataValue.path(str(home.ratings_path)),
-            "table": f"{FEEDBACK_SCHEMA}.ratings",
         },
-        data_version=version,
-    )
+    }
+    # All four tables are always written together; the step reports the assets the run selected
+    # (a run of "eval_report and its upstream" needs only some of them).
     for table, name in TABLE_ASSETS.items():
-        if table != "ratings":
-            yield dg.MaterializeResult(asset_key=task_key(task, name), data_version=version,
-                                       metadata={"rows": written[table], "table": f"{FEEDBACK_SCHEMA}.{table}"})
+        key = task_key(task, name)
+        if key in context.selected_asset_keys:
+            yield dg.MaterializeResult(asset_key=key, data_version=version, metadata={
+                **metadata.get(table, {"rows": written[table]}), "table": f"{FEEDBACK_SCHEMA}.{table}"})
 
 
 def build_rating_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
@@ -225,7 +225,7 @@ def build_rating_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
         dg.asset(key_prefix=[task.name], group_name=group, kinds={"sqlite"},
                  ins=task_ins(task, "eval_report", "sxs_evaluation"),
                  deps=[task_key(task, "golden_eval_dataset")])(bind_task(rating_queue, task)),
-        dg.multi_asset(name=task.step("human_ratings"), specs=[
+        dg.multi_asset(name=task.step("human_ratings"), can_subset=True, specs=[
             dg.AssetSpec(task_key(task, name), group_name=group, kinds={"duckdb"},
                          description=f"{FEEDBACK_SCHEMA}.{table}: the task's rows, copied from the rating store by "
                                      "the human_ratings step (agreement rules applied)")
