@@ -45,3 +45,22 @@ join (
  from {{ feedback_source('ratings') }} as r
  where r.rater not in (select q.rater from {{ feedback_source('rater_quality') }} as q where q.excluded))
 {%- endmacro %}
+
+{# Corrected answers of counted raters (the human_corrections mart). sft_dataset takes them from
+   here too, not from the mart: it then builds on its own, also where the feedback step has not
+   run (no corrections). #}
+{% macro human_corrections_select() -%}
+select
+    'hc_' || substr(sha256(r.rating_id), 1, 16) as correction_id,
+    r.item_id,
+    i.example_id,
+    i.request_id,
+    i.input_text,
+    r.correction_json as output_json,
+    r.rater,
+    r.ts as rated_at,
+    i.source
+from {{ counted_ratings() }} as r
+join {{ feedback_source('rating_items') }} as i on i.item_id = r.item_id
+where r.correction_json is not null
+{%- endmacro %}

@@ -1,5 +1,5 @@
 -- Supervised fine-tuning set: everything outside the golden bucket, split into train and
--- validation by the next hash bucket, plus people's corrections (human_corrections) of inputs
+-- validation by the next hash bucket, plus people's corrections (as in human_corrections) of inputs
 -- not in the golden set. A correction of an input already here replaces that row's output
 -- (its split kept); a new input joins `train`. `origin` says which: task_data or
 -- human_correction. A task with retrieved contexts takes new inputs only with their passages,
@@ -23,7 +23,7 @@ with task_rows as (
 ),
 
 all_corrections as (
-    select * from {{ ref('human_corrections') }}
+    {{ human_corrections_select() }}
 ),
 
 near_golden as (
