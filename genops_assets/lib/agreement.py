@@ -306,11 +306,11 @@ def pairs_from(items: Sequence[Mapping[str, Any]], agreement: Sequence[ItemAgree
         if not a.included or a.majority_choice not in ("1", "2") or item["source"] == "gold" \
                 or item.get("gold_choice"):
             continue
-        win, lose = ("1", "2") if a.majority_choice == "1" else ("2", "1")
+        win, lose = ("1", "2") if a.majority_choice == "1" else ("2", "1")  # included: agreement is set
         heldout = item["source"] == "golden" or hash_bucket(a.item_id) < feedback.heldout_fraction
         out.append(AgreedPair(pair_id(a.item_id, a.majority_choice), a.item_id, item["input_text"],
                               item[f"response_{win}"], item[f"response_{lose}"], item[f"model_{win}"],
-                              item[f"model_{lose}"], a.n_ratings, float(a.agreement or 0.0), item["source"],
+                              item[f"model_{lose}"], a.n_ratings, float(a.agreement), item["source"],
                               "heldout" if heldout else "train"))
     return out
 
