@@ -21,14 +21,15 @@ MAX_LOGGED_ISSUES = 50
 CURSOR_DIGEST_CHARS = 16
 
 
-def _consumed(cursor: str | None, task_name: str) -> set[str]:
-    """Short digests of the rows a previous run request already covered (for this task)."""
+def consumed_digests(cursor: str | None, task_name: str, sensor: str) -> set[str]:
+    """Short digests a previous run request already covered (for this task), from a cursor
+    ``{"task": ..., "consumed": [...]}`` written by ``sensor``."""
     if not cursor:
         return set()
     try:
         state = json.loads(cursor)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"feedback_labels_sensor: unreadable cursor {cursor[:80]!r}: {exc}") from exc
+        raise ValueError(f"{sensor}: unreadable cursor {cursor[:80]!r}: {exc}") from exc
     if not isinstance(state, dict) or state.get("task") != task_name:
         return set()
     return set(state.get("consumed") or [])
@@ -53,7 +54,7 @@ def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskRef, h
     if not scan.rows:
         return dg.SkipReason(f"no valid labelled rows in {folder}{bad}")
 
-    consumed = _consumed(context.cursor, spec.name)
+    consumed = consumed_digests(context.cursor, spec.name, "feedback_labels_sensor")
     new = [r for r in scan.rows if r.digest[:CURSOR_DIGEST_CHARS] not in consumed]
     if len(new) < automation.label_threshold:
         return dg.SkipReason(f"{len(new)} new labelled row(s) of {len(scan.rows)} valid, "

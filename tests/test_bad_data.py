@@ -91,7 +91,8 @@ def test_tampered_mart_blocks_tuning(tmp_path, tasks_dir, tiny_model_dir, tamper
         victim = wh.query_df(f"select example_id from {marts}.golden_eval_dataset order by example_id "
                              "limit 1").iloc[0, 0]
         cols = wh.query_df(f"select * from {marts}.sft_dataset limit 0").columns.tolist()
-        columns = ", ".join("'train'" if c == "split" else c for c in cols)
+        fixed = {"split": "'train'", "origin": "'task_data'"}
+        columns = ", ".join(fixed.get(c, c) for c in cols)
         wh.execute(f"insert into {marts}.sft_dataset select {columns} from {marts}.golden_eval_dataset "
                    "where example_id = ?", [victim])
     result = _run(defs, CHECKS_AND_TUNING, tiny_model_dir, instance)

@@ -14,7 +14,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "transformers", "peft", "trl", "deepspeed", "great_expectations", "ragas"]
 TASK_ASSETS = {"golden_eval_dataset", "sft_dataset", "few_shot_examples", "tuned_adapter", "eval_report",
-               "deployed_endpoint", "raw_task_examples", "prompt_templates", "serving_metrics", "prompt_drift"}
+               "deployed_endpoint", "raw_task_examples", "prompt_templates", "serving_metrics", "prompt_drift",
+               "rating_queue", "human_ratings", "preference_pairs", "human_corrections", "human_judgements",
+               "golden_proposals"}
 SHARED_ASSETS = {"base_model", "request_log", "resource_usage"}
 TASKS = ("support_triage", "product_qa")
 
@@ -58,9 +60,11 @@ def test_asset_graph_has_the_lifecycle_and_gates_of_every_task():
         assert {"base_model", f"{task}/sft_dataset", f"{task}/prompt_templates"} <= upstream
         assert graph.get(dg.AssetKey([task, "tuned_adapter"])).group_name == f"{task}_tuning"
         checks = {c.name for c in graph.asset_check_keys if c.asset_key.path[0] == task}
-        assert checks == {"gx_golden_eval_dataset", "gx_sft_dataset", "gx_few_shot_examples", "beats_champion"}
+        assert checks == {"gx_golden_eval_dataset", "gx_sft_dataset", "gx_few_shot_examples", "beats_champion",
+                          "gx_preference_pairs", "gx_human_corrections"}
         for c in graph.asset_check_keys:
-            if c.asset_key.path[0] == task and c.name in ("gx_sft_dataset", "beats_champion"):
+            if c.asset_key.path[0] == task and c.name in ("gx_sft_dataset", "beats_champion", "gx_preference_pairs",
+                                                          "gx_human_corrections"):
                 assert graph.get_check_spec(c).blocking, c
         for job in ("genops_loop", "continuous_training", "prompt_enhancement", "judge_tuning"):
             assert defs.resolve_job_def(f"{task}_{job}")

@@ -49,6 +49,19 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert result.output_for_node(node("sxs_evaluation"))["judge_certified"] is False
     checks = check_results(result)
     assert checks["gx_sft_dataset"] and checks["gx_golden_eval_dataset"] and checks["beats_champion"]
+    # People's ratings: none yet. The queue is built (gold questions at least), the feedback
+    # tables and marts exist, empty, and their checks pass.
+    assert {"rating_queue", "human_ratings", "item_agreement", "preference_pairs", "human_corrections",
+            "human_judgements", "golden_proposals"} <= materialized(result)
+    assert checks["gx_preference_pairs"] and checks["gx_human_corrections"]
+    queue = result.output_for_node(node("rating_queue"))
+    assert queue["by_source"]["gold"] >= 2 and queue["items"] == sum(queue["by_source"].values())
+    from genops_assets.lib.ratings import RatingStore
+
+    assert len(RatingStore(queue["store"]).items("support_triage")) == queue["items"]
+    human = result.asset_materializations_for_node(node("human_ratings"))
+    report = next(m for m in human if m.asset_key == dg.AssetKey(["support_triage", "human_ratings"])).metadata
+    assert report["kappa"].value == "not computed" and "not computed" in report["agreement_report"].value
     # A task without retrieved contexts: no RAG metrics, no judge calls from the evaluation.
     assert result.output_for_node(node("eval_report"))["rag"] is None
     assert "rag" not in result.asset_materializations_for_node(node("eval_report"))[0].metadata

@@ -41,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("version", type=int)
     a.add_argument("--task", default=None)
     raters.add_parser(sub)
+    g = sub.add_parser("golden", help="golden proposals: list, accept one into the task's golden set")
+    gsub = g.add_subparsers(dest="golden_cmd", required=True)
+    gsub.add_parser("list").add_argument("--task", default=None)
+    ga = gsub.add_parser("accept", help="append a proposal to tasks/<task>/golden_additions.jsonl")
+    ga.add_argument("proposal_id")
+    ga.add_argument("--task", default=None)
     return p
 
 
@@ -64,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return prompt_command(args)
     if args.cmd == "raters":
         return raters.raters_command(args)
+    if args.cmd == "golden":
+        from genops_assets.cli.golden import golden_command
+
+        return golden_command(args)
     if args.cmd == "ui":
         from genops_assets.cli.ui import ui
 

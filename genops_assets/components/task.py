@@ -44,6 +44,7 @@ def task_graph(task: TaskRef, daily: dg.PartitionsDefinition) -> dg.Definitions:
     from genops_assets.defs.deployment.assets import build_deployment_assets
     from genops_assets.defs.evaluation.assets import build_evaluation_assets
     from genops_assets.defs.evaluation.checks import build_evaluation_checks
+    from genops_assets.defs.feedback.ratings import build_rating_assets
     from genops_assets.defs.jobs import build_task_jobs
     from genops_assets.defs.judge_tuning.assets import build_judge_tuning_assets
     from genops_assets.defs.monitoring.drift import build_drift_assets
@@ -57,12 +58,13 @@ def task_graph(task: TaskRef, daily: dg.PartitionsDefinition) -> dg.Definitions:
     assets = [*build_dataset_assets(task), *build_prompt_assets(task), *build_tuning_assets(task),
               *build_evaluation_assets(task), *build_deployment_assets(task),
               *build_serving_monitoring_assets(task, daily), *build_drift_assets(task, daily),
-              *build_quality_assets(task, daily), *build_preference_assets(task), *build_judge_tuning_assets(task)]
+              *build_quality_assets(task, daily), *build_rating_assets(task), *build_preference_assets(task),
+              *build_judge_tuning_assets(task)]
     checks = [*build_mart_checks(task), *build_evaluation_checks(task), *build_preference_checks(task)]
+    jobs = build_task_jobs(task)
     return dg.Definitions.merge(
-        dg.Definitions(assets=assets, asset_checks=checks,
-                       jobs=build_task_jobs(task)),
-        build_task_automation(task),
+        dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs),
+        build_task_automation(task, [job.name for job in jobs]),
     )
 
 

@@ -30,6 +30,9 @@ from genops_assets.lib.prompts import (
 )
 
 RAW_SUFFIXES = (".jsonl", ".csv")
+# Golden proposals a person accepted (`genops golden accept`): read with the task's data, always
+# in the golden set (dbt staging gives them split bucket 0).
+GOLDEN_ADDITIONS = "golden_additions.jsonl"
 
 
 class TaskConfigError(ValueError):
@@ -197,8 +200,11 @@ class TaskSpec:
         return self.root / "incoming"
 
     def raw_files(self) -> list[Path]:
-        """The task's data files plus every file dropped into ``incoming/``, in a stable order."""
+        """The task's data files, its accepted golden additions (when there are any) and every
+        file dropped into ``incoming/``, in a stable order."""
         files = [self.root / f for f in self.data_files]
+        if (self.root / GOLDEN_ADDITIONS).is_file() and GOLDEN_ADDITIONS not in self.data_files:
+            files.append(self.root / GOLDEN_ADDITIONS)
         if self.incoming_dir.is_dir():
             files += sorted(
                 p for p in self.incoming_dir.iterdir() if p.is_file() and p.suffix in RAW_SUFFIXES

@@ -18,6 +18,7 @@ from genops_assets.lib.output_schema import OutputSchema
 
 MAX_FAILING_ROWS = 50
 SCHEMA_ERRORS = "output_schema_errors"
+IDENTICAL = "identical_answers"
 _WS = re.compile(r"[\t\n\f\r ]+")
 _WORD = re.compile(r"[0-9a-z]+")
 
@@ -44,7 +45,7 @@ class MartRules:
     non_null_columns: Sequence[str]
     unique_column: str
     input_column: str
-    input_length: tuple[int, int]
+    input_length: tuple[int, int] | None
     output_schema: OutputSchema
     text_length: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     forbidden_hashes: frozenset[str] = frozenset()
@@ -52,6 +53,14 @@ class MartRules:
     near_duplicate_jaccard: float = 0.8
     json_column: str = "output_json"
     hash_column: str = "content_hash"
+    # False: ``json_column`` is not judged by the output schema (a preference pair's rejected answer
+    # may be invalid on purpose).
+    check_output_schema: bool = True
+    # Two columns that must differ on every row (a preference pair's chosen and rejected answers).
+    distinct_columns: tuple[str, str] | None = None
+    # (column, value): only rows with that value must stay away from the golden set (the
+    # ``train`` split of preference pairs); other rows get overlap 0.
+    overlap_only_where: tuple[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,11 +112,17 @@ def _label_frame(df, rules: MartRules):
         out[f"label__{f}"] = pd.Series([p.get(f) for p in parsed], index=out.index, dtype="object")
     if rules.forbidden_texts and rules.input_column in out:
         golden = [word_set(t) for t in rules.forbidden_texts]
+        where = rules.overlap_only_where
+        checked = ([v == where[1] for v in out[where[0]].tolist()] if where and where[0] in out
+                   else [True] * len(out))
         scores = []
-        for text in out[rules.input_column].tolist():
+        for text, check in zip(out[rules.input_column].tolist(), checked, strict=True):
             words = word_set(normalise_text(text or ""))
-            scores.append(max((jaccard(words, g) for g in golden), default=0.0))
+            scores.append(max((jaccard(words, g) for g in golden), default=0.0) if check else 0.0)
         out["golden_overlap_jaccard"] = scores
+    if rules.distinct_columns and all(c in out for c in rules.distinct_columns):
+        a, b = rules.distinct_columns
+        out[IDENTICAL] = [x == y for x, y in zip(out[a].tolist(), out[b].tolist(), strict=True)]
     return out
 
 
@@ -119,9 +134,13 @@ def _expectations(rules: MartRules, columns: Sequence[str]):
         return exps  # the rest would only error on the missing columns
     exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in rules.non_null_columns]
     exps.append(gxe.ExpectColumnValuesToBeUnique(column=rules.unique_column))
-    lo, hi = rules.input_length
-    exps.append(gxe.ExpectColumnValueLengthsToBeBetween(column=rules.input_column, min_value=lo, max_value=hi))
-    exps.append(gxe.ExpectColumnValuesToBeNull(column=SCHEMA_ERRORS))
+    if rules.input_length is not None:
+        lo, hi = rules.input_length
+        exps.append(gxe.ExpectColumnValueLengthsToBeBetween(column=rules.input_column, min_value=lo, max_value=hi))
+    if rules.check_output_schema:
+        exps.append(gxe.ExpectColumnValuesToBeNull(column=SCHEMA_ERRORS))
+    if rules.distinct_columns:
+        exps.append(gxe.ExpectColumnValuesToBeInSet(column=IDENTICAL, value_set=[False]))
     for f, (lo, hi) in rules.text_length.items():
         exps.append(gxe.ExpectColumnValuesToNotBeNull(column=f"label__{f}"))
         exps.append(gxe.ExpectColumnValueLengthsToBeBetween(column=f"label__{f}", min_value=lo, max_value=hi))

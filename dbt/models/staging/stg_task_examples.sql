@@ -1,7 +1,9 @@
 -- The active task's examples: normalised, with stable ids and content hashes, exact and
 -- near duplicates removed. The first occurrence (by file, then row) of a duplicate wins.
 -- Identity is the input alone: the same question with other retrieved passages is the same
--- example (it must not sit in both the golden set and training).
+-- example (it must not sit in both the golden set and training). Rows of the task's
+-- golden_additions.jsonl (golden proposals a person accepted) always join the golden set: they
+-- come first in load order, so they win over any duplicate, and their split bucket is 0.
 with src as (
     select
         source_file,
@@ -20,7 +22,9 @@ hashed as (
         *,
         sha256(normalised_text) as content_hash,
         'ex_' || substr(sha256(normalised_text), 1, 16) as example_id,
-        row_number() over (order by source_file, source_row) as load_order
+        row_number() over (
+            order by (source_file = '{{ var("golden_additions_file") }}') desc, source_file, source_row
+        ) as load_order
     from src
 ),
 
@@ -60,6 +64,9 @@ select
     source_row,
     contexts_json,
     reference_contexts_json,
-    {{ hash_bucket('content_hash') }} as split_bucket
+    case
+        when source_file = '{{ var("golden_additions_file") }}' then 0.0
+        else {{ hash_bucket('content_hash') }}
+    end as split_bucket
 from tokens
 where example_id not in (select example_id from near_dups)

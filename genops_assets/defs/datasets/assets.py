@@ -12,13 +12,14 @@ from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_as
 from genops_assets.components.binding import bind_task, task_group, task_key
 from genops_assets.lib.hashing import sha256_file, sha256_json
 from genops_assets.lib.labels import scan_labels
-from genops_assets.lib.tasks import TaskRef, read_raw_file
+from genops_assets.lib.tasks import GOLDEN_ADDITIONS, TaskRef, read_raw_file
 from resources import DBT_PROJECT_DIR
 from resources.paths import GenopsHome
 from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
 RAW_ASSET = "raw_task_examples"
 MARTS = ("golden_eval_dataset", "sft_dataset", "few_shot_examples")
+FEEDBACK_MARTS = ("preference_pairs", "human_corrections", "human_judgements", "golden_proposals")
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
@@ -105,7 +106,8 @@ def raw_task_examples(
 
 class GenopsDbtTranslator(DagsterDbtTranslator):
     """One task's view of the dbt project: a model is ``<task>/<model>`` in the task's datasets
-    group; the raw source is the task's ``raw_task_examples`` asset."""
+    group; the raw source is the task's ``raw_task_examples`` asset, the ``feedback`` sources the
+    tables its ``human_ratings`` step writes."""
 
     def __init__(self, task: str):
         super().__init__()
@@ -116,6 +118,10 @@ class GenopsDbtTranslator(DagsterDbtTranslator):
         props = self.get_resource_props(manifest, unique_id)
         if props["resource_type"] == "source" and props["name"] == "task_examples":
             return spec.replace_attributes(key=task_key(self.task, RAW_ASSET))
+        if props["resource_type"] == "source" and props["source_name"] == FEEDBACK_SCHEMA:
+            from genops_assets.defs.feedback.ratings import TABLE_ASSETS
+
+            return spec.replace_attributes(key=task_key(self.task, TABLE_ASSETS[props["name"]]))
         if props["resource_type"] == "model":
             return spec.replace_attributes(key=task_key(self.task, props["name"]), group_name=f"{self.task}_datasets")
         return spec
@@ -140,6 +146,11 @@ def dbt_vars(spec) -> dict[str, Any]:
         "near_duplicate_jaccard": s.near_duplicate_jaccard,
         "few_shot_per_label": s.few_shot_per_label,
         "few_shot_label_field": s.few_shot_label_field,
+        "heldout_fraction": spec.feedback.heldout_fraction,
+        "min_item_ratings": spec.feedback.min_item_ratings,
+        "min_item_agreement": spec.feedback.min_item_agreement,
+        "task_has_contexts": spec.contexts is not None,
+        "golden_additions_file": GOLDEN_ADDITIONS,
     }
 
 
