@@ -23,11 +23,14 @@ def loop_selection(task: TaskRef) -> dg.AssetSelection:
 
 
 def preference_selection(task: TaskRef) -> dg.AssetSelection:
-    """Preference tuning end to end: the dbt models it reads (preference_pairs), the base model,
-    DPO from the champion, its evaluation and gate, deployment."""
+    """Preference tuning end to end: the ratings copied from the rating store and their agreement,
+    the dbt models DPO reads (preference_pairs), the base model, DPO from the champion, its
+    evaluation and gate, deployment."""
     tuned = dg.AssetSelection.assets(task_key(task, "preference_tuned_adapter"))
     marts = tuned.upstream(depth=1) & dg.AssetSelection.groups(task_group(task, "datasets"))
-    return marts | dg.AssetSelection.assets("base_model") | dg.AssetSelection.groups(task_group(task, "preference"))
+    ratings = marts.upstream(depth=1) & dg.AssetSelection.groups(task_group(task, "feedback"))
+    return (ratings | marts | dg.AssetSelection.assets("base_model")
+            | dg.AssetSelection.groups(task_group(task, "preference")))
 
 
 def loop_job_name(task: str) -> str:
