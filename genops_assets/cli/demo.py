@@ -274,6 +274,9 @@ def print_summary(root: Path, run: JobRun, task, out=sys.stdout) -> int:
             f"of task {spec.name}:\n  {example.input_text}\n  -> {answer}"
             f"\n  reference: {json.dumps(example.reference, ensure_ascii=False)}"
             f"\n  {'schema-valid answer' if problem is None else 'answer does NOT fit the schema: ' + problem}")
+    say("\n" + judge_line(run.materializations.get("judge_certificate", {}),
+                          sxs.get("judge_certified")))
+    queued = run.materializations.get("rating_queue", {}).get("items", 0)
     # The local server asks for a bearer key when GENOPS_API_KEYS lists any.
     keys_required = bool(parse_api_keys(os.environ.get("GENOPS_API_KEYS")))
     say(f"""
@@ -288,10 +291,25 @@ genops demo finished in {duration(run.wall_s)}. Slowest steps:
   Dagster UI (runs, lineage, checks):  make ui  ->  http://127.0.0.1:3000
   MLflow UI (runs, registry, aliases): make ui  ->  http://127.0.0.1:5000
   Full log of this run:                {run.log_file}
+  Rate answers ({queued} items queued):   .venv/bin/genops raters add <name>  (prints a token once), then
+                                       make feedback  ->  http://127.0.0.1:8090
   Continuous training: drop JSONL/CSV files into {spec.incoming_dir}/ (sensor {spec.name}_incoming_data_sensor).
   The endpoint keeps running until `make stop`; the judge server, which only the run needed, is stopped.
 """)
     return rc
+
+
+def judge_line(certificate: dict, sxs_certified) -> str:
+    """What the judge certificate says, and so whether AutoSxS's numbers count."""
+    if not certificate:
+        return "Judge certificate: not computed (the run materialized no judge_certificate)"
+    if certificate.get("certified"):
+        return f"Judge certificate: PASSED for {certificate.get('judge')}; AutoSxS's win rate counts."
+    failures = certificate.get("failures") or []
+    shown = "; ".join(str(f) for f in failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+    marked = "" if sxs_certified is None else " and its report is marked UNCERTIFIED"
+    return (f"Judge certificate: FAILED for {certificate.get('judge')} ({shown}).\n  AutoSxS's numbers are shown but"
+            f" are not a result{marked}; human labels needed: {certificate.get('labels_needed')}.")
 
 
 def enhance() -> int:
