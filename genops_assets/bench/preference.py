@@ -41,7 +41,13 @@ def seed_pairs(loaded, spec, prompt, examples, kinds: dict[str, str], batch_size
     from genops_assets.serving.generation import generate
 
     messages = [build_messages(spec, ex.input_text, prompt=prompt, contexts=ex.contexts) for ex in examples]
-    answers = generate(loaded, messages, "champion", max_new_tokens=prompt.max_new_tokens, batch_size=batch_size)
+    answers, started = [], time.monotonic()
+    for start in range(0, len(messages), batch_size):
+        answers += generate(loaded, messages[start:start + batch_size], "champion",
+                            max_new_tokens=prompt.max_new_tokens, batch_size=batch_size)
+        done = len(answers)
+        eta = (time.monotonic() - started) / done * (len(messages) - done)
+        _log(f"seeding: the champion answered {done}/{len(messages)} prompts, ETA {eta:.0f}s")
     pairs = []
     for ex, msgs, answer in zip(examples, messages, answers, strict=True):
         chosen = format_target(ex.reference, spec.output_fields)
