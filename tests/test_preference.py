@@ -17,6 +17,7 @@ from genops_assets.lib.preference import (
     heldout_win_rates,
     plan_preference,
     preference_accuracy,
+    preference_shift,
     to_preference_pairs,
     train_dpo,
     validate_pairs,
@@ -120,6 +121,10 @@ def test_dpo_moves_heldout_win_rate_from_the_champion(dpo_run, pairs, tiny_model
     assert after.interval.estimate > before.interval.estimate, (before.as_dict(), after.as_dict())
     change = win_rate_change(before, after)
     assert change.estimate == pytest.approx(after.interval.estimate - before.interval.estimate)
+    # Every held-out pair moved towards its chosen answer; a model compared with itself moves none.
+    shift = preference_shift(before, after)
+    assert shift["moved"] > shift["n"] / 2 and shift["mean_margin_change"]["low"] > 0, shift
+    assert preference_shift(before, before)["moved"] == 0
     # Progress: every step logged with its loss, reward accuracy and ETA.
     assert [int(r["step"]) for r in progress] == list(range(1, TINY_DPO.max_steps + 1))
     assert all({"loss", "reward_accuracy", "reward_margin", "eta_s"} <= set(r) for r in progress)

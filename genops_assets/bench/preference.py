@@ -89,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     from genops_assets.lib.base_model import convert_gguf, find_embedded_gguf, resolve_local_folder
     from genops_assets.lib.evaluation import examples_from_frame
     from genops_assets.lib.hashing import atomic_write_json
-    from genops_assets.lib.preference import DpoTrainConfig, heldout_win_rates, train_dpo, win_rate_change
+    from genops_assets.lib.preference import (
+        DpoTrainConfig,
+        heldout_win_rates,
+        preference_shift,
+        train_dpo,
+        win_rate_change,
+    )
     from genops_assets.lib.tasks import load_task
     from genops_assets.serving.adapters import load_model
     from resources import build_resources
@@ -149,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     rates = heldout_win_rates(base.path, {"champion": champion_dir, "dpo": work / "adapter"}, heldout)
     before, after = rates["champion"], rates["dpo"]
     change = win_rate_change(before, after, seed=args.seed)
+    shift = preference_shift(before, after, seed=args.seed)
     report = {
         "task": spec.name, "champion": champion_name, "base_model": base.path, "config": cfg.as_params(),
         "train_pairs": result.train_pairs, "heldout_pairs": len(heldout), "pair_kinds": counts,
         "heldout_win_rate": {"before": before.as_dict(), "after": after.as_dict(), "change": change.as_dict()},
+        "heldout_shift": shift,
         # Where the champion was wrong (its own answer rejected) and where a corrupted copy was.
         "heldout_by_kind": {kind: {"n": len(ids), "before": sum(before.outcomes[i] for i in ids) / len(ids),
                                    "after": sum(after.outcomes[i] for i in ids) / len(ids)}
@@ -169,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  change: {change.estimate:+.3f} [{change.low:+.3f}, {change.high:+.3f}] (paired bootstrap)")
     for kind, row in report["heldout_by_kind"].items():
         print(f"  {kind}: {row['before']:.3f} -> {row['after']:.3f} ({row['n']} pairs)")
+    share, mean = shift["share_moved"], shift["mean_margin_change"]
+    print(f"  pairs moved towards the chosen answer: {share['estimate']:.3f} [{share['low']:.3f}, {share['high']:.3f}]"
+          f" ({shift['moved']}/{shift['n']}); mean margin change {mean['estimate']:+.3f} nats/token "
+          f"[{mean['low']:+.3f}, {mean['high']:+.3f}]")
     print(f"written to {out}")
     return 0
 

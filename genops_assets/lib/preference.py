@@ -23,7 +23,7 @@ from typing import Any
 
 from genops_assets.lib.formatting import build_messages
 from genops_assets.lib.hashing import atomic_dir, sha256_json
-from genops_assets.lib.stats import Interval, paired_difference_ci, wilson_interval
+from genops_assets.lib.stats import Interval, bootstrap_ci, paired_difference_ci, wilson_interval
 from genops_assets.lib.training import SftExample, TrainingInputError, tokenize_example
 
 PREFERENCE_CODE_VERSION = "dpo-1"
@@ -258,12 +258,33 @@ def win_rate_change(before: PreferenceAccuracy, after: PreferenceAccuracy, seed:
     return paired_difference_ci([after.outcomes[i] for i in ids], [before.outcomes[i] for i in ids], seed=seed)
 
 
+def preference_shift(before: PreferenceAccuracy, after: PreferenceAccuracy, level: float = 0.95,
+                     seed: int = 0) -> dict[str, Any]:
+    """How far tuning moved each held-out pair towards the people's choice: the change of the
+    chosen-minus-rejected margin (per-token log-likelihood) from ``before`` to ``after``.
+
+    This is DPO's implicit reward accuracy measured on pairs it never saw: the share of pairs
+    whose margin grew (Wilson interval) and the mean change (bootstrap interval). It reads the
+    direction of the move even where the absolute win rate cannot flip yet: a champion's own
+    greedy answer, the rejected side of most seeded pairs, starts far more likely than anything
+    else it could say."""
+    ids = sorted(before.margins)
+    if sorted(after.margins) != ids:
+        raise ValueError("before and after were scored on different pairs")
+    shifts = [after.margins[i] - before.margins[i] for i in ids]
+    moved = sum(1 for d in shifts if d > 0)
+    return {"n": len(ids), "moved": moved, "share_moved": wilson_interval(moved, len(ids), level).as_dict(),
+            "mean_margin_change": bootstrap_ci(shifts, level=level, seed=seed).as_dict()}
+
+
 def win_rate_report(base_dir: str | Path, champion_dir: str | Path, tuned_dir: str | Path,
                     pairs: Sequence[PreferencePair], batch_size: int = 4, seed: int = 0) -> dict[str, dict]:
-    """The held-out win rate before (champion) and after (tuned adapter), and the paired change."""
+    """The held-out win rate before (champion) and after (tuned adapter), the paired change, and
+    how far the pairs moved towards the chosen answers (``preference_shift``)."""
     rates = heldout_win_rates(base_dir, {"champion": champion_dir, "tuned": tuned_dir}, pairs, batch_size)
     change = win_rate_change(rates["champion"], rates["tuned"], seed=seed)
-    return {"before": rates["champion"].as_dict(), "after": rates["tuned"].as_dict(), "change": change.as_dict()}
+    return {"before": rates["champion"].as_dict(), "after": rates["tuned"].as_dict(), "change": change.as_dict(),
+            "shift": preference_shift(rates["champion"], rates["tuned"], seed=seed)}
 
 
 # -- training --------------------------------------------------------------------------------

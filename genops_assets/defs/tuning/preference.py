@@ -139,9 +139,13 @@ def preference_tuned_adapter(
             mlflow.log_metrics(run_id, {f"heldout_win_rate_{when}{part}": win_rates[when][key]
                                         for when in ("before", "after")
                                         for part, key in (("", "estimate"), ("_low", "low"), ("_high", "high"))})
+            mlflow.log_metrics(run_id, {"heldout_share_moved": win_rates["shift"]["share_moved"]["estimate"],
+                                        "heldout_mean_margin_change":
+                                            win_rates["shift"]["mean_margin_change"]["estimate"]})
             context.log.info(f"held-out preference win rate on {len(heldout)} pairs: champion v{champion.version} "
                              f"{interval_text(win_rates['before'])}, tuned {interval_text(win_rates['after'])}, "
-                             f"change {interval_text(win_rates['change'])}")
+                             f"change {interval_text(win_rates['change'])}; pairs moved towards the chosen answer "
+                             f"{interval_text(win_rates['shift']['share_moved'])}")
         else:
             context.log.warning(f"{table} has no '{HELDOUT}' pairs: held-out win rate not computed")
 
@@ -179,6 +183,8 @@ def preference_tuned_adapter(
         else result.last("reward_accuracy"),
         "heldout_win_rate_before": rate("before"),
         "heldout_win_rate_after": rate("after"),
+        "heldout_share_moved": NOT_COMPUTED if win_rates is None
+        else float(win_rates["shift"]["share_moved"]["estimate"]),
         "heldout_win_rate": dg.MetadataValue.json(win_rates) if win_rates else NOT_COMPUTED,
         "runtime_s": round(result.runtime_s, 1),
         "adapter_dir": dg.MetadataValue.path(str(adapter_dir)),
