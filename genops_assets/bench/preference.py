@@ -70,14 +70,16 @@ def seed_pairs(loaded, spec, prompt, examples, kinds: dict[str, str], batch_size
 
 
 def main(argv: list[str] | None = None) -> int:
+    from genops_assets.lib.preference import DpoTrainConfig  # no heavy imports at its top
+
     p = argparse.ArgumentParser(prog="python -m genops_assets.bench.preference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default=os.environ.get("GENOPS_TASK", "support_triage"))
     p.add_argument("--train", type=int, default=64, help="training pairs (SFT train split)")
     p.add_argument("--heldout", type=int, default=60, help="held-out pairs (golden set)")
-    p.add_argument("--steps", type=int, default=32, help="DPO optimizer steps")
+    p.add_argument("--steps", type=int, default=DpoTrainConfig.max_steps, help="DPO optimizer steps")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=DpoTrainConfig.learning_rate, help="peak learning rate")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--champion-adapter", default=None,
@@ -90,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     from genops_assets.lib.evaluation import examples_from_frame
     from genops_assets.lib.hashing import atomic_write_json
     from genops_assets.lib.preference import (
-        DpoTrainConfig,
         heldout_win_rates,
         preference_shift,
         train_dpo,

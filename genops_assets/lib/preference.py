@@ -43,10 +43,12 @@ class PreferenceInputError(TrainingInputError):
 
 @dataclass(frozen=True)
 class DpoTrainConfig:
+    # Learning rate and steps as measured on the embedded model (genops_assets/bench/preference.py):
+    # 64 steps at 2e-4 moved 51 of 60 held-out pairs towards the chosen answer; 32 at 1e-4 barely moved it.
     beta: float = 0.1
     loss_type: str = "sigmoid"
-    learning_rate: float = 5e-5
-    max_steps: int = 60
+    learning_rate: float = 2e-4
+    max_steps: int = 64
     epochs: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
