@@ -35,9 +35,12 @@ def select(*names: str, task: str = TASK) -> dg.AssetSelection:
 
 
 def task_selection(task: str = TASK) -> dg.AssetSelection:
-    """Everything of ``task`` and the shared base model, monitoring excepted."""
+    """Everything of ``task`` and the shared base model, except the stages with jobs of their
+    own (monitoring, preference tuning, judge tuning), as the loop job selects."""
+    from genops_assets.defs.jobs import OUTSIDE_LOOP
+
     return ((dg.AssetSelection.key_prefixes([task]) | dg.AssetSelection.assets("base_model"))
-            - dg.AssetSelection.groups(f"{task}_monitoring"))
+            - dg.AssetSelection.groups(*(f"{task}_{stage}" for stage in OUTSIDE_LOOP)))
 
 
 @contextlib.contextmanager

@@ -35,8 +35,11 @@ def test_prompt_versions_flow_through_the_graph_and_enhancement_uses_validation_
         instance = dg.DagsterInstance.ephemeral()
         cfg = tiny_run_config(tiny_model_dir)
         cfg["ops"].pop(node("sxs_evaluation"))
+        cfg["ops"].pop(node("judge_certificate"))
         cfg["ops"][node("prompt_candidates")] = {"config": {"n_candidates": 2, "max_examples": 6, "batch_size": 6}}
-        selection = task_selection(TASK) - select("sxs_evaluation")
+        # The judge here is the teacher's stand-in: the judged assets (and the queue that reads
+        # AutoSxS) are left out, so the teacher's calls are enhancement's alone.
+        selection = task_selection(TASK) - select("sxs_evaluation", "rating_queue", "judge_certificate")
         result = dg.materialize(assets, instance=instance, resources=res, run_config=cfg, selection=selection)
         assert result.success
 
