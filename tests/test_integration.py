@@ -37,6 +37,7 @@ def test_loop_on_embedded_smollm2(tmp_path):
                                          "log_every": 1}},
             "eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": margin, "base_few_shot": 0}},
             "sxs_evaluation": {"config": {"max_examples": 4}},
+            "judge_certificate": {"config": {"max_probe_examples": 4}},
         }})
 
     try:
