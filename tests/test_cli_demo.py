@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from genops_assets.cli.demo import curl_command, demo_example, schema_problem, stage_lines
+from genops_assets.cli.demo import curl_command, demo_example, judge_line, schema_problem, stage_lines
 from genops_assets.cli.progress import RunEvent, RunProgress, clock, duration
 from genops_assets.lib.tasks import load_task
 
@@ -56,6 +56,16 @@ def test_a_message_with_its_own_eta_keeps_it_and_plain_messages_are_not_shown():
     assert line == ["[ 0:10] step 1/5 tuned_adapter: tuning: step 10/50, loss 0.9000, ETA 2m40s"]
     assert p.feed(RunEvent(11.0, "LOG", "tuned_adapter", "registered genops-x v1 (alias challenger)")) == []
     assert p.feed(RunEvent(12.0, "LOG", "tuned_adapter", "odd 7/3 ratio")) == []
+
+
+def test_the_summary_says_whether_the_judge_counts():
+    failed = {"certified": False, "judge": "base at http://127.0.0.1:8018/v1", "labels_needed": 30,
+              "failures": ["position_consistency: 0.000", "probe_accuracy: 0.000", "human_labels: 0", "human_kappa: n/a"]}
+    line = judge_line(failed, False)
+    assert "FAILED" in line and "position_consistency: 0.000" in line and "and 1 more" in line
+    assert "UNCERTIFIED" in line and "human labels needed: 30" in line
+    assert "PASSED" in judge_line({"certified": True, "judge": "j"}, True)
+    assert "not computed" in judge_line({}, None)
 
 
 def test_clock_and_duration():
