@@ -60,7 +60,8 @@ def test_a_message_with_its_own_eta_keeps_it_and_plain_messages_are_not_shown():
 
 def test_the_summary_says_whether_the_judge_counts():
     failed = {"certified": False, "judge": "base at http://127.0.0.1:8018/v1", "labels_needed": 30,
-              "failures": ["position_consistency: 0.000", "probe_accuracy: 0.000", "human_labels: 0", "human_kappa: n/a"]}
+              "failures": ["position_consistency: 0.000", "probe_accuracy: 0.000", "human_labels: 0",
+                           "human_kappa: n/a"]}
     line = judge_line(failed, False)
     assert "FAILED" in line and "position_consistency: 0.000" in line and "and 1 more" in line
     assert "UNCERTIFIED" in line and "human labels needed: 30" in line
