@@ -278,6 +278,23 @@ def _prf(y: np.ndarray, pred: np.ndarray) -> dict[str, float | int]:
             "positives": int((y == 1).sum()), "negatives": int((y == 0).sum())}
 
 
+def _suite_flagged(coef: np.ndarray, intercept: float, offset: float, n_features: int,
+                   ngram_range: tuple[int, int], max_chars: int) -> dict[str, dict[str, float]]:
+    """Share of each red-team class the classifier flags alone, and with the heuristics (the suite
+    is never trained on: its vendored attacks are kept apart from the classifier's pool)."""
+    from genops_assets.lib.redteam import ATTACK_CLASSES, load_suite
+
+    det = InjectionDetector(coef, intercept, {"n_features": n_features, "ngram_range": list(ngram_range),
+                                              "max_chars": max_chars, "logit_offset": offset})
+    cases = load_suite().cases
+    out = {}
+    for cls in ATTACK_CLASSES:
+        scores = [det.score(c.prompt) for c in cases if c.attack_class == cls]
+        out[cls] = {"classifier": sum(s.score >= 0.5 for s in scores) / len(scores),
+                    "with_heuristics": sum(s.score >= 0.5 or bool(s.heuristics) for s in scores) / len(scores)}
+    return out
+
+
 def train_detector(tasks_dir: Path, out: Path = DEFAULT_DIR, *, n_features: int = 1 << 16,
                    ngram_range: tuple[int, int] = (3, 5), max_chars: int = 8000, c: float = 4.0,
                    test_size: float = 0.25, seed: int = SEED) -> dict[str, Any]:
@@ -320,6 +337,8 @@ def train_detector(tasks_dir: Path, out: Path = DEFAULT_DIR, *, n_features: int 
     held_out["at_probability_0.5"] = _prf(y[test], (logits[test] >= 0).astype(int))
     metrics = {
         "format": FORMAT, "seed": seed, "held_out_fraction": test_size,
+        "suite_flagged": _suite_flagged(model.coef_[0].astype(np.float32), float(model.intercept_[0]), offset,
+                                        n_features, ngram_range, max_chars),
         "held_out": held_out,
         "by_source_held_out": {s: rate(test & np.array([g == s for g in groups])) for s in sorted(set(groups))},
         "task_inputs_all": rate(task_mask),
@@ -330,7 +349,7 @@ def train_detector(tasks_dir: Path, out: Path = DEFAULT_DIR, *, n_features: int 
     params = {"format": FORMAT, "n_features": n_features, "ngram_range": list(ngram_range), "max_chars": max_chars,
               "lowercase": True, "hash": "poly1000003-splitmix64-signed", "logit_offset": offset, "threshold": 0.5,
               "weights_sha256": sha256_bytes(weights), "classifier": f"LogisticRegression(C={c}, liblinear, balanced)",
-              "seed": seed, "sources": list(ATTACK_SETS + BENIGN_SETS) + ["tasks/*/ (inputs and passages)"]}
+              "seed": seed, "sources": [*ATTACK_SETS, *BENIGN_SETS, "tasks/*/ (inputs and passages)"]}
     with atomic_dir(out) as tmp:  # the three files replace the old ones together or not at all
         (tmp / WEIGHTS).write_bytes(weights)
         atomic_write_json(tmp / PARAMS, params)
