@@ -30,7 +30,10 @@ def detector() -> InjectionDetector:
 
 def test_shipped_files_are_safetensors_and_json_and_load_fast():
     assert sorted(p.name for p in DEFAULT_DIR.iterdir()) == sorted([WEIGHTS, PARAMS, METRICS])
-    assert (DEFAULT_DIR / WEIGHTS).read_bytes()[:8] != b"\x80\x04\x95"[:8]  # no pickle protocol header
+    raw = (DEFAULT_DIR / WEIGHTS).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, JSON header, tensors
+    header = json.loads(raw[8:8 + header_len])
+    assert {k: v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"coef": "F32", "intercept": "F32"}
     start = time.perf_counter()
     det = InjectionDetector.load()
     assert time.perf_counter() - start < 1.0
