@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from genops_assets.cli import raters
+from genops_assets.cli import raters, safety
 from genops_assets.cli.home import init_home
 
 
@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("version", type=int)
     a.add_argument("--task", default=None)
     raters.add_parser(sub)
+    safety.add_parser(sub)
     g = sub.add_parser("golden", help="golden proposals: list, accept one into the task's golden set")
     gsub = g.add_subparsers(dest="golden_cmd", required=True)
     gsub.add_parser("list").add_argument("--task", default=None)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return prompt_command(args)
     if args.cmd == "raters":
         return raters.raters_command(args)
+    if args.cmd == "safety":
+        return safety.safety_command(args)
     if args.cmd == "golden":
         from genops_assets.cli.golden import golden_command
 
