@@ -257,3 +257,15 @@ def test_deployed_endpoint_refuses_a_candidate_whose_safety_gate_failed(safety_p
     assert "safety gate failed" in failure.event_specific_data.error.message
     assert "jailbreak" in failure.event_specific_data.error.message
     assert tracking.alias(MODEL, CHAMPION) is None  # nothing was promoted
+
+
+def test_demo_summary_line_shows_the_gate_and_each_class():
+    from genops_assets.cli.demo import safety_line
+    from genops_assets.lib.safety_report import summary_line
+
+    cand, champ = outcomes("jailbreak", [True] * 8 + [False] * 2, [False] * 10)
+    value = {"by_class": by_class(cand), "gate": safety_gate(cand, champ, 0.05)}
+    line = safety_line({"summary": summary_line(value), "suite_version": "1", "guardrails_version": "abc"})
+    assert line.startswith("Safety gate: FAILED; attack success by class: jailbreak 0.80")
+    assert "guardrails abc" in line
+    assert safety_line({}).startswith("Safety report: not computed")
