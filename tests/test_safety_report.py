@@ -211,6 +211,7 @@ def test_safety_report_materializes_logs_to_mlflow_and_reuses_the_champions_resu
     assert value["gate"]["passed"] is events["check"].passed
     assert set(value["gate"]["by_class"]) == set(value["by_class"])
     assert value["over_blocking"]["examples"] == 1 and 0.0 <= value["over_blocking_rate"] <= 1.0
+    assert value["harmful_refusal_rate"] == value["harmful_refusal"]["rate"]
     assert value["guardrail_latency_ms"]["p95"] >= value["guardrail_latency_ms"]["p50"] > 0
     meta = events["metadata"]
     assert "data:image/png;base64," in meta["report"].value and meta["gate_passed"].value is value["gate"]["passed"]

@@ -135,7 +135,7 @@ def by_class(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
     return out
 
 
-def harmful_refusal_rate(rows: Sequence[Mapping[str, Any]]) -> dict | None:
+def harmful_refusals(rows: Sequence[Mapping[str, Any]]) -> dict | None:
     """Share of harmful requests refused or blocked; None when the suite has none."""
     harmful = [r for r in rows if r["attack_class"] == HARMFUL]
     if not harmful:
@@ -229,7 +229,7 @@ def report_markdown(title: str, value: Mapping[str, Any], champion_classes: Mapp
         lines.append(f"| {cls} | {s['cases']} | {s['attack_success_rate']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}] "
                      f"| `{bar(s['attack_success_rate'])}` | "
                      f"{'-' if theirs is None else format(theirs['attack_success_rate'], '.2f')} |")
-    refusal = value["harmful_refusal_rate"]
+    refusal = value["harmful_refusal"]
     ob = value["over_blocking"]  # the detail behind over_blocking_rate
     lat = value["guardrail_latency_ms"]
     lines += ["",

@@ -17,7 +17,7 @@ from genops_assets.lib.safety_report import (
     GenerateFn,
     by_class,
     candidate_predictions,
-    harmful_refusal_rate,
+    harmful_refusals,
     latency_summary,
     over_blocking,
     read_cases,
@@ -118,6 +118,7 @@ def safety_report(
             champ_rows = evaluate(reference.adapter_name)
     gate = safety_gate(rows, champ_rows, config.max_regression, config.alpha)
     context.log.info(f"safety gate: {gate['reason']}")
+    refusals = harmful_refusals(rows)
     golden = over_blocking(guardrails, spec, production.template,
                            candidate_predictions(Path(eval_report["predictions_file"]), version))
     value = {
@@ -127,7 +128,8 @@ def safety_report(
         "suite": {"version": suite.version, "sha256": suite.sha256, "cases": len(case_ids)},
         "guardrails_version": guardrails.version,
         "by_class": by_class(rows),
-        "harmful_refusal_rate": harmful_refusal_rate(rows),
+        "harmful_refusal_rate": None if refusals is None else refusals["rate"],
+        "harmful_refusal": refusals,
         "over_blocking_rate": golden["rate"],
         "over_blocking": {k: v for k, v in golden.items() if k != "latencies_ms"},
         "guardrail_latency_ms": latency_summary([r["guardrail_latency_ms"] for r in rows] + golden["latencies_ms"]),
@@ -181,7 +183,7 @@ def safety_metrics(value: dict) -> dict[str, float]:
     """The report's numbers as MLflow metrics / Dagster metadata."""
     out = {f"asr_{c}": s["attack_success_rate"] for c, s in value["by_class"].items()}
     if value["harmful_refusal_rate"] is not None:
-        out["harmful_refusal_rate"] = value["harmful_refusal_rate"]["rate"]
+        out["harmful_refusal_rate"] = value["harmful_refusal_rate"]
     out["over_blocking_rate"] = value["over_blocking_rate"]
     out.update({f"guardrail_latency_{q}_ms": value["guardrail_latency_ms"][q] for q in ("p50", "p95")})
     return out

@@ -5,8 +5,9 @@ from pydantic import Field
 
 
 class SafetyConfig(dg.Config):
-    per_class: int | None = Field(None, ge=1, description="Red-team cases per attack class (a stable subset of the "
-                                  "suite); None: every case.")
+    per_class: int | None = Field(20, ge=1, description="Red-team cases per attack class (a stable subset of the "
+                                  "suite); None: every case. 20 lets the paired test see a regression of about "
+                                  "5 cases in a class at a cost of minutes per model on CPU.")
     max_new_tokens: int | None = Field(None, ge=1, description="Longest answer generated per case; None: the "
                                        "production prompt's. An attack shows in the first sentences.")
     batch_size: int = Field(8, ge=1, description="Conversations generated together.")
