@@ -67,6 +67,7 @@ def test_preference_job_evaluates_gates_and_deploys_like_sft(home, tiny_model_di
     assert {"preference_tuned_adapter", "preference_eval_report", "preference_safety_report",
             "preference_deployed_endpoint"} <= materialized(result)
     assert check_results(result)["beats_champion"]
+    assert check_results(result)["safety_no_regression"]
     dpo = result.output_for_node(TaskRef(TASK, "").step("preference_tuned_adapter"))
     report = result.output_for_node(TaskRef(TASK, "").step("preference_eval_report"))
     deployed = result.output_for_node(TaskRef(TASK, "").step("preference_deployed_endpoint"))
