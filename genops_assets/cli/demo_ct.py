@@ -46,7 +46,7 @@ EVAL_CONFIG = {
     "eval_report": {"config": {"max_examples": 40}},
     "sxs_evaluation": {"config": {"max_examples": 12}},
     "judge_certificate": {"config": {"max_probe_examples": 4}},
-    "safety_report": {"config": {"per_class": 3, "max_new_tokens": 48, "batch_size": 16}},
+    "safety_report": {"config": {"per_class": 3, "batch_size": 16}},
 }
 # "Yesterday's model": a short run on part of the data.
 BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}}}

@@ -22,9 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from genops_assets.lib.formatting import build_messages, parse_prediction
+from genops_assets.lib.formatting import build_messages
 from genops_assets.lib.guardrails.pii import redact_pii
 from genops_assets.lib.hashing import atomic_write_text, sha256_json
+from genops_assets.lib.monitoring import check_answer
 from genops_assets.lib.stats import mcnemar_exact, percentile, wilson_interval
 
 # Conversations in, answers out (one per conversation, same order): batched like the
@@ -41,8 +42,16 @@ def system_prompt(messages: Sequence[Mapping[str, str]]) -> str:
 
 
 def schema_valid(spec, text: str) -> bool:
-    parsed = parse_prediction(text, spec.output_fields)
-    return parsed is not None and spec.output_schema.is_valid(parsed)
+    """Whether the answer is the task's JSON object, valid against its schema (strict, as
+    monitoring's schema_valid_rate reads it)."""
+    return bool(check_answer(text, spec.output_schema).schema_valid)
+
+
+def warm_up(guardrails) -> None:
+    """One input and one output check before measuring, so that loading the checks' models
+    (PII recognizers, toxicity) does not count as the latency of the first case."""
+    guardrails.check_input([{"role": "user", "content": "warm up"}])
+    guardrails.check_output("warm up")
 
 
 def run_cases(generate: GenerateFn, spec, prompt, guardrails, suite, log=print) -> list[dict]:

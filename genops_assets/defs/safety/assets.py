@@ -26,6 +26,7 @@ from genops_assets.lib.safety_report import (
     run_cases,
     safety_gate,
     summary_line,
+    warm_up,
     write_cases,
 )
 from genops_assets.lib.tasks import TaskRef
@@ -100,6 +101,7 @@ def safety_report(
         adapters[reference.adapter_name] = reference.adapter_dir
     loaded = load_model(base_model["path"], adapters)
     guardrails = task_guardrails(spec, loaded.tokenizer)
+    warm_up(guardrails)
     tag = reuse_tag(suite.sha256, guardrails.version, production.digest, max_new_tokens)
     context.log.info(f"suite {suite.version} ({len(case_ids)} cases), guardrails {guardrails.version}")
 
