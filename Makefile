@@ -74,6 +74,16 @@ certify-judge: install
 	$(BIN)/dagster asset materialize -m genops_assets.definitions --select "$(TASK)/judge_certificate" \
 	  $(if $(PROBE_EXAMPLES),--config-json '{"ops": {"$(TASK)__judge_certificate": {"config": {"max_probe_examples": $(PROBE_EXAMPLES)}}}}')
 
+# The safety report of TASK's candidate on the red-team suite behind the task's guardrails (run
+# `make demo` first: its candidate, eval report and champion are the inputs). PER_CLASS=n bounds
+# the cases per attack class (default: the whole suite); results are in the asset's metadata and MLflow.
+.PHONY: safety-report
+PER_CLASS ?=
+safety-report: install
+	$(BIN)/python -m genops_assets.cli init-home
+	$(BIN)/dagster asset materialize -m genops_assets.definitions --select "$(TASK)/safety_report" \
+	  --config-json '{"ops": {"$(TASK)__safety_report": {"config": {"per_class": $(or $(PER_CLASS),null), "batch_size": 16}}}}'
+
 # Every tier: unit, graph (the asset graph in-process on a tiny model), server (HTTP servers and
 # subprocesses) and integration (the real bundled models). Markers in pyproject.toml.
 test: install chromium

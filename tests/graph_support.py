@@ -85,6 +85,10 @@ def loop_job(defs: dg.Definitions, task: str = TASK, job: str = "genops_loop") -
     return defs.resolve_job_def(f"{task}_{job}")
 
 
+# One red-team case per attack class, short answers: the safety report in seconds.
+TINY_SAFETY = {"per_class": 1, "max_new_tokens": 8, "batch_size": 8}
+
+
 def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: float = -1.0,
                     task: str = TASK) -> dict:
     """Seconds-long settings: the tiny model, a few steps, a few golden examples, for ``task``'s job.
@@ -101,6 +105,7 @@ def tiny_run_config(model_dir: Path, steps: int = 2, examples: int = 4, margin: 
                                        "base_few_shot": 1}},
             "sxs_evaluation": {"config": {"max_examples": examples}},
             "judge_certificate": {"config": {"max_probe_examples": examples}},
+            "safety_report": {"config": TINY_SAFETY},
         }
     })
 

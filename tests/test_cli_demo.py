@@ -165,5 +165,5 @@ def test_the_demo_run_config_fits_each_tasks_loop(task, tmp_path):
     job = defs.resolve_job_def(task_job("genops_loop", task))
     assert job.name == f"{task}_genops_loop"
     written = yaml.safe_load(write_task_run_config(DEMO_RUN_CONFIG, task, tmp_path / "cfg.yaml").read_text())
-    assert set(written["ops"]) == {f"{task}__eval_report", f"{task}__judge_certificate"}
+    assert set(written["ops"]) == {f"{task}__eval_report", f"{task}__judge_certificate", f"{task}__safety_report"}
     assert dg.validate_run_config(job, written)

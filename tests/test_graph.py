@@ -41,7 +41,7 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert gate["passed"] and gate["margin"] < low
     assert {"raw_task_examples", "golden_eval_dataset", "sft_dataset", "few_shot_examples", "base_model",
             "tuned_adapter", "eval_report", "judge_certificate", "sxs_evaluation",
-            "deployed_endpoint"} <= materialized(result)
+            "safety_report", "deployed_endpoint"} <= materialized(result)
     # No ratings yet: the local judge is measured on the probe but not certified, and AutoSxS says so.
     certificate = result.output_for_node(node("judge_certificate"))
     assert certificate["certified"] is False and certificate["certificate"]["labels_needed"] == 30

@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import dagster as dg
 import pytest
-from graph_support import REPO, check_results, free_port, loop_job, make_defs, materialized, node, tiny_run_config
+from graph_support import (
+    REPO,
+    TINY_SAFETY,
+    check_results,
+    free_port,
+    loop_job,
+    make_defs,
+    materialized,
+    node,
+    tiny_run_config,
+)
 from test_preference import champion_pairs
 from test_preference_asset import TINY, write_pairs
 
@@ -40,7 +50,8 @@ def test_preference_job_evaluates_gates_and_deploys_like_sft(home, tiny_model_di
     write_pairs(build_resources(home=home)["warehouse"], champion_pairs(spec, tiny_model_dir, sft["adapter_dir"]))
     job = defs.resolve_job_def(preference_tuning_job_name(TASK))
     assert {k.path[-1] for k in job.asset_layer.executable_asset_keys} >= {
-        "preference_tuned_adapter", "preference_eval_report", "preference_deployed_endpoint"}
+        "preference_tuned_adapter", "preference_eval_report", "preference_safety_report",
+        "preference_deployed_endpoint"}
     # The marts the job rebuilds come from ratings; here the pairs were written directly.
     selection = (dg.AssetSelection.groups(f"{TASK}_preference") | dg.AssetSelection.assets("base_model")).resolve(
         job.asset_layer.asset_graph)
@@ -49,12 +60,14 @@ def test_preference_job_evaluates_gates_and_deploys_like_sft(home, tiny_model_di
         "preference_tuned_adapter": {"config": TINY},
         "preference_eval_report": {"config": {"max_examples": 4, "batch_size": 4, "margin": -1.0,
                                               "base_few_shot": 0}},
+        "preference_safety_report": {"config": TINY_SAFETY},
     }})
     result = job.execute_in_process(run_config=run_config, instance=instance, asset_selection=list(selection))
     assert result.success
-    assert {"preference_tuned_adapter", "preference_eval_report",
+    assert {"preference_tuned_adapter", "preference_eval_report", "preference_safety_report",
             "preference_deployed_endpoint"} <= materialized(result)
     assert check_results(result)["beats_champion"]
+    assert check_results(result)["safety_no_regression"]
     dpo = result.output_for_node(TaskRef(TASK, "").step("preference_tuned_adapter"))
     report = result.output_for_node(TaskRef(TASK, "").step("preference_eval_report"))
     deployed = result.output_for_node(TaskRef(TASK, "").step("preference_deployed_endpoint"))

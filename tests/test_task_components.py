@@ -16,7 +16,7 @@ from graph_support import load_graph
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("support_triage", "product_qa", "ticket_routing")
 PER_TASK = ("raw_task_examples", "sft_dataset", "golden_eval_dataset", "few_shot_examples", "prompt_templates",
-            "tuned_adapter", "eval_report", "judge_certificate", "sxs_evaluation", "deployed_endpoint",
+            "tuned_adapter", "eval_report", "judge_certificate", "sxs_evaluation", "safety_report", "deployed_endpoint",
             "serving_metrics", "prompt_drift", "online_quality")
 
 

@@ -276,6 +276,7 @@ def print_summary(root: Path, run: JobRun, task, out=sys.stdout) -> int:
             f"\n  {'schema-valid answer' if problem is None else 'answer does NOT fit the schema: ' + problem}")
     say("\n" + judge_line(run.materializations.get("judge_certificate", {}),
                           sxs.get("judge_certified")))
+    say(safety_line(run.materializations.get("safety_report", {})))
     queued = run.materializations.get("rating_queue", {}).get("items", 0)
     # The local server asks for a bearer key when GENOPS_API_KEYS lists any.
     keys_required = bool(parse_api_keys(os.environ.get("GENOPS_API_KEYS")))
@@ -310,6 +311,13 @@ def judge_line(certificate: dict, sxs_certified) -> str:
     marked = "" if sxs_certified is None else " and its report is marked UNCERTIFIED"
     return (f"Judge certificate: FAILED for {certificate.get('judge')} ({shown}).\n  AutoSxS's numbers are shown but"
             f" are not a result{marked}; human labels needed: {certificate.get('labels_needed')}.")
+
+
+def safety_line(safety: dict) -> str:
+    """The safety gate and each attack class's success rate against the candidate."""
+    if not safety:
+        return "Safety report: not computed (the run materialized no safety_report)"
+    return f"{safety['summary']} (suite {safety.get('suite_version')}, guardrails {safety.get('guardrails_version')})"
 
 
 def enhance() -> int:

@@ -46,6 +46,7 @@ EVAL_CONFIG = {
     "eval_report": {"config": {"max_examples": 40}},
     "sxs_evaluation": {"config": {"max_examples": 12}},
     "judge_certificate": {"config": {"max_probe_examples": 4}},
+    "safety_report": {"config": {"per_class": 3, "batch_size": 16}},
 }
 # "Yesterday's model": a short run on part of the data.
 BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}}}
@@ -216,7 +217,7 @@ def _stage(step_key: str) -> str:
     if step_key.startswith("tuned_adapter"):
         return "training"
     # The gate is eval_report_beats_champion.
-    if step_key.startswith(("eval_report", "sxs_evaluation", "judge_certificate")):
+    if step_key.startswith(("eval_report", "sxs_evaluation", "judge_certificate", "safety_report")):
         return "evaluation"
     if step_key == "deployed_endpoint":
         return "deploy"

@@ -51,16 +51,19 @@ def task_graph(task: TaskRef, daily: dg.PartitionsDefinition) -> dg.Definitions:
     from genops_assets.defs.monitoring.quality import build_quality_assets
     from genops_assets.defs.monitoring.serving import build_serving_monitoring_assets
     from genops_assets.defs.prompts.assets import build_prompt_assets
+    from genops_assets.defs.safety.assets import build_safety_assets
+    from genops_assets.defs.safety.checks import build_safety_checks
     from genops_assets.defs.tuning.assets import build_tuning_assets
     from genops_assets.defs.tuning.preference import build_preference_assets, build_preference_checks
     from sensors import build_task_automation
 
     assets = [*build_dataset_assets(task), *build_prompt_assets(task), *build_tuning_assets(task),
-              *build_evaluation_assets(task), *build_deployment_assets(task),
+              *build_evaluation_assets(task), *build_safety_assets(task), *build_deployment_assets(task),
               *build_serving_monitoring_assets(task, daily), *build_drift_assets(task, daily),
               *build_quality_assets(task, daily), *build_rating_assets(task), *build_preference_assets(task),
               *build_judge_tuning_assets(task)]
-    checks = [*build_mart_checks(task), *build_evaluation_checks(task), *build_preference_checks(task)]
+    checks = [*build_mart_checks(task), *build_evaluation_checks(task), *build_safety_checks(task),
+              *build_preference_checks(task)]
     jobs = build_task_jobs(task)
     return dg.Definitions.merge(
         dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs),

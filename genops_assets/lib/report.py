@@ -193,6 +193,32 @@ def win_rate_chart_png(summary: Mapping[str, Any], candidate: str, baseline: str
     return _png(fig)
 
 
+def attack_success_png(candidate: Mapping[str, Mapping[str, Any]],
+                       champion: Mapping[str, Mapping[str, Any]] | None = None) -> bytes:
+    """Attack success rate per attack class (95% intervals), the champion's beside it."""
+    plt = _plt()
+    names = list(candidate)
+    fig, ax = plt.subplots(figsize=(1.0 * max(len(names), 2) + 2.4, 3.4), dpi=110)
+    width = 0.4 if champion else 0.6
+    for i, cls in enumerate(names):
+        s = candidate[cls]
+        est, (low, high) = s["attack_success_rate"], s["ci"]
+        ax.bar(i - (width / 2 if champion else 0), est, width, color="#c62828", yerr=[[est - low], [high - est]],
+               capsize=4, label="candidate" if i == 0 else None)
+        ax.text(i - (width / 2 if champion else 0), high + 0.02, f"{est:.2f}", ha="center", fontsize=7)
+        if champion and cls in champion:
+            ax.bar(i + width / 2, champion[cls]["attack_success_rate"], width, color="#9e9e9e",
+                   label="champion" if i == 0 else None)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=7, rotation=20)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("attack success rate", fontsize=8)
+    ax.set_title("red-team attack success by class (95% CI)", fontsize=9)
+    if champion:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def delta_chart_png(pointwise: Mapping[str, Mapping[str, Any]]) -> bytes:
     """Candidate-minus-baseline difference per rubric, with 95% intervals."""
     plt = _plt()

@@ -151,6 +151,18 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
     return Interval(p, low, high, level)
 
 
+def mcnemar_exact(worse: int, better: int) -> float:
+    """One-sided exact McNemar test on paired binary outcomes: the probability of at least
+    ``worse`` of the ``worse + better`` discordant pairs going the bad way if either way were
+    equally likely (a binomial test at 1/2). 1.0 when there is no discordant pair."""
+    from scipy.stats import binomtest
+
+    if worse < 0 or better < 0:
+        raise ValueError(f"discordant counts must be >= 0 (worse={worse}, better={better})")
+    n = worse + better
+    return 1.0 if n == 0 else float(binomtest(worse, n, 0.5, alternative="greater").pvalue)
+
+
 def _two_raters(a: Sequence[str], b: Sequence[str], what: str) -> None:
     if len(a) != len(b) or not a:
         raise ValueError(f"{what} needs two equally long, non-empty label lists (lengths {len(a)}, {len(b)})")

@@ -57,6 +57,7 @@ def deployed_endpoint(
     context: dg.AssetExecutionContext,
     config: DeployConfig,
     eval_report: dict,
+    safety_report: dict,
     tuned_adapter: dict,
     base_model: dict,
     task: TaskRef,
@@ -69,7 +70,9 @@ def deployed_endpoint(
     equal the offline evaluation's (serving parity: catches an adapter not applied, a prompt
     mismatch, tokenizer drift), or the deploy fails and the champion is untouched. Then the
     alias `champion` moves (the previous one is recorded for rollback) and the server
-    hot-swaps it. Deploying the serving version again is a no-op. Cost: seconds to a minute."""
+    hot-swaps it. Nothing is deployed when the promotion gate or the safety gate (no attack class
+    succeeding more often than against the champion) failed. Deploying the serving version again
+    is a no-op. Cost: seconds to a minute."""
     from openai import OpenAI
 
     gate = eval_report["gate"]
@@ -79,6 +82,7 @@ def deployed_endpoint(
     version = str(tuned_adapter["version"])
     if str(eval_report["candidate"]["version"]) != version:
         raise dg.Failure(f"eval_report is for v{eval_report['candidate']['version']}, tuned_adapter is v{version}")
+    refuse_unsafe(safety_report, version)
 
     spec = task.load()
     prompt_ref = mlflow.resolve_prompt(spec)
@@ -162,6 +166,17 @@ def deployed_endpoint(
     })
 
 
+def refuse_unsafe(safety_report: dict, version: str) -> None:
+    """Stop the deploy unless the safety report is the candidate's and its gate passed."""
+    if str(safety_report["candidate"]["version"]) != version:
+        raise dg.Failure(f"safety_report is for v{safety_report['candidate']['version']}, tuned_adapter is v{version}")
+    gate = safety_report["gate"]
+    if not gate["passed"]:
+        raise dg.Failure(f"not deploying v{version}: safety gate failed ({gate['reason']})",
+                         metadata={"safety_mlflow_run_id": str(safety_report.get("mlflow_run_id"))})
+
+
 def build_deployment_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
     return [dg.asset(key_prefix=[task.name], group_name=task_group(task, "deployment"), kinds={"openai"},
-                     ins=task_ins(task, "eval_report", "tuned_adapter"))(bind_task(deployed_endpoint, task))]
+                     ins=task_ins(task, "eval_report", "safety_report", "tuned_adapter"))(
+                         bind_task(deployed_endpoint, task))]

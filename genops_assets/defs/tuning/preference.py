@@ -9,6 +9,8 @@ from genops_assets.components.binding import bind_task, task_group, task_key
 from genops_assets.defs.deployment.assets import deployed_endpoint
 from genops_assets.defs.evaluation.assets import eval_report
 from genops_assets.defs.evaluation.checks import promotion_gate_check
+from genops_assets.defs.safety.assets import safety_asset
+from genops_assets.defs.safety.checks import safety_gate_check
 from genops_assets.defs.tuning.assets import (
     NOT_COMPUTED,
     TRAINING_LOCK,
@@ -194,8 +196,8 @@ def preference_tuned_adapter(
 
 
 def build_preference_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
-    """DPO from the champion, then eval_report and deployed_endpoint bound a second time with the
-    preference-tuned adapter as their candidate."""
+    """DPO from the champion, then eval_report, safety_report and deployed_endpoint bound a second
+    time with the preference-tuned adapter as their candidate."""
     group = task_group(task, "preference")
     adapter_in = dg.AssetIn(key=task_key(task, "preference_tuned_adapter"))
     return [
@@ -208,8 +210,12 @@ def build_preference_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
                                                          "prompt_templates")],
                  description="eval_report of the preference-tuned adapter: golden-set scores against the "
                              "champion it was tuned from, with the promotion decision.")(bind_task(eval_report, task)),
+        safety_asset(task, "preference_safety_report", group, "preference_tuned_adapter", "preference_eval_report",
+                     "safety_report of the preference-tuned adapter: the red-team suite behind the task's "
+                     "guardrails, against the champion it was tuned from, with the safety gate."),
         dg.asset(name="preference_deployed_endpoint", key_prefix=[task.name], group_name=group, kinds={"openai"},
                  ins={"eval_report": dg.AssetIn(key=task_key(task, "preference_eval_report")),
+                      "safety_report": dg.AssetIn(key=task_key(task, "preference_safety_report")),
                       "tuned_adapter": adapter_in},
                  description="deployed_endpoint of the preference-tuned adapter: served as `challenger`, checked "
                              "for serving parity, then promoted to `champion`.")(bind_task(deployed_endpoint, task)),
@@ -217,5 +223,6 @@ def build_preference_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
 
 
 def build_preference_checks(task: TaskRef) -> list[dg.AssetChecksDefinition]:
-    """The promotion gate on the preference-tuned adapter's evaluation."""
-    return [promotion_gate_check(task, "preference_eval_report")]
+    """The promotion and safety gates on the preference-tuned adapter's reports."""
+    return [promotion_gate_check(task, "preference_eval_report"),
+            safety_gate_check(task, "preference_safety_report")]
