@@ -32,6 +32,9 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Set whatever the environment says: MLflow must never unpickle a model (genops logs its
+# models from code and loads adapters from safetensors only).
+SAFE_ENV = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
 
 
 def genops_home() -> Path:
@@ -56,6 +59,7 @@ def build_resources(home: Path | None = None, port: int | None = None,
     home = (home or settings.home).resolve()
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    os.environ.update(SAFE_ENV)
     mlflow_dir = home / "mlflow"
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = settings.mlflow_tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
@@ -100,7 +104,8 @@ def serving_backend(home: Path, settings: GenopsSettings, port: int | None = Non
     return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or settings.endpoint_port,
                          watch_registry=tracking_uri, watch_prefix=registered_model_name(""),
                          tasks_dir=str(settings.tasks_dir), canary_share=settings.canary_share,
-                         api_keys=_secret("GENOPS_API_KEYS", settings.api_keys, ""))
+                         api_keys=_secret("GENOPS_API_KEYS", settings.api_keys, ""),
+                         client_api_key=_secret("GENOPS_CLIENT_API_KEY", settings.client_api_key, ""))
 
 
 def feedback_store_backend(warehouse: DuckDBWarehouse, settings: GenopsSettings) -> FeedbackStore:

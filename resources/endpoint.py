@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from genops_assets.serving.protection import parse_api_keys
+from genops_assets.serving.protection import parse_api_keys, plaintext_keys
 from genops_assets.serving.protocol import ROLES, ModelName, served_name
 
 
@@ -31,11 +31,18 @@ class DeployOutcome:
     version: str
 
 
-def client_api_key(api_keys: str | None) -> str:
-    """The key genops' own clients (deploy checks, the demo) send: the first of ``api_keys``
-    (``GENOPS_API_KEYS``, comma-separated) when the endpoint requires keys."""
+def client_api_key(api_keys: str | None, client_key: str | None = None) -> str:
+    """The key genops' own clients (deploy checks, the demo) send: ``client_key``
+    (``GENOPS_CLIENT_API_KEY``) when set, else the first key of ``api_keys`` (``GENOPS_API_KEYS``,
+    comma-separated) given in plain when the endpoint requires keys."""
+    if client_key:
+        return client_key
     keys = parse_api_keys(api_keys)
-    return keys[0] if keys else "local"
+    plain = plaintext_keys(keys)
+    if keys and not plain:
+        raise ValueError("GENOPS_API_KEYS lists only sha256 digests: set GENOPS_CLIENT_API_KEY to the key genops' "
+                         "own requests to the endpoint send (one whose digest is listed)")
+    return plain[0] if plain else "local"
 
 
 class ServingBackend(dg.ConfigurableResource):
@@ -87,7 +94,9 @@ class LocalEndpoint(ServingBackend):
     canary_shares: str = Field("", description="Per-task shares over canary_share, as task=share,... "
                                "(e.g. support_triage=0.1)")
     api_keys: str = Field("", description="Bind with dg.EnvVar('GENOPS_API_KEYS') when the endpoint requires "
-                          "keys; never a literal")
+                          "keys (each a key or sha256:<hex digest>); never a literal")
+    client_api_key: str = Field("", description="Bind with dg.EnvVar('GENOPS_CLIENT_API_KEY'): the key genops' own "
+                                "requests send when GENOPS_API_KEYS lists digests only; never a literal")
 
     @property
     def url(self) -> str:
@@ -100,8 +109,10 @@ class LocalEndpoint(ServingBackend):
     def client_key(self) -> str:
         # Dagster resolves a dg.EnvVar field for a run; used outside one (the demos), the field
         # still holds the variable's name.
-        keys = self.api_keys.get_value() if isinstance(self.api_keys, dg.EnvVar) else self.api_keys
-        return client_api_key(keys)
+        def value(field):
+            return field.get_value() if isinstance(field, dg.EnvVar) else field
+
+        return client_api_key(value(self.api_keys), value(self.client_api_key))
 
     def publish_prompt(self, task: str, prompt: dict) -> None:
         import json

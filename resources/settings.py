@@ -5,7 +5,8 @@ and hands the values to the resources it builds; sensors and assets get them fro
 resources. A change takes effect when the code location reloads. An empty variable counts as
 unset; a malformed one fails the load with a message naming the variable.
 
-Secrets (``*_API_KEY``, ``GENOPS_API_KEYS``, ``GENOPS_GCP_CREDENTIALS``) are only checked for
+Secrets (``*_API_KEY``, ``GENOPS_API_KEYS``, ``GENOPS_GCP_CREDENTIALS``; MLflow's own
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, which MLflow reads itself) are only checked for
 presence here: resources bind them with ``dg.EnvVar``, so their values never enter run config.
 """
 
@@ -42,7 +43,10 @@ class GenopsSettings(BaseSettings):
     serving_backend: Literal["local", "vllm"] = "local"
     endpoint_port: int = Field(8008, ge=1, le=65535, description="Port of the local endpoint")
     canary_share: float = Field(0.0, ge=0, le=1, description="Share of champion requests answered by challenger")
-    api_keys: SecretStr | None = Field(None, description="Keys the endpoint accepts (comma-separated)")
+    api_keys: SecretStr | None = Field(None, description="Keys the endpoint accepts (comma-separated), each a key "
+                                       "or sha256:<hex digest of it> (genops keys new)")
+    client_api_key: SecretStr | None = Field(None, description="The key genops' own requests to the endpoint send "
+                                             "(default: the first key of api_keys given in plain)")
     vllm_base_url: str | None = Field(None, description="A vLLM server's .../v1 URL (serving_backend vllm)")
     vllm_api_key: SecretStr | None = None
     vllm_base_model: str | None = Field(None, description="Model id the vLLM server serves as the base")

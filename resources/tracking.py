@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import dagster as dg
 
@@ -24,7 +25,8 @@ from genops_assets.lib.prompts import (
     prompt_registry_name,
 )
 from genops_assets.serving.protocol import CHALLENGER, CHAMPION
-from genops_assets.serving.registry_watch import ADAPTER_PATH_TAG, fetch_adapter
+from genops_assets.serving.registry_watch import ADAPTER_PATH_TAG, FILES_TAG, fetch_adapter
+from genops_assets.serving.registry_watch import DIGEST_TAG as ADAPTER_DIGEST_TAG
 
 VERSION_KEY_TAG = "genops.version_key"
 PREVIOUS_CHAMPION_TAG = "genops.previous_champion"
@@ -35,6 +37,13 @@ MODEL_ID_TAG = "genops.model_id"
 def registered_model_name(task_name: str) -> str:
     """The MLflow registered model that holds a task's adapters."""
     return f"genops-{task_name}"
+
+
+def integrity_tags(files: Mapping[str, str]) -> dict[str, str]:
+    """The version tags that record an adapter's files: each file's sha256 and their digest."""
+    from genops_assets.lib.integrity import files_digest
+
+    return {FILES_TAG: json.dumps(dict(files), sort_keys=True), ADAPTER_DIGEST_TAG: files_digest(files)}
 
 
 def prompt_tags(ref: PromptRef) -> dict[str, str]:
@@ -72,6 +81,7 @@ class VersionModel:
     model_id: str
     run_id: str
     adapter_path: str  # the adapter folder inside the model's folder
+    adapter_files: dict[str, str]  # sha256 of each adapter file, as logged (its manifest)
 
     @property
     def uri(self) -> str:
@@ -99,7 +109,9 @@ class MlflowTracking(dg.ConfigurableResource):
         if exp is not None:
             return exp.experiment_id
         location = f"{self.artifact_root.rstrip('/')}/{name.replace('/', '_')}"
-        if "://" not in location:
+        # A URI (file://, s3://, mlflow-artifacts:/ of a tracking server that proxies artifacts)
+        # stays as it is; a bare path becomes a file URI.
+        if len(urlparse(location).scheme) < 2:
             location = Path(location).resolve().as_uri()
         return client.create_experiment(name, artifact_location=location)
 
@@ -273,27 +285,31 @@ class MlflowTracking(dg.ConfigurableResource):
                           tags: Mapping[str, str]) -> VersionModel:
         """Log ``adapter_dir`` with the prompt version as the run's MLflow model: a pyfunc that
         loads the base model (recorded by path and folder digest, not copied) and applies both
-        (``genops_assets.serving.mlflow_model``)."""
+        (``genops_assets.serving.mlflow_model``). The adapter's sha256 manifest is checked (or
+        written) first and logged with it."""
+        from genops_assets.lib.integrity import record_folder
         from genops_assets.serving.mlflow_model import adapter_subpath, log_version_model
 
+        files = record_folder(adapter_dir)
         with self._fluent(run_id):
             info = log_version_model(adapter_dir, prompt_ref.served(), base_model["path"],
                                      base_model["folder_digest"], tags)
-        return VersionModel(info.model_id, run_id, adapter_subpath(info))
+        return VersionModel(info.model_id, run_id, adapter_subpath(info), files)
 
     def register_adapter(self, model_name: str, model: VersionModel, version_key: str, tags: Mapping[str, str],
                          value: Mapping[str, Any], description: str) -> ModelVersionRef:
         """Register the run's MLflow model as a new version under ``version_key``, record the
         asset value (with its version) on it for a re-run with the same key, and point alias
         ``challenger`` at it. The version's adapter files stay where ``fetch_registered_adapter``
-        finds them (version tag ``genops.adapter_path``)."""
+        finds them (version tag ``genops.adapter_path``), with the sha256 of each recorded on the
+        version (``genops.adapter_files``; ``genops.adapter_digest`` is their digest)."""
         import mlflow
 
         self._registered_model(model_name)
         with self._fluent():
             mv = _ref(mlflow.register_model(model.uri, model_name, tags={
                 **tags, VERSION_KEY_TAG: version_key, ADAPTER_PATH_TAG: model.adapter_path,
-                MODEL_ID_TAG: model.model_id}))
+                MODEL_ID_TAG: model.model_id, **integrity_tags(model.adapter_files)}))
         self.client().update_model_version(model_name, mv.version, description)
         self.set_version_tags(model_name, mv.version, {ASSET_VALUE_TAG: json.dumps({**value, "version": mv.version})})
         self.set_alias(model_name, CHALLENGER, mv.version)
@@ -313,8 +329,8 @@ class MlflowTracking(dg.ConfigurableResource):
         return previous
 
     def fetch_registered_adapter(self, cache_dir: Path, model_name: str, version: str) -> Path:
-        """A local copy of a registered adapter in ``cache_dir``, checked against the digest
-        recorded at registration."""
+        """A local copy of a registered adapter in ``cache_dir``, each file checked against the
+        sha256 recorded at registration."""
         return fetch_adapter(self.client(), self.tracking_uri, model_name, str(version), cache_dir)
 
     def rollback_champion(self, model_name: str, *, to_version: str | None = None,

@@ -20,10 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from resources import QUIET_ENV  # noqa: E402
+from resources import QUIET_ENV, SAFE_ENV  # noqa: E402
 
 for _k, _v in QUIET_ENV.items():
     os.environ.setdefault(_k, _v)
+os.environ.update(SAFE_ENV)
 
 SLOW_TIERS = ("graph", "server", "integration")
 
@@ -81,12 +82,15 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir):
             from peft import LoraConfig, get_peft_model
             from transformers import AutoModelForCausalLM
 
+            from genops_assets.lib.integrity import write_manifest
+
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
             peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
                                                           task_type="CAUSAL_LM", init_lora_weights=False))
             out = tmp_path_factory.mktemp(f"tiny-adapter-{seed}")
             peft_model.save_pretrained(out)
+            write_manifest(out)  # as genops' training writes every adapter
             made[seed] = out
         return made[seed]
 

@@ -16,6 +16,7 @@ from graph_support import register_version
 from genops_assets.defs.evaluation.assets import build_evaluation_assets
 from genops_assets.defs.evaluation.checks import build_evaluation_checks
 from genops_assets.lib.hashing import file_digests, sha256_json
+from genops_assets.lib.integrity import write_manifest
 from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
 from genops_assets.lib.tasks import TaskRef, load_task, read_raw_file
 from resources.judge import JudgeResource
@@ -90,6 +91,7 @@ def test_rerun_of_the_champion_is_gated_against_the_previous_champion(res, tiny_
     other = tmp_path / "other-adapter"
     shutil.copytree(tiny_adapter_dir, other)
     (other / "README.md").write_text("a second adapter\n")
+    write_manifest(other)  # a new adapter: its files recorded again
     prompt = tracking.resolve_prompt(TASK_REF.load())
     v1 = register_version(tracking, prompt, tiny_adapter_dir, tiny_model_dir)
     v2 = register_version(tracking, prompt, other, tiny_model_dir)

@@ -83,11 +83,13 @@ def test_a_tiny_lora_judge_is_served_as_the_task_judge_only_when_certified(tiny_
         "big-judge"
     assert remote.connect(str(tiny_model_dir), task=TASK).model == f"{TASK}:judge"
 
-    # The fetched adapter is checked against the digest recorded at registration.
+    # The fetched adapter is checked against the per-file digests recorded at registration.
+    from genops_assets.lib.integrity import IntegrityError
+
     fetched = home / "judge" / "registry" / model_name / f"v{mv.version}"
     weights = next(fetched.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(RuntimeError, match=f"{model_name} v{mv.version}: adapter digest"):
+    with pytest.raises(IntegrityError, match=f"{model_name} v{mv.version}: .*{weights.name} was changed"):
         judge.connect(str(tiny_model_dir), task=TASK)
 
 

@@ -335,6 +335,7 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
 def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir, tiny_adapter_dir):
     import shutil
 
+    from genops_assets.lib.integrity import write_manifest
     from genops_assets.serving.adapters import add_adapter, load_model
 
     loaded = load_model(str(tiny_model_dir), {})
@@ -348,6 +349,7 @@ def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_model_dir,
     assert "champion" not in loaded.adapters
     cfg["base_model_name_or_path"] = str(tiny_model_dir)  # the same base, wherever it lives: accepted
     (foreign / "adapter_config.json").write_text(json.dumps(cfg))
+    write_manifest(foreign)  # a new adapter: its files recorded again
     add_adapter(loaded, "champion", foreign)
     assert "champion" in loaded.adapters
 
@@ -410,6 +412,7 @@ def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_
 
     from safetensors.torch import load_file, save_file
 
+    from genops_assets.lib.integrity import write_manifest
     from genops_assets.serving.adapters import add_adapter, load_model
     from genops_assets.serving.decode import DecodeBatch
 
@@ -417,6 +420,7 @@ def test_continuous_batch_keeps_its_adapter_version_through_a_reload(tiny_model_
     shutil.copytree(tiny_adapter_dir, other)
     weights = load_file(other / "adapter_model.safetensors")
     save_file({k: v * -3.0 for k, v in weights.items()}, other / "adapter_model.safetensors")
+    write_manifest(other)  # a new adapter: its files recorded again
     loaded = load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
     before = _alone(loaded, MSG, "cand", 10)
     old_internal = loaded.internal["cand"]

@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--task", default=None)
     raters.add_parser(sub)
     safety.add_parser(sub)
+    k = sub.add_parser("keys", help="endpoint API keys: new (a key, shown once, and the digest to configure)")
+    k.add_argument("keys_cmd", choices=["new"])
     g = sub.add_parser("golden", help="golden proposals: list, accept one into the task's golden set")
     gsub = g.add_subparsers(dest="golden_cmd", required=True)
     gsub.add_parser("list").add_argument("--task", default=None)
@@ -49,6 +51,17 @@ def parser() -> argparse.ArgumentParser:
     ga.add_argument("proposal_id")
     ga.add_argument("--task", default=None)
     return p
+
+
+def new_key_text() -> str:
+    """A new endpoint key, printed once, and the digest the endpoint stores instead of it."""
+    import secrets
+
+    from genops_assets.serving.protection import key_digest
+
+    key = "gk-" + secrets.token_urlsafe(32)
+    return (f"key (shown once; give it to the client, store it nowhere else): {key}\n"
+            f"endpoint entry for GENOPS_API_KEYS (comma-separated with others): {key_digest(key)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         from genops_assets.cli.prompt import prompt_command
 
         return prompt_command(args)
+    if args.cmd == "keys":
+        print(new_key_text())
+        return 0
     if args.cmd == "raters":
         return raters.raters_command(args)
     if args.cmd == "safety":

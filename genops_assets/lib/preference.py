@@ -23,6 +23,7 @@ from typing import Any
 
 from genops_assets.lib.formatting import build_messages
 from genops_assets.lib.hashing import atomic_dir, sha256_json
+from genops_assets.lib.integrity import verify_folder, verify_model_folder, write_manifest
 from genops_assets.lib.stats import Interval, bootstrap_ci, paired_difference_ci, wilson_interval
 from genops_assets.lib.training import SftExample, TrainingInputError, tokenize_example
 
@@ -328,6 +329,9 @@ def train_dpo(
         raise PreferenceInputError("no training pairs")
     if not Path(champion_dir, "adapter_config.json").is_file():
         raise PreferenceInputError(f"{champion_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    # The policy and the reference are both loaded from these files: checked once, before either.
+    verify_model_folder(base_dir)
+    verify_folder(champion_dir)
     set_seed(cfg.seed)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -343,7 +347,7 @@ def train_dpo(
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
 
     def champion(trainable: bool):
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
         return PeftModel.from_pretrained(base, str(champion_dir), is_trainable=trainable)
 
     policy = champion(trainable=True)
@@ -411,6 +415,7 @@ def train_dpo(
     trainer.train()
     with atomic_dir(adapter_dir) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
+        write_manifest(tmp)
     return DpoResult(adapter_dir=str(adapter_dir), steps=trainer.state.global_step, train_pairs=len(kept),
                      skipped_too_long=skipped, reference_logps=reference_logps, history=history,
                      runtime_s=time.monotonic() - started)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json, sha256_file, sha256_json
+from genops_assets.lib.integrity import verify_model_folder, write_manifest
 
 TRAINING_CODE_VERSION = "sft-1"
 IGNORE_INDEX = -100
@@ -317,7 +318,8 @@ def train_lora(
     resume: bool = True,
     on_message: MessageFn | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter and write it (safetensors) atomically to ``adapter_dir``.
+    """Train a LoRA adapter and write it (safetensors, with its sha256 manifest) atomically to
+    ``adapter_dir``.
 
     Checkpoints go to ``work_dir/checkpoints`` every ``save_every`` steps. Called again with
     the same ``work_dir`` (after a crash or a kill), training continues from the newest
@@ -357,11 +359,12 @@ def train_lora(
         say(line)
     set_seed(cfg.seed)
     started = time.monotonic()
+    verify_model_folder(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -467,6 +470,7 @@ def train_lora(
         trainer.evaluate()
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        write_manifest(tmp)
     return TrainResult(
         adapter_dir=str(adapter_dir),
         steps=trainer.state.global_step,

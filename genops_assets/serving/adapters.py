@@ -66,19 +66,24 @@ def load_model(
     dtype: str = "auto",
     device: str | None = None,
 ) -> LoadedModel:
-    """Load the base model folder and the given adapters (served name -> adapter folder)."""
+    """Load the base model folder and the given adapters (served name -> adapter folder). The
+    folder must hold safetensors weights only (and match its manifest when it has one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genops_assets.lib.integrity import verify_model_folder
 
     base_dir = str(base_dir)
     if not Path(base_dir, "config.json").is_file():
         raise FileNotFoundError(f"{base_dir}: not a Hugging Face model folder (no config.json)")
+    verify_model_folder(base_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_torch_dtype(dtype, device)).to(device)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_torch_dtype(dtype, device),
+                                                 use_safetensors=True).to(device)
     model.eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, base_dir=base_dir, device=device)
     for name, path in (adapters or {}).items():
@@ -88,11 +93,15 @@ def load_model(
 
 def add_adapter(loaded: LoadedModel, name: str, adapter_dir: str | Path, version: str | None = None) -> None:
     """Serve ``adapter_dir`` as ``name``, replacing any adapter already served under it;
-    ``version`` labels this load (what a request answered by it reports)."""
+    ``version`` labels this load (what a request answered by it reports). The folder's files
+    must match its sha256 manifest, with no pickle among them (``IntegrityError`` otherwise)."""
+    from genops_assets.lib.integrity import verify_folder
+
     adapter_dir = str(adapter_dir)
     if not Path(adapter_dir, "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
     check_adapter_base(adapter_dir, loaded.base_dir)
+    verify_folder(adapter_dir)
     internal = f"{_safe(name)}_{next(loaded._counter)}"
     with loaded.lock:
         from peft import PeftModel

@@ -142,6 +142,7 @@ def start_server(
     cmd += [str(a) for a in extra_args]
     log_path = state_dir / LOG_FILE
     proc_env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                 "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -32,6 +32,7 @@ ADAPTER_ARTIFACT = "adapter"
 PROMPT_ARTIFACT = "prompt"
 MODEL_NAME = "model"  # the LoggedModel's name within its run
 ADAPTER_NAME = "adapter"  # the adapter's name inside the loaded model
+MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")
 # Installed packages the model runs with (pinned to this environment's versions).
 RUNTIME_PACKAGES = ("genops", "mlflow", "torch", "transformers", "peft", "pandas")
 
@@ -166,7 +167,7 @@ def log_version_model(adapter_dir: str | Path, prompt: Mapping[str, Any], base_m
         prompt_file.write_text(json.dumps(dict(prompt), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=AdapterVersionModel(),
+            python_model=str(MODEL_CODE),  # models from code: nothing pickled
             artifacts={ADAPTER_ARTIFACT: str(adapter_dir), PROMPT_ARTIFACT: str(prompt_file)},
             model_config=model_config(base_model_path, base_model_digest),
             signature=signature(template),

@@ -32,25 +32,53 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
+DIGEST_PREFIX = "sha256:"
+_HEX = frozenset("0123456789abcdef")
+
+
 def parse_api_keys(raw: str | None) -> tuple[str, ...]:
-    """Comma-separated keys (blanks ignored), as ``GENOPS_API_KEYS`` holds them."""
+    """Comma-separated keys (blanks ignored), as ``GENOPS_API_KEYS`` holds them: each a key, or
+    ``sha256:<hex digest of the key>`` so that the server side never stores the key itself."""
     return tuple(k.strip() for k in (raw or "").split(",") if k.strip())
 
 
+def key_digest(key: str) -> str:
+    """The ``sha256:<hex>`` entry that lets an endpoint accept ``key`` without storing it."""
+    return DIGEST_PREFIX + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _stored_digest(entry: str) -> bytes:
+    if entry.startswith(DIGEST_PREFIX):
+        hexdigest = entry[len(DIGEST_PREFIX):].lower()
+        if len(hexdigest) != 64 or not set(hexdigest) <= _HEX:
+            raise ValueError(f"API key entry '{DIGEST_PREFIX}...' must be followed by 64 hex digits (the sha256 of "
+                             f"the key; `genops keys new` prints one), got {len(hexdigest)} characters")
+        return bytes.fromhex(hexdigest)
+    return hashlib.sha256(entry.encode("utf-8", "surrogateescape")).digest()
+
+
+def plaintext_keys(entries: Iterable[str]) -> tuple[str, ...]:
+    """The entries that are keys, not digests."""
+    return tuple(e for e in entries if not e.startswith(DIGEST_PREFIX))
+
+
 class ApiKeys:
-    """Bearer keys compared in constant time: every configured key is compared, whatever matches."""
+    """Bearer keys, held only as sha256 digests (a key given in plain is hashed on arrival) and
+    compared in constant time: the sent key's digest is compared with every configured one,
+    whatever matches."""
 
     def __init__(self, keys: Iterable[str]):
-        self._keys = [k.encode() for k in keys]
-        if any(not k for k in self._keys):
+        keys = list(keys)
+        if any(not k for k in keys):
             raise ValueError("an API key must not be empty")
+        self._digests = [_stored_digest(k) for k in keys]
 
     def __bool__(self) -> bool:
-        return bool(self._keys)
+        return bool(self._digests)
 
     def client_id(self, index: int) -> str:
         """A stable name for the key at ``index`` that does not reveal it (rate-limit buckets)."""
-        return "key:" + hashlib.sha256(self._keys[index]).hexdigest()[:16]
+        return "key:" + self._digests[index].hex()[:16]
 
     def match(self, authorization: str | None) -> int | None:
         """Index of the key sent as ``Authorization: Bearer <key>``, or None."""
@@ -59,10 +87,10 @@ class ApiKeys:
         scheme, _, given = authorization.strip().partition(" ")
         if scheme.lower() != "bearer":
             return None
-        raw = given.strip().encode("utf-8", "surrogateescape")
+        sent = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
         found = None
-        for i, key in enumerate(self._keys):
-            if hmac.compare_digest(raw, key) and found is None:
+        for i, digest in enumerate(self._digests):
+            if hmac.compare_digest(sent, digest) and found is None:
                 found = i
         return found
 

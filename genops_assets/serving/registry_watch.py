@@ -6,15 +6,20 @@ touched."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from genops_assets.lib.hashing import sha256_file
+
 log = logging.getLogger("genops.serving")
 
 DIGEST_TAG = "genops.adapter_digest"
+FILES_TAG = "genops.adapter_files"
+"""Version tag: the sha256 of each adapter file (JSON), recorded at registration."""
 ADAPTER_PATH_TAG = "genops.adapter_path"
 """Version tag: where the adapter files lie inside the version's MLflow model folder."""
 
@@ -29,10 +34,11 @@ def adapter_uri(client, mv) -> str:
 
 
 def fetch_adapter(client, tracking_uri: str, model_name: str, version: str, cache_dir: Path) -> Path:
-    """The version's adapter folder in ``cache_dir`` (downloaded once, digest-checked)."""
+    """The version's adapter folder in ``cache_dir`` (downloaded once), its files checked against
+    the per-file sha256 recorded at registration (``IntegrityError`` naming a changed file)."""
     import mlflow.artifacts
 
-    from genops_assets.lib.hashing import atomic_dir, file_digests, sha256_json
+    from genops_assets.lib.hashing import atomic_dir
 
     mv = client.get_model_version(model_name, version)
     target = cache_dir / model_name / f"v{version}"
@@ -43,11 +49,49 @@ def fetch_adapter(client, tracking_uri: str, model_name: str, version: str, cach
             for item in src.iterdir():
                 shutil.move(str(item), tmp / item.name)
             shutil.rmtree(tmp / "dl", ignore_errors=True)
-    expected = (mv.tags or {}).get(DIGEST_TAG)
-    actual = sha256_json(file_digests(target))
-    if expected and actual != expected:
-        raise RuntimeError(f"{model_name} v{version}: adapter digest {actual[:12]} != registered {expected[:12]}")
+    verify_registered(target, mv.tags or {}, f"{model_name} v{version}")
     return target
+
+
+def verify_registered(folder: Path, tags: dict[str, str], what: str) -> None:
+    """Check ``folder`` against the digests registered with it: the per-file ``genops.adapter_files``
+    tag, else (a version registered before per-file digests) the ``genops.adapter_digest`` of its
+    files, after which its manifest is written so that loading can check it."""
+    from genops_assets.lib.integrity import (
+        MANIFEST,
+        IntegrityError,
+        files_digest,
+        folder_files,
+        refuse_pickles,
+        verify_folder,
+        write_manifest,
+    )
+
+    if FILES_TAG in tags:
+        try:
+            expected = json.loads(tags[FILES_TAG])
+        except ValueError as exc:
+            raise IntegrityError(f"{what}: tag {FILES_TAG} is not JSON: {exc}") from exc
+        try:
+            verify_folder(folder, expected)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{what}: {exc}") from None
+        return
+    if DIGEST_TAG not in tags:
+        raise IntegrityError(f"{what}: registered without {FILES_TAG} or {DIGEST_TAG}, so its files cannot be "
+                             "checked; refusing to load it")
+    refuse_pickles(folder)
+    files = folder_files(folder)
+    # A folder registered whole may hold its manifest among the files its digest covered.
+    manifest = folder / MANIFEST
+    candidates = {files_digest(files)}
+    if manifest.is_file():
+        candidates.add(files_digest({**files, MANIFEST: sha256_file(manifest)}))
+    if tags[DIGEST_TAG] not in candidates:
+        raise IntegrityError(f"{what}: adapter files in {folder} do not match the registered digest: sha256 "
+                             f"{sorted(candidates)[0]}, registered {tags[DIGEST_TAG]}; refusing to load it")
+    if not manifest.is_file():
+        write_manifest(folder)
 
 
 def version_loader(tracking_uri: str, model_prefix: str, cache_dir: Path,

@@ -11,16 +11,16 @@ from genops_assets import __version__
 from genops_assets.components.binding import bind_task, task_group, task_key
 from genops_assets.defs.judge_tuning.config import JudgeTuningConfig
 from genops_assets.defs.tuning.assets import NOT_COMPUTED, TRAINING_LOCK, TRAINING_RETRY_POLICY, progress_logger
-from genops_assets.lib.hashing import file_digests, sha256_json
+from genops_assets.lib.hashing import sha256_json
+from genops_assets.lib.integrity import files_digest, record_folder
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.tasks import TaskRef
 from genops_assets.lib.training import TRAINING_CODE_VERSION, TrainingInputError, train_lora
 from genops_assets.lib.tuning import ProgressLine, history_until, tracked_metrics
 from genops_assets.serving.protocol import judge_name
-from genops_assets.serving.registry_watch import DIGEST_TAG
 from resources.judge import BASE_MODEL_PATH_TAG, CERTIFIED, JudgeResource, judge_model_name
 from resources.paths import GenopsHome
-from resources.tracking import ASSET_VALUE_TAG, VERSION_KEY_TAG, MlflowTracking
+from resources.tracking import ASSET_VALUE_TAG, VERSION_KEY_TAG, MlflowTracking, integrity_tags
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
 JUDGE_CODE_VERSION = f"genops-{__version__}/judge-1/{TRAINING_CODE_VERSION}"
@@ -56,12 +56,13 @@ def _missed_by(certificate: Mapping[str, Any]) -> dict[str, Any]:
 def register_judge_version(mlflow: MlflowTracking, model_name: str, run_id: str, adapter_dir, base_model: dict,
                            tags: Mapping[str, str], description: str):
     """Log ``adapter_dir`` to the run (``adapter/``) and register it as a new version of
-    ``model_name``, tagged with its digest (checked whenever it is fetched) and the base model it
-    was trained on. Returns (the version, the adapter digest)."""
+    ``model_name``, tagged with the sha256 of each of its files (checked whenever it is fetched)
+    and the base model it was trained on. Returns (the version, the adapter digest)."""
+    files = record_folder(adapter_dir)  # checked against the manifest training wrote
     mlflow.log_artifacts(run_id, adapter_dir, "adapter")
-    digest = sha256_json(file_digests(adapter_dir))
+    digest = files_digest(files)
     mv = mlflow.register(model_name, mlflow.artifact_uri(run_id, "adapter"), run_id, tags={
-        **tags, DIGEST_TAG: digest, BASE_MODEL_PATH_TAG: str(base_model["path"]),
+        **tags, **integrity_tags(files), BASE_MODEL_PATH_TAG: str(base_model["path"]),
         "genops.base_model_digest": base_model["folder_digest"]}, description=description)
     return mv, digest
 

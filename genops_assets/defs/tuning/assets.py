@@ -8,7 +8,8 @@ import dagster as dg
 from genops_assets import __version__
 from genops_assets.components.binding import bind_task, task_group, task_key
 from genops_assets.defs.tuning.config import TuningConfig
-from genops_assets.lib.hashing import file_digests, sha256_json
+from genops_assets.lib.hashing import sha256_json
+from genops_assets.lib.integrity import files_digest, record_folder
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.report import loss_curve_png, png_markdown
 from genops_assets.lib.tasks import TaskRef
@@ -23,7 +24,13 @@ from genops_assets.lib.tuning import (
 )
 from genops_assets.serving.protocol import CHALLENGER
 from resources.paths import GenopsHome
-from resources.tracking import VERSION_KEY_TAG, MlflowTracking, prompt_tags, registered_model_name
+from resources.tracking import (
+    VERSION_KEY_TAG,
+    MlflowTracking,
+    integrity_tags,
+    prompt_tags,
+    registered_model_name,
+)
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
 CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
@@ -69,13 +76,13 @@ def register_tuned(mlflow: MlflowTracking, run_id: str, model_name: str, version
     path and digest) and register it as a new version with alias `challenger`; the asset value
     (the adapter's, plus ``extra``) is recorded on the version for a re-run with the same key.
     Returns (adapter, MLflow model, version)."""
-    adapter_files = file_digests(adapter_dir)
+    adapter_files = record_folder(adapter_dir)  # checked against the manifest training wrote
     version_tags = {**tags, "genops.base_model_digest": base_model["folder_digest"],
-                    "genops.adapter_digest": sha256_json(adapter_files), VERSION_KEY_TAG: version_key}
+                    **integrity_tags(adapter_files), VERSION_KEY_TAG: version_key}
     model = mlflow.log_version_model(run_id, adapter_dir, prompt_ref, base_model, version_tags)
     adapter = TunedAdapter(
         model_name=model_name, version_key=version_key, adapter_dir=str(adapter_dir),
-        adapter_digest=sha256_json(adapter_files), adapter_files=adapter_files, run_id=run_id,
+        adapter_digest=files_digest(adapter_files), adapter_files=adapter_files, run_id=run_id,
         base_model_digest=base_model["folder_digest"], base_model_path=base_model["path"],
         dataset_digests=dataset_digests, prompt=prompt_ref.summary(), steps=steps,
         final_train_loss=losses[0], final_eval_loss=losses[1], model_id=model.model_id)

@@ -21,7 +21,7 @@ from genops_assets.defs.tuning.assets import (
 )
 from genops_assets.defs.tuning.config import PreferenceTuningConfig
 from genops_assets.lib.evaluation import examples_from_frame
-from genops_assets.lib.hashing import file_digests, sha256_json
+from genops_assets.lib.integrity import files_digest, read_manifest
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.preference import (
     DPO_LOGGED_KEYS,
@@ -91,7 +91,7 @@ def preference_tuned_adapter(
         raise dg.Failure(f"{table} does not exist in {warehouse.path}: build the preference_pairs dbt model "
                          "(after human_ratings) first", allow_retries=False)
     champion_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, champion.version)
-    parent = {"version": champion.version, "adapter_digest": sha256_json(file_digests(champion_dir))}
+    parent = {"version": champion.version, "adapter_digest": files_digest(read_manifest(champion_dir))}
     cfg = config.to_train_config()
     try:
         plan = plan_preference(warehouse.query_df(f"select * from {table} order by pair_id"),
