@@ -18,6 +18,7 @@ import dagster as dg
 from genops_assets.components.binding import bind_task, task_key
 from genops_assets.defs.jobs import continuous_training_job_name
 from genops_assets.lib.alerts import raise_alert
+from genops_assets.lib.audit import AuditLog, record_rollback
 from genops_assets.lib.tasks import TaskRef, task_run_config
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
@@ -153,9 +154,12 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
             rollback = {"action": "skipped", "reason": "the materialization names no version"}
         else:
             try:
-                rollback = asdict(mlflow.rollback_champion(
+                result = mlflow.rollback_champion(
                     model_name, only_if_champion=version,
-                    reason=f"online_quality regression on {partition} (materialization {rec.storage_id})"))
+                    reason=f"online_quality regression on {partition} (materialization {rec.storage_id})")
+                record_rollback(AuditLog(home.audit_path), result, actor=f"sensor:{context.sensor_name}",
+                                run_id=rec.run_id)
+                rollback = asdict(result)
             except RollbackError as exc:
                 rollback = {"action": "failed", "reason": str(exc)}
         rolled = rollback["action"] == "rolled_back"
