@@ -254,3 +254,29 @@ def scan_home(root: Path, *, entities: Sequence[str] = DEFAULT_ENTITIES, min_sco
             continue
         scan_file(path, root=root, entities=entities, min_score=min_score, report=report)
     return report
+
+
+PII_COLUMN = "pii_entities"
+
+
+def validate_no_pii(name: str, df, *, id_column: str, columns: Sequence[str],
+                    entities: Sequence[str] = DEFAULT_ENTITIES, min_score: float = DEFAULT_MIN_SCORE):
+    """A Great Expectations validation that no row of ``df`` holds PII in ``columns`` (those
+    present): Presidio's findings become a ``pii_entities`` column (``column:ENTITY, ...``, null
+    on a clean row) that must be null, as the output-schema errors are for the mart suites.
+    Returns the report (failing rows by ``id_column``) and the findings."""
+    import great_expectations.expectations as gxe
+
+    from genops_assets.lib.validation import run_suite
+
+    present = [c for c in columns if c in df.columns]
+    findings = scan_frame(df, table=name, id_column=id_column, columns=present, entities=entities,
+                          min_score=min_score)
+    by_row: dict[str, list[str]] = {}
+    for f in findings:
+        by_row.setdefault(str(f.row), []).append(f"{f.column}:{f.entity}")
+    frame = df[[id_column, *present]].copy()
+    frame[PII_COLUMN] = [", ".join(sorted(set(by_row[str(i)]))) if str(i) in by_row else None
+                         for i in frame[id_column].tolist()]
+    report = run_suite(f"{name}_pii", frame, [gxe.ExpectColumnValuesToBeNull(column=PII_COLUMN)], id_column)
+    return report, findings
