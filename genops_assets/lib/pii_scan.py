@@ -126,7 +126,7 @@ def scan_frame(df, *, table: str, id_column: str | None = None, columns: Sequenc
 def scan_duckdb_table(con, table: str, *, id_column: str | None = None, location: str | None = None,
                       entities: Sequence[str] = DEFAULT_ENTITIES, min_score: float = DEFAULT_MIN_SCORE,
                       report: ScanReport | None = None) -> list[ScanFinding]:
-    """Findings in the VARCHAR/JSON columns of one DuckDB table (``schema.table``) on ``con``."""
+    """Findings in the VARCHAR/JSON columns of one DuckDB table (``schema.table``, unquoted) on ``con``."""
     schema, _, name = table.rpartition(".")
     cols = con.execute(
         "select column_name, data_type from information_schema.columns where table_name = ? "
@@ -141,7 +141,8 @@ def scan_duckdb_table(con, table: str, *, id_column: str | None = None, location
         return []
     idc = id_column if id_column in {c for c, _ in cols} else None
     select = ", ".join(f'"{c}"' for c in texts)
-    rows = con.execute(f'select {f"{chr(34)}{idc}{chr(34)}, " if idc else ""}{select} from {table}').fetchall()
+    quoted = ".".join(f'"{part}"' for part in ((schema, name) if schema else (name,)))
+    rows = con.execute(f'select {f"{chr(34)}{idc}{chr(34)}, " if idc else ""}{select} from {quoted}').fetchall()
     found: list[ScanFinding] = []
     offset = 1 if idc else 0
     for i, c in enumerate(texts):
@@ -164,7 +165,7 @@ def scan_duckdb_file(path: Path, *, location: str | None = None, entities: Seque
         tables = con.execute("select table_schema, table_name from information_schema.tables "
                              "where table_type = 'BASE TABLE' order by 1, 2").fetchall()
         for schema, name in tables:
-            found += scan_duckdb_table(con, f'"{schema}"."{name}"', location=location or str(path),
+            found += scan_duckdb_table(con, f"{schema}.{name}", location=location or str(path),
                                        entities=entities, min_score=min_score, report=report)
     finally:
         con.close()
