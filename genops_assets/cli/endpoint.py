@@ -58,18 +58,17 @@ def model_rollback(task_name: str | None, version: str | None) -> int:
     """Move `champion` back (to ``version``, or the previous champion recorded at promotion);
     a server following the registry hot-swaps it."""
     from genops_assets.lib.audit import AuditLog, cli_actor, record_rollback
-    from resources.paths import GenopsHome
     from resources.tracking import RollbackError, registered_model_name
 
-    root = init_home()
-    mlflow, _, task_res = tracking()
+    init_home()
+    mlflow, genops_home, task_res = tracking()
     name = registered_model_name(task_name or task_res.name)
     try:
         result = mlflow.rollback_champion(name, to_version=version, reason="manual (genops rollback)")
     except RollbackError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    record_rollback(AuditLog(GenopsHome(root=str(root)).audit_path), result, actor=cli_actor())
+    record_rollback(AuditLog(genops_home.audit_path), result, actor=cli_actor())
     if result.action != "rolled_back":
         print(f"{name}: {result.reason}")
         return 0

@@ -133,10 +133,11 @@ def deployed_endpoint(
         raise dg.Failure(f"the endpoint answered {champion} from v{answered_by}, expected v{version}: the new "
                          f"champion is not being served ({outcome.url})")
     served_prompt = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
-    audit.record("deploy", model_name, version, previous_version, actor=actor, run_id=context.run.run_id,
-                 reason=f"endpoint {outcome.action}: {outcome.url} serving v{version} as {champion}",
-                 details={"url": outcome.url, "action": outcome.action, "prompt_version": prompt_ref.version,
-                          "parity_checked": parity["checked"], "parity_matched": parity["matched"]})
+    if promoted or outcome.action != "unchanged":  # a no-op deploy changes nothing worth recording
+        audit.record("deploy", model_name, version, previous_version, actor=actor, run_id=context.run.run_id,
+                     reason=f"endpoint {outcome.action}: {outcome.url} serving v{version} as {champion}",
+                     details={"url": outcome.url, "action": outcome.action, "prompt_version": prompt_ref.version,
+                              "parity_checked": parity["checked"], "parity_matched": parity["matched"]})
     value = {
         "url": outcome.url,
         "pid": outcome.pid,
