@@ -25,7 +25,8 @@ def test_entries_are_append_only(tmp_path):
         db.execute("delete from audit_log")
     db.close()
     entries = log.entries("genops-a")
-    assert [(e["action"], e["version"], e["previous"]) for e in entries] == [("deploy", "2", "1"), ("promote", "2", "1")]
+    assert [(e["action"], e["version"], e["previous"]) for e in entries] == [("deploy", "2", "1"),
+                                                                              ("promote", "2", "1")]
     assert entries[0]["details"] == {"url": "http://x/v1"} and entries[1]["reason"] == "gate passed"
     assert [e["model"] for e in log.entries(limit=2)] == ["genops-b", "genops-a"]
     table = markdown_table(log.entries())
