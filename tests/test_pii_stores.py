@@ -17,6 +17,7 @@ import dagster as dg
 import pytest
 from faker import Faker
 from graph_support import (
+    REPO,
     TASK,
     free_port,
     loop_job,
@@ -91,7 +92,6 @@ def test_synthetic_pii_is_not_stored_anywhere(home, tiny_model_dir, tmp_path):
 
     from genops_assets.lib.ratings import RatingStore
     from genops_assets.rating.service import RatingService
-    from graph_support import REPO
 
     store = RatingStore(home / "feedback" / "ratings.sqlite")
     service = RatingService(store, REPO / "tasks")
