@@ -142,7 +142,9 @@ def test_model_card_asset_logs_the_cards_to_the_training_run(tmp_path):
     def safety_stand_in() -> dict:
         return {**SAFETY, "candidate": {"model_name": "genops-support_triage", "version": "1"}}
 
-    [card_asset] = build_governance_assets(task, with_safety_report=True)
+    keys = {dg.AssetKey([TASK, n]) for n in ("eval_report", "tuned_adapter", "safety_report")}
+    [card_asset] = build_governance_assets(task, keys)
+    assert [a.key for a in build_governance_assets(task, keys - {dg.AssetKey([TASK, "tuned_adapter"])})] == []
     result = dg.materialize([eval_stand_in, adapter_stand_in, base_stand_in, safety_stand_in, card_asset],
                             resources={k: res[k] for k in ("mlflow", "warehouse", "home")})
     assert result.success

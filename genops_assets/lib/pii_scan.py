@@ -7,7 +7,8 @@ artifacts, SQLite journals) through the printable text runs it contains. A findi
 the PII is (file, table, column, row) and its entity type, never the value itself, so findings
 can be logged, shown as metadata and asserted on.
 
-Model weights (``.safetensors``, ``.gguf``) are not request data and are listed as skipped.
+Files of numbers only (model weights, trainer checkpoints, images, numpy arrays) are listed as
+skipped, with their kind.
 """
 
 from __future__ import annotations
@@ -23,13 +24,21 @@ from typing import Any
 
 from genops_assets.lib.guardrails.pii import DEFAULT_ENTITIES, DEFAULT_MIN_SCORE, find_pii
 
-TEXT_SUFFIXES = frozenset({".jsonl", ".json", ".md", ".yaml", ".yml", ".csv", ".log", ".txt", ".html",
+TEXT_SUFFIXES = frozenset({".jsonl", ".json", ".md", ".yaml", ".yml", ".csv", ".tsv", ".log", ".txt", ".html",
                            ".out", ".err", ".j2", ".ndjson"})
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".gguf"})
+# Trainer checkpoints (optimizer and scheduler state, RNG state): tensors written by torch.save.
+TRAINING_STATE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt"})
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DUCKDB_MAGIC = b"DUCK"  # at byte 8 of a DuckDB database file
-# Printable runs in a binary file long enough to hold an e-mail address or a phone number.
-_TEXT_RUN = re.compile(rb"[\x09\x0a\x0d\x20-\x7e\x80-\xff]{6,}")
+# Files that hold numbers only, listed as skipped with their kind.
+SKIPPED_KINDS = ("model weights", "training state", "image", "numeric array")
+# Printable ASCII runs in a binary file long enough to hold an e-mail address or a phone number
+# (every entity looked for is written in ASCII).
+_TEXT_RUN = re.compile(rb"[\x09\x0a\x0d\x20-\x7e]{6,}")
+# Binary formats that hold pixels or numbers, never text: listed as skipped.
+_NON_TEXT_MAGIC = {b"\x89PNG\r\n\x1a\n": "image", b"\xff\xd8\xff": "image", b"GIF8": "image",
+                   b"\x93NUMPY": "numeric array"}
 _DUCKDB_TEXT_TYPES = ("VARCHAR", "JSON")
 
 
@@ -76,14 +85,15 @@ class ScanReport:
         return head if self.clean else head + ": " + "; ".join(f.describe() for f in self.findings[:20])
 
 
-# Machine-written numbers that the card and phone recognizers misread: full-precision floats
-# (metrics, timestamps, scores: "0.4123456789012345" holds a Luhn-valid 16-digit run one time in
-# ten), hex digests and UUIDs. Masked with spaces (positions kept) before the recognizers run; a
-# card, phone, SSN or IBAN is never written this way.
+# Machine-written numbers that the card and phone recognizers misread: floats and epoch
+# timestamps ("1796230571.759", "0.4123456789012345": a Luhn-valid 16-digit run one time in ten),
+# hex digests, UUIDs and prefixed ids ("ex_4997605063013883"). Masked with spaces (positions
+# kept) before the recognizers run; a card, phone, SSN or IBAN is never written this way.
 _MACHINE_NUMBERS = re.compile(
-    r"\d+\.\d{5,}(?:[eE][-+]?\d+)?"
+    r"\d{5,}\.\d+(?:[eE][-+]?\d+)?|\d+\.\d{5,}(?:[eE][-+]?\d+)?"
     r"|\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
-    r"|\b[0-9a-fA-F]{32,}\b")
+    r"|\b[0-9a-fA-F]{32,}\b"
+    r"|\b[A-Za-z][A-Za-z0-9]*_[0-9a-fA-F]{8,}\b")
 # Every default entity needs a digit (phone, card, SSN, IBAN, IP) or an "@" (e-mail).
 _DEFAULT_NEEDS = re.compile(r"[0-9@]")
 
@@ -242,7 +252,12 @@ def _kind(path: Path, head: bytes) -> str:
     if head[8:12] == DUCKDB_MAGIC:
         return "duckdb"
     if path.suffix.lower() in WEIGHT_SUFFIXES:
-        return "weights"
+        return "model weights"
+    if path.suffix.lower() in TRAINING_STATE_SUFFIXES:
+        return "training state"
+    for magic, kind in _NON_TEXT_MAGIC.items():
+        if head.startswith(magic):
+            return kind
     if path.suffix.lower() in TEXT_SUFFIXES and b"\x00" not in head:
         return "text"
     return "binary"
@@ -256,8 +271,8 @@ def scan_file(path: Path, *, root: Path | None = None, entities: Sequence[str] =
     with open(path, "rb") as fh:
         head = fh.read(4096)
     kind = _kind(path, head)
-    if kind == "weights":
-        report.skipped.append(f"{rel} (model weights)")
+    if kind in SKIPPED_KINDS:
+        report.skipped.append(f"{rel} ({kind})")
         return []
     report.files += 1
     if kind == "sqlite":

@@ -105,13 +105,25 @@ def model_card_with_safety(context: dg.AssetExecutionContext, eval_report: dict,
                        safety_report)
 
 
-def build_governance_assets(task: TaskRef, with_safety_report: bool) -> list[dg.AssetsDefinition]:
-    """The task's model-card asset; it reads ``<task>/safety_report`` when the graph has one."""
-    ins = {"eval_report": dg.AssetIn(key=task_key(task, "eval_report")),
-           "tuned_adapter": dg.AssetIn(key=task_key(task, "tuned_adapter"))}
-    fn = model_card
-    if with_safety_report:
-        ins[SAFETY_REPORT] = dg.AssetIn(key=task_key(task, SAFETY_REPORT))
-        fn = model_card_with_safety
-    return [dg.asset(name="model_card", key_prefix=[task.name], group_name=task_group(task, "governance"),
-                     kinds={"mlflow"}, ins=ins, deps=[task_key(task, m) for m in PII_MARTS])(bind_task(fn, task))]
+# (prefix of the tuned version's assets, stage): SFT in the loop, DPO in preference tuning.
+CARDED_STAGES = (("", "governance"), ("preference_", "preference"))
+
+
+def build_governance_assets(task: TaskRef, graph_keys: set[dg.AssetKey]) -> list[dg.AssetsDefinition]:
+    """A model-card asset per tuned version the task's graph produces (``model_card`` after
+    ``eval_report``; ``preference_model_card`` after ``preference_eval_report``, in the preference
+    stage); each reads the matching ``safety_report`` when the graph has one."""
+    built = []
+    for prefix, stage in CARDED_STAGES:
+        if task_key(task, f"{prefix}tuned_adapter") not in graph_keys:
+            continue
+        ins = {"eval_report": dg.AssetIn(key=task_key(task, f"{prefix}eval_report")),
+               "tuned_adapter": dg.AssetIn(key=task_key(task, f"{prefix}tuned_adapter"))}
+        fn = model_card
+        if task_key(task, f"{prefix}{SAFETY_REPORT}") in graph_keys:
+            ins[SAFETY_REPORT] = dg.AssetIn(key=task_key(task, f"{prefix}{SAFETY_REPORT}"))
+            fn = model_card_with_safety
+        built.append(dg.asset(name=f"{prefix}model_card", key_prefix=[task.name], group_name=task_group(task, stage),
+                              kinds={"mlflow"}, ins=ins, deps=[task_key(task, m) for m in PII_MARTS])(
+            bind_task(fn, task)))
+    return built
