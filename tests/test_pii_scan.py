@@ -163,8 +163,10 @@ def test_a_mart_row_with_pii_blocks_tuning_and_is_named(tmp_path, tiny_model_dir
 def test_machine_numbers_and_local_addresses_are_not_pii():
     df = pd.DataFrame({"v": [
         '{"loss": 0.4111111111111111, "ts": 1764690350.1234567}',      # floats: no card, no phone
+        '{"latency_s": 1.1698, "queue_s": 0.1135, "id": "ex_4997605063013883"}',
         "sha256 4111111111111111aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "served at http://127.0.0.1:18400/v1 and http://0.0.0.0:8008",  # the endpoint's own URLs
-        "client 8.8.8.8 called", f"card {CARD}",
+        "client 8.8.8.8 called", f"card {CARD}", "call 212.555.0142 today",
     ]})
-    assert [(f.row, f.entity) for f in scan_frame(df, table="t")] == [(3, "IP_ADDRESS"), (4, "CREDIT_CARD")]
+    assert [(f.row, f.entity) for f in scan_frame(df, table="t")] == [(4, "IP_ADDRESS"), (5, "CREDIT_CARD"),
+                                                                     (6, "PHONE_NUMBER")]

@@ -85,12 +85,14 @@ class ScanReport:
         return head if self.clean else head + ": " + "; ".join(f.describe() for f in self.findings[:20])
 
 
-# Machine-written numbers that the card and phone recognizers misread: floats and epoch
-# timestamps ("1796230571.759", "0.4123456789012345": a Luhn-valid 16-digit run one time in ten),
-# hex digests, UUIDs and prefixed ids ("ex_4997605063013883"). Masked with spaces (positions
-# kept) before the recognizers run; a card, phone, SSN or IBAN is never written this way.
+# Machine-written numbers that the card and phone recognizers misread: decimal numbers
+# (latencies, epoch timestamps "1796230571.759", "0.4123456789012345" holds a Luhn-valid
+# 16-digit run one time in ten; two of them side by side read as a phone number), hex digests,
+# UUIDs and prefixed ids ("ex_4997605063013883"). Masked with spaces (positions kept) before the
+# recognizers run; a card, phone, SSN or IBAN is never written this way (a phone number written
+# with dots has two or more: "212.555.0142" is left alone).
 _MACHINE_NUMBERS = re.compile(
-    r"\d{5,}\.\d+(?:[eE][-+]?\d+)?|\d+\.\d{5,}(?:[eE][-+]?\d+)?"
+    r"(?<![\d.])\d+\.\d+(?:[eE][-+]?\d+)?(?![\d.])"
     r"|\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
     r"|\b[0-9a-fA-F]{32,}\b"
     r"|\b[A-Za-z][A-Za-z0-9]*_[0-9a-fA-F]{8,}\b")
