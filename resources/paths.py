@@ -87,6 +87,11 @@ class GenopsHome(dg.ConfigurableResource):
         return self.path / "feedback" / "labels"
 
     @property
+    def audit_path(self) -> Path:
+        """The append-only audit log of deploys, promotions and rollbacks (SQLite)."""
+        return self.sub("audit") / "audit.sqlite"
+
+    @property
     def ratings_path(self) -> Path:
         """The rating UI's store of raters, queue items and ratings (SQLite)."""
         return store_path(self.path)

@@ -18,6 +18,7 @@ import dagster as dg
 from genops_assets.components.binding import bind_task, task_key
 from genops_assets.defs.jobs import continuous_training_job_name
 from genops_assets.lib.alerts import raise_alert
+from genops_assets.lib.audit import AuditLog, record_rollback
 from genops_assets.lib.tasks import TaskRef, task_run_config
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
@@ -128,6 +129,10 @@ def drift_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: Ta
     )
 
 
+def quality_sensor_name(task: TaskRef) -> str:
+    return f"{task.name}_quality_regression_sensor"
+
+
 def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsHome, task: TaskRef,
                               mlflow: MlflowTracking, automation: AutomationResource):
     records = new_materializations(context.instance, task_key(task, ONLINE_QUALITY), _after(context.cursor))
@@ -153,9 +158,12 @@ def quality_regression_sensor(context: dg.SensorEvaluationContext, home: GenopsH
             rollback = {"action": "skipped", "reason": "the materialization names no version"}
         else:
             try:
-                rollback = asdict(mlflow.rollback_champion(
+                result = mlflow.rollback_champion(
                     model_name, only_if_champion=version,
-                    reason=f"online_quality regression on {partition} (materialization {rec.storage_id})"))
+                    reason=f"online_quality regression on {partition} (materialization {rec.storage_id})")
+                record_rollback(AuditLog(home.audit_path), result, actor=f"sensor:{quality_sensor_name(task)}",
+                                run_id=rec.run_id)
+                rollback = asdict(result)
             except RollbackError as exc:
                 rollback = {"action": "failed", "reason": str(exc)}
         rolled = rollback["action"] == "rolled_back"
@@ -190,7 +198,7 @@ def build_monitoring_sensors(task: TaskRef) -> list[dg.SensorDefinition]:
     return [
         dg.sensor(name=f"{task.name}_drift_sensor", job_name=continuous_training_job_name(task.name),
                   description=drift_description, **every_minute)(bind_task(drift_sensor, task)),
-        dg.sensor(name=f"{task.name}_quality_regression_sensor", description=quality_description,
+        dg.sensor(name=quality_sensor_name(task), description=quality_description,
                   **every_minute)(bind_task(quality_regression_sensor, task)),
     ]
 

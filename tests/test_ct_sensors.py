@@ -252,6 +252,11 @@ def test_regression_alerts_and_rolls_back_the_champion_when_enabled(res, registr
     assert alert["details"]["rollback"]["action"] == "rolled_back"
     assert alert["details"]["rollback"]["from_version"] == "2" and alert["details"]["metadata"]["accuracy"] == 0.41
     assert "champion moved back to v1" in alert["message"]
+    from genops_assets.lib.audit import AuditLog
+
+    [entry] = AuditLog(res["home"].audit_path).entries(name)  # the audit log records who and why
+    assert (entry["action"], entry["version"], entry["previous"]) == ("rollback", "1", "2")
+    assert entry["actor"] == "sensor:support_triage_quality_regression_sensor" and "2026-03-02" in entry["reason"]
 
     # the same materialization again: nothing more
     assert isinstance(quality_tick(res, registry, instance, got.cursor), dg.SkipReason)

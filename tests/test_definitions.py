@@ -16,7 +16,8 @@ HEAVY = ["torch", "transformers", "peft", "trl", "deepspeed", "great_expectation
 TASK_ASSETS = {"golden_eval_dataset", "sft_dataset", "few_shot_examples", "tuned_adapter", "eval_report",
                "safety_report", "deployed_endpoint", "raw_task_examples", "prompt_templates", "serving_metrics",
                "prompt_drift", "rating_queue", "human_ratings", "preference_pairs", "human_corrections",
-               "human_judgements", "golden_proposals"}
+               "human_judgements", "golden_proposals", "model_card"}
+PII_CHECKS = {"no_pii_golden_eval_dataset", "no_pii_sft_dataset", "no_pii_few_shot_examples", "no_pii_preference_pairs"}
 SHARED_ASSETS = {"base_model", "request_log", "resource_usage"}
 TASKS = ("support_triage", "product_qa")
 
@@ -61,10 +62,10 @@ def test_asset_graph_has_the_lifecycle_and_gates_of_every_task():
         assert graph.get(dg.AssetKey([task, "tuned_adapter"])).group_name == f"{task}_tuning"
         checks = {c.name for c in graph.asset_check_keys if c.asset_key.path[0] == task}
         assert checks == {"gx_golden_eval_dataset", "gx_sft_dataset", "gx_few_shot_examples", "beats_champion",
-                          "gx_preference_pairs", "gx_human_corrections", "safety_no_regression"}
+                          "gx_preference_pairs", "gx_human_corrections", "safety_no_regression"} | PII_CHECKS
         for c in graph.asset_check_keys:
             if c.asset_key.path[0] == task and c.name in ("gx_sft_dataset", "beats_champion", "gx_preference_pairs",
-                                                          "gx_human_corrections", "safety_no_regression"):
+                                                          "gx_human_corrections", "safety_no_regression", *PII_CHECKS):
                 assert graph.get_check_spec(c).blocking, c
         for job in ("genops_loop", "continuous_training", "prompt_enhancement", "judge_tuning"):
             assert defs.resolve_job_def(f"{task}_{job}")
@@ -75,6 +76,7 @@ def test_asset_graph_has_the_lifecycle_and_gates_of_every_task():
         for report, deployment in (("safety_report", "deployed_endpoint"),
                                    ("preference_safety_report", "preference_deployed_endpoint")):
             assert dg.AssetKey([task, report]) in graph.get(dg.AssetKey([task, deployment])).parent_keys
+        assert f"{task}/model_card" in loop  # every candidate of the loop gets its cards
         # The task's judge is tuned in a job of its own, from the human choices, never in the loop.
         judge_tuning = defs.resolve_job_def(f"{task}_judge_tuning").asset_layer.selected_asset_keys
         assert {k.to_user_string() for k in judge_tuning} == {f"{task}/judge_adapter"}

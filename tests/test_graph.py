@@ -91,6 +91,24 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     assert {m.id for m in client.models.list().data} >= {"base", "support_triage", "support_triage:challenger"}
 
+    # The shipped data holds no PII; the champion's model and dataset cards are on its training run.
+    assert all(checks[f"no_pii_{m}"] for m in ("golden_eval_dataset", "sft_dataset", "few_shot_examples",
+                                               "preference_pairs"))
+    card = result.output_for_node(node("model_card"))
+    assert card["version"] == "1" and mv.tags["genops.model_card_sha256"] == card["sha256"]
+    assert {a.path for a in tracking.client().list_artifacts(adapter["run_id"], "cards")} >= {
+        "cards/model_card.md", "cards/datasets"}
+    # The audit log: who promoted and deployed which version, and why; shown on deployed_endpoint.
+    from genops_assets.lib.audit import AuditLog
+
+    audit = AuditLog(build_resources(home=home)["home"].audit_path)
+    entries = audit.entries("genops-support_triage")
+    assert [(e["action"], e["version"], e["previous"]) for e in entries] == [("deploy", "1", None),
+                                                                              ("promote", "1", None)]
+    assert {e["actor"] for e in entries} == {f"dagster-run:{result.run_id}"} and "gate" in entries[1]["reason"]
+    deployed_meta = result.asset_materializations_for_node(node("deployed_endpoint"))[0].metadata
+    assert "| promote | genops-support_triage | 1 |" in deployed_meta["audit_log"].value
+
     # Same data, config and base model: no second training, no new version, deploy is a no-op.
     again = job.execute_in_process(run_config=run_config, instance=instance)
     assert again.success
@@ -103,6 +121,7 @@ def test_whole_loop_then_idempotent_rerun(home, tiny_model_dir):
     assert sxs["usage"]["calls"] == 0 and sxs["usage"]["cached"] > 0
     assert same_numbers(sxs["summary"], result.output_for_node(node("sxs_evaluation"))["summary"])
     assert len(tracking.client().search_model_versions("name = 'genops-support_triage'")) == 1
+    assert len(audit.entries()) == 2  # a no-op deploy is not an event
 
 
 def test_gate_failure_blocks_deployment(home, tiny_model_dir):

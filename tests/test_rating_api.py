@@ -65,3 +65,27 @@ def test_errors(api):
     store.disable_rater("ana")
     assert client.get(f"/api/v1/tasks/{TASK}/next", headers=auth).status_code == 401
     assert store.ratings(TASK) == []
+
+
+def test_corrections_are_stored_with_their_pii_redacted(api):
+    client, store, auth, item = api
+    summary = "Customer asks for a refund; reach them at dana.k@example.org or 212-555-0142."
+    r = client.post("/api/v1/ratings", headers=auth, json={
+        "task": TASK, "item_id": item.item_id, "choice": "1", "correction": {**ANSWER, "summary": summary}})
+    assert r.status_code == 201
+    [row] = store.ratings(TASK)
+    stored = json.loads(row["correction_json"])["summary"]
+    assert "dana.k@example.org" not in row["correction_json"] and "555-0142" not in row["correction_json"]
+    assert stored == "Customer asks for a refund; reach them at <EMAIL_ADDRESS> or <PHONE_NUMBER>."
+
+
+def test_a_correction_valid_only_with_its_pii_is_refused_naming_the_field(api):
+    client, store, auth, item = api
+    # Within the schema's 200 characters with the address; redacted it is longer.
+    summary = "Customer wants the doorbell order sent elsewhere. " * 3 + "x" * 31 + " Mail: a@b.io"
+    assert len(summary) <= 200 < len(summary.replace("a@b.io", "<EMAIL_ADDRESS>"))
+    r = client.post("/api/v1/ratings", headers=auth, json={
+        "task": TASK, "item_id": item.item_id, "choice": "1", "correction": {**ANSWER, "summary": summary}})
+    assert r.status_code == 422 and r.json()["field"] == "summary"
+    assert "personal data (EMAIL_ADDRESS)" in r.json()["detail"] and "a@b.io" not in r.json()["detail"]
+    assert store.ratings(TASK) == []

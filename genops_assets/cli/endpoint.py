@@ -57,18 +57,30 @@ def stop(names: tuple[str, ...] = SERVERS) -> int:
 def model_rollback(task_name: str | None, version: str | None) -> int:
     """Move `champion` back (to ``version``, or the previous champion recorded at promotion);
     a server following the registry hot-swaps it."""
+    from genops_assets.lib.audit import AuditLog, cli_actor, record_rollback
     from resources.tracking import RollbackError, registered_model_name
 
     init_home()
-    mlflow, _, task_res = tracking()
+    mlflow, genops_home, task_res = tracking()
     name = registered_model_name(task_name or task_res.name)
     try:
         result = mlflow.rollback_champion(name, to_version=version, reason="manual (genops rollback)")
     except RollbackError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    record_rollback(AuditLog(genops_home.audit_path), result, actor=cli_actor())
     if result.action != "rolled_back":
         print(f"{name}: {result.reason}")
         return 0
     print(f"{name}: champion -> v{result.to_version} (was v{result.from_version}); the endpoint follows within seconds")
+    return 0
+
+
+def audit(model: str | None, limit: int) -> int:
+    """The newest audit entries (deploys, promotions, rollbacks), of one model or all."""
+    from genops_assets.lib.audit import AuditLog, markdown_table
+    from resources.paths import GenopsHome
+
+    root = init_home()
+    print(markdown_table(AuditLog(GenopsHome(root=str(root)).audit_path).entries(model, limit=limit)))
     return 0

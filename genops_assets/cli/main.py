@@ -25,6 +25,9 @@ def parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="move the champion alias back (the endpoint follows)")
     rb.add_argument("--task", default=None)
     rb.add_argument("--version", default=None, help="default: the previous champion")
+    au = sub.add_parser("audit", help="the audit log of deploys, promotions and rollbacks (newest first)")
+    au.add_argument("--model", default=None, help="a registered model name (default: every model)")
+    au.add_argument("--limit", type=int, default=50)
     sub.add_parser("enhance", help="LLM prompt enhancement, then the eval report with the prompt comparison")
     pr = sub.add_parser("prompt", help="prompt registry: try, list, alias, promote, rollback")
     psub = pr.add_subparsers(dest="prompt_cmd", required=True)
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return endpoint.serve(args.host, args.port)
     if args.cmd == "rollback":
         return endpoint.model_rollback(args.task, args.version)
+    if args.cmd == "audit":
+        return endpoint.audit(args.model, args.limit)
     return endpoint.stop()
 
 

@@ -45,6 +45,8 @@ def task_graph(task: TaskRef, daily: dg.PartitionsDefinition) -> dg.Definitions:
     from genops_assets.defs.evaluation.assets import build_evaluation_assets
     from genops_assets.defs.evaluation.checks import build_evaluation_checks
     from genops_assets.defs.feedback.ratings import build_rating_assets
+    from genops_assets.defs.governance.assets import build_governance_assets
+    from genops_assets.defs.governance.checks import build_pii_checks
     from genops_assets.defs.jobs import build_task_jobs
     from genops_assets.defs.judge_tuning.assets import build_judge_tuning_assets
     from genops_assets.defs.monitoring.drift import build_drift_assets
@@ -62,8 +64,10 @@ def task_graph(task: TaskRef, daily: dg.PartitionsDefinition) -> dg.Definitions:
               *build_serving_monitoring_assets(task, daily), *build_drift_assets(task, daily),
               *build_quality_assets(task, daily), *build_rating_assets(task), *build_preference_assets(task),
               *build_judge_tuning_assets(task)]
-    checks = [*build_mart_checks(task), *build_evaluation_checks(task), *build_safety_checks(task),
-              *build_preference_checks(task)]
+    # A card per tuned version; it reads the safety report where the graph has one.
+    assets += build_governance_assets(task, {k for a in assets for k in a.keys})
+    checks = [*build_mart_checks(task), *build_pii_checks(task), *build_evaluation_checks(task),
+              *build_safety_checks(task), *build_preference_checks(task)]
     jobs = build_task_jobs(task)
     return dg.Definitions.merge(
         dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs),

@@ -419,7 +419,9 @@ def _check_rating(item: sqlite3.Row, row: dict[str, Any]) -> None:
 
 
 def _correction_json(correction: Mapping[str, Any] | str | None, schema: OutputSchema | None) -> str | None:
-    """The corrected answer as stored (compact JSON), after the task's output schema passed it."""
+    """The corrected answer as stored (compact JSON): the task's output schema passed it, then
+    every PII span in its text was replaced by ``<ENTITY>`` (what people type is redacted before
+    it is stored). A correction that is only valid with its PII in it is refused, naming the field."""
     if correction is None or (isinstance(correction, str) and not correction.strip()):
         return None
     if schema is None:
@@ -434,4 +436,37 @@ def _correction_json(correction: Mapping[str, Any] | str | None, schema: OutputS
         first = issues[0]
         where = f"field '{first.field}'" if first.field else "the answer object"
         raise InvalidCorrection(f"corrected answer, {where}: {first.message}", first.field)
-    return json.dumps(correction, ensure_ascii=False, separators=(",", ":"))
+    redacted, found = _redact_strings(correction, "")
+    if found:
+        broken = schema.errors(redacted)
+        if broken:
+            first = broken[0]
+            field = first.field if first.field in found else next(iter(found))
+            raise InvalidCorrection(
+                f"corrected answer, field '{field}' holds personal data ({', '.join(sorted(set(found[field])))}) "
+                f"and is not valid once that is redacted ({first.message}); write the answer without it", field)
+    return json.dumps(redacted, ensure_ascii=False, separators=(",", ":"))
+
+
+def _redact_strings(value: Any, path: str) -> tuple[Any, dict[str, list[str]]]:
+    """``value`` with PII redacted in every string it holds, and the entity types found per field path."""
+    from genops_assets.lib.guardrails.pii import redact_pii
+
+    if isinstance(value, str):
+        text, findings = redact_pii(value)
+        return text, ({path: [f.entity for f in findings]} if findings else {})
+    found: dict[str, list[str]] = {}
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            out[k], sub = _redact_strings(v, f"{path}.{k}" if path else str(k))
+            found.update(sub)
+        return out, found
+    if isinstance(value, list):
+        items = []
+        for i, v in enumerate(value):
+            item, sub = _redact_strings(v, f"{path}[{i}]")
+            items.append(item)
+            found.update(sub)
+        return items, found
+    return value, found

@@ -155,12 +155,19 @@ def _expectations(rules: MartRules, columns: Sequence[str]):
 
 def validate_mart(name: str, df, rules: MartRules) -> ValidationReport:
     """Validate one mart with Great Expectations; failing rows are named by ``rules.unique_column``."""
+    frame = _label_frame(df, rules)
+    return run_suite(name, frame, _expectations(rules, list(frame.columns)),
+                     rules.unique_column if rules.unique_column in frame.columns else None)
+
+
+def run_suite(name: str, frame, expectations: list, id_col: str | None) -> ValidationReport:
+    """Run ``expectations`` on a pandas frame in an ephemeral GX context; failing rows are named
+    by ``id_col`` (else by index)."""
     import os
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
-    frame = _label_frame(df, rules)
     context = gx.get_context(mode="ephemeral")
     try:  # per-metric progress bars flood the Dagster log
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -173,11 +180,10 @@ def validate_mart(name: str, df, rules: MartRules) -> ValidationReport:
     batch = asset.add_batch_definition_whole_dataframe(f"{name}_whole").get_batch(
         batch_parameters={"dataframe": frame}
     )
-    id_col = rules.unique_column if rules.unique_column in frame.columns else None
     result_format: dict[str, Any] = {"result_format": "COMPLETE"}
     if id_col:
         result_format["unexpected_index_column_names"] = [id_col]
-    suite = gx.ExpectationSuite(name=f"genops_{name}", expectations=_expectations(rules, list(frame.columns)))
+    suite = gx.ExpectationSuite(name=f"genops_{name}", expectations=expectations)
     suite = context.suites.add(suite)
     result = batch.validate(suite, result_format=result_format)
 

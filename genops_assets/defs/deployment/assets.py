@@ -2,21 +2,23 @@
 offline evaluation, then move the `champion` alias and serve it."""
 
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
 
 from genops_assets.components.binding import bind_task, task_group, task_ins
+from genops_assets.lib.audit import AuditLog, markdown_table
 from genops_assets.lib.formatting import build_messages, prompt_variables
 from genops_assets.lib.tasks import TaskRef
 from genops_assets.serving.protocol import CHALLENGER, CHAMPION, served_name
 from resources.endpoint import ServingBackend
 from resources.paths import GenopsHome
 from resources.tracking import MlflowTracking
+
+# Audit entries of the model shown in the asset's metadata, newest first.
+AUDIT_ROWS = 10
 
 
 class DeployConfig(dg.Config):
@@ -113,11 +115,11 @@ def deployed_endpoint(
     previous = mlflow.promote(model_name, version, {"genops.promoted_by_run": context.run.run_id,
                                                     "genops.serving_prompt_version": prompt_ref.version})
     promoted = previous is None or previous.version != version
+    audit = AuditLog(home.audit_path)
+    actor, previous_version = f"dagster-run:{context.run.run_id}", previous.version if previous else None
     if promoted:
-        with open(home.endpoint_dir / "promotions.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"at": datetime.now(UTC).isoformat(), "model": model_name, "version": version,
-                                 "previous": previous.version if previous else None,
-                                 "run_id": context.run.run_id}) + "\n")
+        audit.record("promote", model_name, version, previous_version, actor=actor, run_id=context.run.run_id,
+                     reason=f"promotion gate passed: {gate['reason']}")
         context.log.info(f"{model_name}: alias {CHAMPION} -> v{version} "
                          f"(was {previous.version if previous else 'unset'})")
 
@@ -135,6 +137,11 @@ def deployed_endpoint(
         raise dg.Failure(f"the endpoint answered {champion} from v{answered_by}, expected v{version}: the new "
                          f"champion is not being served ({outcome.url})")
     served_prompt = (reply.model_extra or {}).get("genops", {}).get("prompt_version")
+    if promoted or outcome.action != "unchanged":  # a no-op deploy changes nothing worth recording
+        audit.record("deploy", model_name, version, previous_version, actor=actor, run_id=context.run.run_id,
+                     reason=f"endpoint {outcome.action}: {outcome.url} serving v{version} as {champion}",
+                     details={"url": outcome.url, "action": outcome.action, "prompt_version": prompt_ref.version,
+                              "parity_checked": parity["checked"], "parity_matched": parity["matched"]})
     value = {
         "url": outcome.url,
         "pid": outcome.pid,
@@ -163,6 +170,7 @@ def deployed_endpoint(
         "parity_s": float(parity["seconds"]),
         "prompt_version": prompt_ref.version,
         "served_prompt_version": str(served_prompt),
+        "audit_log": dg.MetadataValue.md(markdown_table(audit.entries(model_name, limit=AUDIT_ROWS))),
     })
 
 

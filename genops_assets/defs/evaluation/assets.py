@@ -160,7 +160,8 @@ def eval_report(
     base = golden_eval.base
     reference_eval = golden_eval.reference
     value = {
-        "candidate": {"version": version, "metrics": cand.metrics},
+        "candidate": {"version": version, "metrics": cand.metrics, "intervals": cand.intervals,
+                      "golden_examples": len(examples)},
         "base": {"few_shot": few_shots.k if few_shots else 0, "metrics": base.metrics},
         "base_zero_shot": {"metrics": golden_eval.base_zero_shot.metrics},
         "few_shot": few_shots.selector if few_shots else None,
