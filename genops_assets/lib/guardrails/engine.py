@@ -259,6 +259,36 @@ class Guardrails:
                     findings.append(Finding("pii", f"redacted {_counted(f.entity for f in found)}"))
         return Verdict(True, "output", None, None, None, text, tuple(findings), timer.total, dict(timer.timings))
 
+    # -- what is stored ---------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        from genops_assets.lib.guardrails.pii import DEFAULT_ENTITIES, redact_pii
+
+        pii = self.cfg.input.pii
+        entities = pii.entities if pii.action != "off" else DEFAULT_ENTITIES
+        return redact_pii(normalize_text(text).text, entities, pii.min_score)[0]
+
+    def stored_input(self, text: str, checked: bool = True) -> str:
+        """Client text as a log may keep it: redacted even where the input check lets personal
+        data through to the model (``action: off``) or never ran (``checked`` False: refused first)."""
+        return text if checked and self.cfg.input.pii.action == "redact" else self._redact(text)
+
+    def stored_messages(self, messages: list[dict], checked: bool = True) -> list[dict]:
+        """``messages`` as a log may keep them (system messages are the operator's, kept)."""
+        return [{**m, "content": self.stored_input(m["content"], checked)}
+                if isinstance(m.get("content"), str) and m.get("role") != "system" else m for m in messages]
+
+    def stored_variables(self, variables: dict | None) -> dict | None:
+        """Prompt variables (a value or a list of passages each) as a log may keep them."""
+        if variables is None:
+            return None
+        return {k: self.stored_input(v) if isinstance(v, str) else [self.stored_input(x) for x in v]
+                for k, v in variables.items()}
+
+    def stored_text(self, text: str) -> str:
+        """An answer (as sent) as a log may keep it: redacted unless the output check redacted it."""
+        return text if self.cfg.output.pii.action == "redact" else self._redact(text)
+
     def warm_up(self) -> None:
         """Load the models the checks use (Presidio, the toxicity model) before the first request."""
         self.check_input([{"role": "user", "content": "warm up"}])

@@ -8,19 +8,18 @@ the answer (case, punctuation and spacing ignored).
 Markup: a markdown image to an absolute URL is fetched by the client that renders the answer,
 so an injected instruction can make the model put the conversation into that URL's query and
 send it away without a click; a link does the same with one click. Both lose their URL here.
-HTML in an answer is escaped (``<img src=...>`` would do the same). An answer without markup,
+HTML tags in an answer are escaped (``<img src=...>`` would do the same). An answer without markup,
 such as a task's JSON object, passes unchanged: nothing is escaped that is not markup.
 """
 
 from __future__ import annotations
 
-import html
 import re
 import secrets
 
 _WORD = re.compile(r"\w+")
-# Anything a browser or markdown renderer would treat as a tag, comment or declaration.
-_HTML = re.compile(r"<\s*/?\s*[A-Za-z!?]")
+# What opens a tag, end tag, comment or declaration for an HTML parser ("< b" does not).
+_HTML = re.compile(r"<[A-Za-z/!?]")
 # An absolute URL: a scheme (http:, data:, javascript:, ...) or a protocol-relative //host.
 _ABSOLUTE = r"(?:[A-Za-z][A-Za-z0-9+.\-]*:|//)"
 _TITLE = r"(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^)]*\)))?"
@@ -87,7 +86,11 @@ def escape_markup(text: str) -> tuple[str, list[str]]:
         return f"{m.group(1)} {LINK_REMOVED}"
 
     out = _MD_REFERENCE.sub(reference, out)
-    if _HTML.search(out):
+
+    def tag(m: re.Match) -> str:
         done.append("html")
-        out = html.escape(out, quote=False)
-    return out, done
+        return "&lt;" + m.group(0)[1:]
+
+    # Only the "<" that opens a tag is escaped: the tag becomes text, and the rest of the
+    # answer (an "&" or "3 < 5" in prose) stays as written.
+    return _HTML.sub(tag, out), done
