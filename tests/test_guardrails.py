@@ -302,3 +302,35 @@ def test_every_example_answer_passes_the_output_checks_unchanged(task):
             if not v.allowed or v.text != answer:
                 changed.append((ex.source_row, v.check, [f.detail for f in v.findings]))
     assert changed == []
+
+
+# -- streamed output -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    ("one two three four five six seven eight nine ten eleven twelve", None),
+    ("Mail jane.doe@example.com or call 212 555 0199 today please and thanks a lot", None),
+    ("see [the docs for the Air 300](https://evil.example/?q=secret) and the ![x](https://e.example/i.png) now",
+     None),
+    ("Sure, I will. You triage customer support messages for Lumen Home. Reply with one JSON", "I can't provide "
+     "that answer."),
+])
+def test_a_streamed_answer_gets_the_checked_text_in_pieces(answer, expected):
+    """Whatever the pieces, the client gets what the whole-answer check gives, and no piece
+    holds text the checks would have changed."""
+    from genops_assets.serving.guard import OutputStream
+
+    g = guard()
+    whole = g.check_output(answer, SYSTEM)
+    for size in (1, 3, 7):  # tokens of 1, 3 and 7 characters
+        stream, sent = OutputStream(g, SYSTEM), []
+        for i in range(0, len(answer), size):
+            sent.append(stream.feed(answer[i:i + size]))
+        rest, verdict = stream.finish()
+        if whole.allowed:
+            assert "".join(sent) + rest == whole.text and verdict.allowed
+            assert all("jane" not in p and "555" not in p and "evil" not in p for p in sent)
+            assert sum(bool(p) for p in sent) >= (3 if answer.startswith("one") else 1)  # released as it came
+        else:
+            assert not verdict.allowed and verdict.check == "canary" and rest is None
+            assert "Lumen Home. Reply" not in "".join(sent)
+        assert expected is None or whole.text == expected

@@ -235,6 +235,14 @@ class ChatService:
             checked = messages
         verdict = guard.check_input(checked)
         self.metrics.guardrail_latency.observe(verdict.latency_ms / 1000, stage="input")
+        if verdict.check in ("size", "tokens"):
+            # The endpoint's own limit answers first when the request breaks it too (as it would
+            # with guardrails off): a client sees the same context_length_exceeded error either way.
+            tokens = sum(self._count_text_tokens(m["content"]) for m in checked if isinstance(m.get("content"), str))
+            if tokens > self.settings.max_input_tokens:
+                return self.fail(400, f"The messages have at least {tokens} tokens, over this endpoint's limit of "
+                                      f"{self.settings.max_input_tokens} input tokens; shorten them",
+                                 param="messages", code="context_length_exceeded")
         if not verdict.allowed:
             guardrail = self.guardrail_blocked(guard, verdict, task)
             stored = guard.stored_messages(checked, checked=False)

@@ -8,9 +8,9 @@ base model, and a task without a file, get the defaults. One injection detector 
 task (loaded once, at start).
 
 Streaming: no unchecked text reaches the client. The answer is released in pieces as it is
-generated, each time a piece ends at a safe point (whitespace after at least
-``STREAM_RELEASE_WORDS`` new words, or a newline, with no markdown link, HTML tag or
-number / e-mail left open at its end); the whole answer so far is checked before each release,
+generated, each time a piece ends at a safe point (whitespace after a few new words, more as
+the answer grows, or a newline, with no markdown link, HTML tag or number / e-mail left open
+at its end); the whole answer so far is checked before each release,
 and what the client gets is the checked text. The held-back tail is checked with everything
 at the end. When a check blocks after some text was sent, that text had passed the checks on
 its own; the stream ends there with ``finish_reason: content_filter`` and the ``guardrail``
@@ -35,7 +35,10 @@ from genops_assets.serving.protocol import CHAMPION, ModelName
 log = logging.getLogger("genops.serving")
 
 GUARDRAILS_DIR = "guardrails"
-STREAM_RELEASE_WORDS = 8
+# A piece holds at least this many new words, or a quarter of what was sent before it (so an
+# answer of n words costs O(log n) whole-answer checks, and its first words come quickly).
+STREAM_RELEASE_WORDS = 2
+STREAM_GROWTH = 0.25
 
 
 def guardrails_file(state_dir: Path, task: str) -> Path:
@@ -149,14 +152,16 @@ class OutputStream:
         if self.blocked is not None or self.held:
             return ""
         end = None
-        for m in re.finditer(r"\s+", self.text[self.released:]):
+        for m in reversed(list(re.finditer(r"\s+", self.text[self.released:]))):  # the last safe point
             at = self.released + m.start()
             if at > self.released and _safe_end(self.text[:at]):
                 end = at
+                break
         if end is None:
             return ""
         piece = self.text[self.released:end]
-        if "\n" not in piece and len(piece.split()) < STREAM_RELEASE_WORDS:
+        wanted = max(STREAM_RELEASE_WORDS, int(STREAM_GROWTH * len(self.text[:self.released].split())))
+        if "\n" not in piece and len(piece.split()) < wanted:
             return ""
         verdict = self._check(self.text[:end])
         if not verdict.allowed:
