@@ -334,3 +334,18 @@ def test_a_streamed_answer_gets_the_checked_text_in_pieces(answer, expected):
             assert not verdict.allowed and verdict.check == "canary" and rest is None
             assert "Lumen Home. Reply" not in "".join(sent)
         assert expected is None or whole.text == expected
+
+
+def test_latency_bench_reports_what_the_checks_add(tokenizer_dir):
+    from injection_standin import SPEC
+
+    from genops_assets.bench.guardrails import bench_guardrails, summary
+
+    result = bench_guardrails(load_task(REPO / "tasks", "support_triage"), str(tokenizer_dir), SPEC, requests=12,
+                              log=lambda _: None)
+    assert result["requests"] == 12 and result["blocked_checks"] == 0  # golden-like traffic passes
+    for side in ("input_ms", "output_ms", "total_ms"):
+        assert 0 < result[side]["p50"] <= result[side]["p95"]
+    assert {"input.pii", "input.injection", "output.toxicity", "output.canary"} <= set(result["per_check_p50_ms"])
+    assert result["target_met"] == (result["total_ms"]["p50"] <= 15.0)
+    assert "total p50" in summary(result)
