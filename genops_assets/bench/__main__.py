@@ -76,7 +76,7 @@ def bench_judging(base_dir: str, task, examples, predictions, work: Path, modes:
     from genops_assets.serving.control import port_free
 
     port = next(p for p in range(8090, 8190) if port_free("127.0.0.1", p))
-    state = control.start_server(base_dir, {}, {}, work / "judge", port=port)
+    state = control.start_server(base_dir, {}, {}, work / "judge", port=port, extra_args=["--guardrails", "off"])
     results = {}
     try:
         url = f"{state.url}/v1"

@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from genops_assets.lib.guardrails.engine import Guardrails, Verdict
 from genops_assets.serving.adapters import LoadedModel, add_adapter, remove_adapter
 from genops_assets.serving.batching import Batcher, Job
-from genops_assets.serving.guard import OutputStream, TaskGuardrails, load_detector
+from genops_assets.serving.guard import OutputStream, TaskGuardrails
 from genops_assets.serving.metrics import CONTENT_TYPE, Registry
 from genops_assets.serving.protection import (
     ERROR_CLASSES,
@@ -202,7 +202,8 @@ class ChatService:
         # its own copy, so the two never share a tokenizer (fast tokenizers are not re-entrant).
         self._counting_tokenizer = copy.deepcopy(loaded.tokenizer)
         # Guardrails run on the event loop too, so they count tokens with the same copy.
-        self.guards = TaskGuardrails(state_dir, load_detector(settings.injection_detector), self._count_text_tokens)
+        self.guards = TaskGuardrails(state_dir, settings.injection_detector, self._count_text_tokens,
+                                     enabled=settings.guardrails == "on")
         # Set by the CLI when it follows a registry: loads a task's version asked by name
         # ("support_triage:v3") as version_loader(task, "3").
         self.version_loader: Callable[[str, str], Any] | None = None

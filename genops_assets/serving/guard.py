@@ -62,13 +62,24 @@ def load_detector(spec: str):
     return target()
 
 
-class TaskGuardrails:
-    """Each task's guardrails, re-read when its settings file changes."""
+# Every check off: what a server started with ``--guardrails off`` applies to every request.
+CHECKS_OFF = GuardrailConfig.model_validate({
+    "input": {"max_chars": 2**62, "max_tokens": 2**62, "normalize": False, "injection": {"enabled": False},
+              "pii": {"action": "off"}},
+    "output": {"pii": {"action": "off"}, "toxicity": {"enabled": False}, "canary": {"enabled": False},
+               "escape_markup": False}})
 
-    def __init__(self, state_dir: Path, detector, count_tokens: Callable[[str], int] | None = None):
+
+class TaskGuardrails:
+    """Each task's guardrails, re-read when its settings file changes (``enabled`` False: every
+    check off for every task, whatever the files say)."""
+
+    def __init__(self, state_dir: Path, detector_spec: str, count_tokens: Callable[[str], int] | None = None,
+                 enabled: bool = True):
         self.folder = Path(state_dir) / GUARDRAILS_DIR
-        self.detector, self.count_tokens = detector, count_tokens
-        self.default = self._build(GuardrailConfig())
+        self.enabled, self.count_tokens = enabled, count_tokens
+        self.detector = load_detector(detector_spec) if enabled else None
+        self.default = self._build(GuardrailConfig() if enabled else CHECKS_OFF)
         self._cache: dict[str, tuple[int, Guardrails]] = {}
 
     def _build(self, cfg: GuardrailConfig) -> Guardrails:
@@ -77,7 +88,7 @@ class TaskGuardrails:
     def for_task(self, task: str | None) -> Guardrails:
         """``task``'s guardrails (the defaults for the base model or a task without settings);
         ValueError naming the file when its settings are unreadable."""
-        if task is None:
+        if task is None or not self.enabled:
             return self.default
         path = self.folder / f"{task}.json"
         try:

@@ -66,6 +66,9 @@ class ServerSettings(BaseSettings):
                                                      "no longer served (its requests get a 404); unset: not checked")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="bearer keys accepted on /v1/*, comma-separated (none: open, with a warning)")
+    guardrails: Literal["on", "off"] = Field(
+        "on", description="off: no guardrail checks (the request log is still redacted); for internal servers "
+                          "such as the local judge, whose prompts quote the answers they judge")
     injection_detector: str = Field(
         "genops_assets.lib.guardrails.injection:InjectionDetector.load",
         description="module:factory building the prompt-injection detector of the guardrails (default: the "
