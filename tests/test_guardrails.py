@@ -369,3 +369,12 @@ def test_a_server_with_guardrails_off_checks_nothing_for_any_task(tmp_path):
         on.for_task("triage")
     with pytest.raises(ValueError, match=r"cannot import no.such.module"):
         TaskGuardrails(tmp_path, "no.such.module:load")
+
+
+def test_vllm_deploys_refuse_to_run_unguarded_unless_told():
+    from resources.endpoint import VllmEndpoint
+
+    settings = GuardrailConfig().canonical_json()
+    with pytest.raises(NotImplementedError, match=r"without genops' guardrails.*GENOPS_VLLM_UNGUARDED"):
+        VllmEndpoint(base_url="http://127.0.0.1:9/v1").publish_guardrails("triage", settings)
+    VllmEndpoint(base_url="http://127.0.0.1:9/v1", unguarded=True).publish_guardrails("triage", settings)
