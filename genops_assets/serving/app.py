@@ -19,6 +19,12 @@ version answered: headers ``x-genops-task``, ``x-genops-served-by``, ``x-genops-
 Streaming: ``stream: true`` answers with server-sent ``chat.completion.chunk`` events as the
 tokens are decoded (inside the dynamic batch); a client that goes away stops its row.
 
+Guardrails (``serving.guard``, ``lib.guardrails``): every request passes its task's input checks
+before it is rendered and queued (a refusal is a 400 with code ``content_filter``), and its
+answer passes the output checks before any of it is sent (a refusal is the task's output
+refusal text with ``finish_reason: content_filter``); both carry ``genops.guardrail`` and are
+counted in ``genops:guardrail_blocks_total``. The request log holds redacted text only.
+
 Protection: bearer API keys on ``/v1/*`` (``GENOPS_API_KEYS``, comma-separated; none: open),
 a per-client rate limit, limits on body size, input tokens and ``max_tokens``, a request
 timeout. Only the routes below exist; every error has OpenAI's shape. ``GET /metrics`` is in
