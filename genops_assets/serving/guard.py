@@ -54,7 +54,8 @@ def load_detector(spec: str):
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"injection detector {spec!r}: cannot import {module_name} ({exc})") from exc
+        raise ValueError(f"injection detector {spec!r}: cannot import {module_name} ({exc}); name another with "
+                         "--injection-detector (GENOPS_INJECTION_DETECTOR)") from exc
     for part in attr.split("."):
         if not hasattr(target, part):
             raise ValueError(f"injection detector {spec!r}: {module_name} has no {attr}")
