@@ -26,10 +26,17 @@ class DeployConfig(dg.Config):
 
 def parity_check(client, model: str, cases: list[dict], spec, prompt_ref, renders_prompts: bool) -> dict:
     """Ask the endpoint for each case's greedy answer and compare with the offline one."""
+    from openai import BadRequestError
 
     def ask(case):
-        reply = client.chat.completions.create(model=model, temperature=0.0,
-                                               **request_for(case, spec, prompt_ref, renders_prompts))
+        try:
+            reply = client.chat.completions.create(model=model, temperature=0.0,
+                                                   **request_for(case, spec, prompt_ref, renders_prompts))
+        except BadRequestError as exc:  # the endpoint's input guardrails refused a golden input
+            if exc.code != "content_filter":
+                raise
+            guardrail = exc.response.json().get("genops", {}).get("guardrail", {})
+            return f"<refused by the input guardrails: {guardrail.get('reason', exc.message)}>", False
         # The endpoint's input guardrails may have changed what the model saw (personal data
         # redacted, text normalised): such an answer is not comparable with the offline one.
         changed = bool((reply.model_extra or {}).get("genops", {}).get("guardrails_input_changed"))
