@@ -100,6 +100,7 @@ def serving_backend(home: Path, settings: GenopsSettings, port: int | None = Non
             api_key=_secret("GENOPS_VLLM_API_KEY", settings.vllm_api_key, "unused"),
             base_model_name=settings.vllm_base_model,
             lora_path_template=settings.vllm_lora_path,
+            unguarded=settings.vllm_unguarded,
         )
     return LocalEndpoint(state_dir=str(home / "endpoint"), port=port or settings.endpoint_port,
                          watch_registry=tracking_uri, watch_prefix=registered_model_name(""),

@@ -64,6 +64,10 @@ class ServingBackend(dg.ConfigurableResource):
     def publish_prompt(self, task: str, prompt: dict) -> None:
         """Make ``prompt`` (name, version, digest, template) the one the endpoint renders for ``task``."""
 
+    def publish_guardrails(self, task: str, cfg_json: str) -> None:
+        """Make ``cfg_json`` (a validated ``GuardrailConfig`` as JSON) ``task``'s guardrails."""
+        raise NotImplementedError(f"{type(self).__name__} does not apply genops' guardrails")
+
     def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
         """Serve ``adapter_dir`` (registry ``version``) as ``task``'s ``role`` (champion or
         challenger): the model ``served_name(task, role)``."""
@@ -124,6 +128,20 @@ class LocalEndpoint(ServingBackend):
         path = prompt_file(Path(self.state_dir), task)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(prompt))
+
+    def publish_guardrails(self, task: str, cfg_json: str) -> None:
+        import json
+
+        from genops_assets.lib.guardrails.config import parse_guardrails
+        from genops_assets.lib.hashing import atomic_write_text
+        from genops_assets.serving.guard import guardrails_file
+
+        # Validated here too: a bad file would make every request of the task fail with a 500.
+        cfg = parse_guardrails(json.loads(cfg_json), f"guardrails of task '{task}'")
+        # The server re-reads this file when it changes: new settings need no restart.
+        path = guardrails_file(Path(self.state_dir), task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, cfg.canonical_json())
 
     def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
         """Serve ``adapter_dir`` as ``task``'s ``role`` on ``base_model``; a no-op when already
@@ -199,10 +217,19 @@ class VllmEndpoint(ServingBackend):
     keep_versions: int = Field(2, description="Pinned versions of a task kept loaded as '<task>:v<version>' "
                                "(rollback targets)")
     timeout_s: float = Field(120.0)
+    unguarded: bool = Field(False, description="vLLM serves without genops' guardrails (input and output "
+                            "checks run in genops' own server only); true: deploy anyway, for a vLLM behind a "
+                            "guardrail gateway of its own")
 
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/")
+
+    def publish_guardrails(self, task: str, cfg_json: str) -> None:
+        if not self.unguarded:
+            raise NotImplementedError(
+                f"task '{task}': the vLLM backend runs without genops' guardrails (no input or output checks); "
+                "serve with genops' own endpoint, or set GENOPS_VLLM_UNGUARDED=true to deploy unguarded")
 
     def client_key(self) -> str:
         return self.api_key

@@ -74,10 +74,12 @@ class JudgeResource(dg.ConfigurableResource):
             control.stop_server(state_dir)
             state = None
         if state is None:
-            # The local judge is internal: no API keys, whatever the public endpoint requires.
+            # The local judge is internal: no API keys, whatever the public endpoint requires, and no
+            # guardrails (its prompts quote the answers it judges, attacks included).
             # It is background work: the production endpoint comes first on shared cores.
             state = control.start_server(str(base_model_path), {}, {}, state_dir, port=self.local_port,
-                                         env={"GENOPS_API_KEYS": ""}, extra_args=["--nice", str(self.local_nice)])
+                                         env={"GENOPS_API_KEYS": ""},
+                                         extra_args=["--nice", str(self.local_nice), "--guardrails", "off"])
         return f"{state.url}/v1"
 
     def connect(self, base_model_path: str | None = None, cache=None, task: str | None = None):

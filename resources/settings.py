@@ -51,6 +51,8 @@ class GenopsSettings(BaseSettings):
     vllm_api_key: SecretStr | None = None
     vllm_base_model: str | None = Field(None, description="Model id the vLLM server serves as the base")
     vllm_lora_path: str = Field("{adapter_dir}", description="Adapter path as the vLLM server sees it")
+    vllm_unguarded: bool = Field(False, description="Deploy to vLLM although it runs without genops' guardrails "
+                                                    "(put a guardrail gateway in front of it)")
 
     # judge
     judge_base_url: str | None = Field(None, description="Unset: genops' local judge server on the base model")

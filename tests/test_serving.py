@@ -276,6 +276,7 @@ def test_shared_prefix_generation_matches_one_by_one(tiny_model_dir, tiny_adapte
 def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, tmp_path):
     from dataclasses import asdict
 
+    from genops_assets.lib.guardrails.config import GuardrailConfig, guardrails_version
     from genops_assets.lib.prompts import PromptTemplate
 
     state_dir = tmp_path / "endpoint"
@@ -293,7 +294,8 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
     r1 = client.chat.completions.create(model=TASK, messages=[], temperature=0,
                                         extra_body={"prompt_variables": {"message": "my camera is offline"}})
     assert r1.model_extra["genops"] == {"task": TASK, "served_by": TASK, "model_version": "1", "prompt_version": "1",
-                                       "prompt_source": "prompt_variables"}
+                                       "prompt_source": "prompt_variables", "guardrails_input_changed": False,
+                                       "guardrails_version": guardrails_version(GuardrailConfig())}
     assert 0 < r1.usage.completion_tokens <= 4  # the prompt's own generation limit
     # The same prompt rendered by the client gives the same prompt tokens; a request with a
     # system message of its own is sent as it is.

@@ -5,7 +5,9 @@
   (the server batches concurrent requests);
 * serving (``genops_assets.bench.serving``): genops vs one-at-a-time vs llama.cpp;
 * serving latency beside monitoring work at normal and at background priority
-  (``genops_assets.bench.background``).
+  (``genops_assets.bench.background``);
+* guardrail latency: p50/p95 that the input and output checks add to a 200-token exchange
+  (``genops_assets.bench.guardrails``; absolute times, target 15 ms p50).
 
 Each comparison runs both sides in the same process, one after the other, and reports the
 ratio: absolute times on shared machines are noise, ratios are not.
@@ -74,7 +76,7 @@ def bench_judging(base_dir: str, task, examples, predictions, work: Path, modes:
     from genops_assets.serving.control import port_free
 
     port = next(p for p in range(8090, 8190) if port_free("127.0.0.1", p))
-    state = control.start_server(base_dir, {}, {}, work / "judge", port=port)
+    state = control.start_server(base_dir, {}, {}, work / "judge", port=port, extra_args=["--guardrails", "off"])
     results = {}
     try:
         url = f"{state.url}/v1"
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", choices=("all", "evaluation", "serving", "background"), default="all")
+    parser.add_argument("--only", choices=("all", "evaluation", "serving", "background", "guardrails"), default="all")
     parser.add_argument("--serving-port", type=int, default=8028)
     parser.add_argument("--serving-max-tokens", type=int, default=48,
                         help="max_tokens per request (the task's answers need about 40)")
@@ -198,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             _log("background: serving latency alone, beside an embedding load at normal, then at background priority")
             results["background"] = bench_background(base.path, prompts, work / "background", args.serving_port,
                                                      log=_log)
+        if args.only in ("all", "guardrails"):
+            from genops_assets.bench.guardrails import bench_guardrails
+            from genops_assets.serving.settings import ServerSettings
+
+            results["guardrails"] = bench_guardrails(task, base.path, ServerSettings.from_env().injection_detector,
+                                                     log=_log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")
@@ -226,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  serving p50 ({b['max_tokens']} tokens) alone {b['alone']['p50_s']}s; beside monitoring-like load at "
               f"normal priority {b['beside_load_normal_priority']['p50_s']}s, at background priority "
               f"{b['beside_load_background_priority']['p50_s']}s: {b['ratios']}")
+    if "guardrails" in results:
+        from genops_assets.bench.guardrails import summary
+
+        print(summary(results["guardrails"]))
     sys.stdout.flush()
     return 0
 

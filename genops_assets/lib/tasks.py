@@ -19,6 +19,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from genops_assets.lib.guardrails.config import (
+    GUARDRAILS_FILE,
+    GuardrailConfig,
+    GuardrailConfigError,
+    guardrails_version,
+    load_guardrails,
+)
 from genops_assets.lib.jsonl import iter_jsonl
 from genops_assets.lib.output_schema import OutputSchema, OutputSchemaError
 from genops_assets.lib.prompts import (
@@ -181,6 +188,9 @@ class TaskSpec:
     contexts: ContextFields | None = None
     feedback: Feedback = field(default_factory=Feedback)
     judge: JudgeThresholds = field(default_factory=JudgeThresholds)
+    # ``guardrails.yaml`` (defaults when the folder has none) and its version (a digest)
+    guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
+    guardrails_version: str = field(default_factory=lambda: guardrails_version(GuardrailConfig()))
 
     @property
     def schema(self) -> dict[str, Any]:
@@ -212,7 +222,7 @@ class TaskSpec:
         return files
 
 
-def _validation_message(exc: ValidationError, where: Path) -> str:
+def validation_message(exc: ValidationError, where: Path | str) -> str:
     """One line per problem: ``<file>: <setting path>: <what is wrong>``."""
     lines = []
     for err in exc.errors(include_url=False):
@@ -228,12 +238,17 @@ def read_task_settings(cfg_path: Path) -> TaskSettings:
         cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise TaskConfigError(f"{cfg_path}: not valid YAML: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise TaskConfigError(f"{cfg_path}: expected a mapping of settings at top level")
+    return validated(TaskSettings, cfg, cfg_path, TaskConfigError)
+
+
+def validated(model: type[BaseModel], data: Any, where: Path | str, error: type[ValueError]) -> Any:
+    """``data`` (parsed YAML or JSON) as ``model``; else ``error`` naming ``where`` and each setting."""
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a mapping of settings at top level")
     try:
-        return TaskSettings.model_validate(cfg)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise TaskConfigError(_validation_message(exc, cfg_path)) from exc
+        raise error(validation_message(exc, where)) from exc
 
 
 def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
@@ -299,6 +314,11 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         raise TaskConfigError(f"{root / template_files['user']}: the task has retrieved contexts "
                               f"('{contexts.retrieved}'), so a template must show them with {{{CONTEXTS_VARIABLE}}}")
 
+    try:
+        guardrails = load_guardrails(root / GUARDRAILS_FILE)
+    except GuardrailConfigError as exc:
+        raise TaskConfigError(str(exc)) from exc
+
     splits = cfg.splits
     if not splits.few_shot_label_field and cfg.label_fields:
         splits = splits.model_copy(update={"few_shot_label_field": cfg.label_fields[0]})
@@ -322,6 +342,8 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         contexts=contexts,
         feedback=cfg.feedback,
         judge=cfg.judge,
+        guardrails=guardrails,
+        guardrails_version=guardrails_version(guardrails),
     )
 
 

@@ -19,6 +19,12 @@ version answered: headers ``x-genops-task``, ``x-genops-served-by``, ``x-genops-
 Streaming: ``stream: true`` answers with server-sent ``chat.completion.chunk`` events as the
 tokens are decoded (inside the dynamic batch); a client that goes away stops its row.
 
+Guardrails (``serving.guard``, ``lib.guardrails``): every request passes its task's input checks
+before it is rendered and queued (a refusal is a 400 with code ``content_filter``), and its
+answer passes the output checks before any of it is sent (a refusal is the task's output
+refusal text with ``finish_reason: content_filter``); both carry ``genops.guardrail`` and are
+counted in ``genops:guardrail_blocks_total``. The request log holds redacted text only.
+
 Protection: bearer API keys on ``/v1/*`` (``GENOPS_API_KEYS``, comma-separated; none: open),
 a per-client rate limit, limits on body size, input tokens and ``max_tokens``, a request
 timeout. Only the routes below exist; every error has OpenAI's shape. ``GET /metrics`` is in
@@ -47,8 +53,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genops_assets.lib.guardrails.engine import Guardrails, Verdict
 from genops_assets.serving.adapters import LoadedModel, add_adapter, remove_adapter
 from genops_assets.serving.batching import Batcher, Job
+from genops_assets.serving.guard import OutputStream, TaskGuardrails
 from genops_assets.serving.metrics import CONTENT_TYPE, Registry
 from genops_assets.serving.protection import (
     ERROR_CLASSES,
@@ -114,6 +122,12 @@ class EndpointMetrics:
         self.generation_total = registry.counter("vllm:generation_tokens_total", "Tokens generated.", ["model_name"])
         self.success_total = registry.counter("vllm:request_success_total", "Requests answered, by finish reason.",
                                               ["model_name", "finished_reason"])
+        self.guardrail_blocks = registry.counter("genops:guardrail_blocks_total",
+                                                 "Requests refused by a guardrail, by task, stage and check.",
+                                                 ["task", "stage", "check"])
+        self.guardrail_latency = registry.histogram("genops:guardrail_latency_seconds",
+                                                    "Time the guardrail checks of one request took, by stage.",
+                                                    TOKEN_GAP_BUCKETS, ["stage"])
         self.errors_total = registry.counter("genops:request_errors_total",
                                              "Requests refused or failed, by error class.", ["class"])
         for cls in sorted({*ERROR_CLASSES.values(), "server"}):
@@ -165,6 +179,8 @@ class Prepared:
     stop: list[str]
     entry: dict[str, Any]  # what every request-log record of this request holds
     route: Route
+    guard: Guardrails
+    system_prompt: str | None  # what the output check guards against leaking
 
     @property
     def headers(self) -> dict[str, str]:
@@ -184,13 +200,16 @@ class ChatService:
     answered is ``abandon``ed. Every request is counted in the metrics and logged once."""
 
     def __init__(self, loaded: LoadedModel, settings: ServerSettings, versions: dict[str, str], batcher: Batcher,
-                 metrics: EndpointMetrics, request_log: RequestLog, router: Router):
+                 metrics: EndpointMetrics, request_log: RequestLog, router: Router, state_dir: Path):
         self.loaded, self.settings, self.versions = loaded, settings, versions
         self.batcher, self.metrics, self.request_log, self.router = batcher, metrics, request_log, router
         self.context = settings.context_tokens or _context_tokens(loaded)
         # The batcher thread encodes with loaded.tokenizer; the event loop counts prompt tokens with
         # its own copy, so the two never share a tokenizer (fast tokenizers are not re-entrant).
         self._counting_tokenizer = copy.deepcopy(loaded.tokenizer)
+        # Guardrails run on the event loop too, so they count tokens with the same copy.
+        self.guards = TaskGuardrails(state_dir, settings.injection_detector, self._count_text_tokens,
+                                     enabled=settings.guardrails == "on")
         # Set by the CLI when it follows a registry: loads a task's version asked by name
         # ("support_triage:v3") as version_loader(task, "3").
         self.version_loader: Callable[[str, str], Any] | None = None
@@ -199,6 +218,52 @@ class ChatService:
              headers: dict[str, str] | None = None) -> JSONResponse:
         self.metrics.error(status)
         return JSONResponse(status_code=status, content=error_body(status, message, param, code), headers=headers)
+
+    def _count_text_tokens(self, text: str) -> int:
+        return len(self._counting_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def guardrail_blocked(self, guard: Guardrails, verdict: Verdict, task: str | None) -> dict[str, Any]:
+        """Count a guardrail's refusal; the ``guardrail`` object of its response and log entry."""
+        self.metrics.guardrail_blocks.inc(task=task or BASE_NAME, stage=verdict.stage, check=str(verdict.check))
+        return verdict.log_object(guard.version)
+
+    def _check_input(self, guard: Guardrails, task: str | None, model: str, messages: list[dict[str, str]],
+                     variables: dict | None) -> tuple[list[dict[str, str]], dict | None, Verdict] | JSONResponse:
+        """The client's messages or prompt variables as the input checks leave them (normalised,
+        redacted) and the checks' time, or the 400 content_filter refusal (counted and logged)."""
+        slots: list[tuple[str, int | None]] = []
+        if variables is not None:
+            checked = []
+            for name, value in variables.items():
+                for i, item in enumerate([value] if isinstance(value, str) else value):
+                    slots.append((name, None if isinstance(value, str) else i))
+                    checked.append({"role": "user", "content": item})
+        else:
+            checked = messages
+        verdict = guard.check_input(checked)
+        self.metrics.guardrail_latency.observe(verdict.latency_ms / 1000, stage="input")
+        if verdict.check in ("size", "tokens"):
+            # The endpoint's own limit answers first when the request breaks it too (as it would
+            # with guardrails off): a client sees the same context_length_exceeded error either way.
+            tokens = sum(self._count_text_tokens(m["content"]) for m in checked if isinstance(m.get("content"), str))
+            if tokens > self.settings.max_input_tokens:
+                return self.fail(400, f"The messages have at least {tokens} tokens, over this endpoint's limit of "
+                                      f"{self.settings.max_input_tokens} input tokens; shorten them",
+                                 param="messages", code="context_length_exceeded")
+        if not verdict.allowed:
+            guardrail = self.guardrail_blocked(guard, verdict, task)
+            stored = guard.stored_messages(checked, checked=False)
+            self.request_log.write({
+                "ts": time.time(), "request_id": f"chatcmpl-{uuid.uuid4().hex}", "task": task, "model": model,
+                "status": 400, "guardrail": guardrail, "guardrails_version": guard.version,
+                "guardrail_ms": {"input": round(verdict.latency_ms, 3)},
+                **({"prompt_variables": _variables(slots, stored)} if variables is not None else {"messages": stored})})
+            self.metrics.error(400)
+            body = error_body(400, guard.cfg.refusal.input, param="messages", code="content_filter")
+            return JSONResponse(status_code=400, content={**body, "genops": {"guardrail": guardrail}})
+        if variables is not None:
+            return messages, _variables(slots, verdict.messages), verdict
+        return verdict.messages, None, verdict
 
     def _count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         tok = self._counting_tokenizer
@@ -262,8 +327,18 @@ class ChatService:
         max_tokens = asked
         if req.prompt_variables is not None and messages:
             return self.fail(400, "send either messages or prompt_variables, not both", param="prompt_variables")
+        if req.prompt_variables is not None and any(v == [] for v in req.prompt_variables.values()):
+            return self.fail(400, "a prompt variable's list of passages is empty", param="prompt_variables")
         if req.prompt_variables is None and not messages:
             return self.fail(400, "messages must not be empty", param="messages")
+        try:
+            guard = self.guards.for_task(task)
+        except ValueError as exc:
+            return self.fail(500, f"task '{task}': {exc}")
+        checked = self._check_input(guard, task, route.asked.served, messages, req.prompt_variables)
+        if isinstance(checked, JSONResponse):
+            return checked
+        messages, variables, input_verdict = checked
         try:
             deployed = self.router.prompts.current(task) if task is not None else None
         except ValueError as exc:
@@ -274,7 +349,7 @@ class ChatService:
                 return self.fail(400, f"no prompt is deployed {where}; send messages", param="prompt_variables")
             prompt_version, template = deployed
             try:
-                messages = template.render(req.prompt_variables)
+                messages = template.render(variables)
             except (KeyError, ValueError) as exc:
                 return self.fail(400, f"task '{task}' prompt v{prompt_version}: {exc}", param="prompt_variables")
             prompt_source = "prompt_variables"
@@ -289,6 +364,9 @@ class ChatService:
                 (messages, variables), prompt_version, prompt_source = applied, version, "bare_chat"
         if prompt_source is not None and max_tokens is None:
             max_tokens = min(template.max_new_tokens, settings.max_output_tokens)
+        # The log keeps the messages without the canary; the model sees it.
+        logged, messages = messages, guard.inject_canary(messages)
+        system_prompt = "\n".join(m["content"] for m in logged if m["role"] == "system") or None
         try:
             prompt_tokens = self._count_prompt_tokens(messages)
         except (TemplateError, ValueError) as exc:  # the chat template refuses these messages
@@ -324,8 +402,11 @@ class ChatService:
                  # what was asked, for monitoring, drift and online quality (the redaction hook
                  # scrubs it on its way into the feedback store); a bare chat request records
                  # the prompt variable its last user message filled
-                 "prompt_variables": variables, "messages": messages}
-        return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry, route)
+                 "prompt_variables": guard.stored_variables(variables), "messages": guard.stored_messages(logged),
+                 "guardrails_version": guard.version, "guardrail_ms": {"input": round(input_verdict.latency_ms, 3)},
+                 # the input checks changed what the model saw (normalised or redacted)
+                 "guardrails_input_changed": input_verdict.changed}
+        return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry, route, guard, system_prompt)
 
     async def run(self, p: Prepared, request: Request) -> dict[str, Any] | JSONResponse:
         """The whole answer at once; 504 past the request timeout, 499 when the client leaves."""
@@ -359,13 +440,20 @@ class ChatService:
         else:
             text, prompt_tokens = result.text, result.prompt_tokens
             completion_tokens, finish = result.completion_tokens, result.finish_reason
+        verdict = p.guard.check_output(text, p.system_prompt)
+        text, guardrail = verdict.text, None
+        self.metrics.guardrail_latency.observe(verdict.latency_ms / 1000, stage="output")
+        p.entry["guardrail_ms"]["output"] = round(verdict.latency_ms, 3)
+        if not verdict.allowed:
+            finish, guardrail = "content_filter", self.guardrail_blocked(p.guard, verdict, p.route.task)
         self.answered_by(p)
         self.metrics.account(p.entry["model"], job, t0, prompt_tokens, completion_tokens, finish)
         latency = time.perf_counter() - t0
         self.request_log.write({"ts": time.time(), **p.entry, "status": 200, "prompt_tokens": prompt_tokens,
                                 "completion_tokens": completion_tokens, "latency_s": round(latency, 4),
                                 "queue_s": round(timing["queue_s"], 4), "batch": timing["batch"],
-                                "finish_reason": finish, "response": text})
+                                "finish_reason": finish, "response": p.guard.stored_text(text),
+                                **({"guardrail": guardrail} if guardrail else {})})
         return JSONResponse({
             "id": p.request_id,
             "object": "chat.completion",
@@ -375,7 +463,7 @@ class ChatService:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage(prompt_tokens, completion_tokens),
-            **_genops_extra(p.entry),
+            **_genops_extra(p.entry, guardrail),
         }, headers=p.headers)
 
     def abandon(self, p: Prepared, status: int, message: str) -> None:
@@ -409,6 +497,7 @@ class ChatService:
             return True
 
         text_stream = TextStream(self.loaded.tokenizer, p.stop)
+        checked = OutputStream(p.guard, p.system_prompt)  # no unchecked text is sent (see serving.guard)
 
         def on_token(token: int | None, finish: str | None) -> bool:
             # Runs in the batcher thread, inside the decoding step.
@@ -426,14 +515,15 @@ class ChatService:
         def event(body: dict[str, Any]) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None, tell: bool = False) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None, tell: bool = False,
+                  guardrail: dict | None = None) -> str:
             body = {"id": p.request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "system_fingerprint": p.entry["version"],
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
                 body["usage"] = None
             if tell:  # the first chunk (version seen on arrival) and the last (the version that answered)
-                body.update(_genops_extra(p.entry))
+                body.update(_genops_extra(p.entry, guardrail))
             return event(body)
 
         if job.kind == "generate":
@@ -456,8 +546,10 @@ class ChatService:
                     yield event(error_body(504, outcome[1], code="timeout"))
                     return
                 if item[0] == "delta":
-                    answer.append(item[1])
-                    yield chunk({"content": item[1]})
+                    piece = checked.feed(item[1])
+                    if piece:
+                        answer.append(piece)
+                        yield chunk({"content": piece})
                 elif item[0] == "end":
                     finish, completion_tokens = item[1], item[2]
                 elif item[0] == "done":
@@ -473,15 +565,22 @@ class ChatService:
                         text = max(scores, key=scores.get)
                         if req.logprobs:
                             logprobs = choice_logprobs(scores, text, req.top_logprobs)
-                        answer.append(text)
-                        yield chunk({"content": text}, logprobs=logprobs)
+                        checked.feed(text)
                         finish, completion_tokens = "stop", 1
                     else:  # the row ended without a last decoding step reaching us: send the rest
                         rest = result.text[len(text_stream.sent):] if result.text.startswith(text_stream.sent) else ""
-                        if rest:
-                            answer.append(rest)
-                            yield chunk({"content": rest})
+                        checked.feed(rest)
                         finish, completion_tokens = result.finish_reason, result.completion_tokens
+            rest, verdict = checked.finish()
+            self.metrics.guardrail_latency.observe(checked.latency_ms / 1000, stage="output")
+            p.entry["guardrail_ms"]["output"] = round(checked.latency_ms, 3)
+            guardrail = None
+            if not verdict.allowed:
+                finish, guardrail = "content_filter", self.guardrail_blocked(p.guard, verdict, p.route.task)
+                rest = None if answer else verdict.text  # nothing sent yet: the refusal, as without streaming
+            if rest:
+                answer.append(rest)
+                yield chunk({"content": rest}, logprobs=logprobs)
             # Answered: accounted for now, so a client leaving during the last events is no failure.
             finished = True
             self.answered_by(p)  # the log's version; the first chunk said the one seen on arrival
@@ -490,8 +589,9 @@ class ChatService:
                                     "completion_tokens": completion_tokens,
                                     "latency_s": round(time.perf_counter() - t0, 4),
                                     "queue_s": round((job.started or t0) - job.enqueued, 4), "finish_reason": finish,
-                                    "response": "".join(answer)})
-            yield chunk({}, finish=finish, tell=True)
+                                    "response": p.guard.stored_text("".join(answer)),
+                                    **({"guardrail": guardrail} if guardrail else {})})
+            yield chunk({}, finish=finish, tell=True, guardrail=guardrail)
             if include_usage:
                 yield event({"id": p.request_id, "object": "chat.completion.chunk", "created": created,
                              "model": req.model, "system_fingerprint": p.entry["version"], "choices": [],
@@ -527,12 +627,28 @@ class ChatService:
         return {n: v for n, v in list(self.versions.items()) if task is None or ModelName.parse(n).task == task}
 
 
-def _genops_extra(entry: dict[str, Any]) -> dict[str, Any]:
-    """The body's ``genops`` field: which task, model, adapter and prompt version answered (task models)."""
-    if entry.get("task") is None:
-        return {}
-    return {"genops": {"task": entry["task"], "served_by": entry["served_by"], "model_version": entry["version"],
-                       "prompt_version": entry["prompt_version"], "prompt_source": entry["prompt_source"]}}
+def _genops_extra(entry: dict[str, Any], guardrail: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body's ``genops`` field: which task, model, adapter and prompt version answered (task
+    models), and the guardrail that refused the answer (any model)."""
+    extra = {} if guardrail is None else {"guardrail": guardrail}
+    if entry.get("task") is not None:
+        extra = {"task": entry["task"], "served_by": entry["served_by"], "model_version": entry["version"],
+                 "prompt_version": entry["prompt_version"], "prompt_source": entry["prompt_source"],
+                 "guardrails_version": entry["guardrails_version"],
+                 "guardrails_input_changed": entry["guardrails_input_changed"], **extra}
+    return {"genops": extra} if extra else {}
+
+
+def _variables(slots: list[tuple[str, int | None]], messages: list[dict[str, str]]) -> dict[str, Any]:
+    """Prompt variables back from the messages their values were checked as (``slots``: the
+    variable and list position of each message)."""
+    out: dict[str, Any] = {}
+    for (name, index), m in zip(slots, messages, strict=True):
+        if index is None:
+            out[name] = m["content"]
+        else:
+            out.setdefault(name, []).append(m["content"])
+    return out
 
 
 def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, admin_token: str,
@@ -557,7 +673,8 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
     router = Router(loaded, versions, settings, DeployedPrompts(state_dir))
     metrics = EndpointMetrics(loaded, versions, batcher, router.names)
     chat = ChatService(loaded, settings, versions, batcher, metrics, RequestLog(state_dir / "requests.jsonl"),
-                       router)
+                       router, state_dir)
+    chat.guards.default.warm_up()  # Presidio and the toxicity model load now, not on the first request
     app.state.batcher, app.state.chat, app.state.swap_adapter = batcher, chat, chat.swap_adapter
     started_at = int(time.time())
     fail = chat.fail
@@ -598,8 +715,12 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
             deployed = router.prompts.current(task)
         except ValueError as exc:
             deployed = (f"unreadable: {exc}", None)
+        try:
+            guardrails = chat.guards.for_task(task).version
+        except ValueError as exc:
+            guardrails = f"unreadable: {exc}"
         return {"versions": chat.served_versions(task), "prompt_version": deployed[0] if deployed else None,
-                "removed": router.removed(task)}
+                "guardrails_version": guardrails, "removed": router.removed(task)}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

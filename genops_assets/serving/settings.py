@@ -66,6 +66,13 @@ class ServerSettings(BaseSettings):
                                                      "no longer served (its requests get a 404); unset: not checked")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="bearer keys accepted on /v1/*, comma-separated (none: open, with a warning)")
+    guardrails: Literal["on", "off"] = Field(
+        "on", description="off: no guardrail checks (the request log is still redacted); for internal servers "
+                          "such as the local judge, whose prompts quote the answers they judge")
+    injection_detector: str = Field(
+        "genops_assets.lib.guardrails.injection:InjectionDetector.load",
+        description="module:factory building the prompt-injection detector of the guardrails (default: the "
+                    "classifier genops ships)")
     resource_sample_s: float = Field(5.0, ge=0, allow_inf_nan=False,
                                      description="seconds between samples of the process's CPU, memory and GPU "
                                                  "memory into resources.jsonl; 0: off")

@@ -28,18 +28,30 @@ class DeployConfig(dg.Config):
 
 def parity_check(client, model: str, cases: list[dict], spec, prompt_ref, renders_prompts: bool) -> dict:
     """Ask the endpoint for each case's greedy answer and compare with the offline one."""
+    from openai import BadRequestError
 
     def ask(case):
-        reply = client.chat.completions.create(model=model, temperature=0.0,
-                                               **request_for(case, spec, prompt_ref, renders_prompts))
-        return reply.choices[0].message.content or ""
+        try:
+            reply = client.chat.completions.create(model=model, temperature=0.0,
+                                                   **request_for(case, spec, prompt_ref, renders_prompts))
+        except BadRequestError as exc:  # the endpoint's input guardrails refused a golden input
+            if exc.code != "content_filter":
+                raise
+            guardrail = exc.response.json().get("genops", {}).get("guardrail", {})
+            return f"<refused by the input guardrails: {guardrail.get('reason', exc.message)}>", False
+        # The endpoint's input guardrails may have changed what the model saw (personal data
+        # redacted, text normalised): such an answer is not comparable with the offline one.
+        changed = bool((reply.model_extra or {}).get("genops", {}).get("guardrails_input_changed"))
+        return reply.choices[0].message.content or "", changed
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, len(cases))) as pool:
         answers = list(pool.map(ask, cases))
+    compared = [(c, a) for c, (a, changed) in zip(cases, answers, strict=True) if not changed]
     mismatches = [{"example_id": c["example_id"], "offline": c["prediction"], "served": a}
-                  for c, a in zip(cases, answers, strict=True) if a.strip() != c["prediction"].strip()]
-    return {"checked": len(cases), "matched": len(cases) - len(mismatches), "mismatches": mismatches,
+                  for c, a in compared if a.strip() != c["prediction"].strip()]
+    return {"checked": len(compared), "matched": len(compared) - len(mismatches), "mismatches": mismatches,
+            "skipped_guardrails_changed_input": len(cases) - len(compared),
             "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -92,6 +104,7 @@ def deployed_endpoint(
         raise dg.Failure(f"production prompt moved to v{prompt_ref.version} after the evaluation (which used "
                          f"v{eval_report['prompt']['version']}); re-run eval_report before deploying")
     endpoint.publish_prompt(spec.name, prompt_ref.served())
+    endpoint.publish_guardrails(spec.name, spec.guardrails.canonical_json())
     adapter_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, version)
     challenger, champion = served_name(spec.name, CHALLENGER), served_name(spec.name, CHAMPION)
     staged = endpoint.deploy(base_model["path"], spec.name, CHALLENGER, str(adapter_dir), version)
@@ -153,6 +166,7 @@ def deployed_endpoint(
         "verified_answer": answer,
         "prompt_version": prompt_ref.version,
         "served_prompt_version": served_prompt,
+        "guardrails_version": spec.guardrails_version,
         "parity": parity,
     }
     return dg.Output(value, metadata={
@@ -171,6 +185,7 @@ def deployed_endpoint(
         "prompt_version": prompt_ref.version,
         "served_prompt_version": str(served_prompt),
         "audit_log": dg.MetadataValue.md(markdown_table(audit.entries(model_name, limit=AUDIT_ROWS))),
+        "guardrails_version": spec.guardrails_version,
     })
 
 
