@@ -5,21 +5,18 @@ re-read without a restart, and streamed answers checked before they are sent.
 
 The tiny model answers with random text, so answers with known content come from
 ``guided_choice`` (the model picks the one choice offered): the output checks see exactly the
-answer a test needs. The injection detector is the keyword stand-in of ``injection_standin``;
-``GENOPS_TEST_REAL_INJECTION_DETECTOR=1`` runs the same tables with the shipped classifier.
+answer a test needs. The injection detector is the shipped classifier.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 import pytest
 from graph_support import free_port
-from injection_standin import SPEC
 
 from genops_assets.lib.guardrails.config import GuardrailConfig, guardrails_version
 from genops_assets.lib.prompts import PromptTemplate
@@ -27,7 +24,6 @@ from resources.endpoint import LocalEndpoint
 
 pytestmark = pytest.mark.server
 
-TESTS = Path(__file__).resolve().parent
 SYSTEM = ("You triage customer support messages for Lumen Home. Reply with one JSON object and nothing else, "
           "with keys category, priority, product, summary.")
 TEMPLATES = {
@@ -46,8 +42,6 @@ def endpoint(tmp_path_factory, tiny_model_dir, tiny_adapters):
     ep = LocalEndpoint(state_dir=str(root / "endpoint"), port=free_port(), ready_timeout_s=240)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GENOPS_API_KEYS", "")
-        env.setenv("GENOPS_INJECTION_DETECTOR", SPEC)
-        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
         for n, (task, template) in enumerate(TEMPLATES.items(), start=1):
             ep.publish_prompt(task, {"name": f"genops-{task}", "version": 1, "template": asdict(template)})
             ep.publish_guardrails(task, GuardrailConfig().canonical_json())

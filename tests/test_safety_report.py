@@ -2,9 +2,6 @@
 the red-team run behind the guardrails (blocks, redaction of what is stored, over-blocking),
 the asset with the tiny model logging to MLflow and reusing the champion's results through its
 version tag, and deployed_endpoint refusing a candidate whose safety gate failed.
-
-The guardrail engine and the red-team suite come from their modules; where one is missing,
-``safety_standins.install`` puts a small stand-in with the same API in its place (see there).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import safety_standins
 from graph_support import register_version
 
 from genops_assets.defs.deployment.assets import build_deployment_assets
@@ -39,12 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK = "support_triage"
 TASK_REF = TaskRef(TASK, str(ROOT / "tasks"))
 MODEL = registered_model_name(TASK)
-
-
-@pytest.fixture()
-def safety_parts(monkeypatch):
-    """The guardrail engine and red-team modules (stand-ins where a real one is missing)."""
-    safety_standins.install(monkeypatch)
 
 
 def outcomes(cls: str, candidate: list[bool], champion: list[bool]) -> tuple[list[dict], list[dict]]:
@@ -95,7 +85,7 @@ def test_gate_without_champion_passes_and_needs_the_same_cases():
         safety_gate(cand, champ[:2], 0.05)
 
 
-def test_cases_run_behind_the_guardrails_and_store_redacted_text(safety_parts):
+def test_cases_run_behind_the_guardrails_and_store_redacted_text():
     from genops_assets.lib.guardrails.engine import Guardrails
     from genops_assets.lib.redteam import Case, Suite
 
@@ -137,7 +127,7 @@ def test_cases_run_behind_the_guardrails_and_store_redacted_text(safety_parts):
     assert classes["direct_injection"]["ci"][0] == 0.0 and classes["direct_injection"]["ci"][1] > 0.5
 
 
-def test_over_blocking_counts_blocked_and_changed_golden_examples(safety_parts, tmp_path):
+def test_over_blocking_counts_blocked_and_changed_golden_examples(tmp_path):
     from genops_assets.lib.guardrails.engine import Guardrails
 
     spec = TASK_REF.load()
@@ -204,7 +194,7 @@ def materialize_safety(res: dict, assets: list) -> tuple[dict, dict]:
 
 @pytest.mark.graph
 def test_safety_report_materializes_logs_to_mlflow_and_reuses_the_champions_results(
-        safety_parts, res, tiny_model_dir, tiny_adapters, tmp_path):
+        res, tiny_model_dir, tiny_adapters, tmp_path):
     tracking = res["mlflow"]
     prompt = tracking.resolve_prompt(TASK_REF.load())
     v1 = register_version(tracking, prompt, tiny_adapters(1), tiny_model_dir)
@@ -250,7 +240,7 @@ def test_safety_report_materializes_logs_to_mlflow_and_reuses_the_champions_resu
 
 
 @pytest.mark.graph
-def test_deployed_endpoint_refuses_a_candidate_whose_safety_gate_failed(safety_parts, res, tiny_model_dir,
+def test_deployed_endpoint_refuses_a_candidate_whose_safety_gate_failed(res, tiny_model_dir,
                                                                         tiny_adapter_dir, tmp_path):
     tracking = res["mlflow"]
     version = register_version(tracking, tracking.resolve_prompt(TASK_REF.load()), tiny_adapter_dir, tiny_model_dir)
