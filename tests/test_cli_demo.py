@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from genops_assets.cli.demo import curl_command, demo_example, judge_line, schema_problem, stage_lines
+from genops_assets.cli.demo import card_line, curl_command, demo_example, judge_line, schema_problem, stage_lines
 from genops_assets.cli.progress import RunEvent, RunProgress, clock, duration
 from genops_assets.lib.tasks import load_task
 
@@ -67,6 +67,14 @@ def test_the_summary_says_whether_the_judge_counts():
     assert "UNCERTIFIED" in line and "human labels needed: 30" in line
     assert "PASSED" in judge_line({"certified": True, "judge": "j"}, True)
     assert "not computed" in judge_line({}, None)
+
+
+def test_the_summary_says_where_the_cards_are():
+    card = {"model_name": "genops-x", "version": "3", "run_id": "abc123", "sha256": "f" * 64,
+            "model_card": "cards/model_card.md", "dataset_cards": ["cards/datasets/a.md", "cards/datasets/b.md"]}
+    line = card_line(card)
+    assert "cards/model_card.md and 2 dataset cards on MLflow run abc123" in line and "genops-x v3" in line
+    assert "not computed" in card_line({})
 
 
 def test_clock_and_duration():

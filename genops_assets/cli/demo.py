@@ -277,6 +277,7 @@ def print_summary(root: Path, run: JobRun, task, out=sys.stdout) -> int:
     say("\n" + judge_line(run.materializations.get("judge_certificate", {}),
                           sxs.get("judge_certified")))
     say(safety_line(run.materializations.get("safety_report", {})))
+    say(card_line(run.materializations.get("model_card", {})))
     queued = run.materializations.get("rating_queue", {}).get("items", 0)
     # The local server asks for a bearer key when GENOPS_API_KEYS lists any.
     keys_required = bool(parse_api_keys(os.environ.get("GENOPS_API_KEYS")))
@@ -318,6 +319,14 @@ def safety_line(safety: dict) -> str:
     if not safety:
         return "Safety report: not computed (the run materialized no safety_report)"
     return f"{safety['summary']} (suite {safety.get('suite_version')}, guardrails {safety.get('guardrails_version')})"
+
+
+def card_line(card: dict) -> str:
+    """Where the candidate's model and dataset cards are in MLflow."""
+    if not card:
+        return "Model card: not computed (the run materialized no model_card)"
+    return (f"Model card: {card['model_card']} and {len(card['dataset_cards'])} dataset cards on MLflow run "
+            f"{card['run_id']} ({card['model_name']} v{card['version']}, sha256 {card['sha256'][:12]})")
 
 
 def enhance() -> int:
