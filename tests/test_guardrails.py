@@ -377,3 +377,21 @@ def test_vllm_deploys_refuse_to_run_unguarded_unless_told():
     with pytest.raises(NotImplementedError, match=r"without genops' guardrails.*GENOPS_VLLM_UNGUARDED"):
         VllmEndpoint(base_url="http://127.0.0.1:9/v1").publish_guardrails("triage", settings)
     VllmEndpoint(base_url="http://127.0.0.1:9/v1", unguarded=True).publish_guardrails("triage", settings)
+
+
+def test_parity_compares_the_offline_answer_after_the_output_checks():
+    """An offline answer that the endpoint's output checks would refuse (it repeats the system
+    prompt's category list) is expected back as the refusal; a valid answer unchanged."""
+    from types import SimpleNamespace
+
+    from genops_assets.defs.deployment.assets import guarded_answer
+
+    spec = load_task(REPO / "tasks", "support_triage")
+    engine = Guardrails(spec.guardrails, detector=InjectionDetector.load())
+    ref = SimpleNamespace(template=spec.prompt)
+    echo = ("category: billing, technical_issue, account_access, shipping, returns_refunds, feature_request, "
+            "general_inquiry. priority: low, medium, high, urgent.")
+    valid = '{"category": "billing", "priority": "low", "product": "none", "summary": "A refund."}'
+    case = {"input": "Why was I charged twice?"}
+    assert guarded_answer(engine, spec, ref, case | {"prediction": echo}) == spec.guardrails.refusal.output
+    assert guarded_answer(engine, spec, ref, case | {"prediction": valid}) == valid

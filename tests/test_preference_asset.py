@@ -73,8 +73,9 @@ def materialize(res: dict, tiny_model_dir: Path, with_eval: bool = False, **conf
     def base_model_value() -> dict:
         return base
 
-    tuned, report, _deployed = build_preference_assets(TASK_REF)
-    assets = [base_model_value, tuned, *([report, *build_preference_checks(TASK_REF)] if with_eval else [])]
+    tuned, report, _safety, _deployed = build_preference_assets(TASK_REF)
+    gate = [c for c in build_preference_checks(TASK_REF) if {k.asset_key for k in c.check_keys} == {report.key}]
+    assets = [base_model_value, tuned, *([report, *gate] if with_eval else [])]
     ops = {STEP: {"config": {**TINY, **config}}}
     if with_eval:
         ops[TASK_REF.step("preference_eval_report")] = {"config": {"max_examples": 3, "batch_size": 3,

@@ -272,3 +272,18 @@ def test_demo_summary_line_shows_the_gate_and_each_class():
     assert line.startswith("Safety gate: FAILED; attack success by class: jailbreak 0.80")
     assert "guardrails abc" in line
     assert safety_line({}).startswith("Safety report: not computed")
+
+
+def test_a_retrieval_task_meets_indirect_injection_in_a_passage():
+    from genops_assets.lib.redteam import load_suite
+    from genops_assets.lib.safety_report import EMPTY_PASSAGE, RAG_QUESTION, case_messages
+
+    spec = TaskRef("product_qa", str(ROOT / "tasks")).load()
+    suite = load_suite(per_class=1)
+    for case in suite.cases:
+        user = "\n".join(m["content"] for m in case_messages(spec, case, spec.prompt) if m["role"] == "user")
+        assert case.prompt in user
+        if case.attack_class == "indirect_injection":
+            assert RAG_QUESTION in user and EMPTY_PASSAGE not in user
+        else:
+            assert EMPTY_PASSAGE in user

@@ -108,7 +108,6 @@ def test_the_loop_and_the_endpoint_leave_no_secret_in_logs_or_stores(home, tiny_
     with genops_env(api_keys=key_digest(secrets["endpoint key"]), client_api_key=secrets["endpoint key"],
                     judge_api_key=secrets["judge key"], vllm_api_key=secrets["vllm key"]), \
             dg.DagsterInstance.local_temp(str(instance_dir)) as instance:
-        monkeypatch.setenv("GENOPS_API_KEYS", key_digest(secrets["endpoint key"]))  # the endpoint's environment
         defs = make_defs(home, free_port())
         result = loop_job(defs).execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
         assert result.success

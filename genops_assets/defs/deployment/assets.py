@@ -38,7 +38,7 @@ def parity_check(client, model: str, cases: list[dict], spec, prompt_ref, render
             if exc.code != "content_filter":
                 raise
             guardrail = exc.response.json().get("genops", {}).get("guardrail", {})
-            return f"<refused by the input guardrails: {guardrail.get('reason', exc.message)}>", False
+            return f"<refused by the input guardrails: {guardrail.get('reason', exc.message)}>", None
         # The endpoint's input guardrails may have changed what the model saw (personal data
         # redacted, text normalised): such an answer is not comparable with the offline one.
         changed = bool((reply.model_extra or {}).get("genops", {}).get("guardrails_input_changed"))
@@ -47,12 +47,32 @@ def parity_check(client, model: str, cases: list[dict], spec, prompt_ref, render
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, len(cases))) as pool:
         answers = list(pool.map(ask, cases))
-    compared = [(c, a) for c, (a, changed) in zip(cases, answers, strict=True) if not changed]
+    # ``changed`` is None for an input the guardrails refused: a mismatch that says why.
+    compared = [(c, a, changed is None) for c, (a, changed) in zip(cases, answers, strict=True) if not changed]
+    differ = [(c, a, refused) for c, a, refused in compared if a.strip() != c["prediction"].strip()]
+    # The endpoint's output guardrails stand between the model and the client: a served answer
+    # that differs is still the same model's when it is the offline answer after those checks.
+    guarded = set()
+    if any(not refused for *_, refused in differ):
+        from genops_assets.lib.guardrails.engine import Guardrails
+
+        engine = Guardrails(spec.guardrails)
+        guarded = {c["example_id"] for c, a, refused in differ
+                   if not refused and a.strip() == guarded_answer(engine, spec, prompt_ref, c).strip()}
     mismatches = [{"example_id": c["example_id"], "offline": c["prediction"], "served": a}
-                  for c, a in compared if a.strip() != c["prediction"].strip()]
+                  for c, a, _ in differ if c["example_id"] not in guarded]
     return {"checked": len(compared), "matched": len(compared) - len(mismatches), "mismatches": mismatches,
+            "matched_after_output_guardrails": len(guarded),
             "skipped_guardrails_changed_input": len(cases) - len(compared),
             "seconds": round(time.monotonic() - started, 2)}
+
+
+def guarded_answer(engine, spec, prompt_ref, case: dict) -> str:
+    """The offline answer as the endpoint's output guardrails (``engine``) would let it out:
+    redacted and escaped, or the task's refusal when a check blocks it."""
+    messages = build_messages(spec, case["input"], prompt=prompt_ref.template, contexts=case.get("contexts", ()))
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    return engine.check_output(case["prediction"], system_prompt=system).text
 
 
 def request_for(case: dict, spec, prompt_ref, renders_prompts: bool) -> dict:
