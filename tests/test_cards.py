@@ -11,6 +11,7 @@ import duckdb
 import pandas as pd
 import pytest
 
+from genops_assets.cli.demo import _metadata_values, card_line
 from genops_assets.lib.cards import MartSummary, dataset_card, model_card, summarize_mart
 from genops_assets.lib.tasks import TaskRef, load_task
 
@@ -168,4 +169,7 @@ def test_model_card_asset_logs_the_cards_to_the_training_run(tmp_path):
     assert "| Rows | 2 |" in golden and "| `examples.jsonl` |" in golden
     meta = result.asset_materializations_for_node("support_triage__model_card")[0].metadata
     assert meta["model_card_sha256"].value == value["sha256"] and meta["safety_report_included"].value is True
+    line = card_line(_metadata_values(result.asset_materializations_for_node("support_triage__model_card")[0]))
+    cards = len(value["dataset_cards"])
+    assert f"/cards/model_card.md and {cards} dataset cards (MLflow run {run_id}, sha256 {value['sha256'][:12]})" in line
     assert json.loads(json.dumps(value))  # the value is plain data

@@ -322,11 +322,11 @@ def safety_line(safety: dict) -> str:
 
 
 def card_line(card: dict) -> str:
-    """Where the candidate's model and dataset cards are in MLflow."""
+    """Where the candidate's model and dataset cards are in MLflow (``model_card``'s metadata)."""
     if not card:
         return "Model card: not computed (the run materialized no model_card)"
-    return (f"Model card: {card['model_card']} and {len(card['dataset_cards'])} dataset cards on MLflow run "
-            f"{card['run_id']} ({card['model_name']} v{card['version']}, sha256 {card['sha256'][:12]})")
+    return (f"Model card: {card['artifact_uri']}/model_card.md and {len(card['dataset_cards'])} dataset cards "
+            f"(MLflow run {card['mlflow_run_id']}, sha256 {card['model_card_sha256'][:12]})")
 
 
 def enhance() -> int:
