@@ -171,5 +171,5 @@ def test_model_card_asset_logs_the_cards_to_the_training_run(tmp_path):
     assert meta["model_card_sha256"].value == value["sha256"] and meta["safety_report_included"].value is True
     line = card_line(_metadata_values(result.asset_materializations_for_node("support_triage__model_card")[0]))
     cards = len(value["dataset_cards"])
-    assert f"/cards/model_card.md and {cards} dataset cards (MLflow run {run_id}, sha256 {value['sha256'][:12]})" in line
+    assert f"model_card.md and {cards} dataset cards (MLflow run {run_id}, sha256 {value['sha256'][:12]})" in line
     assert json.loads(json.dumps(value))  # the value is plain data
