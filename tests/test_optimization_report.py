@@ -146,12 +146,15 @@ def res(tmp_path, home):
               for i, (text, out) in enumerate([("My parcel is three weeks late.", {"category": "shipping"}),
                                                 ("I was charged twice this month.", {"category": "billing"}),
                                                 ("The app crashes on login.", {"category": "technical"})])]
-    import pandas as pd
+    import duckdb
 
-    with resources["warehouse"].connect() as con:
-        con.execute(f"create schema if not exists marts_{TASK}")
-        frame = pd.DataFrame(golden)  # noqa: F841 - read by DuckDB by name
-        con.execute(f"create table marts_{TASK}.golden_eval_dataset as select * from frame")
+    con = duckdb.connect(resources["warehouse"].path)
+    con.execute(f"create schema marts_{TASK}")
+    con.execute(f"create table marts_{TASK}.golden_eval_dataset (example_id varchar, input_text varchar, "
+                "output_json varchar)")
+    con.executemany(f"insert into marts_{TASK}.golden_eval_dataset values (?, ?, ?)",
+                    [[g["example_id"], g["input_text"], g["output_json"]] for g in golden])
+    con.close()
     return {k: resources[k] for k in ("mlflow", "home", "endpoint", "warehouse")} | {
         "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
 
