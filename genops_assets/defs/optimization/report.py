@@ -219,6 +219,7 @@ def optimization_report(
     return dg.Output(value, metadata={
         "table": dg.MetadataValue.md(markdown.replace(f"![quality vs speed]({CHART})",
                                                       png_markdown("quality vs speed", chart.read_bytes()))),
+        "report_path": dg.MetadataValue.path(str(out_dir / "report.md")),
         "fastest_passing": str(fastest),
         "failed": ", ".join(r["variant"] for r in rows if r["status"] == FAILED) or "none",
         "mlflow_run_id": run_id,

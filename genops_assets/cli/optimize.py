@@ -1,0 +1,41 @@
+"""`genops optimize`: a task's optimization job (its variants, the table that judges them against
+the tuned original, the configured deploy) with progress lines, then the table.
+
+Run the loop first (`make demo`): the tuned adapter, its evaluation and the base model are the
+job's inputs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from genops_assets.cli.home import demo_task, init_home, task_job, write_task_run_config
+
+
+def optimize(task: str | None = None, run_config: str | None = None, out=sys.stdout) -> int:
+    from genops_assets.cli.demo import run_job
+    from genops_assets.cli.progress import duration
+
+    root = init_home()
+    task_ref = demo_task(task)
+    job = task_job("optimization", task_ref.name)
+    config = None
+    if run_config:
+        config = write_task_run_config(Path(run_config), task_ref.name, root / "logs" / f"{job}.run_config.yaml")
+    print(f"genops optimize: job '{job}', data directory {root}", file=out, flush=True)
+    run = run_job(job, root, config, out)
+    report = run.materializations.get("optimization_report", {})
+    if report.get("report_path"):
+        print("\n" + Path(report["report_path"]).read_text(encoding="utf-8"), file=out)
+        print(f"MLflow run: {report.get('mlflow_run_id')}", file=out)
+    deployed = run.materializations.get("deployed_variant")
+    if deployed is not None:
+        print(f"deployed: {deployed.get('variant', deployed.get('deployed'))} "
+              f"v{deployed.get('version', '-')} at {deployed.get('url', '-')}", file=out)
+    if run.returncode != 0:
+        print(f"\ngenops optimize: job '{job}' FAILED after {duration(run.wall_s)} (exit {run.returncode})"
+              + (f": {run.failure}" if run.failure else "") + f"\n  full log: {run.log_file}", file=sys.stderr)
+        return run.returncode
+    print(f"genops optimize: done in {duration(run.wall_s)}", file=out)
+    return 0
