@@ -277,3 +277,17 @@ def test_deployed_variant_never_deploys_a_failed_variant(res, tmp_path, tiny_mod
     assert "not deploying 'q4_k_m': it failed the optimization report" in failure.event_specific_data.error.message
     assert res["mlflow"].alias(VARIANTS_MODEL, CHAMPION) is None  # nothing promoted
     assert control.read_state(home / "endpoint") is None  # no server was started
+
+
+def test_the_optimization_job_is_its_own_and_the_loop_never_runs_it():
+    from genops_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    job = {k.to_user_string() for k in defs.resolve_job_def(f"{TASK}_optimization").asset_layer.selected_asset_keys}
+    assert {f"{TASK}/optimization_report", f"{TASK}/deployed_variant"} <= job
+    loop = {k.to_user_string() for k in defs.resolve_job_def(f"{TASK}_genops_loop").asset_layer.selected_asset_keys}
+    assert not {k for k in loop if k.split("/")[-1] in ("optimization_report", "deployed_variant")}
+    report = graph.get(dg.AssetKey([TASK, "optimization_report"]))
+    assert {f"{TASK}/tuned_adapter", f"{TASK}/eval_report", "base_model"} <= {
+        k.to_user_string() for k in report.parent_keys}
+    assert dg.AssetKey([TASK, "optimization_report"]) in graph.get(dg.AssetKey([TASK, "deployed_variant"])).parent_keys
