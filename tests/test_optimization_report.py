@@ -110,28 +110,26 @@ def test_missing_numbers_read_not_computed_and_are_never_zero():
 def test_optimization_settings_default_and_a_bad_value_names_file_and_setting(tmp_path):
     spec = load_task(ROOT / "tasks", TASK)
     assert spec.optimization.quality_floor_points == 2.0 and spec.constrained is True
-    shutil.copytree(ROOT / "tasks" / TASK, tmp_path / TASK)
-    cfg = tmp_path / TASK / "task.yaml"
-    original = cfg.read_text()
-    cfg.write_text(original + "\noptimization:\n  quality_floor_points: -1\n")
+    assert spec.optimization.deploy == "fastest"  # the demo task serves its fastest passing variant
+    assert load_task(tasks_with(tmp_path / "a").tasks_dir, TASK).optimization.deploy == "none"
     with pytest.raises(TaskConfigError, match=r"task.yaml: optimization.quality_floor_points: .*greater than or"):
-        load_task(tmp_path, TASK)
-    cfg.write_text(original + "\noptimization:\n  variants: [merged, q3]\n")
+        tasks_with(tmp_path / "b", quality_floor_points=-1).load()
     with pytest.raises(TaskConfigError, match=r"optimization.variants: unknown variant\(s\) \['q3'\]"):
-        load_task(tmp_path, TASK)
-    cfg.write_text(original + "\noptimization:\n  variants: [merged]\n  deploy: q8_0\n")
+        tasks_with(tmp_path / "c", variants=["merged", "q3"]).load()
     with pytest.raises(TaskConfigError, match="deploy: must be 'none', 'fastest' or one of the variants"):
-        load_task(tmp_path, TASK)
+        tasks_with(tmp_path / "d", variants=["merged"], deploy="q8_0").load()
 
 
 # --- the assets, with the tiny model ------------------------------------------------------------
 
 
-def tasks_with(tmp_path: Path, optimization: str) -> TaskRef:
-    """support_triage with its ``optimization:`` section replaced."""
+def tasks_with(tmp_path: Path, **optimization) -> TaskRef:
+    """support_triage with ``optimization`` as its optimization settings."""
+    import yaml
+
     shutil.copytree(ROOT / "tasks" / TASK, tmp_path / "tasks" / TASK)
     cfg = tmp_path / "tasks" / TASK / "task.yaml"
-    cfg.write_text(cfg.read_text() + "\n" + optimization)
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "optimization": optimization}))
     return TaskRef(TASK, str(tmp_path / "tasks"))
 
 
@@ -211,7 +209,7 @@ def test_optimization_report_evaluates_benchmarks_logs_and_tags_every_variant(
     (broken / "config.json").write_text("{}")
     variants = [register_variant_folder(tracking, "merged", merged, "safetensors", "local"),
                 register_variant_folder(tracking, "distilled", broken, "safetensors", "local")]
-    task = tasks_with(tmp_path, "optimization:\n  variants: [merged, distilled]\n")
+    task = tasks_with(tmp_path, variants=["merged", "distilled"])
     from genops_assets.components.binding import bind_task, task_ins, task_key
     from genops_assets.defs.optimization.report import optimization_report
 
@@ -268,7 +266,7 @@ def deploy_assets(task: TaskRef, report_value: dict, base_dir: Path) -> list:
 def test_deployed_variant_never_deploys_a_failed_variant(res, tmp_path, tiny_model_dir, home):
     from genops_assets.serving import control
 
-    task = tasks_with(tmp_path, "optimization:\n  deploy: q4_k_m\n")
+    task = tasks_with(tmp_path, deploy="q4_k_m")
     result = dg.materialize(deploy_assets(task, failed_report(), tiny_model_dir), resources=res,
                             raise_on_error=False)
     assert not result.success
@@ -291,3 +289,25 @@ def test_the_optimization_job_is_its_own_and_the_loop_never_runs_it():
     assert {f"{TASK}/tuned_adapter", f"{TASK}/eval_report", "base_model"} <= {
         k.to_user_string() for k in report.parent_keys}
     assert dg.AssetKey([TASK, "optimization_report"]) in graph.get(dg.AssetKey([TASK, "deployed_variant"])).parent_keys
+
+
+@pytest.mark.server
+def test_a_gguf_variant_is_benchmarked_on_llama_cpp_with_its_peak_memory(tmp_path):
+    """The embedded GGUF as a GGUF variant: llama.cpp's server answers at both levels and its
+    resident memory (the weights at least) is sampled."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by make install-llamacpp")
+    from graph_support import free_port
+
+    from genops_assets.bench.variants import bench_variant
+    from genops_assets.lib.base_model import find_embedded_gguf
+
+    gguf = find_embedded_gguf()
+    folder = tmp_path / "q8_0"
+    folder.mkdir()
+    (folder / gguf.name).symlink_to(gguf)
+    prompts = [[{"role": "user", "content": "Where is my parcel?"}]]
+    result = bench_variant({"name": "q8_0", "format": "gguf", "path": str(folder)}, "", prompts, tmp_path / "work",
+                           free_port(), requests=2, max_tokens=4)
+    assert result["served_by"] == "llama.cpp server"
+    assert result["levels"]["1"]["tokens_per_s"] > 0 and result["levels"]["16"]["requests"] == 16
+    assert result["peak_rss_bytes"] > gguf.stat().st_size * 0.5
