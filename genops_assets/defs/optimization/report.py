@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def variants_model_name(task: str) -> str:
     return variant_model_name(task)
 
 
+def free_port() -> int:
+    """A port nobody listens on now (the benchmark servers take it in turn)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def dir_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -79,9 +87,13 @@ def variant_engine(variant: Mapping, tokenizer_dir: str, log) -> Iterator[tuple[
         from genops_assets.serving.llamacpp import LlamaCppServer, llamacpp_generate
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        with LlamaCppServer(single_gguf(variant["path"])).start() as server:
+        server = LlamaCppServer(single_gguf(variant["path"]))
+        server.start()
+        try:
             yield None, lambda batch, max_new_tokens, json_schema=None: llamacpp_generate(
                 server, tokenizer, batch, max_new_tokens, json_schema=json_schema)
+        finally:
+            server.stop()
         return
     from genops_assets.serving.adapters import load_model
 
@@ -99,11 +111,14 @@ def measure(name: str, fmt: str, engine: str, version, size: int | None, ev, ben
     from genops_assets.lib.metrics import per_example
 
     bench_ok = bench is not None and "error" not in bench
+    # A server that cannot start or answer cannot serve the variant: a load failure.
+    served_error = f"server: {bench['error']}" if bench is not None and "error" in bench else None
     return VariantMeasurement(
         name, fmt, engine, None if version is None else str(version), size,
         bench["peak_rss_bytes"] if bench_ok else None, bench["levels"] if bench_ok else None,
         {k: float(v) for k, v in ev.metrics.items()},
         {m: per_example(ev.scores, m) for m in dict.fromkeys((primary, *TABLE_METRICS))},
+        error=served_error,
         bench_error=None if bench_ok else ("benchmark turned off" if bench is None else bench["error"]))
 
 
@@ -133,7 +148,6 @@ def optimization_report(
     from genops_assets.lib.evaluation import evaluate_model, examples_from_frame
     from genops_assets.lib.formatting import build_messages
     from genops_assets.serving.adapters import load_model
-    from genops_assets.serving.control import port_free
 
     spec = task.load()
     settings = spec.optimization
@@ -167,7 +181,7 @@ def optimization_report(
     benches: dict[str, dict] = {}
     if config.bench:
         prompts = [build_messages(spec, ex.input_text, prompt=production.template) for ex in examples[:16]]
-        port = config.bench_port or next(p for p in range(19550, 19650) if port_free("127.0.0.1", p))
+        port = config.bench_port or free_port()
         served = [{"name": BASELINE, "format": "adapter", "adapter_dir": tuned_adapter["adapter_dir"]},
                   *(v for v in variants if v["name"] not in errors)]
         benches = bench_variants(served, base_model["path"], prompts, home.runs_dir / "bench-variants", port,
