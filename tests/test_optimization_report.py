@@ -311,3 +311,10 @@ def test_a_gguf_variant_is_benchmarked_on_llama_cpp_with_its_peak_memory(tmp_pat
     assert result["served_by"] == "llama.cpp server"
     assert result["levels"]["1"]["tokens_per_s"] > 0 and result["levels"]["16"]["requests"] == 16
     assert result["peak_rss_bytes"] > gguf.stat().st_size * 0.5
+
+
+def test_a_long_failure_reason_stays_in_its_table_cell():
+    broken = VariantMeasurement("merged", "safetensors", "local", "4", error="ValueError: first line\nsecond | line")
+    markdown = report_markdown("t", build_rows(ORIGINAL, [broken], PRIMARY, 2.0), PRIMARY, 2.0, None)
+    line = next(ln for ln in markdown.splitlines() if ln.startswith("| merged"))
+    assert line.endswith("failed: load failure: ValueError: first line second \\| line |")

@@ -159,6 +159,12 @@ def _metric_cell(r: Mapping[str, Any], metric: str) -> str:
     return _num(r["metrics"].get(metric), ".3f")
 
 
+def one_line(text: str, limit: int = 240) -> str:
+    """``text`` fit for a Markdown table cell: one line, no column separator, at most ``limit`` characters."""
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def table_rows(rows: Sequence[Mapping[str, Any]], primary: str) -> list[dict[str, str]]:
     """The rows as report text: every missing number reads "not computed"."""
     out = []
@@ -174,8 +180,8 @@ def table_rows(rows: Sequence[Mapping[str, Any]], primary: str) -> list[dict[str
             "primary": _metric_cell(r, primary),
             "delta": _num(r["delta_points"].get(primary), "+.2f"),
             "metrics": {m: _metric_cell(r, m) for m in TABLE_METRICS},
-            "status": r["status"], "reason": r["reason"],
-            "bench_error": r["bench_error"] or "",
+            "status": r["status"], "reason": one_line(r["reason"]),
+            "bench_error": one_line(r["bench_error"] or ""),
         })
     return out
 

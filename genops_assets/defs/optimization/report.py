@@ -220,7 +220,7 @@ def optimization_report(
         mlflow.log_artifacts(run_id, out_dir, ARTIFACT_DIR)
         for r in rows[1:]:
             mlflow.set_version_tags(registry, r["version"], {
-                STATUS_TAG: r["status"], REASON_TAG: r["reason"] if r["status"] == FAILED else "",
+                STATUS_TAG: r["status"], REASON_TAG: r["reason"][:1000] if r["status"] == FAILED else "",
                 "genops.optimization.run_id": run_id})
 
     value = {"rows": rows, "baseline": BASELINE, "fastest_passing": fastest, "mlflow_run_id": run_id,
