@@ -122,6 +122,20 @@ def measure(name: str, fmt: str, engine: str, version, size: int | None, ev, ben
         bench_error=None if bench_ok else ("benchmark turned off" if bench is None else bench["error"]))
 
 
+def evaluate_variants(variants: list[dict], tokenizer_dir: str, evaluate, log) -> tuple[dict, dict[str, str]]:
+    """Each variant's ModelEval through ``evaluate(label, loaded, adapter, digest, engine)``, and the
+    error of each variant that could not be loaded or answer (never a made-up score)."""
+    evals, errors = {}, {}
+    for v in variants:
+        try:
+            with variant_engine(v, tokenizer_dir, log.info) as (loaded, engine):
+                evals[v["name"]] = evaluate(v["name"], loaded, None, v["digest"], engine)
+        except Exception as exc:  # a variant that cannot load or answer is failed with the reason
+            errors[v["name"]] = f"{type(exc).__name__}: {exc}"
+            log.warning(f"{v['name']}: {errors[v['name']]}")
+    return evals, errors
+
+
 def optimization_report(
     context: dg.AssetExecutionContext,
     config: OptimizationConfig,
@@ -155,6 +169,9 @@ def optimization_report(
     if str(eval_report["candidate"]["version"]) != version:
         raise dg.Failure(f"eval_report is for v{eval_report['candidate']['version']}, tuned_adapter is v{version}")
     variants = [v for v in collect_variants(variant_assets) if v["name"] in settings.variants]
+    missing = [n for n in settings.variants if n not in {v["name"] for v in variants}]
+    if missing:
+        context.log.warning(f"optimization.variants lists {missing}, which no upstream asset built")
     production = mlflow.resolve_prompt(spec)
     golden = warehouse.query_df(f"select * from {mart_schema(spec.name)}.golden_eval_dataset order by example_id")
     examples = examples_from_frame(golden.head(config.max_examples) if config.max_examples else golden)
@@ -169,14 +186,8 @@ def optimization_report(
     original_digest = adapter_on_base(base_model["folder_digest"], tuned_adapter["adapter_digest"])
     original_ev = evaluate(BASELINE, functools.cache(lambda: load_model(
         base_model["path"], {"candidate": tuned_adapter["adapter_dir"]})), "candidate", original_digest)
-    evals, errors = {BASELINE: original_ev}, {}
-    for v in variants:
-        try:
-            with variant_engine(v, base_model["path"], log) as (loaded, engine):
-                evals[v["name"]] = evaluate(v["name"], loaded, None, v["digest"], engine)
-        except Exception as exc:  # a variant that cannot load or answer is failed with the reason
-            errors[v["name"]] = f"{type(exc).__name__}: {exc}"
-            context.log.warning(f"{v['name']}: {errors[v['name']]}")
+    evals, errors = evaluate_variants(variants, base_model["path"], evaluate, context.log)
+    evals = {BASELINE: original_ev, **evals}
 
     benches: dict[str, dict] = {}
     if config.bench:
@@ -238,4 +249,5 @@ def optimization_report(
         "failed": ", ".join(r["variant"] for r in rows if r["status"] == FAILED) or "none",
         "mlflow_run_id": run_id,
         "golden_examples": len(examples),
+        "not_built": ", ".join(missing) or "none",
     })
