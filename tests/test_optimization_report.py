@@ -192,6 +192,17 @@ def upstream(base_dir: Path, adapter_dir: Path, variants: list[dict]) -> list:
     return [base_model_value, tuned_adapter_value, eval_report_value, merged_model_value, golden_eval_dataset]
 
 
+def report_asset(task: TaskRef, *variant_assets: str) -> dg.AssetsDefinition:
+    """optimization_report with ``variant_assets`` as its variants' inputs, as the graph wires it
+    once their builders are listed in ``variant_builders``."""
+    from genops_assets.components.binding import bind_task, task_ins, task_key
+    from genops_assets.defs.optimization.report import optimization_report
+
+    return dg.asset(name="optimization_report", key_prefix=[TASK], group_name=f"{TASK}_optimization",
+                    ins=task_ins(task, "tuned_adapter", "eval_report", *variant_assets),
+                    deps=[task_key(task, "golden_eval_dataset")])(bind_task(optimization_report, task))
+
+
 @pytest.mark.graph
 @pytest.mark.server
 def test_optimization_report_evaluates_benchmarks_logs_and_tags_every_variant(
@@ -210,12 +221,7 @@ def test_optimization_report_evaluates_benchmarks_logs_and_tags_every_variant(
     variants = [register_variant_folder(tracking, "merged", merged, "safetensors", "local"),
                 register_variant_folder(tracking, "distilled", broken, "safetensors", "local")]
     task = tasks_with(tmp_path, variants=["merged", "distilled"])
-    from genops_assets.components.binding import bind_task, task_ins, task_key
-    from genops_assets.defs.optimization.report import optimization_report
-
-    report = dg.asset(name="optimization_report", key_prefix=[TASK], group_name=f"{TASK}_optimization",
-                      ins={**task_ins(task, "tuned_adapter", "eval_report", "merged_model")},
-                      deps=[task_key(task, "golden_eval_dataset")])(bind_task(optimization_report, task))
+    report = report_asset(task, "merged_model")
     config = {"max_examples": 3, "bench_requests": 2, "bench_max_tokens": 4}
     result = dg.materialize([*upstream(tiny_model_dir, tiny_adapter_dir, variants), report], resources=res,
                             run_config={"ops": {task.step("optimization_report"): {"config": config}}})
@@ -318,3 +324,72 @@ def test_a_long_failure_reason_stays_in_its_table_cell():
     markdown = report_markdown("t", build_rows(ORIGINAL, [broken], PRIMARY, 2.0), PRIMARY, 2.0, None)
     line = next(ln for ln in markdown.splitlines() if ln.startswith("| merged"))
     assert line.endswith("failed: load failure: ValueError: first line second \\| line |")
+
+
+def llama_cpp_route_missing() -> str | None:
+    """What the GGUF path of the table and the deploy needs that this checkout lacks, if anything."""
+    import importlib.util
+    import inspect
+
+    from genops_assets.lib.evaluation import evaluate_model
+    from resources.endpoint import ServingBackend
+    from resources.tracking import MlflowTracking
+
+    needs = {"llama-cpp-python": importlib.util.find_spec("llama_cpp") is not None,
+             "genops_assets.serving.llamacpp": importlib.util.find_spec("genops_assets.serving.llamacpp") is not None,
+             "genops_assets.lib.variants": importlib.util.find_spec("genops_assets.lib.variants") is not None,
+             "evaluate_model(engine=)": "engine" in inspect.signature(evaluate_model).parameters,
+             "ServingBackend.deploy(variant=)": "variant" in inspect.signature(ServingBackend.deploy).parameters,
+             "MlflowTracking.register_variant": hasattr(MlflowTracking, "register_variant")}
+    missing = [k for k, ok in needs.items() if not ok]
+    return ", ".join(missing) or None
+
+
+@pytest.mark.graph
+@pytest.mark.server
+def test_a_passing_gguf_variant_is_evaluated_on_llama_cpp_deployed_promoted_and_answers(
+        res, tmp_path, tiny_model_dir, tiny_adapter_dir):
+    """The embedded GGUF as variant q4_k_m: evaluated through llama.cpp, it passes the floor (the
+    tiny original scores nothing), is served as challenger, matches its own offline answers,
+    becomes champion of genops-<task>-variants and answers through the openai client."""
+    missing = llama_cpp_route_missing()
+    if missing:
+        pytest.skip(f"the llama.cpp path needs {missing}")
+    from genops_assets.lib.audit import AuditLog
+    from genops_assets.lib.base_model import find_embedded_gguf
+    from genops_assets.lib.integrity import write_manifest
+    from genops_assets.lib.variants import VariantFiles
+
+    tracking = res["mlflow"]
+    folder = tmp_path / "q4_k_m"
+    folder.mkdir()
+    shutil.copy(find_embedded_gguf(), folder / "model.gguf")
+    write_manifest(folder)
+    files = VariantFiles("q4_k_m", str(folder), "gguf", "llamacpp", "merged", (folder / "model.gguf").stat().st_size,
+                         sha256_dir(folder))
+    with tracking.run(f"genops/{TASK}", "variant-q4_k_m", {}) as run_id:
+        mv = tracking.register_variant(TASK, files, run_id, "1", "test-q4_k_m", {})
+    variant = {**files.__dict__, "version": mv.version}
+    task = tasks_with(tmp_path, variants=["q4_k_m"], deploy="q4_k_m")
+    deploy = next(a for a in build_optimization_assets(task) if a.key.path[-1] == "deployed_variant")
+    inputs = [a for a in upstream(tiny_model_dir, tiny_adapter_dir, [variant])
+              if a.key.path[-1] != "merged_model"]
+
+    @dg.asset(key=[TASK, "quantized_models"])
+    def quantized_models_value() -> dict:
+        return {"variants": [variant]}
+
+    result = dg.materialize([*inputs, quantized_models_value, report_asset(task, "quantized_models"), deploy],
+                            resources=res,
+                            run_config={"ops": {task.step("optimization_report"): {"config": {
+                                "max_examples": 3, "bench": False}}}})
+    value = result.output_for_node(task.step("optimization_report"))
+    row = {r["variant"]: r for r in value["rows"]}["q4_k_m"]
+    assert row["status"] == PASSED and row["speed"]["1"]["tokens_per_s"] is None  # bench off: not computed
+    deployed = result.output_for_node(task.step("deployed_variant"))
+    assert deployed["deployed"] == "q4_k_m" and deployed["engine"] == "llamacpp" and deployed["verified_answer"]
+    assert deployed["parity"]["checked"] == 3 and deployed["parity"]["matched"] == 3
+    assert tracking.alias(VARIANTS_MODEL, CHAMPION).version == mv.version
+    assert tracking.get_version(VARIANTS_MODEL, mv.version).tags["genops.status"] == "passed"
+    actions = [e["action"] for e in AuditLog(res["home"].audit_path).entries(VARIANTS_MODEL)]
+    assert actions[:2] == ["deploy", "promote"]
