@@ -393,3 +393,17 @@ def test_a_passing_gguf_variant_is_evaluated_on_llama_cpp_deployed_promoted_and_
     assert tracking.get_version(VARIANTS_MODEL, mv.version).tags["genops.status"] == "passed"
     actions = [e["action"] for e in AuditLog(res["home"].audit_path).entries(VARIANTS_MODEL)]
     assert actions[:2] == ["deploy", "promote"]
+
+
+def test_genops_optimize_records_the_variants_numbers_beside_the_bench_results(tmp_path):
+    from genops_assets.cli.optimize import record_bench
+
+    results = tmp_path / "bench" / "results.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps({"serving": {"ratios": {"x": 1}}}))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"q4_k_m": {"levels": {"1": {"tokens_per_s": 70.0}}, "peak_rss_bytes": 5}}))
+    record_bench(results, TASK, bench)
+    data = json.loads(results.read_text())
+    assert data["serving"] == {"ratios": {"x": 1}}  # the rest of make bench's results is kept
+    assert data["variants"][TASK]["q4_k_m"]["levels"]["1"]["tokens_per_s"] == 70.0

@@ -7,10 +7,23 @@ job's inputs.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from genops_assets.cli.home import demo_task, init_home, task_job, write_task_run_config
+
+
+def record_bench(results: Path, task: str, bench_file: Path) -> Path:
+    """The variants' serving numbers beside `make bench`'s others: ``results.json`` gains (or
+    replaces) ``variants.<task>``, the rest of the file kept."""
+    from genops_assets.lib.hashing import atomic_write_json
+
+    data = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+    data.setdefault("variants", {})[task] = json.loads(bench_file.read_text(encoding="utf-8"))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results, data)
+    return results
 
 
 def optimize(task: str | None = None, run_config: str | None = None, out=sys.stdout) -> int:
@@ -27,8 +40,11 @@ def optimize(task: str | None = None, run_config: str | None = None, out=sys.std
     run = run_job(job, root, config, out)
     report = run.materializations.get("optimization_report", {})
     if report.get("report_path"):
-        print("\n" + Path(report["report_path"]).read_text(encoding="utf-8"), file=out)
+        report_dir = Path(report["report_path"]).parent
+        print("\n" + (report_dir / "report.md").read_text(encoding="utf-8"), file=out)
         print(f"MLflow run: {report.get('mlflow_run_id')}", file=out)
+        results = record_bench(root / "bench" / "results.json", task_ref.name, report_dir / "bench.json")
+        print(f"serving numbers of the variants: {results} (\"variants\")", file=out)
     deployed = run.materializations.get("deployed_variant")
     if deployed is not None:
         print(f"deployed: {deployed.get('variant', deployed.get('deployed'))} "
