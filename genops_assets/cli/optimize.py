@@ -26,6 +26,15 @@ def record_bench(results: Path, task: str, bench_file: Path) -> Path:
     return results
 
 
+def unmaterialized(task: str) -> list[str]:
+    """The job's inputs from the loop that the Dagster instance has never materialized."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    keys = [dg.AssetKey("base_model"), dg.AssetKey([task, "tuned_adapter"]), dg.AssetKey([task, "eval_report"])]
+    return [k.to_user_string() for k in keys if instance.get_latest_materialization_event(k) is None]
+
+
 def optimize(task: str | None = None, run_config: str | None = None, out=sys.stdout) -> int:
     from genops_assets.cli.demo import run_job
     from genops_assets.cli.progress import duration
@@ -36,6 +45,11 @@ def optimize(task: str | None = None, run_config: str | None = None, out=sys.std
     config = None
     if run_config:
         config = write_task_run_config(Path(run_config), task_ref.name, root / "logs" / f"{job}.run_config.yaml")
+    missing = unmaterialized(task_ref.name)
+    if missing:
+        print(f"genops optimize: {', '.join(missing)} not materialized yet: run `make demo` (TASK={task_ref.name}) "
+              "first; the tuned adapter, its evaluation and the base model are the job's inputs", file=sys.stderr)
+        return 2
     print(f"genops optimize: job '{job}', data directory {root}", file=out, flush=True)
     run = run_job(job, root, config, out)
     report = run.materializations.get("optimization_report", {})
