@@ -60,9 +60,11 @@ def optimize(task: str | None = None, run_config: str | None = None, out=sys.std
         results = record_bench(root / "bench" / "results.json", task_ref.name, report_dir / "bench.json")
         print(f"serving numbers of the variants: {results} (\"variants\")", file=out)
     deployed = run.materializations.get("deployed_variant")
-    if deployed is not None:
-        print(f"deployed: {deployed.get('variant', deployed.get('deployed'))} "
-              f"v{deployed.get('version', '-')} at {deployed.get('url', '-')}", file=out)
+    if deployed is not None and "variant" in deployed:
+        print(f"deployed: {deployed['variant']} v{deployed['version']} at {deployed['url']} "
+              f"(engine {deployed.get('engine')})", file=out)
+    elif deployed is not None:
+        print(f"deployed: none (optimization.deploy in {task_ref.root / 'task.yaml'})", file=out)
     if run.returncode != 0:
         print(f"\ngenops optimize: job '{job}' FAILED after {duration(run.wall_s)} (exit {run.returncode})"
               + (f": {run.failure}" if run.failure else "") + f"\n  full log: {run.log_file}", file=sys.stderr)
