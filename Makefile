@@ -129,9 +129,24 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	$(if $(call cpu_has,avx512f),-DGGML_AVX512=ON) $(if $(call cpu_has,avx512_vnni),-DGGML_AVX512_VNNI=ON) \
 	$(if $(call cpu_has,avx512_bf16),-DGGML_AVX512_BF16=ON)
 
-bench: install
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
+# llama-cpp-python with its OpenAI server, built once into .venv (minutes); the serving benchmark
+# and the GGUF variants need it, the rest of genops does not.
+.PHONY: install-llamacpp
+install-llamacpp: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) -DLLAVA_BUILD=OFF" \
+	  $(BIN)/pip install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
+
+bench: install install-llamacpp
 	$(BIN)/python -m genops_assets.bench
+
+# TASK's optimized variants (merged, quantized, distilled) judged against the tuned adapter in one
+# table: size, peak serving memory, tokens/s and p50 at concurrency 1 and 16, golden-set metrics;
+# deploys the variant the task's optimization.deploy names. Run `make demo` first (its tuned
+# adapter and eval report are the inputs). OPT_CONFIG=file.yaml: a run config with bare step names.
+.PHONY: optimize
+OPT_CONFIG ?=
+optimize: install install-llamacpp
+	$(BIN)/python -m genops_assets.cli optimize --task $(TASK) $(if $(OPT_CONFIG),--config $(OPT_CONFIG))
 
 ui: install
 	$(BIN)/python -m genops_assets.cli ui

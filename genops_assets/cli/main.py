@@ -28,6 +28,9 @@ def parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="the audit log of deploys, promotions and rollbacks (newest first)")
     au.add_argument("--model", default=None, help="a registered model name (default: every model)")
     au.add_argument("--limit", type=int, default=50)
+    op = sub.add_parser("optimize", help="a task's optimization job (variants, their table, deploy); prints the table")
+    op.add_argument("--task", default=None, help="the task folder (default: GENOPS_TASK, support_triage)")
+    op.add_argument("--config", default=None, help="a run config (YAML) with bare step names, e.g. optimization_report")
     sub.add_parser("enhance", help="LLM prompt enhancement, then the eval report with the prompt comparison")
     pr = sub.add_parser("prompt", help="prompt registry: try, list, alias, promote, rollback")
     psub = pr.add_subparsers(dest="prompt_cmd", required=True)
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # The demo's run config sizes the loop it was written for; another job runs as configured.
         return demo.demo(args.job, demo.DEMO_RUN_CONFIG if args.job.endswith("genops_loop") else None, args.task)
+    if args.cmd == "optimize":
+        from genops_assets.cli.optimize import optimize
+
+        return optimize(args.task, args.config)
     if args.cmd == "enhance":
         from genops_assets.cli.demo import enhance
 

@@ -52,6 +52,7 @@ def task_graph(task: TaskRef, daily: dg.PartitionsDefinition) -> dg.Definitions:
     from genops_assets.defs.monitoring.drift import build_drift_assets
     from genops_assets.defs.monitoring.quality import build_quality_assets
     from genops_assets.defs.monitoring.serving import build_serving_monitoring_assets
+    from genops_assets.defs.optimization import build_optimization_assets
     from genops_assets.defs.prompts.assets import build_prompt_assets
     from genops_assets.defs.safety.assets import build_safety_assets
     from genops_assets.defs.safety.checks import build_safety_checks
@@ -63,7 +64,7 @@ def task_graph(task: TaskRef, daily: dg.PartitionsDefinition) -> dg.Definitions:
               *build_evaluation_assets(task), *build_safety_assets(task), *build_deployment_assets(task),
               *build_serving_monitoring_assets(task, daily), *build_drift_assets(task, daily),
               *build_quality_assets(task, daily), *build_rating_assets(task), *build_preference_assets(task),
-              *build_judge_tuning_assets(task)]
+              *build_judge_tuning_assets(task), *build_optimization_assets(task)]
     # A card per tuned version; it reads the safety report where the graph has one.
     assets += build_governance_assets(task, {k for a in assets for k in a.keys})
     checks = [*build_mart_checks(task), *build_pii_checks(task), *build_evaluation_checks(task),

@@ -8,8 +8,9 @@ import dagster as dg
 from genops_assets.components.binding import task_group, task_key
 from genops_assets.lib.tasks import TaskRef
 
-# Stages with jobs of their own: daily monitoring, preference tuning (DPO) and judge tuning.
-OUTSIDE_LOOP = ("monitoring", "preference", "judge_tuning")
+# Stages with jobs of their own: daily monitoring, preference tuning (DPO), judge tuning and
+# optimization (variants, their table and deploy).
+OUTSIDE_LOOP = ("monitoring", "preference", "judge_tuning", "optimization")
 
 
 def loop_selection(task: TaskRef) -> dg.AssetSelection:
@@ -53,6 +54,10 @@ def judge_tuning_job_name(task: str) -> str:
     return f"{task}_judge_tuning"
 
 
+def optimization_job_name(task: str) -> str:
+    return f"{task}_optimization"
+
+
 def build_task_jobs(task: TaskRef) -> list[dg.UnresolvedAssetJobDefinition]:
     tags = {"genops/task": task.name}
     return [
@@ -83,5 +88,10 @@ def build_task_jobs(task: TaskRef) -> list[dg.UnresolvedAssetJobDefinition]:
             tags={**tags, "genops/trigger": "preference_pairs"},
             description=f"Rebuild task {task.name}'s preference pairs, tune the champion on them by DPO, evaluate, "
                         "gate and deploy like an SFT candidate.",
+        ),
+        dg.define_asset_job(
+            optimization_job_name(task.name), selection=dg.AssetSelection.groups(task_group(task, "optimization")),
+            tags=tags, description=f"Build task {task.name}'s optimized variants (merged, quantized, distilled), judge "
+                                   "them against the candidate in one table and deploy the configured one.",
         ),
     ]

@@ -110,6 +110,43 @@ class PromptFiles(_Section):
 
 class Generation(_Section):
     max_new_tokens: int = Field(128, gt=0)
+    constrained: bool = Field(True, description="Decode within the output schema (evaluation and serving)")
+
+
+# Optimized variants the optimization job can build (``optimization.variants``).
+VARIANT_NAMES = ("merged", "q8_0", "q4_k_m", "distilled", "distilled_q4_k_m")
+DEPLOY_NONE, DEPLOY_FASTEST = "none", "fastest"
+
+
+class OptimizationSettings(_Section):
+    """Which optimized variants are built, the quality floor that fails one, and which is served."""
+
+    variants: tuple[str, ...] = Field(
+        ("merged", "q8_0", "q4_k_m", "distilled"), description="Variants the optimization job builds")
+    quality_floor_points: float = Field(
+        2.0, ge=0, description="A variant whose primary metric is more than this many points (metric x 100) "
+                               "below the original's is failed, never deployed")
+    deploy: str = Field(DEPLOY_NONE, description="What deployed_variant serves: none | fastest | <variant name>")
+    student_layers: int | None = Field(
+        None, gt=0, description="Layers the distilled student keeps (null: two thirds of the base's)")
+    student_steps: int = Field(200, gt=0, description="Training steps of the student")
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in VARIANT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANT_NAMES)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a variant twice: {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _deployable(self) -> OptimizationSettings:
+        if self.deploy not in (DEPLOY_NONE, DEPLOY_FASTEST, *self.variants):
+            raise ValueError(f"deploy: must be '{DEPLOY_NONE}', '{DEPLOY_FASTEST}' or one of the variants "
+                             f"{list(self.variants)}, got '{self.deploy}'")
+        return self
 
 
 class Feedback(_Section):
@@ -163,6 +200,7 @@ class TaskSettings(_Section):
     generation: Generation = Generation()
     feedback: Feedback = Feedback()
     judge: JudgeThresholds = JudgeThresholds()
+    optimization: OptimizationSettings = OptimizationSettings()
 
 
 @dataclass(frozen=True)
@@ -191,6 +229,8 @@ class TaskSpec:
     # ``guardrails.yaml`` (defaults when the folder has none) and its version (a digest)
     guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
     guardrails_version: str = field(default_factory=lambda: guardrails_version(GuardrailConfig()))
+    constrained: bool = True
+    optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     @property
     def schema(self) -> dict[str, Any]:
@@ -344,6 +384,8 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         judge=cfg.judge,
         guardrails=guardrails,
         guardrails_version=guardrails_version(guardrails),
+        constrained=cfg.generation.constrained,
+        optimization=cfg.optimization,
     )
 
 
