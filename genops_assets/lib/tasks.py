@@ -110,6 +110,7 @@ class PromptFiles(_Section):
 
 class Generation(_Section):
     max_new_tokens: int = Field(128, gt=0)
+    constrained: bool = Field(True, description="Decode within the output schema (evaluation and serving)")
 
 
 class Feedback(_Section):
@@ -185,6 +186,7 @@ class TaskSpec:
     splits: Splits
     max_new_tokens: int
     template_files: dict[str, str] = field(default_factory=dict)
+    constrained: bool = True  # answers decoded within output_schema (generation.constrained)
     contexts: ContextFields | None = None
     feedback: Feedback = field(default_factory=Feedback)
     judge: JudgeThresholds = field(default_factory=JudgeThresholds)
@@ -339,6 +341,7 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         splits=splits,
         max_new_tokens=cfg.generation.max_new_tokens,
         template_files=template_files,
+        constrained=cfg.generation.constrained,
         contexts=contexts,
         feedback=cfg.feedback,
         judge=cfg.judge,

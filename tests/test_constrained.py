@@ -1,0 +1,155 @@
+"""Schema-constrained decoding: the matcher and its mask, the compile cache, both engines on the
+tiny model (every answer parses and validates), and the endpoint's structured-output fields
+(OpenAI ``response_format``, vLLM ``guided_json``) through a real server process."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+TRIAGE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["category", "priority", "urgent"],
+    "properties": {
+        "category": {"type": "string", "enum": ["billing", "technical_issue", "shipping"]},
+        "priority": {"type": "string", "enum": ["low", "medium", "high"]},
+        "urgent": {"type": "boolean"},
+    },
+}
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+MSGS = [
+    [{"role": "user", "content": "My doorbell stopped ringing after the update."}],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Where is my parcel?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _allowed(compiled_matcher, vocab: int):
+    import torch
+
+    from genops_assets.lib.constrained import mask_logits
+
+    logits = torch.zeros(1, vocab + 7)  # the model's padding columns past the vocabulary too
+    mask_logits(logits, [compiled_matcher])
+    return logits[0] == 0
+
+
+def test_mask_allows_exactly_the_schema_and_then_only_the_end_of_turn(tok):
+    from genops_assets.lib.constrained import compile_schema
+
+    compiled = compile_schema(tok, TRIAGE, "TRIAGE")
+    matcher = compiled.matcher()
+    answer = '\n{"category": "shipping", "priority": "low", "urgent": true}'
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    for i, token in enumerate(ids):
+        allowed = _allowed(matcher, len(tok))
+        assert allowed[token], f"token {i} ({tok.decode([token])!r}) of a valid answer was masked"
+        assert not allowed[len(tok):].any(), "padding columns past the vocabulary must stay masked"
+        assert not allowed[tok.eos_token_id], "the end of turn is allowed only once the JSON is complete"
+        assert not matcher.complete
+        matcher.advance(token)
+    assert matcher.complete
+    allowed = _allowed(matcher, len(tok))
+    assert allowed.nonzero().flatten().tolist() == [tok.eos_token_id]
+
+    # Off-schema continuations are masked: an unknown key, a value outside the enum.
+    for bad in ('{"colour', '{"category": "refund'):
+        m = compiled.matcher()
+        prefix = tok(bad, add_special_tokens=False)["input_ids"]
+        blocked = False
+        for token in prefix:
+            if not _allowed(m, len(tok))[token]:
+                blocked = True
+                break
+            m.advance(token)
+        assert blocked, f"{bad!r} must leave the schema's grammar"
+    with pytest.raises(RuntimeError, match="outside the schema"):
+        compiled.matcher().advance(tok("hello", add_special_tokens=False)["input_ids"][0])
+
+
+def test_compiled_once_per_tokenizer_and_schema(tok, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from genops_assets.lib.constrained import ANY_JSON_OBJECT, compile_schema, llg_tokenizer
+
+    first = compile_schema(tok, TRIAGE)
+    assert compile_schema(tok, json.loads(json.dumps(TRIAGE))) is first  # by content, not identity
+    other = compile_schema(tok, ANY_JSON_OBJECT)
+    assert other is not first and other.digest != first.digest
+    assert llg_tokenizer(tok) is first.llg_tokenizer
+    tok2 = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert compile_schema(tok2, TRIAGE) is not first and llg_tokenizer(tok2) is not llg_tokenizer(tok)
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "objectx"}, "Invalid type"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}, "does not exist"),
+    (["not", "a", "schema"], "must be an object"),
+])
+def test_a_schema_llguidance_refuses_names_its_source(tok, schema, message):
+    from genops_assets.lib.constrained import SchemaError, compile_schema
+
+    with pytest.raises(SchemaError, match=rf"^tasks/x/output_schema\.json: .*{message}"):
+        compile_schema(tok, schema, "tasks/x/output_schema.json")
+
+
+def _valid(text: str, schema) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir, tiny_adapter_dir):
+    from genops_assets.serving.adapters import load_model
+
+    return load_model(tiny_model_dir, {"cand": tiny_adapter_dir})
+
+
+def test_static_engine_answers_valid_json_per_row_and_leaves_free_rows_alone(loaded):
+    from genops_assets.serving.generation import generate
+
+    free = generate(loaded, MSGS, adapter="cand", max_new_tokens=160, batch_size=3)
+    assert not any(_valid(r.text, TRIAGE) for r in free), "the random model must not answer the schema by itself"
+    held = generate(loaded, MSGS, adapter="cand", max_new_tokens=160, batch_size=3, json_schema=TRIAGE)
+    for r in held:
+        assert _valid(r.text, TRIAGE), r.text
+        assert r.finish_reason == "stop"
+    # Per row: the middle row is free and answers exactly as without any schema.
+    mixed = generate(loaded, MSGS, adapter="cand", max_new_tokens=160, batch_size=3,
+                     json_schema=[TRIAGE, None, FLAG])
+    assert mixed[0].text == held[0].text
+    assert mixed[1].text == free[1].text and not _valid(mixed[1].text, {"type": "object"})
+    assert _valid(mixed[2].text, FLAG)
+    with pytest.raises(ValueError, match="2 entries for 3 conversations"):
+        generate(loaded, MSGS, max_new_tokens=4, json_schema=[TRIAGE, None])
+
+
+def test_continuous_engine_holds_each_row_to_its_schema_as_the_static_one(loaded):
+    from genops_assets.serving.decode import DecodeBatch
+    from genops_assets.serving.generation import generate
+
+    static = generate(loaded, MSGS, adapter="cand", max_new_tokens=160, batch_size=3,
+                      json_schema=[TRIAGE, None, TRIAGE])
+    batch = DecodeBatch(loaded, "cand")
+    n = len(MSGS)
+    done = dict(batch.admit(list(range(n)), MSGS, max_new_tokens=[160] * n, temperature=[0.0] * n, top_p=[1.0] * n,
+                            stop=[()] * n, seeds=[None] * n, sinks=[None] * n,
+                            json_schemas=[TRIAGE, None, TRIAGE]))
+    while len(batch):
+        done.update(dict(batch.step()))
+    batch.close()
+    assert [done[i].text for i in range(n)] == [r.text for r in static]
+    assert _valid(done[0].text, TRIAGE) and _valid(done[2].text, TRIAGE)
