@@ -109,8 +109,8 @@ def compile_schema(tokenizer, schema: Mapping[str, Any], where: str = "json_sche
     # Whitespace before the object is allowed too: a model that opens its answer with a newline
     # keeps its own greedy path (answers are stripped afterwards).
     options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
-    grammar = LLMatcher.grammar_from_lark(
-        "start: LEAD? answer\nLEAD: /[ \\t\\r\\n]{1,8}/\nanswer: %json " + json.dumps({**schema, "x-guidance": options}))
+    lark = "start: LEAD? answer\nLEAD: /[ \\t\\r\\n]{1,8}/\nanswer: %json "
+    grammar = LLMatcher.grammar_from_lark(lark + json.dumps({**schema, "x-guidance": options}))
     compiled = CompiledSchema(grammar, digest, where, llg_tokenizer(tokenizer), int(tokenizer.eos_token_id))
     with _LOCK:
         _GRAMMARS.setdefault(tokenizer, {})[digest] = compiled
