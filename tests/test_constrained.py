@@ -5,6 +5,7 @@ tiny model (every answer parses and validates), and the endpoint's structured-ou
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -153,3 +154,99 @@ def test_continuous_engine_holds_each_row_to_its_schema_as_the_static_one(loaded
     batch.close()
     assert [done[i].text for i in range(n)] == [r.text for r in static]
     assert _valid(done[0].text, TRIAGE) and _valid(done[2].text, TRIAGE)
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory, tiny_model_dir, tiny_adapter_dir):
+    """A real server on the tiny model serving task ``support_triage`` (prompt published with an
+    output schema: the task decodes constrained) and task ``free`` (prompt without one)."""
+    from dataclasses import asdict
+
+    from graph_support import free_port
+
+    from genops_assets.lib.prompts import PromptTemplate
+    from resources.endpoint import LocalEndpoint
+
+    root = tmp_path_factory.mktemp("constrained-endpoint")
+    ep = LocalEndpoint(state_dir=str(root / "endpoint"), port=free_port(), ready_timeout_s=240)
+    template = asdict(PromptTemplate("Triage the message.", "Message: {message}", "message", 160))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GENOPS_API_KEYS", "")
+        ep.publish_prompt("support_triage", {"name": "p", "version": 1, "template": template, "output_schema": TRIAGE})
+        ep.publish_prompt("free", {"name": "q", "version": 1, "template": template, "output_schema": None})
+        ep.deploy(str(tiny_model_dir), "support_triage", "champion", str(tiny_adapter_dir), "1")
+        ep.deploy(str(tiny_model_dir), "free", "champion", str(tiny_adapter_dir), "1")
+    try:
+        yield ep
+    finally:
+        ep.stop()
+
+
+def _client(ep):
+    from openai import OpenAI
+
+    return OpenAI(base_url=ep.url, api_key="none", max_retries=0, timeout=120)
+
+
+ASK = [{"role": "user", "content": "My doorbell stopped ringing after the update."}]
+
+
+@pytest.mark.server
+def test_response_format_and_guided_json_through_the_endpoint(endpoint):
+    client = _client(endpoint)
+    named = {"type": "json_schema", "json_schema": {"name": "triage", "schema": TRIAGE, "strict": True}}
+    free = client.chat.completions.create(model="free", messages=ASK, max_tokens=160)
+    assert not free.choices[0].message.content.lstrip().startswith("{"), "the free answer must not be JSON already"
+    for kwargs in ({"response_format": named}, {"extra_body": {"guided_json": TRIAGE}},
+                   {"extra_body": {"guided_json": json.dumps(TRIAGE)}}):
+        r = client.chat.completions.create(model="free", messages=ASK, max_tokens=160, **kwargs)
+        assert _valid(r.choices[0].message.content, TRIAGE), (kwargs, r.choices[0].message.content)
+        assert r.choices[0].finish_reason == "stop"
+    # json_object: any object (the random model rarely closes free-form keys, so the opening is checked)
+    r = client.chat.completions.create(model="free", messages=ASK, max_tokens=8,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.lstrip().startswith("{")
+    # streaming goes through the same mask
+    chunks = client.chat.completions.create(model="free", messages=ASK, max_tokens=160, response_format=named,
+                                            stream=True)
+    assert _valid("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), TRIAGE)
+
+
+@pytest.mark.server
+def test_a_task_that_decodes_constrained_gets_its_schema_unless_the_request_asks_otherwise(endpoint):
+    client = _client(endpoint)
+    r = client.chat.completions.create(model="support_triage", messages=[], max_tokens=160,
+                                       extra_body={"prompt_variables": {"message": "Where is my parcel?"}})
+    assert _valid(r.choices[0].message.content, TRIAGE)
+    r = client.chat.completions.create(model="support_triage", messages=ASK, max_tokens=160)
+    assert _valid(r.choices[0].message.content, TRIAGE)
+    r = client.chat.completions.create(model="support_triage", messages=ASK, max_tokens=160,
+                                       response_format={"type": "text"})
+    assert not _valid(r.choices[0].message.content, TRIAGE)
+    r = client.chat.completions.create(model="support_triage", messages=ASK, max_tokens=160,
+                                       extra_body={"guided_json": FLAG})
+    assert _valid(r.choices[0].message.content, FLAG)
+    log = [json.loads(line) for line in (Path(endpoint.state_dir) / "requests.jsonl").read_text().splitlines()]
+    assert [e["constrained"] for e in log if e.get("task") == "support_triage"][-4:] == [True, True, False, True]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("body, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     "response_format.json_schema.schema", "Invalid type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema", "is required"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+    ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+    ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}, "guided_json", "does not exist"),
+    ({"guided_json": TRIAGE, "response_format": {"type": "json_object"}}, "guided_json", "not both"),
+    ({"guided_choice": ["a", "b"], "response_format": {"type": "json_object"}}, "response_format", "guided_choice"),
+])
+def test_a_bad_structured_output_request_is_a_400_naming_the_field(endpoint, body, param, message):
+    import httpx
+
+    resp = httpx.post(f"{endpoint.url}/chat/completions", timeout=60,
+                      json={"model": "free", "messages": ASK, "max_tokens": 4, **body})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and message in error["message"], error
