@@ -250,3 +250,57 @@ def test_a_bad_structured_output_request_is_a_400_naming_the_field(endpoint, bod
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and message in error["message"], error
+
+
+def test_evaluation_follows_the_task_setting_and_caches_each_way_apart(tmp_path):
+    import dataclasses
+
+    from genops_assets.lib.cache import CallCache
+    from genops_assets.lib.evaluation import EvalExample, evaluate_model
+    from genops_assets.lib.tasks import load_task
+    from genops_assets.serving.generation import GenerationResult
+
+    spec = load_task("tasks", "support_triage")
+    assert spec.constrained is True  # the default
+    answer = {"category": "shipping", "priority": "low", "product": "none", "summary": "Where is my parcel now?"}
+    examples = [EvalExample(f"e{i}", f"Where is my parcel {i}?", answer) for i in range(3)]
+    asked = []
+
+    def engine(batch, max_new_tokens, json_schema):
+        asked.append(json_schema)
+        text = json.dumps(answer) if json_schema is not None else "parcel?"
+        return [GenerationResult(text, 10, 5, 0.25, "stop") for _ in batch]
+
+    cache = CallCache(tmp_path / "calls.sqlite")
+    held = evaluate_model(None, None, "m", "digest", spec, examples, [], cache, log=lambda _: None, engine=engine)
+    assert asked == [spec.schema] and held.constrained and held.metrics["valid_json_rate"] == 1.0
+    free = evaluate_model(None, None, "m", "digest", spec, examples, [], cache, log=lambda _: None, engine=engine,
+                          constrained=False)
+    assert asked == [spec.schema, None] and not free.constrained and free.metrics["valid_json_rate"] == 0.0
+    again = evaluate_model(None, None, "m", "digest", spec, examples, [], cache, log=lambda _: None, engine=engine)
+    assert again.cached and again.metrics == held.metrics and len(asked) == 2
+    off = dataclasses.replace(spec, constrained=False)  # generation.constrained: false
+    assert evaluate_model(None, None, "m", "digest", off, examples, [], cache, log=lambda _: None,
+                          engine=engine).metrics == free.metrics and len(asked) == 2
+
+
+def test_decoding_comparison_shows_both_ways_and_never_invents_a_metric():
+    from genops_assets.lib.eval_report import DecodingComparison
+    from genops_assets.lib.evaluation import ModelEval
+
+    metrics = {"valid_json_rate": 1.0, "mean_field_exact_match": 0.5, "overall_exact_match": 0.25,
+               "latency_p50_s": 1.5}
+    comp = DecodingComparison(True, {"constrained": ModelEval("a", "d", metrics),
+                                     "unconstrained": ModelEval("b", "d", {**metrics, "valid_json_rate": 0.75})},
+                              "overall_exact_match")
+    assert comp.metrics == ("valid_json_rate", "mean_field_exact_match", "overall_exact_match", "latency_p50_s")
+    assert comp.mlflow_metrics()["unconstrained/valid_json_rate"] == 0.75
+    assert comp.mlflow_metrics()["constrained/latency_p50_s"] == 1.5
+    assert [(r["decoding"], r["task_setting"]) for r in comp.rows()] == [("constrained", True),
+                                                                         ("unconstrained", False)]
+    _title, md, html = comp.section()
+    assert "| constrained (task setting) | 1.000 | 0.500 | 0.250 | 1.500 |" in md and "<table>" in html
+    broken = DecodingComparison(True, {"constrained": ModelEval("a", "d", {"valid_json_rate": 1.0})},
+                                "mean_field_exact_match")
+    with pytest.raises(KeyError, match="constrained evaluation has no 'mean_field_exact_match'"):
+        broken.rows()
