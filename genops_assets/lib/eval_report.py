@@ -162,6 +162,66 @@ def promotion_gate(evaluation: GoldenEvaluation, reference: RegisteredAdapter | 
                          baseline.scores), role
 
 
+DECODING_METRICS = ("valid_json_rate", "mean_field_exact_match", "latency_p50_s")
+"""What the constrained / unconstrained comparison shows (with the task's primary metric)."""
+
+
+@dataclass(frozen=True)
+class DecodingComparison:
+    """The candidate with the task's output schema enforced and without, on the same golden
+    examples and prompt: what constraining buys on valid JSON, field exact match and latency.
+    The gate and serving parity use the task's own setting (``setting``)."""
+
+    setting: bool  # the task's generation.constrained
+    evals: dict[str, ModelEval]  # "constrained" / "unconstrained"
+    primary_metric: str
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*DECODING_METRICS[:2], self.primary_metric, DECODING_METRICS[2])))
+
+    def value(self, way: str, metric: str) -> float:
+        ev = self.evals[way]
+        if metric not in ev.metrics:
+            raise KeyError(f"{way} evaluation has no '{metric}' (have: {sorted(ev.metrics)})")
+        return float(ev.metrics[metric])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per way of decoding, for the Dagster metadata table and the asset's value."""
+        return [{"decoding": way, "task_setting": (way == "constrained") == self.setting,
+                 **{m: self.value(way, m) for m in self.metrics}} for way in self.evals]
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        return {f"{way}/{m}": self.value(way, m) for way in self.evals for m in self.metrics}
+
+    def section(self) -> tuple[str, str, str]:
+        """(title, markdown, html) of the comparison for the report."""
+        from markupsafe import escape
+
+        header = ["decoding", *self.metrics]
+        cells = [[f"{r['decoding']}{' (task setting)' if r['task_setting'] else ''}",
+                  *(f"{r[m]:.3f}" for m in self.metrics)] for r in self.rows()]
+        md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                         *("| " + " | ".join(c) + " |" for c in cells)])
+        html = ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+                + "</table>")
+        return "Decoding within the output schema, and without", md, html
+
+
+def compare_decoding(model: Callable[[], Any], setup: GoldenSetup, cache: CallCache, log,
+                     candidate: ModelEval) -> DecodingComparison:
+    """The candidate evaluated the other way too (unconstrained when the task decodes within its
+    output schema, constrained otherwise), beside its evaluation with the task's setting."""
+    spec = setup.spec
+    other_way = not spec.constrained
+    label = f"v{setup.candidate_version} ({'constrained' if other_way else 'unconstrained'})"
+    other = evaluate_model(model, "candidate", label, setup.candidate_digest, spec, setup.examples, [], cache,
+                           setup.batch_size, log, prompt=setup.prompt, constrained=other_way)
+    evals = {"constrained": other if other_way else candidate, "unconstrained": candidate if other_way else other}
+    return DecodingComparison(spec.constrained, evals, spec.primary_metric)
+
+
 @dataclass(frozen=True)
 class PromptComparison:
     evaluation: ModelEval  # the candidate adapter with the candidate prompt

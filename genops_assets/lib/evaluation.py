@@ -7,11 +7,12 @@ unchanged model is never asked twice for the same golden set.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from genops_assets.lib.cache import CallCache, cache_key
+from genops_assets.lib.constrained import schema_digest
 from genops_assets.lib.formatting import build_messages
 from genops_assets.lib.metrics import ExampleScore, aggregate, per_example, score_example
 from genops_assets.lib.prompts import PromptTemplate
@@ -58,6 +59,7 @@ class ModelEval:
     model_calls: int = 0
     # 95% bootstrap intervals of metrics that are means of per-row scores (as Interval.as_dict())
     intervals: dict[str, dict[str, float]] = field(default_factory=dict)
+    constrained: bool = False  # answers decoded within the task's output schema
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,19 @@ def evaluate_model(
     log=print,
     prompt: PromptTemplate | None = None,
     shots_per_example: Sequence[Sequence[tuple[str, Mapping[str, Any]]]] | None = None,
+    *,
+    constrained: bool | None = None,
+    engine: Callable[..., list] | None = None,
 ) -> ModelEval:
     """Generate answers for every example (each read from the cache when already made) and score them.
 
     Only the examples missing from the cache reach the model, so a re-run of an unchanged
     evaluation makes no model call and a failed run resumes where it stopped.
+
+    ``constrained`` (None: the task's ``generation.constrained``) decodes within the task's
+    output schema; the cache key says which way an answer was made. ``engine(messages_batch,
+    max_new_tokens, json_schema)`` generates greedily on another engine (a llama.cpp server);
+    None is genops' own engine on ``loaded`` with ``adapter``.
     """
     from genops_assets.serving.generation import generate
 
@@ -109,7 +119,11 @@ def evaluate_model(
     messages = [build_messages(task, ex.input_text, shots_per_example[i] if shots_per_example is not None else shots,
                                prompt, ex.contexts) for i, ex in enumerate(examples)]
     max_new_tokens = prompt.max_new_tokens if prompt else task.max_new_tokens
-    decoding = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    decoding: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    constrained = task.constrained if constrained is None else constrained
+    json_schema = task.schema if constrained else None
+    if json_schema is not None:  # unconstrained answers keep their historical keys
+        decoding["json_schema"] = schema_digest(json_schema)
     keys = [generation_key(model_digest, m, decoding) for m in messages]
     texts: list[str | None] = [None] * len(messages)
     latencies = [0.0] * len(messages)
@@ -122,14 +136,18 @@ def evaluate_model(
         f"{len(missing)} to generate")
     calls = 0
     if missing:
-        if callable(loaded):  # loaded lazily: a fully cached evaluation never loads the model
-            loaded = loaded()
+        if engine is None:
+            if callable(loaded):  # loaded lazily: a fully cached evaluation never loads the model
+                loaded = loaded()
+
+            def engine(batch, max_new_tokens, json_schema):
+                return generate(loaded, batch, adapter=adapter, max_new_tokens=max_new_tokens, temperature=0.0,
+                                batch_size=batch_size, json_schema=json_schema)
         # Sort by prompt length so each batch pads little; results go back to their rows.
         order = sorted(missing, key=lambda i: len(examples[i].input_text))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            results = generate(loaded, [messages[i] for i in idx], adapter=adapter,
-                               max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+            results = engine([messages[i] for i in idx], max_new_tokens, json_schema)
             calls += 1
             for i, r in zip(idx, results, strict=True):
                 texts[i], latencies[i] = r.text, r.latency_s
@@ -156,7 +174,7 @@ def evaluate_model(
         for ex, text, s, lat in zip(examples, final, scores, latencies, strict=True)
     ]
     return ModelEval(name, model_digest, metrics, predictions, cached=not missing, scores=scores,
-                     model_calls=calls)
+                     model_calls=calls, constrained=constrained)
 
 
 def gate_decision(

@@ -223,6 +223,7 @@ class TaskSpec:
     splits: Splits
     max_new_tokens: int
     template_files: dict[str, str] = field(default_factory=dict)
+    constrained: bool = True  # answers decoded within output_schema (generation.constrained)
     contexts: ContextFields | None = None
     feedback: Feedback = field(default_factory=Feedback)
     judge: JudgeThresholds = field(default_factory=JudgeThresholds)
@@ -379,6 +380,7 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         splits=splits,
         max_new_tokens=cfg.generation.max_new_tokens,
         template_files=template_files,
+        constrained=cfg.generation.constrained,
         contexts=contexts,
         feedback=cfg.feedback,
         judge=cfg.judge,

@@ -73,6 +73,7 @@ from genops_assets.serving.protocol import (
     ModelName,
     ModelNameError,
     ReloadRequest,
+    SchemaRequestError,
     choice_logprobs,
     usage,
 )
@@ -181,6 +182,7 @@ class Prepared:
     route: Route
     guard: Guardrails
     system_prompt: str | None  # what the output check guards against leaking
+    json_schema: dict[str, Any] | None = None  # the answer is JSON this schema accepts (None: free)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -375,6 +377,12 @@ class ChatService:
             return self.fail(400, f"The messages have {prompt_tokens} tokens, over this endpoint's limit of "
                                   f"{settings.max_input_tokens} input tokens; shorten them", param="messages",
                              code="context_length_exceeded")
+        try:  # structured output: asked by the request, else the task's schema when it decodes constrained
+            json_schema = req.json_schema(self.router.prompts.output_schema(task) if task is not None else None)
+        except SchemaRequestError as exc:
+            return self.fail(400, str(exc), param=exc.param)
+        except ValueError as exc:
+            return self.fail(500, f"task '{task}': {exc}")
         if req.guided_choice:
             job = Job("choice", messages, adapter, choices=tuple(req.guided_choice))
         else:
@@ -393,7 +401,7 @@ class ChatService:
                                       f"the messages or lower {limit_param}", param=limit_param,
                                  code="context_length_exceeded")
             job = Job("generate", messages, adapter, max_new_tokens=max_tokens, temperature=req.temperature,
-                      top_p=req.top_p, stop=tuple(stop), seed=req.seed)
+                      top_p=req.top_p, stop=tuple(stop), seed=req.seed, json_schema=json_schema)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         entry = {"request_id": request_id, "task": task, "model": route.asked.served,
                  "served_by": route.served.served, "version": route.version,
@@ -406,7 +414,9 @@ class ChatService:
                  "guardrails_version": guard.version, "guardrail_ms": {"input": round(input_verdict.latency_ms, 3)},
                  # the input checks changed what the model saw (normalised or redacted)
                  "guardrails_input_changed": input_verdict.changed}
-        return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry, route, guard, system_prompt)
+        entry["constrained"] = json_schema is not None
+        return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry, route, guard, system_prompt,
+                        json_schema)
 
     async def run(self, p: Prepared, request: Request) -> dict[str, Any] | JSONResponse:
         """The whole answer at once; 504 past the request timeout, 499 when the client leaves."""

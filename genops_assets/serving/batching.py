@@ -45,6 +45,7 @@ class Job:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     choices: tuple[str, ...] = ()
+    json_schema: dict | None = None  # answer JSON this schema accepts (lib.constrained); None: free
     # Streaming: called in the batcher thread with each token (None: end of turn) and the finish
     # reason on the last step; returning True ends this request's row. Must be quick.
     on_token: TokenCallback | None = None
@@ -215,7 +216,8 @@ class Batcher:
             done = batch.admit(jobs, [j.messages for j in jobs], max_new_tokens=[j.max_new_tokens for j in jobs],
                                temperature=[j.temperature for j in jobs], top_p=[j.top_p for j in jobs],
                                stop=[j.stop for j in jobs], seeds=[j.seed for j in jobs],
-                               sinks=[self._row_hook(j) for j in jobs])
+                               sinks=[self._row_hook(j) for j in jobs],
+                               json_schemas=[j.json_schema for j in jobs])
         except Exception as exc:
             self._fail(jobs, exc)
             return
@@ -310,7 +312,8 @@ class Batcher:
                 results = generate(self.loaded, [j.messages for j in jobs], adapter=head.adapter,
                                    max_new_tokens=head.max_new_tokens, temperature=head.temperature,
                                    top_p=head.top_p, stop=list(head.stop), batch_size=len(jobs), seed=head.seed,
-                                   token_sinks=[self._row_hook(j) for j in jobs])
+                                   token_sinks=[self._row_hook(j) for j in jobs],
+                                   json_schema=[j.json_schema for j in jobs])
         except Exception as exc:
             for j in jobs:
                 self._release(j)

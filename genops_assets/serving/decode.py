@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ class _Row:
     generator: Any  # torch.Generator for sampled rows
     started: float
     tokens: list[int] = field(default_factory=list)
+    matcher: Any = None  # lib.constrained.RowMatcher of a row held to a JSON schema
 
 
 class DecodeBatch:
@@ -77,12 +78,17 @@ class DecodeBatch:
 
     def admit(self, keys: Sequence[Any], conversations: Sequence[Messages], *, max_new_tokens: Sequence[int],
               temperature: Sequence[float], top_p: Sequence[float], stop: Sequence[Sequence[str]],
-              seeds: Sequence[int | None], sinks: Sequence[TokenSink | None]) -> list[tuple[Any, GenerationResult]]:
+              seeds: Sequence[int | None], sinks: Sequence[TokenSink | None],
+              json_schemas: Sequence[Mapping[str, Any] | None] | None = None) -> list[tuple[Any, GenerationResult]]:
         """Prefill ``conversations`` and add them to the batch. Returns those already finished
-        by their first token (end of turn, a one-token limit, or their sink stopping them)."""
+        by their first token (end of turn, a one-token limit, or their sink stopping them).
+        ``json_schemas`` (one per conversation, None: free) holds rows to JSON their schema accepts."""
         import torch
 
+        from genops_assets.lib.constrained import schemas_for
+
         loaded, tok = self.loaded, self.loaded.tokenizer
+        schemas = schemas_for(tok, list(json_schemas) if json_schemas is not None else None, len(keys))
         prompts = [encode(tok, m) for m in conversations]
         now = time.perf_counter()
         rows = []
@@ -92,7 +98,8 @@ class DecodeBatch:
                 gen = torch.Generator(device=loaded.device)
                 gen.manual_seed(seeds[i] if seeds[i] is not None else int.from_bytes(os.urandom(8), "little") >> 1)
             rows.append(_Row(key, len(prompts[i]), sinks[i], max(1, int(max_new_tokens[i])), float(temperature[i]),
-                             float(top_p[i]), tuple(s for s in stop[i] if s), gen, now))
+                             float(top_p[i]), tuple(s for s in stop[i] if s), gen, now,
+                             matcher=schemas[i].matcher() if schemas[i] is not None else None))
         with selected(loaded, self.adapter, self.internal) as model:
             shared, cache = start_cache(loaded, model, self.internal, prompts)
             input_ids, mask = left_pad(prompts, tok.pad_token_id, shared)
@@ -148,7 +155,12 @@ class DecodeBatch:
         """Pick each row's next token from ``logits`` (rows ``first``.. of the batch), feed
         the sinks, and drop the rows that ended."""
 
+        from genops_assets.lib.constrained import mask_logits
+
         rows = self.rows[first:]
+        if any(row.matcher is not None for row in rows):
+            logits = logits.clone()  # the forward pass's output is an inference tensor (read-only)
+            mask_logits(logits, [row.matcher for row in rows])
         chosen = logits.argmax(dim=-1)
         for r, row in enumerate(rows):
             if row.temperature > 0:
@@ -162,7 +174,11 @@ class DecodeBatch:
                 finish = "stop"
             else:
                 row.tokens.append(token)
-                if len(row.tokens) >= row.max_new_tokens:
+                if row.matcher is not None:
+                    row.matcher.advance(token)
+                if row.matcher is not None and row.matcher.complete:
+                    finish = "stop"  # the JSON is complete: only the end of turn could follow
+                elif len(row.tokens) >= row.max_new_tokens:
                     finish = "length"
             if row.sink is not None and row.sink(None if token == end_id else token, finish) and finish is None:
                 finish = "stop"

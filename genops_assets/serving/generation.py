@@ -5,7 +5,7 @@ Continuous batching, where conversations join and leave a running batch, is ``de
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +42,13 @@ def generate(
     batch_size: int = 8,
     seed: int | None = None,
     token_sinks: Sequence[TokenSink | None] | None = None,
+    json_schema: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[GenerationResult]:
     """Answer each conversation; greedy when ``temperature`` is 0. ``adapter=None`` is the base.
+
+    ``json_schema`` constrains the answers to JSON that the schema accepts (``lib.constrained``):
+    one schema for every conversation, or a list with one schema (or None: unconstrained) per
+    conversation. Unconstrained rows are decoded exactly as without it.
 
     ``token_sinks`` (one per conversation, ``None`` for none) receive each token as it is
     decoded; a conversation whose sink asks to stop ends there (its result holds the tokens
@@ -51,12 +56,16 @@ def generate(
     loaded.internal_name(adapter)  # a clear error for an adapter that is not loaded
     if token_sinks is not None and len(token_sinks) != len(messages_batch):
         raise ValueError(f"token_sinks has {len(token_sinks)} entries for {len(messages_batch)} conversations")
+    from genops_assets.lib.constrained import schemas_for
+
+    schemas = schemas_for(loaded.tokenizer, json_schema, len(messages_batch))
     results: list[GenerationResult] = []
     step = max(1, batch_size)
     for start in range(0, len(messages_batch), step):
         sinks = None if token_sinks is None else list(token_sinks[start : start + step])
         results.extend(_generate_batch(loaded, messages_batch[start : start + step], adapter,
-                                       max_new_tokens, temperature, top_p, list(stop or []), seed, sinks))
+                                       max_new_tokens, temperature, top_p, list(stop or []), seed, sinks,
+                                       schemas[start : start + step]))
     return results
 
 
@@ -96,7 +105,36 @@ def _row_hooks(sinks: Sequence[TokenSink | None], prompt_len: int, end_id: int, 
     return RowHooks()
 
 
-def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, stop, seed, sinks=None):
+def _schema_mask(schemas, prompt_len: int, end_id: int, hooks):
+    """A logits processor that keeps each constrained row inside its schema: it feeds the row's
+    matcher the token chosen at the previous step, then masks the row's next-token logits.
+    Rows that ended (end of turn, stopped by their sink) are left alone."""
+    from transformers import LogitsProcessor
+
+    from genops_assets.lib.constrained import mask_logits
+
+    class SchemaMask(LogitsProcessor):
+        def __init__(self):
+            self.matchers = [s.matcher() if s is not None else None for s in schemas]
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > prompt_len:
+                for r, token in enumerate(input_ids[:, -1].tolist()):
+                    m = self.matchers[r]
+                    if m is None:
+                        continue
+                    if token == end_id or (hooks is not None and hooks.stopped_at[r] is not None):
+                        self.matchers[r] = None  # the row ended: padding follows
+                    else:
+                        m.advance(token)
+            mask_logits(scores, self.matchers)
+            return scores
+
+    return SchemaMask()
+
+
+def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, stop, seed, sinks=None,
+                    schemas=None):
     import torch
 
     tok = loaded.tokenizer
@@ -122,6 +160,11 @@ def _generate_batch(loaded, batch, adapter, max_new_tokens, temperature, top_p, 
 
         hooks = _row_hooks(sinks, prompt_len, tok.eos_token_id, max_new_tokens)
         kwargs["stopping_criteria"] = StoppingCriteriaList([hooks])
+    if schemas and any(s is not None for s in schemas):
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([_schema_mask(schemas, prompt_len, tok.eos_token_id,
+                                                                       hooks)])
     with selected(loaded, adapter) as model:
         started = time.perf_counter()
         if shared:

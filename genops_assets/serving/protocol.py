@@ -9,11 +9,12 @@ of the task's judge model, served while it is being certified)."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 BASE_NAME = "base"
 """The served name of the base model alone (every adapter disabled)."""
@@ -106,6 +107,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: a named schema the answer must follow."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON that a schema accepts."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SchemaRequestError(ValueError):
+    """A structured-output request that cannot be served; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class ChatRequest(BaseModel):
     model: str
     messages: list[ChatMessage] = Field(default_factory=list)
@@ -123,12 +150,54 @@ class ChatRequest(BaseModel):
     user: str | None = None
     # vLLM's structured-output extension: the answer is one of these strings (judges use it).
     guided_choice: list[str] | None = Field(None, min_length=1, max_length=32)
+    # Structured output: OpenAI's response_format, or vLLM's guided_json (a schema, or its JSON text).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=32)
 
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def json_schema(self, task_schema: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow (None: free text), checked by llguidance.
+
+        ``response_format`` or ``guided_json`` choose it; ``json_object`` is any JSON object. A
+        request that sets neither gets ``task_schema`` (a task whose answers are held to its
+        output schema); ``{"type": "text"}`` asks for free text explicitly. SchemaRequestError
+        names the field that is wrong."""
+        from genops_assets.lib.constrained import ANY_JSON_OBJECT, SchemaError, check_schema
+
+        fmt, guided = self.response_format, self.guided_json
+        if fmt is not None and fmt.type != "text" and guided is not None:
+            raise SchemaRequestError("send either response_format or guided_json, not both", "guided_json")
+        if self.guided_choice and (guided is not None or (fmt is not None and fmt.type != "text")):
+            raise SchemaRequestError("guided_choice cannot be combined with a JSON response format",
+                                     "response_format" if guided is None else "guided_json")
+        if guided is not None:
+            schema, where = guided, "guided_json"
+            if isinstance(guided, str):
+                try:
+                    schema = json.loads(guided)
+                except ValueError as exc:
+                    raise SchemaRequestError(f"guided_json: not valid JSON: {exc}", where) from None
+        elif fmt is None:
+            return None if self.guided_choice else task_schema
+        elif fmt.type == "text":
+            return None
+        elif fmt.type == "json_object":
+            return dict(ANY_JSON_OBJECT)
+        else:
+            where = "response_format.json_schema.schema"
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise SchemaRequestError(f"{where} is required with response_format type 'json_schema'", where)
+            schema = fmt.json_schema.schema_
+        try:
+            check_schema(schema, where)
+        except SchemaError as exc:
+            raise SchemaRequestError(str(exc), where) from None
+        return schema
 
 
 class ReloadRequest(BaseModel):

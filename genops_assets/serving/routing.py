@@ -48,7 +48,7 @@ class DeployedPrompts:
 
     def __init__(self, state_dir: Path):
         self.folder = Path(state_dir) / PROMPTS_DIR
-        self._cache: dict[str, tuple[int, str, Any]] = {}
+        self._cache: dict[str, tuple[int, str, Any, Any]] = {}
 
     def current(self, task: str):
         """(version, template) of ``task``'s deployed prompt, or None when none is deployed."""
@@ -63,11 +63,21 @@ class DeployedPrompts:
         if cached is None or cached[0] != mtime:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                cached = (mtime, str(data["version"]), PromptTemplate(**data["template"]))
+                cached = (mtime, str(data["version"]), PromptTemplate(**data["template"]), data.get("output_schema"))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}: not a deployed prompt ({exc})") from exc
             self._cache[task] = cached
         return cached[1], cached[2]
+
+    def output_schema(self, task: str) -> dict[str, Any] | None:
+        """The JSON schema ``task``'s answers are held to (published with its prompt when the
+        task decodes constrained), or None."""
+        if self.current(task) is None:
+            return None
+        schema = self._cache[task][3]
+        if schema is not None and not isinstance(schema, dict):
+            raise ValueError(f"{self.folder / f'{task}.json'}: output_schema must be a JSON object")
+        return schema
 
     def tasks(self) -> list[str]:
         return sorted(p.stem for p in self.folder.glob("*.json")) if self.folder.is_dir() else []

@@ -123,7 +123,9 @@ def deployed_endpoint(
     if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
         raise dg.Failure(f"production prompt moved to v{prompt_ref.version} after the evaluation (which used "
                          f"v{eval_report['prompt']['version']}); re-run eval_report before deploying")
-    endpoint.publish_prompt(spec.name, prompt_ref.served())
+    # The endpoint holds the task's answers to its output schema when the task decodes constrained.
+    schema = spec.schema if spec.constrained else None
+    endpoint.publish_prompt(spec.name, {**prompt_ref.served(), "output_schema": schema})
     endpoint.publish_guardrails(spec.name, spec.guardrails.canonical_json())
     adapter_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, version)
     challenger, champion = served_name(spec.name, CHALLENGER), served_name(spec.name, CHAMPION)

@@ -12,6 +12,7 @@ from genops_assets.lib.eval_report import (
     SUMMARY_METRICS,
     GoldenSetup,
     RegisteredAdapter,
+    compare_decoding,
     compare_prompt,
     evaluate_golden,
     metric_names,
@@ -68,7 +69,10 @@ def eval_report(
     exact match per field, ROUGE-L/BLEU, latency), with the promotion decision and a
     Markdown/HTML report in MLflow. When the registry holds a `candidate` prompt, the tuned
     adapter is also run with it and the report shows the template diff beside the metric
-    deltas. For a task whose examples carry retrieved contexts, also context precision / recall
+    deltas. The candidate is evaluated both with its answers decoded within the task's output
+    schema and without (valid JSON, field exact match, primary metric, latency p50 of each); the
+    gate and serving parity use the task's `generation.constrained` setting. For a task whose
+    examples carry retrieved contexts, also context precision / recall
     (string similarity, no LLM) and, through the judge, faithfulness and answer relevancy of every model's
     answers, with 95% intervals. Predictions and verdicts are cached by content. Cost: 2-4
     minutes on CPU for the embedded model (plus two judge calls per example and model for a
@@ -116,7 +120,8 @@ def eval_report(
     gate, baseline_role = promotion_gate(golden_eval, reference, spec.primary_metric, config.margin)
     context.log.info(f"promotion gate ({baseline_role}): {gate.reason}")
 
-    sections = []
+    decoding = compare_decoding(model, setup, cache, log, cand)
+    sections = [decoding.section()]
     prompt_comparison = None
     candidate_prompt = mlflow.prompt_alias(production.name, CANDIDATE, spec.input_field)
     if candidate_prompt is not None and candidate_prompt.version != production.version:
@@ -147,7 +152,8 @@ def eval_report(
                                    "margin": config.margin, "primary_metric": spec.primary_metric,
                                    "candidate_version": version, "gate_baseline": gate.baseline_name})
         # The candidate's scores are its MLflow model's metrics too (MLflow's model view).
-        mlflow.log_metrics(run_id, {**golden_eval.mlflow_metrics(), **(rag_mlflow_metrics(rag) if rag else {})},
+        mlflow.log_metrics(run_id, {**golden_eval.mlflow_metrics(), **decoding.mlflow_metrics(),
+                                    **(rag_mlflow_metrics(rag) if rag else {})},
                            model_id=tuned_adapter.get("model_id"), model_prefix="candidate.")
         mlflow.log_artifacts(run_id, out_dir, "report")
         mlflow.set_version_tags(model_name, version, {
@@ -183,6 +189,7 @@ def eval_report(
         "mlflow_run_id": run_id,
         "model_calls": sum(ev.model_calls for ev in evals.values()),
         "rag": rag,
+        "decoding": {"constrained": spec.constrained, "rows": decoding.rows()},
     }
     report_md = paths["markdown"].read_text().replace("![metrics](metrics.png)",
                                                       png_markdown("metrics", paths["chart"].read_bytes()))
@@ -200,6 +207,10 @@ def eval_report(
         **({"prompt_candidate_delta": float(prompt_comparison["deltas"][spec.primary_metric])}
            if prompt_comparison else {}),
         "gate": gate.reason,
+        "decoding": dg.MetadataValue.table(
+            [dg.TableRecord(r) for r in decoding.rows()],
+            dg.TableSchema([dg.TableColumn("decoding", "string"), dg.TableColumn("task_setting", "bool"),
+                            *(dg.TableColumn(m, "float") for m in decoding.metrics)])),
         **{f"candidate_{m}": float(cand.metrics[m]) for m in SUMMARY_METRICS},
         **{f"base_{m}": float(base.metrics[m]) for m in SUMMARY_METRICS},
         **{f"candidate_{k}": v for k, v in rouge_l_summary(cand.metrics, spec.text_fields).items()},
