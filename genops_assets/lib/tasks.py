@@ -230,7 +230,6 @@ class TaskSpec:
     # ``guardrails.yaml`` (defaults when the folder has none) and its version (a digest)
     guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
     guardrails_version: str = field(default_factory=lambda: guardrails_version(GuardrailConfig()))
-    constrained: bool = True
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     @property
@@ -386,7 +385,6 @@ def load_task(tasks_dir: str | Path, name: str) -> TaskSpec:
         judge=cfg.judge,
         guardrails=guardrails,
         guardrails_version=guardrails_version(guardrails),
-        constrained=cfg.generation.constrained,
         optimization=cfg.optimization,
     )
 
