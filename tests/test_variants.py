@@ -166,3 +166,98 @@ def test_variant_lineage_is_read_back_from_the_registry_and_registration_is_idem
         fh.write(bytes([byte[0] ^ 1]))
     with pytest.raises(IntegrityError, match=f"{model} v{refs['q4_k_m'].version}.*model.q4_k_m.gguf"):
         tracking.fetch_variant(cache, "demo", refs["q4_k_m"].version)
+
+
+# -- the assets ------------------------------------------------------------------------------
+
+TASK = "support_triage"
+
+
+def variant_graph(tiny_model_dir, adapter_dir):
+    import dagster as dg
+
+    from genops_assets.defs.optimization.variants import build_variant_assets
+    from genops_assets.lib.hashing import sha256_dir
+    from genops_assets.lib.tasks import TaskRef
+
+    @dg.asset(name="base_model")
+    def base_model() -> dict:
+        return {"path": str(tiny_model_dir), "folder_digest": sha256_dir(tiny_model_dir)}
+
+    @dg.asset(key=[TASK, "tuned_adapter"])
+    def tuned_adapter() -> dict:
+        return {"adapter_dir": str(adapter_dir), "adapter_digest": sha256_dir(adapter_dir), "version": "7"}
+
+    task = TaskRef(TASK, str(Path(__file__).resolve().parents[1] / "tasks"))
+    return [base_model, tuned_adapter, *build_variant_assets(task)]
+
+
+def materialize(assets, tmp_path, selection):
+    import dagster as dg
+
+    from resources.paths import GenopsHome
+
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              artifact_root=(tmp_path / "artifacts").as_uri())
+    result = dg.materialize(assets, selection=selection, raise_on_error=False,
+                            resources={"mlflow": tracking, "home": GenopsHome(root=str(tmp_path / "home"))})
+    return result, tracking
+
+
+def run_statuses(tracking: MlflowTracking) -> list[str]:
+    exp = tracking.client().get_experiment_by_name(f"genops/{TASK}")
+    return sorted(r.info.status for r in tracking.client().search_runs([exp.experiment_id]))
+
+
+def test_merged_model_asset_registers_once_and_reuses_the_version(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    assets = variant_graph(tiny_model_dir, tiny_adapter_dir)
+    selection = ["base_model", f"{TASK}/tuned_adapter", f"{TASK}/merged_model"]
+    first, tracking = materialize(assets, tmp_path, selection)
+    assert first.success
+    value = first.output_for_node(f"{TASK}__merged_model")
+    (row,) = value["variants"]
+    assert row["name"] == "merged" and row["version"] == "1" and row["load_check"]["engine"] == "transformers"
+    meta = first.asset_materializations_for_node(f"{TASK}__merged_model")[0].metadata
+    assert meta["merged_version"].value == "1" and meta["merged_digest"].value == row["digest"]
+    assert meta["merged_size_mb"].value > 0
+    tags = tracking.get_version(variant_model_name(TASK), "1").tags
+    assert tags["genops.source_version"] == "7" and tags["genops.variant"] == "merged"
+
+    again, _ = materialize(assets, tmp_path, selection)
+    assert again.success
+    assert again.output_for_node(f"{TASK}__merged_model")["variants"][0]["version"] == "1"
+    assert len(tracking.client().search_model_versions(f"name = '{variant_model_name(TASK)}'")) == 1
+    assert run_statuses(tracking) == ["FINISHED", "FINISHED"]
+
+
+def test_a_variant_that_fails_to_build_fails_the_asset_naming_file_and_step(tiny_model_dir, tiny_adapter_dir,
+                                                                            tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    with open(adapter / "adapter_model.safetensors", "r+b") as fh:
+        fh.seek(-1, 2)
+        fh.write(b"\x01")
+    result, tracking = materialize(variant_graph(tiny_model_dir, adapter), tmp_path,
+                                   ["base_model", f"{TASK}/tuned_adapter", f"{TASK}/merged_model"])
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error.cause
+    assert "merge:" in failure.message and "adapter_model.safetensors was changed" in failure.message
+    assert run_statuses(tracking) == ["FAILED"]
+    assert not tracking.client().search_model_versions(f"name = '{variant_model_name(TASK)}'")
+
+
+def test_quantized_models_asset_builds_q8_0_and_q4_k_m_from_the_merged_model(tiny_model_dir, tiny_adapter_dir,
+                                                                             tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the quantizer (an optional install)")
+    result, tracking = materialize(variant_graph(tiny_model_dir, tiny_adapter_dir), tmp_path, "*")
+    assert result.success
+    merged_version = result.output_for_node(f"{TASK}__merged_model")["variants"][0]["version"]
+    rows = result.output_for_node(f"{TASK}__quantized_models")["variants"]
+    assert [r["name"] for r in rows] == ["q8_0", "q4_k_m"]
+    for row in rows:
+        assert row["parent"] == "merged" and row["engine"] == "llamacpp" and row["load_check"]["engine"] == "llamacpp"
+        tags = tracking.get_version(variant_model_name(TASK), row["version"]).tags
+        assert tags["genops.parent_variant"] == "merged" and tags["genops.parent_version"] == merged_version
+        assert gguf_file(row["path"]).name == f"model.{row['name']}.gguf"
+    assert rows[1]["size_bytes"] < rows[0]["size_bytes"]
+    assert run_statuses(tracking) == ["FINISHED", "FINISHED"]

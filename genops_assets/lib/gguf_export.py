@@ -183,7 +183,7 @@ def quantize_gguf(src, out_dir: str | Path, qtype: str, *, name: str | None = No
         verify_folder(src.path)
     except ValueError as exc:
         raise VariantError(f"quantize: {exc}") from exc
-    import llama_cpp
+    llama_cpp = _llama_cpp("quantize")
 
     out_dir = Path(out_dir)
     with stage(log, f"quantize: {src_file.name} -> {qtype}"), atomic_dir(out_dir) as tmp:
@@ -199,22 +199,32 @@ def quantize_gguf(src, out_dir: str | Path, qtype: str, *, name: str | None = No
     return describe(out_dir, name or (qtype if parent == MERGED else f"{parent}_{qtype}"), "gguf", "llamacpp", parent)
 
 
-def llamacpp_next_token_logits(folder: str | Path, token_ids: list[int], n_ctx: int = 512) -> np.ndarray:
+def _llama_cpp(step: str):
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise VariantError(f"{step}: llama-cpp-python is not installed (llama-cpp-python==0.3.36 builds "
+                           f"llama.cpp from source; see the README): {exc}") from exc
+    return llama_cpp
+
+
+def llamacpp_next_token_logits(folder: str | Path, prompt: str | list[int], n_ctx: int = 512) -> np.ndarray:
     """Load the GGUF of a variant folder with llama.cpp (manifest checked first) and return the
-    next-token logits after ``token_ids``. VariantError names the file when it does not load."""
+    next-token logits after ``prompt`` (text, tokenized by the GGUF's tokenizer, or token ids).
+    VariantError names the file when it does not load or its logits are not finite."""
     path = gguf_file(folder)
     try:
         verify_folder(folder)
     except ValueError as exc:
         raise VariantError(f"load check: {exc}") from exc
-    import llama_cpp
-
+    llama_cpp = _llama_cpp("load check")
     try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, logits_all=False)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
     except Exception as exc:  # llama-cpp-python raises ValueError / RuntimeError for a bad file
         raise VariantError(f"load check: llama.cpp cannot load {path}: {exc}") from exc
     try:
-        llm.eval(token_ids)
+        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True) if isinstance(prompt, str) else prompt
+        llm.eval(list(tokens))
         logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
     finally:
         llm.close()
@@ -223,9 +233,9 @@ def llamacpp_next_token_logits(folder: str | Path, token_ids: list[int], n_ctx: 
     return logits
 
 
-def check_gguf_loads(folder: str | Path, token_ids: list[int]) -> dict:
+def check_gguf_loads(folder: str | Path, prompt: str = "Hello") -> dict:
     """The load check of a GGUF variant: llama.cpp loads it and predicts a next token."""
     t0 = time.perf_counter()
-    logits = llamacpp_next_token_logits(folder, token_ids)
-    return {"engine": "llamacpp", "top_token": int(logits.argmax()),
+    logits = llamacpp_next_token_logits(folder, prompt)
+    return {"engine": "llamacpp", "prompt": prompt, "top_token": int(logits.argmax()),
             "seconds": round(time.perf_counter() - t0, 2)}
