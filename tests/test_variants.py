@@ -261,3 +261,18 @@ def test_quantized_models_asset_builds_q8_0_and_q4_k_m_from_the_merged_model(tin
         assert gguf_file(row["path"]).name == f"model.{row['name']}.gguf"
     assert rows[1]["size_bytes"] < rows[0]["size_bytes"]
     assert run_statuses(tracking) == ["FINISHED", "FINISHED"]
+
+
+def test_the_variant_assets_build_without_importing_ml_libraries_or_llama_cpp():
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from genops_assets.defs.optimization.variants import build_variant_assets; "
+            "from genops_assets.lib.tasks import TaskRef; "
+            "a = build_variant_assets(TaskRef('support_triage', 'tasks')); "
+            "print(json.dumps([[k.to_user_string() for x in a for k in x.keys], "
+            "[m for m in ('torch', 'transformers', 'peft', 'llama_cpp') if m in sys.modules]]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120, check=True)
+    keys, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert keys == ["support_triage/merged_model", "support_triage/quantized_models"] and heavy == []
