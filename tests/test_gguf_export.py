@@ -96,7 +96,7 @@ def test_merged_model_on_llama_cpp_predicts_the_tokens_transformers_does(real_ba
 
     agreement = {}
     for variant in (f16, *quantized.values()):
-        got = [llamacpp_next_token_logits(variant.path, i) for i in ids]
+        got = llamacpp_next_token_logits(variant.path, ids)
         agreement[variant.name] = sum(int(g.argmax() == w.argmax()) for g, w in zip(got, want, strict=True))
         if variant is f16:
             for g, w in zip(got, want, strict=True):

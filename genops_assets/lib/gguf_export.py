@@ -208,10 +208,11 @@ def _llama_cpp(step: str):
     return llama_cpp
 
 
-def llamacpp_next_token_logits(folder: str | Path, prompt: str | list[int], n_ctx: int = 512) -> np.ndarray:
-    """Load the GGUF of a variant folder with llama.cpp (manifest checked first) and return the
-    next-token logits after ``prompt`` (text, tokenized by the GGUF's tokenizer, or token ids).
-    VariantError names the file when it does not load or its logits are not finite."""
+def llamacpp_next_token_logits(folder: str | Path, prompts: list[str | list[int]], n_ctx: int = 512
+                               ) -> list[np.ndarray]:
+    """Load the GGUF of a variant folder with llama.cpp once (manifest checked first) and return
+    the next-token logits after each prompt (text, tokenized by the GGUF's tokenizer, or token
+    ids). VariantError names the file when it does not load or its logits are not finite."""
     path = gguf_file(folder)
     try:
         verify_folder(folder)
@@ -219,23 +220,27 @@ def llamacpp_next_token_logits(folder: str | Path, prompt: str | list[int], n_ct
         raise VariantError(f"load check: {exc}") from exc
     llama_cpp = _llama_cpp("load check")
     try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+        # logits_all: llama-cpp-python keeps the logits (``scores``) only then.
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
     except Exception as exc:  # llama-cpp-python raises ValueError / RuntimeError for a bad file
         raise VariantError(f"load check: llama.cpp cannot load {path}: {exc}") from exc
+    out = []
     try:
-        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True) if isinstance(prompt, str) else prompt
-        llm.eval(list(tokens))
-        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        for prompt in prompts:
+            tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True) if isinstance(prompt, str) else prompt
+            llm.reset()
+            llm.eval(list(tokens))
+            out.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
     finally:
         llm.close()
-    if not np.isfinite(logits).all():
+    if not all(np.isfinite(logits).all() for logits in out):
         raise VariantError(f"load check: {path}: llama.cpp logits are not finite")
-    return logits
+    return out
 
 
 def check_gguf_loads(folder: str | Path, prompt: str = "Hello") -> dict:
     """The load check of a GGUF variant: llama.cpp loads it and predicts a next token."""
     t0 = time.perf_counter()
-    logits = llamacpp_next_token_logits(folder, prompt)
+    (logits,) = llamacpp_next_token_logits(folder, [prompt])
     return {"engine": "llamacpp", "prompt": prompt, "top_token": int(logits.argmax()),
             "seconds": round(time.perf_counter() - t0, 2)}
