@@ -39,6 +39,12 @@ def registered_model_name(task_name: str) -> str:
     return f"genops-{task_name}"
 
 
+def variant_model_name(task_name: str) -> str:
+    """The MLflow registered model that holds every variant (merged, quantized, distilled) of a
+    task's tuned models; each version's tags say which variant of which adapter version it is."""
+    return f"genops-{task_name}-variants"
+
+
 def integrity_tags(files: Mapping[str, str]) -> dict[str, str]:
     """The version tags that record an adapter's files: each file's sha256 and their digest."""
     from genops_assets.lib.integrity import files_digest
@@ -332,6 +338,47 @@ class MlflowTracking(dg.ConfigurableResource):
         """A local copy of a registered adapter in ``cache_dir``, each file checked against the
         sha256 recorded at registration."""
         return fetch_adapter(self.client(), self.tracking_uri, model_name, str(version), cache_dir)
+
+    def register_variant(self, task: str, files, run_id: str, source_version: str | None, version_key: str,
+                         extra_tags: Mapping[str, Any] | None = None) -> ModelVersionRef:
+        """Register the variant folder ``files`` (a ``lib.variants.VariantFiles``) of the adapter
+        version ``source_version`` of ``genops-<task>`` as a version of ``genops-<task>-variants``:
+        its files are logged to ``run_id`` (under ``variants/<name>``) with the sha256 of each on
+        the version, and tags name the variant, its format, engine, parent variant and source.
+        The version already registered under ``version_key`` is returned as it is: same inputs,
+        no second registration."""
+        from genops_assets.lib.integrity import record_folder
+
+        model_name = variant_model_name(task)
+        existing = self.find_version(model_name, version_key)
+        if existing is not None:
+            return existing
+        files_sha = record_folder(files.path)  # the folder's manifest, checked
+        artifact_path = f"variants/{files.name}"
+        self.log_artifacts(run_id, files.path, artifact_path)
+        tags = {**{k: str(v) for k, v in (extra_tags or {}).items()},
+                "genops.variant": files.name, "genops.format": files.format, "genops.engine": files.engine,
+                "genops.parent_variant": files.parent or "", "genops.source_model": registered_model_name(task),
+                "genops.source_version": "" if source_version is None else str(source_version),
+                "genops.variant_digest": files.digest, "genops.size_bytes": str(files.size_bytes),
+                VERSION_KEY_TAG: version_key, **integrity_tags(files_sha)}
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, description=f"Merged, quantized and distilled variants of "
+                                                                   f"{registered_model_name(task)}")
+        parent = f" from {files.parent}" if files.parent else ""
+        return self.register(model_name, self.artifact_uri(run_id, artifact_path), run_id, tags,
+                             description=f"{files.name} ({files.format}, {files.engine}){parent} of "
+                                         f"{registered_model_name(task)} v{source_version}")
+
+    def fetch_variant(self, cache_dir: Path, task: str, version: str) -> Path:
+        """A local copy of a registered variant's folder in ``cache_dir``, each file checked
+        against the sha256 recorded at registration (a changed file is refused)."""
+        return fetch_adapter(self.client(), self.tracking_uri, variant_model_name(task), str(version), cache_dir)
 
     def rollback_champion(self, model_name: str, *, to_version: str | None = None,
                           only_if_champion: str | None = None, reason: str = "manual") -> RollbackResult:
