@@ -94,7 +94,8 @@ def judge_name(task: str, version: str | int | None = None) -> str:
     return ModelName.of(task, JUDGE if version is None else f"{JUDGE}-v{version}").served
 
 
-ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /admin/reload"
+ROUTES = ("POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /admin/reload, "
+          "POST /admin/variant")
 
 
 class ChatMessage(BaseModel):
@@ -125,6 +126,8 @@ class ChatRequest(BaseModel):
     guided_choice: list[str] | None = Field(None, min_length=1, max_length=32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=32)
+    # OpenAI's structured output: {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {...}}
+    response_format: dict[str, Any] | None = None
 
     @property
     def stops(self) -> list[str]:
@@ -136,6 +139,32 @@ class ReloadRequest(BaseModel):
                                                 "'<task>:v<N>'")
     adapter_dir: str
     version: str
+
+
+class VariantRequest(BaseModel):
+    name: str = Field(min_length=1, description="The served model name: '<task>', '<task>:challenger'")
+    variant: dict[str, Any] = Field(description="The GGUF variant's files (VariantFiles: name, path, format, "
+                                                "engine, ...)")
+    version: str
+
+
+def requested_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema an OpenAI ``response_format`` asks the answer to follow (None: free text);
+    ValueError naming the field that is wrong."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    raise ValueError(f"response_format.type must be text, json_object or json_schema (got {kind!r})")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
