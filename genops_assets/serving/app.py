@@ -879,14 +879,20 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
                                               **prepared.headers})
         return await chat.run(prepared, request)
 
-    @app.post("/admin/reload")
-    def reload(req: ReloadRequest, authorization: str | None = Header(None)):
+    def refused(name: str, authorization: str | None) -> JSONResponse | None:
+        """The answer to an admin call without the admin token or naming no model; None: go on."""
         if not authorization or not secrets.compare_digest(authorization.encode(), f"Bearer {admin_token}".encode()):
             return fail(401, "missing or wrong admin token")
         try:
-            ModelName.parse(req.name)
+            ModelName.parse(name)
         except ModelNameError as exc:
             return fail(400, str(exc), param="name")
+        return None
+
+    @app.post("/admin/reload")
+    def reload(req: ReloadRequest, authorization: str | None = Header(None)):
+        if (refusal := refused(req.name, authorization)) is not None:
+            return refusal
         try:
             chat.swap_adapter(req.name, req.adapter_dir, req.version)
         except (FileNotFoundError, ValueError, OSError) as exc:
@@ -895,12 +901,8 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
 
     @app.post("/admin/variant")
     def reload_variant(req: VariantRequest, authorization: str | None = Header(None)):
-        if not authorization or not secrets.compare_digest(authorization.encode(), f"Bearer {admin_token}".encode()):
-            return fail(401, "missing or wrong admin token")
-        try:
-            ModelName.parse(req.name)
-        except ModelNameError as exc:
-            return fail(400, str(exc), param="name")
+        if (refusal := refused(req.name, authorization)) is not None:
+            return refusal
         try:
             chat.swap_variant(req.name, req.variant, req.version)
         except (FileNotFoundError, ValueError, OSError) as exc:
