@@ -235,7 +235,7 @@ def test_served_answers_equal_the_offline_llamacpp_answers(served, direct, token
 def test_streamed_answer_equals_the_whole_answer(served):
     ep, _, _ = served
     api = client(ep)
-    body = {"prompt_variables": {"message": MESSAGES[2]}}
+    body = {"prompt_variables": {"message": MESSAGES[0]}}
     whole = api.chat.completions.create(model=TASK, messages=[], temperature=0.0, extra_body=body)
     chunks = list(api.chat.completions.create(model=TASK, messages=[], temperature=0.0, extra_body=body,
                                               stream=True, stream_options={"include_usage": True}))

@@ -446,31 +446,37 @@ class ChatService:
         return p.engine_task
 
     async def _llamacpp_answer(self, p: Prepared, on_text: Callable[[str], None] | None):
-        """Stream ``p``'s answer from its llama.cpp server (each piece to ``on_text``); the
-        (GenerationResult, timing) of the genops engine. The job's token times and future are
+        """``p``'s answer from its llama.cpp server: whole (exact token counts), or streamed with
+        each piece to ``on_text`` (one piece per token, llama.cpp's stream has no counts). The
+        (GenerationResult, timing) of the genops engine; the job's token times and future are
         kept as the batcher keeps them, for the metrics and ``abandon``."""
         job, server = p.job, p.route.variant.server
         job.started = time.perf_counter()
-        pieces: list[str] = []
-        finish = None
+        args = dict(temperature=job.temperature, top_p=job.top_p, stop=job.stop, seed=job.seed,
+                    json_schema=p.json_schema, timeout_s=self.settings.request_timeout_s)
         try:
-            async for chunk in server.astream(p.prompt, job.max_new_tokens, temperature=job.temperature,
-                                              top_p=job.top_p, stop=job.stop, seed=job.seed,
-                                              json_schema=p.json_schema, timeout_s=self.settings.request_timeout_s):
-                choice = (chunk.get("choices") or [{}])[0]
-                piece = choice.get("text") or ""
-                if piece:
-                    job.token_times.append(time.perf_counter())
-                    pieces.append(piece)
-                    if on_text is not None:
-                        on_text(piece)
-                finish = choice.get("finish_reason") or finish
+            if on_text is None:
+                data = await server.acomplete(p.prompt, job.max_new_tokens, **args)
+                choice = data["choices"][0]
+                raw, finish = choice.get("text") or "", choice.get("finish_reason")
+                generated = int(data["usage"]["completion_tokens"])
+                job.token_times.append(time.perf_counter())
+            else:
+                pieces, finish = [], None
+                async for chunk in server.astream(p.prompt, job.max_new_tokens, **args):
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if choice.get("text"):
+                        job.token_times.append(time.perf_counter())
+                        pieces.append(choice["text"])
+                        on_text(choice["text"])
+                    finish = choice.get("finish_reason") or finish
+                raw, generated = "".join(pieces), len(pieces)
         except BaseException as exc:
             if not job.future.done():
                 job.future.set_exception(exc if isinstance(exc, Exception) else LlamaCppError("cancelled"))
             raise
-        text, stopped = finish_text("".join(pieces), job.stop)
-        result = GenerationResult(text=text, prompt_tokens=p.prompt_tokens, completion_tokens=len(job.token_times),
+        text, stopped = finish_text(raw, job.stop)
+        result = GenerationResult(text=text, prompt_tokens=p.prompt_tokens, completion_tokens=generated,
                                   latency_s=time.perf_counter() - job.started,
                                   finish_reason="stop" if stopped else (finish or "stop"))
         timing = {"queue_s": job.started - job.enqueued, "batch": 1}

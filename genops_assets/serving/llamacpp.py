@@ -311,6 +311,29 @@ class LlamaCppServer:
                 if chunk is not None:
                     yield chunk
 
+    async def acomplete(self, prompt: RenderedPrompt | str, max_tokens: int, temperature: float = 0.0,
+                        top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
+                        json_schema: Mapping[str, Any] | None = None, timeout_s: float = 600.0) -> dict:
+        """A whole completion (with llama.cpp's exact token counts), for an event loop (the endpoint)."""
+        import asyncio
+
+        import httpx
+
+        body = self.request_body(prompt, max_tokens, temperature, top_p, stop, seed, json_schema)
+        if self.proc is None or self.proc.poll() is not None:
+            await asyncio.to_thread(self.ensure_running)
+        with self._counted():
+            try:
+                async with httpx.AsyncClient(timeout=timeout_s) as client:
+                    resp = await client.post(f"{self.url}/v1/completions", json=body)
+            except httpx.HTTPError as exc:
+                raise self._failure(exc) from exc
+        if resp.status_code != 200:
+            raise LlamaCppError(f"llama.cpp at {self.url} answered {resp.status_code}: {resp.text[:500]}")
+        data = resp.json()
+        self._check_tokens(prompt, data)
+        return data
+
     async def astream(self, prompt: RenderedPrompt | str, max_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
                       json_schema: Mapping[str, Any] | None = None,
