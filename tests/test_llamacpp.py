@@ -210,6 +210,14 @@ def alive(pid: int) -> bool:
     return control._alive(pid)
 
 
+def all_gone(pids, within_s: float = 30.0) -> bool:
+    """Whether every process of ``pids`` has exited (waiting up to ``within_s``)."""
+    deadline = time.monotonic() + within_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(alive(p) for p in pids)
+
+
 def test_served_answers_equal_the_offline_llamacpp_answers(served, direct, tokenizer):
     """Serving parity on a variant route: prompts rendered by the endpoint (prompt variables),
     answers from the variant's llama.cpp server, equal to llamacpp_generate on the same GGUF."""
@@ -310,10 +318,7 @@ def test_hot_swap_with_requests_in_flight_fails_none(served, tiny_model_dir):
     assert "7" in versions and versions[-1] == "8"
     new_pid = llama_pids(ep)[TASK]
     assert new_pid != old_pid
-    deadline = time.monotonic() + 90
-    while alive(old_pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not alive(old_pid), "the replaced llama.cpp server was not stopped"
+    assert all_gone([old_pid], within_s=90), "the replaced llama.cpp server was not stopped"
     state = control.read_state(Path(ep.state_dir))
     assert state.versions[TASK] == "8" and state.variants[TASK]["name"] == "q4_1"
 
@@ -323,7 +328,7 @@ def test_stop_leaves_no_llama_process_and_a_restart_restores_the_route(served, t
     pids = list(llama_pids(ep).values())
     assert pids and all(alive(p) for p in pids)
     ep.stop()
-    assert not any(alive(p) for p in pids), "llama.cpp servers outlived the endpoint"
+    assert all_gone(pids), "llama.cpp servers outlived the endpoint"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GENOPS_API_KEYS", KEY)
         control.start_server(str(tiny_model_dir), {}, {}, Path(ep.state_dir), port=ep.port, ready_timeout_s=240)
@@ -333,7 +338,7 @@ def test_stop_leaves_no_llama_process_and_a_restart_restores_the_route(served, t
     assert reply.model_extra["genops"]["engine"] == "llamacpp"
     restored = list(llama_pids(ep).values())
     ep.stop()
-    assert not any(alive(p) for p in restored)
+    assert all_gone(restored)
 
 
 def test_backends_refuse_variants_they_cannot_serve(tmp_path, gguf):
