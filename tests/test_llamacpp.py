@@ -44,7 +44,7 @@ TASK = "triage"
 KEY = "llama-test-key"
 SYSTEM = ("You triage customer support messages for Lumen Home. Reply with one JSON object and nothing else, "
           "with keys category, priority, product, summary.")
-TEMPLATE = PromptTemplate(SYSTEM, "Message: {message}", "message", max_new_tokens=24)
+TEMPLATE = PromptTemplate(SYSTEM, "Message: {message}", "message", max_new_tokens=12)
 MESSAGES = [
     "My thermostat keeps clicking on and off and the house never gets warm.",
     "Can I return the doorbell I bought last week? It is the wrong colour.",
@@ -125,6 +125,7 @@ def test_finish_text_cuts_at_the_first_stop_string_and_strips():
     assert finish_text(" plain \n", []) == ("plain", False)
 
 
+@pytest.mark.timeout(1800)  # about 60 constrained tokens for each of 10 inputs, on a busy CPU
 def test_schema_enforced_answers_are_valid_json_on_golden_inputs(direct, tokenizer):
     """The task's output schema as a llama.cpp grammar: every answer parses and validates."""
     import jsonschema
@@ -315,7 +316,10 @@ def test_hot_swap_with_requests_in_flight_fails_none(served, tiny_model_dir):
     for t in threads:
         t.join(timeout=120)
     assert statuses and all(s == 200 for s in statuses), [s for s in statuses if s != 200][:3]
-    assert "7" in versions and versions[-1] == "8"
+    assert "7" in versions
+    after = api.chat.completions.create(model=TASK, messages=[], temperature=0.0, max_tokens=4,
+                                        extra_body={"prompt_variables": {"message": MESSAGES[1]}})
+    assert after.system_fingerprint == "8"
     new_pid = llama_pids(ep)[TASK]
     assert new_pid != old_pid
     assert all_gone([old_pid], within_s=90), "the replaced llama.cpp server was not stopped"
