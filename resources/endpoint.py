@@ -68,9 +68,11 @@ class ServingBackend(dg.ConfigurableResource):
         """Make ``cfg_json`` (a validated ``GuardrailConfig`` as JSON) ``task``'s guardrails."""
         raise NotImplementedError(f"{type(self).__name__} does not apply genops' guardrails")
 
-    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
+    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str, *,
+               variant: dict | None = None) -> DeployOutcome:
         """Serve ``adapter_dir`` (registry ``version``) as ``task``'s ``role`` (champion or
-        challenger): the model ``served_name(task, role)``."""
+        challenger): the model ``served_name(task, role)``. ``variant`` (a VariantFiles dict plus
+        its registry ``version``) serves that optimized variant instead of the adapter."""
         raise NotImplementedError
 
 
@@ -143,29 +145,23 @@ class LocalEndpoint(ServingBackend):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, cfg.canonical_json())
 
-    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
+    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str, *,
+               variant: dict | None = None) -> DeployOutcome:
         """Serve ``adapter_dir`` as ``task``'s ``role`` on ``base_model``; a no-op when already
         serving it. The first deploy starts the server; later ones, of any task, hot-swap that
-        one model in the running server."""
+        one model in the running server. A GGUF ``variant`` (engine ``llamacpp``) is served by a
+        llama.cpp server the endpoint supervises, behind the same name, guardrails and logs."""
         from genops_assets.serving import control
 
         name = _model(task, role)
+        if variant is not None:
+            return self._deploy_variant(base_model, task, name, variant, version)
         state_dir = Path(self.state_dir)
-        state = control.read_state(state_dir)
-        if state is not None and state.base_model != str(base_model):
-            # Every task shares the one base model: another base needs another server, which
-            # must not take the other tasks' models down with it.
-            others = sorted({ModelName.parse(n).task for n in state.versions} - {task, None})
-            if others:
-                raise control.EndpointError(
-                    f"the endpoint at {state_dir} serves base model {state.base_model} for task(s) {others}; task "
-                    f"'{task}' deploys on {base_model}: one endpoint serves one base model (use another "
-                    f"state_dir and port for another base)")
-            control.stop_server(state_dir)
-            state = None
+        state = self._running(base_model, task)
         if state is not None:
             url = f"http://{state.host}:{state.port}/v1"
-            if state.versions.get(name) == version and control.health(f"http://{state.host}:{state.port}"):
+            if (state.versions.get(name) == version and name not in state.variants
+                    and control.health(f"http://{state.host}:{state.port}")):
                 return DeployOutcome("unchanged", url, state.pid, state.port, version)
             state = control.reload_adapter(state_dir, name, adapter_dir, version)
             return DeployOutcome("reloaded", url, state.pid, state.port, version)
@@ -180,6 +176,51 @@ class LocalEndpoint(ServingBackend):
             extra_args=self._server_args(),
         )
         return DeployOutcome("started", f"http://{state.host}:{state.port}/v1", state.pid, state.port, version)
+
+    def _running(self, base_model: str, task: str):
+        """The endpoint's state when one serves ``base_model``; None when none runs (one on another
+        base model that serves only ``task`` is stopped first)."""
+        from genops_assets.serving import control
+
+        # Every task shares the one base model: another base needs another server, which
+        # must not take the other tasks' models down with it.
+        state_dir = Path(self.state_dir)
+        state = control.read_state(state_dir)
+        if state is not None and state.base_model != str(base_model):
+            others = sorted({ModelName.parse(n).task for n in state.versions} - {task, None})
+            if others:
+                raise control.EndpointError(
+                    f"the endpoint at {state_dir} serves base model {state.base_model} for task(s) {others}; task "
+                    f"'{task}' deploys on {base_model}: one endpoint serves one base model (use another "
+                    f"state_dir and port for another base)")
+            control.stop_server(state_dir)
+            state = None
+        return state
+
+    def _deploy_variant(self, base_model: str, task: str, name: str, variant: dict, version: str) -> DeployOutcome:
+        from genops_assets.serving import control
+
+        engine, fmt = variant.get("engine"), variant.get("format")
+        if engine != "llamacpp" or fmt != "gguf":
+            raise ValueError(
+                f"variant '{variant.get('name')}' ({fmt}, engine {engine}) cannot be served as '{name}' by the local "
+                "endpoint: it serves a task's adapter on its base model, or a GGUF variant on llama.cpp; serve a "
+                "merged or distilled safetensors model by starting an endpoint with that folder as its base model")
+        state_dir = Path(self.state_dir)
+        state = self._running(base_model, task)
+        action = "reloaded"
+        if state is None:
+            # The endpoint's base model stays the front door: its tokenizer renders the prompts.
+            state = control.start_server(base_model=base_model, adapters={}, versions={}, state_dir=state_dir,
+                                         host=self.host, port=self.port, ready_timeout_s=self.ready_timeout_s,
+                                         extra_args=self._server_args())
+            action = "started"
+        elif (state.versions.get(name) == version
+              and state.variants.get(name, {}).get("digest") == variant.get("digest")
+              and control.health(f"http://{state.host}:{state.port}")):
+            return DeployOutcome("unchanged", f"http://{state.host}:{state.port}/v1", state.pid, state.port, version)
+        state = control.reload_variant(state_dir, name, variant, version)
+        return DeployOutcome(action, f"http://{state.host}:{state.port}/v1", state.pid, state.port, version)
 
     def _server_args(self) -> list[str]:
         args: list[str] = []
@@ -264,11 +305,17 @@ class VllmEndpoint(ServingBackend):
         if resp.status_code not in (200, 404):
             raise VllmError(f"unloading adapter '{lora_name}': {resp.status_code} {resp.text[:300]}")
 
-    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str) -> DeployOutcome:
+    def deploy(self, base_model: str, task: str, role: str, adapter_dir: str, version: str, *,
+               variant: dict | None = None) -> DeployOutcome:
         """Serve the adapter as ``task``'s ``role`` (the name clients ask for, e.g.
         ``support_triage``) and as ``<task>:v<version>`` (pinned); older pinned versions of the
         task beyond ``keep_versions`` are unloaded. Other tasks' adapters are not touched."""
         name = _model(task, role)
+        if variant is not None:
+            raise VllmError(
+                f"variant '{variant.get('name')}' ({variant.get('format')}, engine {variant.get('engine')}) cannot be "
+                f"served as '{name}' by the vLLM backend: it serves LoRA adapters on its base model; serve a GGUF "
+                "variant with genops' local endpoint (llama.cpp), or deploy the adapter")
         models = self.loaded()
         bases = [m for m, info in models.items() if not info.get("parent")]
         if self.base_model_name and self.base_model_name not in bases:

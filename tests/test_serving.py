@@ -293,7 +293,8 @@ def test_server_renders_the_deployed_prompt_and_picks_up_a_new_version(server, t
     deploy(1, "Triage the message.")
     r1 = client.chat.completions.create(model=TASK, messages=[], temperature=0,
                                         extra_body={"prompt_variables": {"message": "my camera is offline"}})
-    assert r1.model_extra["genops"] == {"task": TASK, "served_by": TASK, "model_version": "1", "prompt_version": "1",
+    assert r1.model_extra["genops"] == {"task": TASK, "served_by": TASK, "model_version": "1", "engine": "local",
+                                       "prompt_version": "1",
                                        "prompt_source": "prompt_variables", "guardrails_input_changed": False,
                                        "guardrails_version": guardrails_version(GuardrailConfig())}
     assert 0 < r1.usage.completion_tokens <= 4  # the prompt's own generation limit

@@ -34,6 +34,7 @@ Prometheus' text format with vLLM's metric names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -56,7 +57,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from genops_assets.lib.guardrails.engine import Guardrails, Verdict
 from genops_assets.serving.adapters import LoadedModel, add_adapter, remove_adapter
 from genops_assets.serving.batching import Batcher, Job
+from genops_assets.serving.generation import GenerationResult
 from genops_assets.serving.guard import OutputStream, TaskGuardrails
+from genops_assets.serving.llamacpp import ENGINE as LLAMACPP
+from genops_assets.serving.llamacpp import LlamaCppError, VariantRoutes, finish_text, render_prompt
 from genops_assets.serving.metrics import CONTENT_TYPE, Registry
 from genops_assets.serving.protection import (
     ERROR_CLASSES,
@@ -74,6 +78,7 @@ from genops_assets.serving.protocol import (
     ModelNameError,
     ReloadRequest,
     SchemaRequestError,
+    VariantRequest,
     choice_logprobs,
     usage,
 )
@@ -182,7 +187,9 @@ class Prepared:
     route: Route
     guard: Guardrails
     system_prompt: str | None  # what the output check guards against leaking
-    json_schema: dict[str, Any] | None = None  # the answer is JSON this schema accepts (None: free)
+    prompt: Any = None  # llama.cpp routes: the RenderedPrompt sent (the genops tokens' text)
+    json_schema: dict[str, Any] | None = None  # the answer must be JSON valid against it (None: free)
+    engine_task: asyncio.Task | None = None  # llama.cpp routes: the request to the llama.cpp server
 
     @property
     def headers(self) -> dict[str, str]:
@@ -212,6 +219,8 @@ class ChatService:
         # Guardrails run on the event loop too, so they count tokens with the same copy.
         self.guards = TaskGuardrails(state_dir, settings.injection_detector, self._count_text_tokens,
                                      enabled=settings.guardrails == "on")
+        # The GGUF variants served by llama.cpp (set by create_app; None: none can be).
+        self.variants: VariantRoutes | None = None
         # Set by the CLI when it follows a registry: loads a task's version asked by name
         # ("support_triage:v3") as version_loader(task, "3").
         self.version_loader: Callable[[str, str], Any] | None = None
@@ -317,6 +326,10 @@ class ChatService:
         if req.logprobs and not req.guided_choice:
             return self.fail(400, "logprobs are returned only with guided_choice", param="logprobs",
                              code="unsupported_parameter")
+        if route.engine == LLAMACPP and req.guided_choice:
+            return self.fail(400, f"guided_choice is not served by model '{route.served.served}' (a GGUF variant on "
+                                  "llama.cpp): ask it for JSON with response_format, or ask a genops-engine model",
+                             param="guided_choice", code="unsupported_parameter")
         limit_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         asked = req.max_completion_tokens or req.max_tokens
         if asked is not None and asked > settings.max_output_tokens:
@@ -369,8 +382,13 @@ class ChatService:
         # The log keeps the messages without the canary; the model sees it.
         logged, messages = messages, guard.inject_canary(messages)
         system_prompt = "\n".join(m["content"] for m in logged if m["role"] == "system") or None
+        rendered = None
         try:
-            prompt_tokens = self._count_prompt_tokens(messages)
+            if route.engine == LLAMACPP:  # the text llama.cpp reads, and the genops token ids of it
+                rendered = render_prompt(self._counting_tokenizer, messages)
+                prompt_tokens = len(rendered.tokens)
+            else:
+                prompt_tokens = self._count_prompt_tokens(messages)
         except (TemplateError, ValueError) as exc:  # the chat template refuses these messages
             return self.fail(400, f"the messages do not fit the model's chat template: {exc}", param="messages")
         if prompt_tokens > settings.max_input_tokens:
@@ -386,7 +404,7 @@ class ChatService:
         if req.guided_choice:
             job = Job("choice", messages, adapter, choices=tuple(req.guided_choice))
         else:
-            context = self.context
+            context = route.variant.server.n_ctx if route.engine == LLAMACPP else self.context
             room = (context - prompt_tokens) if context else None
             if max_tokens is None:
                 default = settings.default_max_tokens
@@ -404,7 +422,7 @@ class ChatService:
                       top_p=req.top_p, stop=tuple(stop), seed=req.seed, json_schema=json_schema)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         entry = {"request_id": request_id, "task": task, "model": route.asked.served,
-                 "served_by": route.served.served, "version": route.version,
+                 "served_by": route.served.served, "version": route.version, "engine": route.engine,
                  "prompt_version": prompt_version, "prompt_source": prompt_source,
                  "guided": bool(req.guided_choice), "stream": req.stream,
                  # what was asked, for monitoring, drift and online quality (the redaction hook
@@ -416,12 +434,59 @@ class ChatService:
                  "guardrails_input_changed": input_verdict.changed}
         entry["constrained"] = json_schema is not None
         return Prepared(req, job, request_id, t0, prompt_tokens, stop, entry, route, guard, system_prompt,
-                        json_schema)
+                        prompt=rendered, json_schema=json_schema)
+
+    def submit(self, p: Prepared, on_text: Callable[[str], None] | None = None) -> asyncio.Future:
+        """Start answering ``p``: the batcher's future (genops engine), or a task asking the
+        route's llama.cpp server; either resolves with (result, timing)."""
+        if p.route.engine != LLAMACPP:
+            return asyncio.wrap_future(self.batcher.submit(p.job))
+        p.engine_task = asyncio.ensure_future(self._llamacpp_answer(p, on_text))
+        return p.engine_task
+
+    async def _llamacpp_answer(self, p: Prepared, on_text: Callable[[str], None] | None):
+        """``p``'s answer from its llama.cpp server: whole (exact token counts), or streamed with
+        each piece to ``on_text`` (one piece per token, llama.cpp's stream has no counts). The
+        (GenerationResult, timing) of the genops engine; the job's token times and future are
+        kept as the batcher keeps them, for the metrics and ``abandon``."""
+        job, server = p.job, p.route.variant.server
+        job.started = time.perf_counter()
+        args = dict(temperature=job.temperature, top_p=job.top_p, stop=job.stop, seed=job.seed,
+                    json_schema=p.json_schema, timeout_s=self.settings.request_timeout_s)
+        try:
+            if on_text is None:
+                data = await server.acomplete(p.prompt, job.max_new_tokens, **args)
+                choice = data["choices"][0]
+                raw, finish = choice.get("text") or "", choice.get("finish_reason")
+                generated = int(data["usage"]["completion_tokens"])
+                job.token_times.append(time.perf_counter())
+            else:
+                pieces, finish = [], None
+                async for chunk in server.astream(p.prompt, job.max_new_tokens, **args):
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if choice.get("text"):
+                        job.token_times.append(time.perf_counter())
+                        pieces.append(choice["text"])
+                        on_text(choice["text"])
+                    finish = choice.get("finish_reason") or finish
+                raw, generated = "".join(pieces), len(pieces)
+        except BaseException as exc:
+            if not job.future.done():
+                job.future.set_exception(exc if isinstance(exc, Exception) else LlamaCppError("cancelled"))
+            raise
+        text, stopped = finish_text(raw, job.stop)
+        result = GenerationResult(text=text, prompt_tokens=p.prompt_tokens, completion_tokens=generated,
+                                  latency_s=time.perf_counter() - job.started,
+                                  finish_reason="stop" if stopped else (finish or "stop"))
+        timing = {"queue_s": job.started - job.enqueued, "batch": 1}
+        if not job.future.done():
+            job.future.set_result((result, timing))
+        return result, timing
 
     async def run(self, p: Prepared, request: Request) -> dict[str, Any] | JSONResponse:
         """The whole answer at once; 504 past the request timeout, 499 when the client leaves."""
         req, job, t0, timeout_s = p.req, p.job, p.t0, self.settings.request_timeout_s
-        future = asyncio.wrap_future(self.batcher.submit(job))
+        future = self.submit(p)
         deadline = t0 + timeout_s
         while not future.done():
             remaining = deadline - time.perf_counter()
@@ -480,6 +545,8 @@ class ChatService:
         """Stop a request that will not be answered (timeout, client gone, failure). Its tokens
         are counted and it is logged once its row has really stopped, with what it generated."""
         job = p.job
+        if p.engine_task is not None:
+            p.engine_task.cancel()
         self.batcher.cancel(job)
 
         def settled(_future) -> None:
@@ -536,10 +603,27 @@ class ChatService:
                 body.update(_genops_extra(p.entry, guardrail))
             return event(body)
 
-        if job.kind == "generate":
-            job.on_token = on_token
-        future = self.batcher.submit(job)
-        future.add_done_callback(lambda f: push(("done", f)))
+        if p.route.engine == LLAMACPP:
+            def on_text(piece: str) -> None:  # on the event loop, as llama.cpp's chunks arrive
+                text_stream.feed_text(piece)
+                delta, _ = text_stream.advance()
+                if delta:
+                    push(("delta", delta))
+
+            def answered(f: asyncio.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    result = f.result()[0]
+                    delta, _ = text_stream.advance(final=True)
+                    if delta:
+                        push(("delta", delta))
+                    push(("end", result.finish_reason, result.completion_tokens))
+                push(("done", f))
+
+            self.submit(p, on_text).add_done_callback(answered)
+        else:
+            if job.kind == "generate":
+                job.on_token = on_token
+            self.batcher.submit(job).add_done_callback(lambda f: push(("done", f)))
         finished = False
         outcome = (499, "client disconnected")
         timeout_s = self.settings.request_timeout_s
@@ -622,8 +706,25 @@ class ChatService:
             raise ValueError(f"'{BASE_NAME}' names the base model and cannot be replaced")
         add_adapter(self.loaded, model.served, folder, version=version)
         self.versions[model.served] = version
+        if self.variants is not None and model.served in self.variants:
+            self.variants.remove(model.served)  # the adapter answers again; llama.cpp drains and stops
         self.request_log.write({"ts": time.time(), "event": "reload", "task": model.task, "model": model.served,
-                                "version": version})
+                                "version": version, "engine": "local"})
+
+    def swap_variant(self, name: str, variant: dict[str, Any], version: str) -> None:
+        """Serve GGUF ``variant`` (a VariantFiles dict) as task model ``name`` on a llama.cpp
+        server of its own: it starts and answers before requests go to it, and the server it
+        replaces stops once its requests in flight are done. ValueError for a bad name or variant,
+        LlamaCppError when llama.cpp cannot serve it."""
+        model = ModelName.parse(name)
+        if model.task is None:
+            raise ValueError(f"'{BASE_NAME}' names the base model and cannot be replaced")
+        if self.variants is None:
+            raise ValueError("this endpoint serves no llama.cpp variants")
+        self.variants.deploy(model.served, variant, version)
+        self.versions[model.served] = str(version)
+        self.request_log.write({"ts": time.time(), "event": "reload", "task": model.task, "model": model.served,
+                                "version": str(version), "engine": LLAMACPP, "variant": variant.get("name")})
 
     def answered_by(self, p: Prepared) -> None:
         """Record the version that really answered: a hot swap between accepting the request
@@ -643,6 +744,7 @@ def _genops_extra(entry: dict[str, Any], guardrail: dict[str, Any] | None = None
     extra = {} if guardrail is None else {"guardrail": guardrail}
     if entry.get("task") is not None:
         extra = {"task": entry["task"], "served_by": entry["served_by"], "model_version": entry["version"],
+                 "engine": entry.get("engine", "local"),
                  "prompt_version": entry["prompt_version"], "prompt_source": entry["prompt_source"],
                  "guardrails_version": entry["guardrails_version"],
                  "guardrails_input_changed": entry["guardrails_input_changed"], **extra}
@@ -676,16 +778,35 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
     if not keys:
         log.warning("%s is not set: /v1/* answers requests without an API key", API_KEYS_ENV)
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst)
+    # GGUF variants served by llama.cpp: the ones deployed before a restart are served again now.
+    variants = VariantRoutes(state_dir, n_ctx=settings.llamacpp_n_ctx, n_threads=settings.llamacpp_threads)
+    versions.update(variants.restore(skip=list(loaded.adapters)))
+    sampling = sampler_lifespan(state_dir, settings.resource_sample_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: FastAPI):
+        try:
+            async with sampling(app_):
+                yield
+        finally:  # no llama.cpp server outlives the endpoint
+            await asyncio.to_thread(variants.stop_all)
+
     app = FastAPI(title="genops endpoint", version="1", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=sampler_lifespan(state_dir, settings.resource_sample_s))
+                  lifespan=lifespan)
     batcher = Batcher(loaded, max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s,
                       scheduler=settings.scheduler)
-    router = Router(loaded, versions, settings, DeployedPrompts(state_dir))
+    router = Router(loaded, versions, settings, DeployedPrompts(state_dir), variants=variants.routes)
     metrics = EndpointMetrics(loaded, versions, batcher, router.names)
+    metrics.registry.gauge("genops:llamacpp_servers", "GGUF variants served by a llama.cpp server (1 per model).",
+                           ["model_name", "version", "variant"],
+                           collect=lambda: {(n, r.version, str(r.variant.get("name"))): 1.0
+                                            for n, r in list(variants.routes.items())})
     chat = ChatService(loaded, settings, versions, batcher, metrics, RequestLog(state_dir / "requests.jsonl"),
                        router, state_dir)
+    chat.variants = variants
     chat.guards.default.warm_up()  # Presidio and the toxicity model load now, not on the first request
     app.state.batcher, app.state.chat, app.state.swap_adapter = batcher, chat, chat.swap_adapter
+    app.state.variants = variants
     started_at = int(time.time())
     fail = chat.fail
     app.add_middleware(ProtectionMiddleware, api_keys=keys, limiter=limiter, max_body_bytes=settings.max_body_bytes,
@@ -735,6 +856,9 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "base_model": loaded.base_dir, "adapters": dict(versions),
+                "llamacpp": {n: {"version": r.version, "variant": r.variant.get("name"), "url": r.server.url,
+                                 "pid": r.server.pid, "restarts": r.server.restarts}
+                             for n, r in list(variants.routes.items())},
                 "tasks": {t: task_summary(t) for t in router.tasks()},
                 "started_at": started_at, "queue_depth": batcher.depth, "batches": batcher.batches,
                 "batched_requests": batcher.batched_jobs}
@@ -760,18 +884,36 @@ def create_app(loaded: LoadedModel, settings: ServerSettings, state_dir: Path, a
                                               **prepared.headers})
         return await chat.run(prepared, request)
 
-    @app.post("/admin/reload")
-    def reload(req: ReloadRequest, authorization: str | None = Header(None)):
+    def refused(name: str, authorization: str | None) -> JSONResponse | None:
+        """The answer to an admin call without the admin token or naming no model; None: go on."""
         if not authorization or not secrets.compare_digest(authorization.encode(), f"Bearer {admin_token}".encode()):
             return fail(401, "missing or wrong admin token")
         try:
-            ModelName.parse(req.name)
+            ModelName.parse(name)
         except ModelNameError as exc:
             return fail(400, str(exc), param="name")
+        return None
+
+    @app.post("/admin/reload")
+    def reload(req: ReloadRequest, authorization: str | None = Header(None)):
+        if (refusal := refused(req.name, authorization)) is not None:
+            return refusal
         try:
             chat.swap_adapter(req.name, req.adapter_dir, req.version)
         except (FileNotFoundError, ValueError, OSError) as exc:
             return fail(400, str(exc), param="name" if req.name == BASE_NAME else "adapter_dir")
         return {"status": "reloaded", "adapters": dict(versions)}
+
+    @app.post("/admin/variant")
+    def reload_variant(req: VariantRequest, authorization: str | None = Header(None)):
+        if (refusal := refused(req.name, authorization)) is not None:
+            return refusal
+        try:
+            chat.swap_variant(req.name, req.variant, req.version)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            return fail(400, str(exc), param="variant")
+        except LlamaCppError as exc:
+            return fail(500, str(exc))
+        return {"status": "reloaded", "adapters": dict(versions), "engine": LLAMACPP}
 
     return app

@@ -46,6 +46,7 @@ class ServerState:
     versions: dict[str, str] = field(default_factory=dict)
     started_at: float = 0.0
     log_file: str = ""
+    variants: dict[str, dict] = field(default_factory=dict)  # served name -> GGUF variant served by llama.cpp
 
     @property
     def url(self) -> str:
@@ -163,24 +164,42 @@ def start_server(
     raise EndpointError(f"endpoint not ready after {ready_timeout_s:.0f}s; log {log_path}:\n{_log_tail(log_path)}")
 
 
-def reload_adapter(state_dir: Path, name: str, adapter_dir: str, version: str, timeout: float = 300.0) -> ServerState:
-    """Hot-swap the adapter served as ``name`` in the running endpoint (no restart)."""
-    state_dir = Path(state_dir)
+def _admin(state_dir: Path, path: str, body: dict, what: str, timeout: float) -> ServerState:
+    """POST an admin call to the endpoint running from ``state_dir``; its state before the call."""
     state = read_state(state_dir)
     if state is None:
         raise EndpointError(f"no endpoint runs from {state_dir}")
     token = (state_dir / TOKEN_FILE).read_text().strip()
-    body = json.dumps({"name": name, "adapter_dir": str(adapter_dir), "version": str(version)}).encode()
-    req = urllib.request.Request(f"{state.url}/admin/reload", data=body, method="POST",
+    req = urllib.request.Request(f"{state.url}{path}", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        raise EndpointError(f"reload of '{name}' from {adapter_dir} refused: "
-                            f"{exc.read().decode(errors='replace')}") from exc
+        raise EndpointError(f"{what} refused: {exc.read().decode(errors='replace')}") from exc
+    return state
+
+
+def reload_adapter(state_dir: Path, name: str, adapter_dir: str, version: str, timeout: float = 300.0) -> ServerState:
+    """Hot-swap the adapter served as ``name`` in the running endpoint (no restart)."""
+    state_dir = Path(state_dir)
+    state = _admin(state_dir, "/admin/reload", {"name": name, "adapter_dir": str(adapter_dir), "version": str(version)},
+                   f"reload of '{name}' from {adapter_dir}", timeout)
     new = ServerState(**{**asdict(state), "adapters": {**state.adapters, name: str(adapter_dir)},
-                         "versions": {**state.versions, name: str(version)}})
+                         "versions": {**state.versions, name: str(version)},
+                         "variants": {k: v for k, v in state.variants.items() if k != name}})
+    atomic_write_json(state_dir / STATE_FILE, asdict(new))
+    return new
+
+
+def reload_variant(state_dir: Path, name: str, variant: Mapping, version: str, timeout: float = 300.0) -> ServerState:
+    """Serve GGUF ``variant`` (a VariantFiles dict) as ``name`` in the running endpoint: it starts a
+    llama.cpp server for it, flips the route once that answers, then stops the one it replaces."""
+    state_dir = Path(state_dir)
+    state = _admin(state_dir, "/admin/variant", {"name": name, "variant": dict(variant), "version": str(version)},
+                   f"deploying variant '{variant.get('name')}' as '{name}'", timeout)
+    new = ServerState(**{**asdict(state), "versions": {**state.versions, name: str(version)},
+                         "variants": {**state.variants, name: dict(variant)}})
     atomic_write_json(state_dir / STATE_FILE, asdict(new))
     return new
 

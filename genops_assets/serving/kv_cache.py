@@ -23,10 +23,19 @@ PREFIX_CACHE_BYTES = 256 * 2**20
 entry is always kept). SmolLM2-135M: about 46 KiB a token, so about 5,700 tokens."""
 
 
+def chat_text(tok, messages: Messages) -> str:
+    """A conversation in the model's chat template, ready for the answer (as text)."""
+    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+def encode_text(tok, text: str) -> list[int]:
+    """Token ids of a rendered conversation (``chat_text``); the template holds the special tokens."""
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 def encode(tok, messages: Messages) -> list[int]:
     """Token ids of a conversation in the model's chat template, ready for the answer."""
-    return tok(tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True),
-               add_special_tokens=False)["input_ids"]
+    return encode_text(tok, chat_text(tok, messages))
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int, shared: int = 0):

@@ -95,7 +95,8 @@ def judge_name(task: str, version: str | int | None = None) -> str:
     return ModelName.of(task, JUDGE if version is None else f"{JUDGE}-v{version}").served
 
 
-ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /admin/reload"
+ROUTES = ("POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /admin/reload, "
+          "POST /admin/variant")
 
 
 class ChatMessage(BaseModel):
@@ -204,6 +205,13 @@ class ReloadRequest(BaseModel):
     name: str = Field(min_length=1, description="The served model name: '<task>', '<task>:challenger', "
                                                 "'<task>:v<N>'")
     adapter_dir: str
+    version: str
+
+
+class VariantRequest(BaseModel):
+    name: str = Field(min_length=1, description="The served model name: '<task>', '<task>:challenger'")
+    variant: dict[str, Any] = Field(description="The GGUF variant's files (VariantFiles: name, path, format, "
+                                                "engine, ...)")
     version: str
 
 

@@ -22,7 +22,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class Route:
     asked: ModelName
     served: ModelName
     version: str | None
+    engine: str = "local"  # "local" (the genops engine) | "llamacpp" (a GGUF variant's server)
+    variant: Any = field(default=None, compare=False)  # the llamacpp.VariantRoute answering it
 
     @property
     def task(self) -> str | None:
@@ -120,12 +122,20 @@ def task_defined(tasks_dir: Path, task: str) -> bool:
 
 class Router:
     """Resolves model names against the adapters loaded now (``loaded.adapters``, keyed by
-    served name) and their registry versions (``versions``, served name -> version)."""
+    served name), the GGUF variants served by llama.cpp (``variants``: served name -> route,
+    over an adapter of the same name) and their registry versions (``versions``, served name ->
+    version)."""
 
     def __init__(self, loaded: LoadedModel, versions: Mapping[str, str], settings: ServerSettings,
-                 prompts: DeployedPrompts, rng: Callable[[], float] = random.random):
+                 prompts: DeployedPrompts, rng: Callable[[], float] = random.random,
+                 variants: Mapping[str, Any] | None = None):
         self.loaded, self.versions, self.settings, self.prompts, self.rng = loaded, versions, settings, prompts, rng
+        self.variants: Mapping[str, Any] = {} if variants is None else variants
         self._present: dict[str, tuple[float, bool]] = {}
+
+    def served(self) -> set[str]:
+        """The task models served now, by either engine."""
+        return set(self.loaded.adapters) | set(list(self.variants))
 
     def removed(self, task: str) -> bool:
         """Whether ``task``'s folder is gone from ``tasks_dir`` (never, when no tasks_dir is set)."""
@@ -141,7 +151,7 @@ class Router:
 
     def models(self) -> list[ModelName]:
         """Every model served now: the base, then each present task's loaded versions."""
-        names = [ModelName.parse(n) for n in sorted(self.loaded.adapters)]
+        names = [ModelName.parse(n) for n in sorted(self.served())]
         return [ModelName(None, BASE_NAME), *(m for m in names if not self.removed(m.task))]
 
     def names(self) -> list[str]:
@@ -149,11 +159,11 @@ class Router:
 
     def tasks(self) -> list[str]:
         """The tasks with a version loaded or a prompt deployed (removed ones included)."""
-        return sorted({m.task for m in map(ModelName.parse, list(self.loaded.adapters))} | set(self.prompts.tasks()))
+        return sorted({m.task for m in map(ModelName.parse, self.served())} | set(self.prompts.tasks()))
 
     def knows(self, task: str) -> bool:
         """Whether ``task`` has a version loaded or a prompt deployed (without listing every task)."""
-        return (any(ModelName.parse(n).task == task for n in list(self.loaded.adapters))
+        return (any(ModelName.parse(n).task == task for n in self.served())
                 or (self.prompts.folder / f"{task}.json").is_file())
 
     def parse(self, name: str) -> ModelName:
@@ -175,15 +185,19 @@ class Router:
     def resolve(self, name: str) -> Route:
         """The route of a request for ``name``; ModelNotFound when that model is not loaded."""
         asked = self.parse(name)
-        if asked.task is not None and asked.served not in self.loaded.adapters:
+        served_now = self.served()
+        if asked.task is not None and asked.served not in served_now:
             raise ModelNotFound(f"The model '{name}' does not exist: task '{asked.task}' has no {asked.slot} "
                                 f"loaded (served: {self.names()})")
         served = asked
         if asked.task is not None and asked.slot == CHAMPION:
             share = self.settings.canary(asked.task)
             challenger = ModelName.of(asked.task, CHALLENGER)
-            if share > 0 and challenger.served in self.loaded.adapters and self.rng() < share:
+            if share > 0 and challenger.served in served_now and self.rng() < share:
                 served = challenger
+        variant = self.variants.get(served.served) if served.task is not None else None
+        if variant is not None:
+            return Route(asked, served, variant.version, variant.engine, variant)
         return Route(asked, served, self.versions.get(served.served))
 
 

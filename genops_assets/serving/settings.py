@@ -73,6 +73,10 @@ class ServerSettings(BaseSettings):
         "genops_assets.lib.guardrails.injection:InjectionDetector.load",
         description="module:factory building the prompt-injection detector of the guardrails (default: the "
                     "classifier genops ships)")
+    llamacpp_n_ctx: int = Field(2048, ge=16, description="context tokens of each llama.cpp server serving a GGUF "
+                                                         "variant (prompt plus max_tokens must fit)")
+    llamacpp_threads: int | None = Field(None, ge=1, description="CPU threads of each llama.cpp server (default: "
+                                                                 "llama.cpp's choice)")
     resource_sample_s: float = Field(5.0, ge=0, allow_inf_nan=False,
                                      description="seconds between samples of the process's CPU, memory and GPU "
                                                  "memory into resources.jsonl; 0: off")

@@ -35,10 +35,14 @@ class TextStream:
             self.raw += after[len(before) :]
             self._prefix, self._read = self._read, len(self.tokens)
 
+    def feed_text(self, piece: str) -> None:
+        """Text decoded elsewhere (another engine's stream), instead of tokens."""
+        self.raw += piece
+
     def advance(self, final: bool = False) -> tuple[str, bool]:
         """(new text to send, whether a stop string ended the answer). ``final``: the answer is
         complete, so nothing is held back (and the whole answer is decoded at once)."""
-        text = self._decode(self.tokens) if final else self.raw
+        text = self._decode(self.tokens) if final and self.tokens else self.raw
         cut = None
         start = 0 if final else max(0, self._scanned - max((len(s) for s in self.stops), default=0))
         for s in self.stops:
