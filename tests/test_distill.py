@@ -327,3 +327,58 @@ def test_distilled_student_materializes_and_is_registered_with_its_lineage(
     assert value2["teacher_calls"] == 0
     mat = again.asset_materializations_for_node(TASK_REF.step("distilled_student"))[0]
     assert mat.metadata["reused"].value is True
+
+
+def test_an_openai_compatible_endpoint_can_be_the_teacher(tmp_path, spec):
+    """The endpoint teacher speaks the chat-completions protocol over HTTP (a local server that
+    answers every request with one fixed JSON object and records what it was sent)."""
+    import http.server
+    import threading
+
+    from genops_assets.lib.distill import EndpointTeacher
+
+    answer = {"category": "shipping", "priority": "medium", "product": "doorbell",
+              "summary": "Customer's doorbell order has not moved since the label was created."}
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                    "role": "assistant", "content": json.dumps(answer)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = next(s for port in range(19400, 19500) if (s := _try_bind(http.server.ThreadingHTTPServer, port,
+                                                                      Handler)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        teacher = EndpointTeacher(f"http://127.0.0.1:{server.server_port}/v1", "teacher-model")
+        prompts = [UnlabelledPrompt("a", "where is my doorbell"), UnlabelledPrompt("b", "tracking stuck")]
+        cache = CallCache(tmp_path / "calls.sqlite")
+        labels = teacher_labels(prompts, spec, teacher, cache, max_new_tokens=40)
+        assert labels.counts()["labels_valid"] == 2 and labels.answers["a"] == answer
+        path, body = seen[0]
+        assert path == "/v1/chat/completions" and body["model"] == "teacher-model"
+        assert body["max_tokens"] == 40 and body["temperature"] == 0.0
+        assert body["messages"] == build_messages(spec, "where is my doorbell")
+        assert teacher_labels(prompts, spec, teacher, cache, max_new_tokens=40).teacher_calls == 0
+        assert len(seen) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _try_bind(cls, port, handler):
+    try:
+        return cls(("127.0.0.1", port), handler)
+    except OSError:
+        return None
