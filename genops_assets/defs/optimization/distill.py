@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pydantic import Field
 from genops_assets import __version__
 from genops_assets.components.binding import bind_task, task_group, task_ins, task_key
 from genops_assets.defs.tuning.assets import NOT_COMPUTED, progress_logger
+from genops_assets.lib.cache import CallCache
 from genops_assets.lib.distill import (
     DISTILL_CODE_VERSION,
     EndpointTeacher,
@@ -32,7 +34,7 @@ from genops_assets.lib.evaluation import examples_from_frame
 from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.formatting import build_messages
 from genops_assets.lib.hashing import sha256_dir, sha256_json
-from genops_assets.lib.integrity import verify_folder
+from genops_assets.lib.integrity import MANIFEST, verify_folder
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.tasks import TaskRef, read_raw_file
 from genops_assets.lib.tuning import ProgressLine, tracked_metrics
@@ -130,6 +132,48 @@ def _variant_files(path: Path, parent: str | None):
                         size_bytes=size, digest=sha256_dir(path))
 
 
+def _label_progress(context: dg.AssetExecutionContext, stage: str):
+    """A ``teacher_labels`` progress callback: answered/total and an ETA from the teacher's rate."""
+    started = time.monotonic()
+    first: list[int] = []
+
+    def on_progress(done: int, total: int) -> None:
+        # The first report counts the cached answers too; the rate is that of the teacher's batches.
+        if not first:
+            first.append(done)
+            context.log.info(f"distill {stage}: {done}/{total} answered")
+            return
+        rate = (done - first[0]) / max(time.monotonic() - started, 1e-9)
+        eta = int((total - done) / rate) if rate > 0 else 0
+        context.log.info(f"distill {stage}: {done}/{total} answered, ETA {eta // 60}m{eta % 60:02d}s")
+
+    return on_progress
+
+
+def _build_student(context, mlflow: MlflowTracking, run_id: str, home: GenopsHome, examples, cfg, out_dir: Path,
+                   version_key: str, student_base: Path | None, pruned_dir: Path, source: str,
+                   keep: int) -> dict[str, Any]:
+    """Train the student into ``out_dir`` (the pruned base, or ``student_base`` as it is), or
+    reuse the one a run with the same version key left there. Returns the training summary."""
+    if out_dir.is_dir() and (out_dir / MANIFEST).is_file():
+        verify_folder(out_dir)
+        context.log.info(f"{out_dir} already holds the student of version key {version_key}: not training again")
+        return {"reused": True}
+    if student_base is not None:
+        pruned_dir = student_base
+    elif not pruned_dir.is_dir():
+        pruned = prune_layers(source, keep, pruned_dir)
+        context.log.info(f"pruned {pruned.source_layers} -> {len(pruned.kept_layers)} layers: {pruned.kept_layers}")
+    on_progress = progress_logger(context, mlflow, run_id, tracked_metrics, ProgressLine(label="distill"))
+    with exclusive(home.runs_dir / TRAINING_LOCK, on_wait=context.log.warning):
+        result = train_student(pruned_dir, examples, [], cfg, out_dir, home.runs_dir / f"distill-{version_key}",
+                               on_progress, data_digest=version_key, on_message=context.log.info)
+    history = result.train.history
+    return {"reused": False, "steps": result.train.steps, "runtime_s": result.train.runtime_s,
+            "final_train_loss": result.train.last("loss"),
+            "first_train_loss": next((h["loss"] for h in history if "loss" in h), None)}
+
+
 def distilled_student(
     context: dg.AssetExecutionContext,
     config: DistillConfig,
@@ -168,28 +212,21 @@ def distilled_student(
                                                                   default_keep(source_layers)))
     steps = int(_setting(spec, "student_steps", config.student_steps, 200))
     cfg = student_config(steps)
-    cache = home.cache_dir / "calls.sqlite"
-    from genops_assets.lib.cache import CallCache
-
-    calls = CallCache(cache)
-
-    def label_line(stage: str):
-        def on_progress(done: int, total: int) -> None:
-            context.log.info(f"distill {stage}: {done}/{total} answered by the teacher")
-        return on_progress
+    calls = CallCache(home.cache_dir / "calls.sqlite")
 
     labels = teacher_labels(prompts, spec, teacher, calls, prompt_ref.template, batch_size=config.batch_size,
-                            on_progress=label_line("labels"))
+                            on_progress=_label_progress(context, "labels"))
     golden_prompts = [UnlabelledPrompt(e.example_id, e.input_text, e.contexts) for e in golden]
     golden_teacher = teacher_labels(golden_prompts, spec, teacher, calls, prompt_ref.template,
-                                    batch_size=config.batch_size, on_progress=label_line("golden"))
+                                    batch_size=config.batch_size, on_progress=_label_progress(context, "golden"))
     if not labels.examples:
         raise dg.Failure(f"the teacher gave no valid answer to {len(prompts)} prompts "
                          f"(first problems: {labels.invalid[:3]})", allow_retries=False)
     context.log.info(f"teacher labels: {labels.counts()}")
 
+    source_digest = sha256_dir(student_source) if config.student_base else base_model["folder_digest"]
     version_key = sha256_json({
-        "teacher": teacher.identity, "student_source": sha256_dir(student_source), "keep": keep,
+        "teacher": teacher.identity, "student_source": source_digest, "keep": keep,
         "labels": [[e.example_id, e.messages, e.target] for e in labels.examples], "config": cfg.as_params(),
         "code": CODE_VERSION})[:32]
     variants_root = home.models_dir / "variants" / spec.name
@@ -203,25 +240,10 @@ def distilled_student(
             "layers_kept": keep, "steps": steps,
             "teacher": json.dumps(teacher.identity, sort_keys=True), "teacher_version": str(tuned_adapter["version"]),
             "prompt_version": prompt_ref.version, **prompt_counts, **labels.counts()})
-        if out_dir.is_dir() and (out_dir / "genops-manifest.json").is_file():
-            verify_folder(out_dir)
-            context.log.info(f"{out_dir} already holds the student of version key {version_key}: not training again")
-            train_summary: dict[str, Any] = {"reused": True}
-        else:
-            pruned_dir = variants_root / f"pruned-{version_key}"
-            if config.student_base:
-                pruned_dir = Path(student_source)
-            elif not pruned_dir.is_dir():
-                pruned = prune_layers(student_source, keep, pruned_dir)
-                context.log.info(f"pruned {source_layers} -> {len(pruned.kept_layers)} layers: {pruned.kept_layers}")
-            on_progress = progress_logger(context, mlflow, run_id, tracked_metrics, ProgressLine(label="distill"))
-            with exclusive(home.runs_dir / TRAINING_LOCK, on_wait=context.log.warning):
-                result = train_student(pruned_dir, labels.examples, [], cfg, out_dir,
-                                       home.runs_dir / f"distill-{version_key}", on_progress,
-                                       data_digest=version_key, on_message=context.log.info)
-            train_summary = {"reused": False, "steps": result.train.steps, "runtime_s": result.train.runtime_s,
-                             "final_train_loss": result.train.last("loss"),
-                             "first_train_loss": next((h["loss"] for h in result.train.history if "loss" in h), None)}
+        train_summary = _build_student(context, mlflow, run_id, home, labels.examples, cfg, out_dir, version_key,
+                                       Path(config.student_base) if config.student_base else None,
+                                       variants_root / f"pruned-{sha256_json([source_digest, keep])[:16]}",
+                                       student_source, keep)
         comparison = compare_on_golden(context, spec, prompt_ref.template, golden, golden_teacher, teacher,
                                        _original(base_model, tuned_adapter, config.batch_size), out_dir,
                                        config.batch_size)
