@@ -250,8 +250,21 @@ def _write_marts(warehouse: DuckDBWarehouse, spec) -> list[dict]:
     return frame
 
 
-def test_distilled_student_materializes_and_is_registered_with_its_lineage(
-        tmp_path, tiny_model_dir, tiny_adapter_dir, spec, contract_standins):
+@dataclass
+class Graph:
+    assets: list
+    resources: dict
+    run_config: dict
+    tracking: MlflowTracking
+
+    def materialize(self, **kwargs):
+        return dg.materialize(self.assets, resources=self.resources, run_config=self.run_config, **kwargs)
+
+
+@pytest.fixture()
+def graph(tmp_path, tiny_model_dir, tiny_adapter_dir, spec, contract_standins) -> Graph:
+    """distilled_student over marts, a request log and a prompt registry in ``tmp_path``, its
+    upstream values (the tiny base and adapter as tuned_adapter) given by stand-in assets."""
     from genops_assets.defs.optimization.distill import build_distill_assets
 
     home = GenopsHome(root=str(tmp_path / "home"))
@@ -268,7 +281,7 @@ def test_distilled_student_materializes_and_is_registered_with_its_lineage(
     # (as an earlier run of a capable teacher would have left them); the rest it answers itself.
     teacher_id = EngineTeacher(base["path"], adapter["adapter_dir"], base["folder_digest"],
                                adapter["adapter_digest"]).identity
-    cache = CallCache(GenopsHome(root=home.root).cache_dir / "calls.sqlite")
+    cache = CallCache(home.cache_dir / "calls.sqlite")
     template = tracking.resolve_prompt(spec).template
     for i, row in enumerate(frame):
         if row["split"] == "validation":
@@ -291,7 +304,12 @@ def test_distilled_student_materializes_and_is_registered_with_its_lineage(
     resources = {"warehouse": warehouse, "home": home, "mlflow": tracking,
                  "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
     run_config = {"ops": {TASK_REF.step("distilled_student"): {"config": {"student_layers": 1, "student_steps": 2}}}}
-    result = dg.materialize([base_model_value, tuned_value, asset], resources=resources, run_config=run_config)
+    return Graph([base_model_value, tuned_value, asset], resources, run_config, tracking)
+
+
+def test_distilled_student_materializes_and_is_registered_with_its_lineage(graph):
+    tracking = graph.tracking
+    result = graph.materialize()
     assert result.success
     value = result.output_for_node(TASK_REF.step("distilled_student"))
     (variant,) = value["variants"]
@@ -321,12 +339,26 @@ def test_distilled_student_materializes_and_is_registered_with_its_lineage(
     assert version.run_id == value["mlflow_run_id"]
 
     # Same inputs: nothing is trained or registered again, and the teacher is not asked again.
-    again = dg.materialize([base_model_value, tuned_value, asset], resources=resources, run_config=run_config)
+    again = graph.materialize()
     value2 = again.output_for_node(TASK_REF.step("distilled_student"))
     assert value2["variants"][0]["version"] == variant["version"]
     assert value2["teacher_calls"] == 0
     mat = again.asset_materializations_for_node(TASK_REF.step("distilled_student"))[0]
     assert mat.metadata["reused"].value is True
+
+
+def test_a_failed_training_ends_the_mlflow_run_failed(graph, monkeypatch):
+    import genops_assets.defs.optimization.distill as distill
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the student's training")
+
+    monkeypatch.setattr(distill, "train_student", broken)
+    result = graph.materialize(raise_on_error=False)
+    assert not result.success
+    (run,) = graph.tracking.client().search_runs([graph.tracking.experiment_id(f"genops/{TASK}")])
+    assert run.info.status == "FAILED" and run.data.tags["genops.variant"] == "distilled"
+    assert graph.tracking.client().search_model_versions(f"name = 'genops-{TASK}-variants'") == []
 
 
 def test_an_openai_compatible_endpoint_can_be_the_teacher(tmp_path, spec):
