@@ -73,6 +73,9 @@ class ServerSettings(BaseSettings):
         "genops_assets.lib.guardrails.injection:InjectionDetector.load",
         description="module:factory building the prompt-injection detector of the guardrails (default: the "
                     "classifier genops ships)")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="load the base model in 4-bit NF4 or 8-bit through bitsandbytes (GPU, or bitsandbytes' "
+                            "CPU backend); refused at start when this machine cannot")
     resource_sample_s: float = Field(5.0, ge=0, allow_inf_nan=False,
                                      description="seconds between samples of the process's CPU, memory and GPU "
                                                  "memory into resources.jsonl; 0: off")
