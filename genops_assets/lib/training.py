@@ -408,11 +408,21 @@ def train_lora(
         # bitsandbytes quantizes while placing the weights, so they go straight to the device.
         # prepare_model_for_kbit_training freezes the base, keeps norms and embeddings in fp32
         # and makes the inputs carry gradients (needed with gradient checkpointing).
-        placement = {"": int(os.environ.get("LOCAL_RANK", "0")) if has_cuda else "cpu"}
+        from accelerate import PartialState
+
+        placement = {"": PartialState().local_process_index if has_cuda else "cpu"}
         model = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=resolve_compute_dtype(cfg.compute_dtype, device), quantization_config=bnb_config,
             device_map=placement, use_safetensors=True)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if not has_cuda:
+            # bitsandbytes' CPU backend repacks 4-bit weights into an inference-only layout the
+            # first time a layer runs without grad (an evaluation) and keeps it when training
+            # resumes; no gradient flows back through that layout, so the adapters of the layers
+            # below would silently stop learning after the first evaluation.
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
     model = get_peft_model(model, to_lora_config(cfg))
 
     skipped: list[str] = []
