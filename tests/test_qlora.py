@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +17,8 @@ from genops_assets.defs.tuning.config import TuningConfig
 from genops_assets.lib import quantization as q
 from genops_assets.lib.training import LoraTrainConfig, train_lora
 from genops_assets.lib.tuning import plan_tuning
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -227,3 +230,96 @@ def test_quantized_inference_on_cpu(quantization, layer, tiny64_dir, tmp_path):
     messages = [[{"role": "user", "content": "Ticket 3: my parcel is late"}]]
     answer = generate(quant, messages, adapter="t", max_new_tokens=4)[0]
     assert answer.completion_tokens > 0
+
+
+# -- the tuning asset ---------------------------------------------------------------------------
+
+TASK = "support_triage"
+
+
+@pytest.fixture()
+def tuning_res(tmp_path):
+    """Resources of the tuning asset on a fresh data directory: an MLflow store with the task's
+    prompt as `production`, and a warehouse whose sft_dataset holds 8 train and 4 validation rows."""
+    import dagster as dg
+    import duckdb
+
+    from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
+    from genops_assets.lib.tasks import load_task, read_raw_file
+    from resources.paths import GenopsHome
+    from resources.tracking import MlflowTracking
+    from resources.warehouse import DuckDBWarehouse, mart_schema
+
+    spec = load_task(REPO / "tasks", TASK)
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              artifact_root=(tmp_path / "artifacts").as_uri())
+    ref, _ = tracking.register_prompt(prompt_registry_name(TASK), spec.prompt, "the task folder's prompt")
+    tracking.set_prompt_alias(ref.name, PRODUCTION, ref.version)
+    warehouse = DuckDBWarehouse(path=str(tmp_path / "warehouse.duckdb"))
+    raw = [ex for path in spec.raw_files() for ex in read_raw_file(path, spec)][:12]
+    sft = pd.DataFrame({"example_id": [f"ex{i}" for i in range(len(raw))],
+                        "input_text": [ex.input_text for ex in raw],
+                        "output_json": [json.dumps(ex.output) for ex in raw],
+                        "split": ["train" if i < 8 else "validation" for i in range(len(raw))]})
+    with duckdb.connect(warehouse.path) as con:
+        con.execute(f"create schema {mart_schema(TASK)}")
+        con.register("sft", sft)
+        con.execute(f"create table {mart_schema(TASK)}.sft_dataset as select * from sft")
+    return {"warehouse": warehouse, "mlflow": tracking, "home": GenopsHome(root=str(tmp_path / "home")),
+            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+
+
+def _materialize_tuning(res: dict, base_dir, config: dict):
+    import dagster as dg
+
+    from genops_assets.defs.tuning.assets import build_tuning_assets
+    from genops_assets.lib.hashing import sha256_dir
+    from genops_assets.lib.tasks import TaskRef
+
+    ref = TaskRef(TASK, str(REPO / "tasks"))
+    (tuned_adapter,) = build_tuning_assets(ref)
+
+    @dg.asset(key="base_model")
+    def base_model() -> dict:
+        return {"name": "tiny64", "path": str(base_dir), "folder_digest": sha256_dir(base_dir)}
+
+    assert dg.materialize([base_model], resources=res).success
+    return dg.materialize([base_model, tuned_adapter], selection=[tuned_adapter], resources=res,
+                          raise_on_error=False,
+                          run_config={"ops": {ref.step("tuned_adapter"): {"config": config}}})
+
+
+def _runs(tracking) -> list:
+    from mlflow.entities import ViewType
+
+    client = tracking.client()
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(experiments, run_view_type=ViewType.ALL)
+
+
+def test_tuning_asset_refuses_before_any_data_work(no_bitsandbytes, tuning_res, tiny64_dir):
+    import duckdb
+
+    from resources.warehouse import mart_schema
+
+    con = duckdb.connect(tuning_res["warehouse"].path)
+    con.execute(f"drop table {mart_schema(TASK)}.sft_dataset")
+    con.close()
+    result = _materialize_tuning(tuning_res, tiny64_dir, {"quantization": "nf4", "max_steps": 1})
+    assert not result.success
+    errors = [e.event_specific_data.error.to_string() for e in result.get_step_failure_events()]
+    # the quantization error, not the missing table's: the warehouse was never read
+    assert errors and all("tuning config quantization='nf4'" in e for e in errors), errors
+    assert _runs(tuning_res["mlflow"]) == []
+
+
+@needs_cpu_backend
+def test_tuning_asset_trains_qlora_and_logs_the_quantization(tuning_res, tiny64_dir):
+    config = {"quantization": "nf4", "compute_dtype": "float32", "max_steps": 1, "batch_size": 4,
+              "eval_every": 0, "save_every": 1, "log_every": 1, "rank": 4, "alpha": 8}
+    result = _materialize_tuning(tuning_res, tiny64_dir, config)
+    assert result.success
+    (run,) = _runs(tuning_res["mlflow"])
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["quantization"], run.data.params["compute_dtype"],
+            run.data.params["double_quant"]) == ("nf4", "float32", "True")
