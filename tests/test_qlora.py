@@ -323,3 +323,30 @@ def test_tuning_asset_trains_qlora_and_logs_the_quantization(tuning_res, tiny64_
     assert run.info.status == "FINISHED"
     assert (run.data.params["quantization"], run.data.params["compute_dtype"],
             run.data.params["double_quant"]) == ("nf4", "float32", "True")
+
+
+def test_evaluation_asset_refuses_before_any_data_work(no_bitsandbytes, tuning_res, tiny64_dir):
+    import dagster as dg
+
+    from genops_assets.defs.evaluation.assets import build_evaluation_assets
+    from genops_assets.lib.tasks import TaskRef
+
+    ref = TaskRef(TASK, str(REPO / "tasks"))
+    eval_report = build_evaluation_assets(ref)[0]
+
+    @dg.asset(key="base_model")
+    def base_model() -> dict:
+        return {"name": "tiny64", "path": str(tiny64_dir), "folder_digest": "base-digest"}
+
+    @dg.asset(key=[TASK, "tuned_adapter"])
+    def tuned_adapter() -> dict:
+        return {"model_name": f"genops-{TASK}", "version": "1", "adapter_dir": "unused", "adapter_digest": "a"}
+
+    # the warehouse has no golden_eval_dataset: reading it would fail with another error
+    assert dg.materialize([base_model, tuned_adapter], resources=tuning_res).success
+    result = dg.materialize([base_model, tuned_adapter, eval_report], selection=[eval_report],
+                            resources={**tuning_res, "judge": object()}, raise_on_error=False,
+                            run_config={"ops": {ref.step("eval_report"): {"config": {"quantization": "int8"}}}})
+    assert not result.success
+    errors = [e.event_specific_data.error.to_string() for e in result.get_step_failure_events()]
+    assert errors and all("eval config quantization='int8'" in e for e in errors), errors
