@@ -29,6 +29,13 @@ from typing import Any
 
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json, sha256_file, sha256_json
 from genops_assets.lib.integrity import verify_model_folder, write_manifest
+from genops_assets.lib.quantization import (
+    COMPUTE_DTYPES,
+    check_quantization_name,
+    require_quantization,
+    resolve_compute_dtype,
+    to_bnb_config,
+)
 
 TRAINING_CODE_VERSION = "sft-1"
 IGNORE_INDEX = -100
@@ -40,6 +47,7 @@ COMPLETE_MARKER = "genops-complete.json"
 # previous complete checkpoint must survive that rotation.
 KEEP_CHECKPOINTS = 2
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+QUANTIZATION_FIELDS = ("quantization", "compute_dtype", "double_quant")
 
 
 class TrainingInputError(ValueError):
@@ -71,10 +79,31 @@ class LoraTrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     deepspeed_config: str | None = None
+    quantization: str = "none"  # none | nf4 | int8: the frozen base loaded through bitsandbytes (QLoRA)
+    compute_dtype: str = "auto"  # nf4 matmul dtype; auto: bfloat16 on a GPU that has it, else float32
+    double_quant: bool = True  # nf4: quantize the quantization constants too
+
+    def __post_init__(self) -> None:
+        check_quantization_name(self.quantization)
+        if self.quantization != "none" and self.deepspeed_config:
+            raise ValueError(f"quantization={self.quantization!r} with deepspeed_config: a quantized base is trained "
+                             "on one device here; drop one of the two")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype: unknown '{self.compute_dtype}' (use one of {', '.join(COMPUTE_DTYPES)})")
 
     def as_params(self) -> dict[str, Any]:
+        """The config as MLflow params and version-key input. The quantization fields appear for a
+        quantized run only, so an unquantized run keeps the version key (and the resumable
+        checkpoints) it had before quantization was an option; the tuning asset logs
+        ``quantization`` for every run."""
         d = asdict(self)
         d["target_modules"] = ",".join(self.target_modules)
+        if self.quantization == "none":
+            for key in QUANTIZATION_FIELDS:
+                d.pop(key)
+        elif self.quantization == "int8":
+            for key in ("compute_dtype", "double_quant"):  # nf4 only
+                d.pop(key)
         return d
 
 
@@ -332,7 +361,7 @@ def train_lora(
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -343,6 +372,11 @@ def train_lora(
     )
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    has_cuda = torch.cuda.is_available()
+    device = "cuda" if has_cuda else "cpu"
+    # Before any data or checkpoint work: a quantized run that cannot be quantized here fails
+    # now, never trains the full-precision base instead.
+    require_quantization(cfg.quantization, "quantization", device)
     if not train:
         raise TrainingInputError("no training examples: the sft_dataset train split is empty")
 
@@ -363,11 +397,32 @@ def train_lora(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    bnb_config = to_bnb_config(cfg.quantization, cfg.compute_dtype, cfg.double_quant, device)
+    if bnb_config is None:
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    else:
+        # bitsandbytes quantizes while placing the weights, so they go straight to the device.
+        # prepare_model_for_kbit_training freezes the base, keeps norms and embeddings in fp32
+        # and makes the inputs carry gradients (needed with gradient checkpointing).
+        from accelerate import PartialState
+
+        placement = {"": PartialState().local_process_index if has_cuda else "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=resolve_compute_dtype(cfg.compute_dtype, device), quantization_config=bnb_config,
+            device_map=placement, use_safetensors=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if not has_cuda:
+            # bitsandbytes' CPU backend repacks 4-bit weights into an inference-only layout the
+            # first time a layer runs without grad (an evaluation) and keeps it when training
+            # resumes; no gradient flows back through that layout, so the adapters of the layers
+            # below would silently stop learning after the first evaluation.
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
     model = get_peft_model(model, to_lora_config(cfg))
 
     skipped: list[str] = []
@@ -416,7 +471,6 @@ def train_lora(
                 write_checkpoint_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}",
                                         state.global_step)
 
-    has_cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(Path(work_dir) / CHECKPOINTS_DIR),
         per_device_train_batch_size=cfg.batch_size,

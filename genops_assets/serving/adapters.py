@@ -65,25 +65,35 @@ def load_model(
     adapters: Mapping[str, str | Path] | None = None,
     dtype: str = "auto",
     device: str | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load the base model folder and the given adapters (served name -> adapter folder). The
-    folder must hold safetensors weights only (and match its manifest when it has one)."""
+    folder must hold safetensors weights only (and match its manifest when it has one).
+    ``quantization`` (none | nf4 | int8) loads the base through bitsandbytes, ``dtype`` being the
+    nf4 compute dtype; ``QuantizationUnavailable`` when this machine cannot."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from genops_assets.lib.integrity import verify_model_folder
+    from genops_assets.lib.quantization import require_quantization, to_bnb_config
 
     base_dir = str(base_dir)
     if not Path(base_dir, "config.json").is_file():
         raise FileNotFoundError(f"{base_dir}: not a Hugging Face model folder (no config.json)")
     verify_model_folder(base_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    require_quantization(quantization, "quantization", device)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    bnb_config = to_bnb_config(quantization, dtype, device=device)
+    # bitsandbytes quantizes while placing the weights: straight onto the device, never moved after
+    placed = {} if bnb_config is None else {"quantization_config": bnb_config, "device_map": {"": device}}
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_torch_dtype(dtype, device),
-                                                 use_safetensors=True).to(device)
+                                                 use_safetensors=True, **placed)
+    if bnb_config is None:
+        model = model.to(device)
     model.eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, base_dir=base_dir, device=device)
     for name, path in (adapters or {}).items():

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    from genops_assets.lib.quantization import QuantizationUnavailable
     from genops_assets.serving.adapters import load_model
     from genops_assets.serving.app import create_app
     from genops_assets.serving.protocol import BASE_NAME, ModelName, ModelNameError
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.error(f"--adapter/--version: {exc}")
     if any(ModelName.parse(n).task is None for n in names):
         cli.error(f"--adapter: '{BASE_NAME}' is the base model, not an adapter")
-    loaded = load_model(args.base_model, names, dtype=args.dtype)
+    try:
+        loaded = load_model(args.base_model, names, dtype=args.dtype, quantization=settings.quantization)
+    except QuantizationUnavailable as exc:
+        raise SystemExit(f"genops endpoint: {exc}") from None
     app = create_app(loaded, settings, state_dir, token, versions)
     watcher = None
     if args.watch_registry:

@@ -77,6 +77,9 @@ class ServerSettings(BaseSettings):
                                                          "variant (prompt plus max_tokens must fit)")
     llamacpp_threads: int | None = Field(None, ge=1, description="CPU threads of each llama.cpp server (default: "
                                                                  "llama.cpp's choice)")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="load the base model in 4-bit NF4 or 8-bit through bitsandbytes (GPU, or bitsandbytes' "
+                            "CPU backend); refused at start when this machine cannot")
     resource_sample_s: float = Field(5.0, ge=0, allow_inf_nan=False,
                                      description="seconds between samples of the process's CPU, memory and GPU "
                                                  "memory into resources.jsonl; 0: off")

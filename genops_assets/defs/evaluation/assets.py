@@ -27,6 +27,7 @@ from genops_assets.lib.eval_report import (
 from genops_assets.lib.evaluation import ModelEval, examples_from_frame, sample_pass_rates
 from genops_assets.lib.hashing import sha256_json
 from genops_assets.lib.prompts import CANDIDATE
+from genops_assets.lib.quantization import quantized_identity, require_quantization
 from genops_assets.lib.report import png_markdown, rag_section, write_eval_report
 from genops_assets.lib.tasks import TaskRef
 from resources.judge import JudgeResource
@@ -77,6 +78,7 @@ def eval_report(
     answers, with 95% intervals. Predictions and verdicts are cached by content. Cost: 2-4
     minutes on CPU for the embedded model (plus two judge calls per example and model for a
     task with contexts)."""
+    require_quantization(config.quantization, "eval config quantization")
     spec = task.load()
     production = mlflow.resolve_prompt(spec)
     context.log.info(f"prompt: {production.name} v{production.version} (alias production)")
@@ -103,9 +105,10 @@ def eval_report(
         from genops_assets.serving.adapters import load_model
 
         context.log.info(f"loading {base_model['path']} with adapters {sorted(adapters)}")
-        return load_model(base_model["path"], adapters)
+        return load_model(base_model["path"], adapters, quantization=config.quantization)
 
-    setup = GoldenSetup(spec, examples, production.template, base_model["folder_digest"], version,
+    setup = GoldenSetup(spec, examples, production.template,
+                        quantized_identity(base_model["folder_digest"], config.quantization), version,
                         tuned_adapter["adapter_digest"], reference, few_shots, config.batch_size)
     cache = CallCache(home.cache_dir / "calls.sqlite")
     log = context.log.info

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 import dagster as dg
 from pydantic import Field
 
@@ -21,6 +23,9 @@ class EvalConfig(dg.Config):
                                               "relevancy of every evaluated model (two judge calls per golden "
                                               "example and model, cached); False: retrieval metrics only.")
     seed: int = Field(0, description="Seed of the bootstrap intervals of the RAG metrics.")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="Load the base model in 4-bit NF4 or 8-bit through bitsandbytes (answers are cached "
+                            "apart from the full-precision ones); fails before any work where this machine cannot.")
 
 
 class SxsConfig(dg.Config):

@@ -11,6 +11,7 @@ from genops_assets.defs.tuning.config import TuningConfig
 from genops_assets.lib.hashing import sha256_json
 from genops_assets.lib.integrity import files_digest, record_folder
 from genops_assets.lib.locks import exclusive
+from genops_assets.lib.quantization import QuantizationUnavailable, require_quantization
 from genops_assets.lib.report import loss_curve_png, png_markdown
 from genops_assets.lib.tasks import TaskRef
 from genops_assets.lib.training import TRAINING_CODE_VERSION, TrainingInputError, train_lora
@@ -109,9 +110,13 @@ def tuned_adapter(
     (retried by the retry policy, or re-launched) resumes from the last complete checkpoint in
     runs/<version_key>/checkpoints."""
 
+    cfg = config.to_train_config()
+    try:
+        require_quantization(cfg.quantization, "tuning config quantization")
+    except QuantizationUnavailable as exc:  # this machine cannot; a retry cannot either
+        raise dg.Failure(str(exc), allow_retries=False) from exc
     spec = task.load()
     prompt_ref = mlflow.resolve_prompt(spec)
-    cfg = config.to_train_config()
     sft_table = f"{mart_schema(spec.name)}.sft_dataset"
     plan = plan_tuning(warehouse.query_df(f"select * from {sft_table} order by example_id"),
                        base_model["folder_digest"], prompt_ref.digest, cfg.as_params(), CODE_VERSION,
@@ -127,7 +132,8 @@ def tuned_adapter(
     with mlflow.run(f"genops/{spec.name}", f"sft-{plan.version_key[:8]}",
                     {**tags, "genops.task": spec.name, VERSION_KEY_TAG: plan.version_key}) as run_id:
         mlflow.link_prompt(run_id, prompt_ref)
-        mlflow.log_params(run_id, {**cfg.as_params(), "base_model": base_model["name"],
+        mlflow.log_params(run_id, {**cfg.as_params(), "quantization": cfg.quantization,
+                                   "base_model": base_model["name"],
                                    "train_examples": len(plan.train), "validation_examples": len(plan.validation),
                                    "task": spec.name, "prompt_version": prompt_ref.version})
         for split, rows in (("train", plan.train), ("validation", plan.validation)):

@@ -6,6 +6,7 @@ The defaults are those of ``LoraTrainConfig`` and ``DpoTrainConfig``: stated onc
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -39,6 +40,12 @@ class TuningConfig(dg.Config):
         description="Trade compute for memory on big models.")
     deepspeed_config: str | None = Field(_LIB.deepspeed_config,
         description="Path to a DeepSpeed JSON config (multi-GPU).")
+    quantization: Literal["none", "nf4", "int8"] = Field(_LIB.quantization,
+        description="Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit through bitsandbytes; a run that cannot "
+                    "quantize on this machine fails before any data work. Part of the version key.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(_LIB.compute_dtype,
+        description="nf4: dtype of the de-quantized matmuls (auto: bfloat16 on a GPU that has it, else float32).")
+    double_quant: bool = Field(_LIB.double_quant, description="nf4: quantize the quantization constants too.")
     max_train_examples: int | None = Field(None, description="Use only the first N train examples (quick runs).")
     resume: bool = Field(
         True,
