@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,42 +186,6 @@ def test_invalid_teacher_answers_are_dropped_and_counted(tmp_path, spec):
 # -- the asset -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StandInVariantFiles:
-    """Test scaffolding: the VariantFiles of the contract, until genops_assets.lib.variants exists."""
-
-    name: str
-    path: str
-    format: str
-    engine: str
-    parent: str | None
-    size_bytes: int
-    digest: str
-
-
-def _standin_register_variant(self, task, files, run_id, source_version, version_key, extra_tags):
-    """Test scaffolding for MlflowTracking.register_variant (the contract's signature and tags)."""
-    tags = {"genops.variant": files.name, "genops.format": files.format, "genops.engine": files.engine,
-            "genops.parent_variant": str(files.parent), "genops.source_model": f"genops-{task}",
-            "genops.source_version": source_version, "genops.version_key": version_key, **extra_tags}
-    existing = self.find_version(f"genops-{task}-variants", version_key)
-    return existing or self.register(f"genops-{task}-variants", files.path, run_id, tags)
-
-
-@pytest.fixture()
-def contract_standins(monkeypatch):
-    """Test scaffolding: the variants registry pieces this asset calls, as the contract defines them,
-    used only while the real ones are not in this tree."""
-    try:
-        import genops_assets.lib.variants  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("genops_assets.lib.variants")
-        module.VariantFiles = StandInVariantFiles
-        monkeypatch.setitem(sys.modules, "genops_assets.lib.variants", module)
-    if not hasattr(MlflowTracking, "register_variant"):
-        monkeypatch.setattr(MlflowTracking, "register_variant", _standin_register_variant, raising=False)
-
-
 def _write_marts(warehouse: DuckDBWarehouse, spec) -> list[dict]:
     rows = [json.loads(line) for line in (spec.root / "examples.jsonl").read_text().splitlines() if line.strip()]
     frame = [{"example_id": f"ex{i:03d}", "input_text": r["message"],
@@ -262,7 +224,7 @@ class Graph:
 
 
 @pytest.fixture()
-def graph(tmp_path, tiny_model_dir, tiny_adapter_dir, spec, contract_standins) -> Graph:
+def graph(tmp_path, tiny_model_dir, tiny_adapter_dir, spec) -> Graph:
     """distilled_student over marts, a request log and a prompt registry in ``tmp_path``, its
     upstream values (the tiny base and adapter as tuned_adapter) given by stand-in assets."""
     from genops_assets.defs.optimization.distill import build_distill_assets

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from genops_assets.bench.serving import _start, _stop, load
+from genops_assets.lib.variants import gguf_file
 
 LEVELS = (1, 16)
 ORIGINAL = "original"
@@ -69,15 +70,6 @@ class RssSampler:
         self._thread.join()
 
 
-def single_gguf(folder: str | Path) -> Path:
-    """The one .gguf file of a GGUF variant's folder."""
-    files = sorted(Path(folder).glob("*.gguf"))
-    if len(files) != 1:
-        raise FileNotFoundError(f"{folder}: a GGUF variant folder holds exactly one .gguf file, found "
-                                f"{[f.name for f in files] or 'none'}")
-    return files[0]
-
-
 @contextmanager
 def serve_variant(variant: Mapping, base_dir: str, work: Path, port: int) -> Iterator[tuple[str, str, int]]:
     """Start the server of one variant; yields (OpenAI base URL, model name, server pid), stops it after."""
@@ -91,7 +83,7 @@ def serve_variant(variant: Mapping, base_dir: str, work: Path, port: int) -> Ite
 
         if importlib.util.find_spec("llama_cpp") is None:
             raise RuntimeError("llama-cpp-python is not installed (make install-llamacpp)")
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(single_gguf(variant["path"])),
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file(variant["path"])),
                "--port", str(port), "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "2048"]
         proc = _start(cmd, f"http://127.0.0.1:{port}/v1/models", state / "server.log")
         try:

@@ -322,25 +322,6 @@ class StudentResult:
     kept_layers: list[int] = field(default_factory=list)
 
 
-def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """The adapter folded into the base weights, written as a safetensors folder (fp32) with the
-    base's tokenizer files and a manifest."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
-        for extra in (PRUNING_FILE, "chat_template.jinja"):
-            if (Path(base_dir) / extra).is_file() and not (tmp / extra).exists():
-                shutil.copy2(Path(base_dir) / extra, tmp / extra)
-        write_manifest(tmp)
-    return Path(out_dir)
-
-
 def train_student(student_dir: str | Path, train: Sequence[SftExample], validation: Sequence[SftExample],
                   cfg: LoraTrainConfig, out_dir: str | Path, work_dir: str | Path,
                   on_progress: Callable[[dict[str, float]], None] | None = None, *, data_digest: str = "",
@@ -351,7 +332,10 @@ def train_student(student_dir: str | Path, train: Sequence[SftExample], validati
     adapter_dir = Path(work_dir) / "adapter"
     result = train_lora(student_dir, train, validation, cfg, adapter_dir, work_dir, on_progress,
                         data_digest=data_digest, on_message=on_message)
-    merge_lora(student_dir, adapter_dir, out_dir)
+    from genops_assets.lib.variants import merge_adapter
+
+    merge_adapter(student_dir, adapter_dir, out_dir, log=on_message or print, name="distilled",
+                  keep_files=(PRUNING_FILE,))
     pruning = Path(student_dir) / PRUNING_FILE
     kept = json.loads(pruning.read_text(encoding="utf-8"))["kept_layers"] if pruning.is_file() else []
     return StudentResult(str(out_dir), result, "lora_merged", kept)

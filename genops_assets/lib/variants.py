@@ -84,11 +84,13 @@ def stage(log: Callable[[str], None], what: str):
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
-                  log: Callable[[str], None] = print) -> VariantFiles:
+                  log: Callable[[str], None] = print, name: str = MERGED,
+                  keep_files: tuple[str, ...] = ()) -> VariantFiles:
     """The LoRA adapter of ``adapter_dir`` merged into the weights of ``base_dir`` (PEFT
     ``merge_and_unload``), saved as an fp32 safetensors folder at ``out_dir`` with the base's
     config and tokenizer files and a manifest. The adapter's manifest and the base folder are
-    checked before loading. Cost: a few seconds for the embedded 135M model."""
+    checked before loading; ``keep_files`` of the base folder are copied along (a pruned
+    student's record of its layers). Cost: a few seconds for the embedded 135M model."""
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     try:
         verify_model_folder(base_dir)
@@ -112,12 +114,15 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     with stage(log, f"merge: writing {out_dir}"), atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for extra in keep_files:
+            if (base_dir / extra).is_file() and not (tmp / extra).exists():
+                (tmp / extra).write_bytes((base_dir / extra).read_bytes())
         (tmp / VARIANT_INFO).write_text(json.dumps({
-            "variant": MERGED, "base_model": str(base_dir), "adapter": str(adapter_dir),
+            "variant": name, "base_model": str(base_dir), "adapter": str(adapter_dir),
             "adapter_manifest": json.loads((adapter_dir / "genops-manifest.json").read_text()),
         }, indent=2, sort_keys=True) + "\n")
         write_manifest(tmp)
-    return describe(out_dir, MERGED, "safetensors", "local", None)
+    return describe(out_dir, name, "safetensors", "local", None)
 
 
 def check_merged_loads(folder: str | Path, prompt: str = "Hello") -> dict:

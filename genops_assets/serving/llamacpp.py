@@ -436,13 +436,8 @@ def variant_gguf(variant: Mapping[str, Any]) -> Path:
                          f"only gguf variants for engine '{ENGINE}' are served by llama.cpp")
     folder = Path(variant["path"])
     verify_folder(folder)
-    try:
-        from genops_assets.lib.variants import gguf_file
-    except ImportError:  # the variants library is not part of this installation yet
-        files = sorted(folder.glob("*.gguf"))
-        if len(files) != 1:
-            raise ValueError(f"variant folder {folder} holds {len(files)} .gguf files; expected exactly one") from None
-        return files[0]
+    from genops_assets.lib.variants import gguf_file
+
     return gguf_file(folder)
 
 

@@ -22,7 +22,10 @@ VARIANT_ASSETS = ("merged_model", "quantized_models", "distilled_student")
 
 def variant_builders() -> list[Callable[[TaskRef], list[dg.AssetsDefinition]]]:
     """The builders of the assets that make variants (one line each: import it, list it)."""
-    return []
+    from genops_assets.defs.optimization.distill import build_distill_assets
+    from genops_assets.defs.optimization.variants import build_variant_assets
+
+    return [build_variant_assets, build_distill_assets]
 
 
 def build_optimization_assets(task: TaskRef) -> list[dg.AssetsDefinition]:

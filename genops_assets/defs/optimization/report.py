@@ -28,7 +28,7 @@ from genops_assets.lib.optimization_report import (
 )
 from genops_assets.lib.tasks import TaskRef
 from resources.paths import GenopsHome
-from resources.tracking import MlflowTracking
+from resources.tracking import MlflowTracking, variant_model_name
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
 ARTIFACT_DIR = "optimization"
@@ -44,15 +44,6 @@ class OptimizationConfig(dg.Config):
     bench_requests: int = Field(16, ge=1, description="Requests per concurrency level (at least the level).")
     bench_max_tokens: int = Field(48, ge=1, description="Completion tokens per benchmark request.")
     bench_port: int = Field(0, ge=0, description="Port of the benchmark servers (0: a free one).")
-
-
-def variants_model_name(task: str) -> str:
-    """The registered model holding every variant of ``task`` (``genops-<task>-variants``)."""
-    try:
-        from resources.tracking import variant_model_name
-    except ImportError:  # the registry helpers of the variants are not part of this checkout
-        return f"genops-{task}-variants"
-    return variant_model_name(task)
 
 
 def free_port() -> int:
@@ -83,11 +74,11 @@ def variant_engine(variant: Mapping, tokenizer_dir: str, log) -> Iterator[tuple[
     if variant["format"] == "gguf":
         from transformers import AutoTokenizer
 
-        from genops_assets.bench.variants import single_gguf
+        from genops_assets.lib.variants import gguf_file
         from genops_assets.serving.llamacpp import LlamaCppServer, llamacpp_generate
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        server = LlamaCppServer(single_gguf(variant["path"]))
+        server = LlamaCppServer(gguf_file(variant["path"]))
         server.start()
         try:
             yield None, lambda batch, max_new_tokens, json_schema=None: llamacpp_generate(
@@ -210,7 +201,7 @@ def optimization_report(
     for r in rows:
         context.log.info(f"{r['variant']}: {r['status']} ({r['reason']})")
 
-    registry = variants_model_name(spec.name)
+    registry = variant_model_name(spec.name)
     title = f"{spec.name}: variants of v{version} on {len(examples)} golden examples"
     run_tags = {"genops.dagster_run_id": context.run.run_id, "genops.candidate_version": version}
     with mlflow.run(f"genops/{spec.name}", f"optimization-v{version}", run_tags) as run_id:
