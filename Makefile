@@ -87,7 +87,7 @@ safety-report: install
 
 # Every tier: unit, graph (the asset graph in-process on a tiny model), server (HTTP servers and
 # subprocesses) and integration (the real bundled models). Markers in pyproject.toml.
-test: install chromium
+test: install install-llamacpp chromium
 	$(BIN)/python -m genops_assets.cli init-home
 	$(BIN)/python -m pytest -q --timeout=900 --durations=15
 

@@ -75,6 +75,12 @@ def guarded_answer(engine, spec, prompt_ref, case: dict) -> str:
     return engine.check_output(case["prediction"], system_prompt=system).text
 
 
+def endpoint_prompt(spec, prompt_ref) -> dict:
+    """What the endpoint is given for a task: its production prompt, and the output schema its
+    answers are held to when the task decodes constrained (None otherwise)."""
+    return {**prompt_ref.served(), "output_schema": spec.schema if spec.constrained else None}
+
+
 def request_for(case: dict, spec, prompt_ref, renders_prompts: bool) -> dict:
     """The chat request for one evaluated example (input, and its passages for a task with
     contexts): prompt variables when the endpoint renders the prompt, else the messages."""
@@ -123,9 +129,7 @@ def deployed_endpoint(
     if eval_report.get("prompt") and int(eval_report["prompt"]["version"]) != prompt_ref.version:
         raise dg.Failure(f"production prompt moved to v{prompt_ref.version} after the evaluation (which used "
                          f"v{eval_report['prompt']['version']}); re-run eval_report before deploying")
-    # The endpoint holds the task's answers to its output schema when the task decodes constrained.
-    schema = spec.schema if spec.constrained else None
-    endpoint.publish_prompt(spec.name, {**prompt_ref.served(), "output_schema": schema})
+    endpoint.publish_prompt(spec.name, endpoint_prompt(spec, prompt_ref))
     endpoint.publish_guardrails(spec.name, spec.guardrails.canonical_json())
     adapter_dir = mlflow.fetch_registered_adapter(home.registry_cache, model_name, version)
     challenger, champion = served_name(spec.name, CHALLENGER), served_name(spec.name, CHAMPION)

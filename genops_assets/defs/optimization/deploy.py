@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from genops_assets.defs.deployment.assets import DeployConfig, parity_check, request_for
+from genops_assets.defs.deployment.assets import DeployConfig, endpoint_prompt, parity_check, request_for
 from genops_assets.lib.audit import AuditLog, markdown_table
 from genops_assets.lib.optimization_report import PASSED, fastest_passing
 from genops_assets.lib.tasks import DEPLOY_FASTEST, DEPLOY_NONE, TaskRef
@@ -75,7 +75,7 @@ def deployed_variant(
     name, version = row["variant"], str(row["version"])
     registry = optimization_report["registered_model"]
     prompt_ref = mlflow.resolve_prompt(spec)
-    endpoint.publish_prompt(spec.name, prompt_ref.served())
+    endpoint.publish_prompt(spec.name, endpoint_prompt(spec, prompt_ref))
     endpoint.publish_guardrails(spec.name, spec.guardrails.canonical_json())
     path = mlflow.fetch_variant(home.registry_cache, spec.name, version)
     variant = {**optimization_report["variants"][name], "path": str(path), "version": version}
