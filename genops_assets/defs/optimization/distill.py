@@ -58,7 +58,8 @@ class DistillConfig(dg.Config):
     teacher_base_url: str | None = Field(None, description="An OpenAI-compatible endpoint that labels the prompts "
                                          "instead of the tuned adapter on the genops engine in this process.")
     teacher_model: str | None = Field(None, description="The model name to ask at teacher_base_url.")
-    teacher_api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's key.")
+    teacher_api_key: str | None = Field(None, description="The endpoint's API key: give it as {env: VARIABLE} in "
+                                     "the run config, so the key itself never appears there.")
     max_prompts: int | None = Field(None, description="Cap on the prompts labelled (the first ones: SFT inputs, "
                                     "then incoming files, then logged requests).")
     batch_size: int = Field(8, description="Conversations per generation batch (labels, golden answers).")
@@ -107,13 +108,10 @@ def collect_prompts(spec, warehouse: DuckDBWarehouse, golden_inputs: set[str]) -
 
 def _teacher(config: DistillConfig, base_model: dict, tuned_adapter: dict):
     if config.teacher_base_url:
-        import os
-
         if not config.teacher_model:
             raise dg.Failure("teacher_base_url is set but teacher_model is not: name the model to ask",
                              allow_retries=False)
-        key = os.environ.get(config.teacher_api_key_env, "") if config.teacher_api_key_env else ""
-        return EndpointTeacher(config.teacher_base_url, config.teacher_model, key)
+        return EndpointTeacher(config.teacher_base_url, config.teacher_model, config.teacher_api_key or "")
     return _original(base_model, tuned_adapter, config.batch_size)
 
 
