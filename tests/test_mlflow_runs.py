@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import duckdb
@@ -204,6 +205,9 @@ def test_evaluation_failure_ends_the_run_failed(res, monkeypatch):
     spec = load_task(ROOT / "tasks", TASK)
     monkeypatch.setattr("genops_assets.defs.evaluation.assets.evaluate_golden",
                         lambda *a, **k: canned_evaluation(spec))
+    monkeypatch.setattr("genops_assets.defs.evaluation.assets.compare_decoding",
+                        lambda *a, **k: SimpleNamespace(section=lambda: ("Decoding", "", ""), mlflow_metrics=dict,
+                                                        rows=list, metrics=()))
     monkeypatch.setattr("genops_assets.defs.evaluation.assets.write_eval_report", fail)
     adapter = value_asset("tuned_adapter", {"model_name": f"genops-{TASK}", "version": "3",
                                             "adapter_dir": "unused", "adapter_digest": "adapter-digest"})
