@@ -132,3 +132,71 @@ def bench_variants(variants: Sequence[Mapping], base_dir: str, prompts: Sequence
             log(f"{v['name']}: benchmark failed: {out[v['name']]['error']}")
         out[v["name"]]["seconds"] = round(time.monotonic() - started, 1)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Side by side, in one run: the original (base + adapter on the genops endpoint) and each
+    given variant, ``--rounds`` times in alternation, on the task's first golden-set inputs;
+    prints and writes each variant's median tokens/s at concurrency 1 and its ratio to the
+    original's.
+
+        python -m genops_assets.bench.variants --base-model DIR --adapter DIR \\
+            --variant q8_0=PATH/model.q8_0.gguf --variant merged=PATH/merged [--rounds 2]
+    """
+    import argparse
+    import json
+    import statistics
+    import tempfile
+
+    from genops_assets.lib.formatting import build_messages
+    from genops_assets.lib.tasks import load_task, read_raw_file
+    from genops_assets.serving.llamacpp import free_port
+    from resources import genops_home
+    from resources.settings import GenopsSettings
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("--base-model", required=True, help="the base model folder (safetensors)")
+    parser.add_argument("--adapter", required=True, help="the tuned adapter folder: the original")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
+                        help="a GGUF file or a safetensors folder (repeatable)")
+    parser.add_argument("--task", default=None)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    settings = GenopsSettings.from_env()
+    variants: list[dict] = [{"name": ORIGINAL, "adapter_dir": args.adapter}]
+    for item in args.variant:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).exists():
+            parser.error(f"--variant {item!r}: expected NAME=PATH to an existing file or folder")
+        gguf = path.endswith(".gguf")
+        variants.append({"name": name, "path": str(Path(path).parent if gguf else path),
+                         "format": "gguf" if gguf else "safetensors"})
+    spec = load_task(settings.tasks_dir, args.task or settings.task)
+    raw = [r for f in spec.raw_files() for r in read_raw_file(f, spec)][: args.requests]
+    prompts = [build_messages(spec, r.input_text) for r in raw]
+    rounds: dict[str, list[dict]] = {v["name"]: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="genops-bench-variants-") as tmp:
+        for i in range(args.rounds):
+            for v in variants:
+                rounds[v["name"]].append(bench_variant(v, args.base_model, prompts, Path(tmp) / f"{i}", free_port(),
+                                                       args.requests, args.max_tokens))
+    c1 = {name: statistics.median(r["levels"]["1"]["tokens_per_s"] for r in runs) for name, runs in rounds.items()}
+    result = {"rounds": args.rounds, "requests": args.requests, "max_tokens": args.max_tokens,
+              "c1_tokens_per_s": c1, "c1_ratio_to_original": {n: round(t / c1[ORIGINAL], 2) for n, t in c1.items()},
+              "runs": rounds}
+    out = Path(args.out) if args.out else genops_home() / "bench" / "variants.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".tmp").replace(out)
+    for name, tps in c1.items():
+        print(f"{name}: {tps:.1f} tok/s at c=1 (median of {args.rounds}), {result['c1_ratio_to_original'][name]}x "
+              f"the original")
+    print(f"-> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -291,11 +291,7 @@ class LlamaCppServer:
                 resp = httpx.post(f"{self.url}/v1/completions", json=body, timeout=timeout_s)
             except httpx.HTTPError as exc:
                 raise self._failure(exc) from exc
-        if resp.status_code != 200:
-            raise LlamaCppError(f"llama.cpp at {self.url} answered {resp.status_code}: {resp.text[:500]}")
-        data = resp.json()
-        self._check_tokens(prompt, data)
-        return data
+        return self._completion(prompt, resp)
 
     def _stream_sync(self, body: dict, timeout_s: float) -> Iterator[dict]:
         import httpx
@@ -328,11 +324,7 @@ class LlamaCppServer:
                     resp = await client.post(f"{self.url}/v1/completions", json=body)
             except httpx.HTTPError as exc:
                 raise self._failure(exc) from exc
-        if resp.status_code != 200:
-            raise LlamaCppError(f"llama.cpp at {self.url} answered {resp.status_code}: {resp.text[:500]}")
-        data = resp.json()
-        self._check_tokens(prompt, data)
-        return data
+        return self._completion(prompt, resp)
 
     async def astream(self, prompt: RenderedPrompt | str, max_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
@@ -359,6 +351,14 @@ class LlamaCppServer:
                             yield chunk
             except httpx.HTTPError as exc:
                 raise self._failure(exc) from exc
+
+    def _completion(self, prompt: RenderedPrompt | str, resp) -> dict:
+        """The completion of a finished (non-streamed) response, its token count checked."""
+        if resp.status_code != 200:
+            raise LlamaCppError(f"llama.cpp at {self.url} answered {resp.status_code}: {resp.text[:500]}")
+        data = resp.json()
+        self._check_tokens(prompt, data)
+        return data
 
     @contextlib.contextmanager
     def _counted(self):
