@@ -29,7 +29,14 @@ import dagster as dg
 from pydantic import Field
 
 from genops_assets.lib.hashing import atomic_dir, atomic_write_text, sha256_bytes
-from genops_assets.lib.integrity import MANIFEST, IntegrityError, files_digest, record_folder, verify_folder
+from genops_assets.lib.integrity import (
+    MANIFEST,
+    IntegrityError,
+    files_digest,
+    read_manifest,
+    record_folder,
+    verify_folder,
+)
 
 DIGEST_SUFFIX = ".sha256"
 
@@ -137,6 +144,24 @@ class Storage(dg.ConfigurableResource):
             except IntegrityError as exc:
                 raise StorageError(f"{uri}: {str(exc).removeprefix(f'{tmp}: ')}") from exc
         return target
+
+
+    def local_copy(self, path: str | Path, uri: str | None, digest: str, cache: str | Path) -> Path:
+        """A local folder holding the published folder: ``path`` itself when this machine has it
+        (a step on the machine that wrote it; loaders check it against its manifest), else a
+        download of ``uri`` into ``<cache>/<digest>``, checked against ``digest`` (the folder's
+        files digest) and reused by the next step on this node."""
+        here = Path(path)
+        if here.is_dir():
+            return here
+        if not uri:
+            raise StorageError(f"{here}: not on this machine, and no published copy is recorded "
+                               "(adapter_uri): re-materialize the asset that wrote it")
+        target = Path(cache) / digest
+        if (target / MANIFEST).is_file() and files_digest(read_manifest(target)) == digest:
+            verify_folder(target)
+            return target
+        return self.download_dir(uri, target, digest=digest)
 
 
 def _clean(key: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from bigquery_fake import REQUESTS, fake_bigquery, fake_store
+from test_qlora import tuning_res  # noqa: F401  (fixture: the tuning asset's resources)
 
 from genops_assets.defs.datasets.assets import build_raw_examples
 from genops_assets.defs.feedback.assets import request_log
@@ -376,3 +377,36 @@ def test_the_label_join_takes_questions_from_bigquery(tmp_path):
     assert not warehouse.table_exists("feedback", "requests")
     rows = warehouse.query_df("select input_text from raw.task_examples where source_file like 'feedback/labels/%'")
     assert rows["input_text"].tolist() == ["question 1"]
+
+
+# -- published adapters: trained on one node, fetched and checked on another ---------------------
+
+
+def test_a_step_on_another_node_fetches_the_published_copy(store, tmp_path):
+    src = adapter_folder(tmp_path / "adapter")
+    digest = files_digest(read_manifest(src))
+    uri = store.upload_dir(src, "adapters/t/v4")
+    assert store.local_copy(src, uri, digest, tmp_path / "cache") == src  # written here: read in place
+    elsewhere = tmp_path / "other-node" / "adapter"  # the path the training node recorded
+    fetched = store.local_copy(elsewhere, uri, digest, tmp_path / "cache")
+    assert fetched == tmp_path / "cache" / digest and read_manifest(fetched) == read_manifest(src)
+    assert store.local_copy(elsewhere, uri, digest, tmp_path / "cache") == fetched  # fetched once per node
+    with pytest.raises(StorageError, match="no published copy is recorded"):
+        store.local_copy(elsewhere, None, digest, tmp_path / "cache2")
+
+
+def test_tuned_adapter_publishes_the_adapter_to_gcs(gcs_emulator, tuning_res, tiny_model_dir, tmp_path):  # noqa: F811
+    from dagster_gcp import GCSResource
+    from test_qlora import _materialize_tuning
+
+    gcs = GcsStorage(gcs=GCSResource(project="genops-test"), bucket=BUCKET, prefix="tuning")
+    result = _materialize_tuning({**tuning_res, "storage": gcs}, tiny_model_dir,
+                                 {"max_steps": 1, "batch_size": 4, "eval_every": 0, "save_every": 1, "log_every": 1,
+                                  "rank": 4, "alpha": 8})
+    assert result.success
+    value = result.output_for_node("support_triage__tuned_adapter")
+    assert value["adapter_uri"] == f"gs://{BUCKET}/tuning/adapters/support_triage/{value['version_key']}"
+    assert gcs.manifest(value["adapter_uri"]) == value["adapter_files"]
+    assert files_digest(value["adapter_files"]) == value["adapter_digest"]
+    fetched = gcs.local_copy(tmp_path / "not-here", value["adapter_uri"], value["adapter_digest"], tmp_path / "cache")
+    assert read_manifest(fetched) == read_manifest(value["adapter_dir"])
