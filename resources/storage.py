@@ -146,6 +146,18 @@ class Storage(dg.ConfigurableResource):
         return target
 
 
+    def upload_frames(self, frames: dict, key: str) -> str:
+        """Publish tables (name -> pandas DataFrame) as ``<name>.jsonl`` files under ``key``,
+        with their manifest; returns the folder's URI. Callers key it by the data's digest, so
+        the same rows are published once and a new export never overwrites an old one."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="genops-export-") as tmp:
+            for name, frame in frames.items():
+                frame.to_json(Path(tmp) / f"{name}.jsonl", orient="records", lines=True, force_ascii=False,
+                              date_format="iso")
+            return self.upload_dir(tmp, key)
+
     def local_copy(self, path: str | Path, uri: str | None, digest: str, cache: str | Path) -> Path:
         """A local folder holding the published folder: ``path`` itself when this machine has it
         (a step on the machine that wrote it; loaders check it against its manifest), else a

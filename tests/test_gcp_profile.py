@@ -410,3 +410,8 @@ def test_tuned_adapter_publishes_the_adapter_to_gcs(gcs_emulator, tuning_res, ti
     assert files_digest(value["adapter_files"]) == value["adapter_digest"]
     fetched = gcs.local_copy(tmp_path / "not-here", value["adapter_uri"], value["adapter_digest"], tmp_path / "cache")
     assert read_manifest(fetched) == read_manifest(value["adapter_dir"])
+    # The mart rows it trained on, published beside it with their digests.
+    mat = result.asset_materializations_for_node("support_triage__tuned_adapter")[0]
+    data = gcs.download_dir(mat.metadata["dataset_uri"].value, tmp_path / "data")
+    assert [len((data / f"{split}.jsonl").read_text().splitlines()) for split in ("train", "validation")] == [8, 4]
+    assert json.loads((data / "train.jsonl").read_text().splitlines()[0])["example_id"] == "ex0"

@@ -98,8 +98,7 @@ def eval_report(
 
     model_name, version = tuned_adapter["model_name"], str(tuned_adapter["version"])
     reference = gate_reference(mlflow, home, model_name, version)
-    adapters = {"candidate": str(storage.local_copy(tuned_adapter["adapter_dir"], tuned_adapter.get("adapter_uri"),
-                                                    tuned_adapter["adapter_digest"], home.registry_cache))}
+    adapters = {"candidate": tuned_adapter["adapter_dir"]}
     if reference is not None:
         adapters[reference.adapter_name] = reference.adapter_dir
 
@@ -108,7 +107,11 @@ def eval_report(
         from genops_assets.serving.adapters import load_model
 
         context.log.info(f"loading {base_model['path']} with adapters {sorted(adapters)}")
-        return load_model(base_model["path"], adapters, quantization=config.quantization)
+        # The candidate's folder, or its published copy when this step runs on another node.
+        here = {**adapters, "candidate": str(storage.local_copy(
+            tuned_adapter["adapter_dir"], tuned_adapter.get("adapter_uri"), tuned_adapter["adapter_digest"],
+            home.registry_cache))}
+        return load_model(base_model["path"], here, quantization=config.quantization)
 
     setup = GoldenSetup(spec, examples, production.template,
                         quantized_identity(base_model["folder_digest"], config.quantization), version,

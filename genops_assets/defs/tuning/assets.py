@@ -166,8 +166,11 @@ def tuned_adapter(
         curve.write_bytes(loss_curve_png(result.history))
         mlflow.log_artifact(run_id, curve, "plots")
         digests = {"genops.train_digest": plan.digests["train"], "genops.validation_digest": plan.digests["validation"]}
-        # The published copy (with its manifest) that steps on other nodes fetch and check.
+        # The published copies (with their manifests) that steps on other nodes fetch and check:
+        # the adapter, and the mart rows it was trained on, keyed by their digest.
         adapter_uri = storage.upload_dir(adapter_dir, f"adapters/{spec.name}/{plan.version_key}")
+        dataset_uri = storage.upload_frames({"train": plan.train, "validation": plan.validation},
+                                            f"datasets/{spec.name}/sft/{plan.digests['train'][:16]}-{plan.digests['validation'][:16]}")
         adapter, model, mv = register_tuned(
             mlflow, run_id, model_name, plan.version_key, adapter_dir, prompt_ref, base_model, {**tags, **digests},
             plan.digests, result.steps, (result.last("loss"), result.last("eval_loss")),
@@ -195,6 +198,7 @@ def tuned_adapter(
             "adapter_dir": dg.MetadataValue.path(str(adapter_dir)),
             "adapter_sha256": adapter.adapter_digest,
             "adapter_uri": adapter_uri,
+            "dataset_uri": dataset_uri,
             "loss_curve": dg.MetadataValue.md(png_markdown("loss", curve.read_bytes())),
         },
     )
