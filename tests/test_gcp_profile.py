@@ -109,6 +109,13 @@ def test_gcp_changes_defaults_and_explicit_variables_still_win(monkeypatch):
     assert GenopsSettings.from_env().serving_backend == "local"
 
 
+def test_a_settings_dump_shows_no_credential(monkeypatch):
+    for k, v in {**GCP_ENV, **SECRETS}.items():
+        monkeypatch.setenv(k, v)
+    dump = json.dumps(GenopsSettings.from_env().model_dump(mode="json"))
+    assert BUCKET in dump and not [v for v in SECRETS.values() if v in dump]
+
+
 # -- definitions under each profile --------------------------------------------------------------
 
 LOAD = """
