@@ -17,6 +17,7 @@ from resources.feedback_store import BigQueryFeedbackStore, DuckDBFeedbackStore,
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.settings import REPO_ROOT, GenopsSettings
+from resources.storage import GcsStorage, LocalStorage, Storage
 from resources.tracking import MlflowTracking, registered_model_name
 from resources.warehouse import DuckDBWarehouse
 
@@ -63,12 +64,14 @@ def build_resources(home: Path | None = None, port: int | None = None,
     mlflow_dir = home / "mlflow"
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = settings.mlflow_tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    artifact_root = settings.mlflow_artifact_root or (mlflow_dir / "artifacts").as_uri()
+    artifact_root = (settings.gcs_artifact_root() if settings.profile == "gcp"
+                     else settings.mlflow_artifact_root or (mlflow_dir / "artifacts").as_uri())
     warehouse = DuckDBWarehouse(path=str(home / "warehouse.duckdb"))
     return {
         "home": GenopsHome(root=str(home), background_nice=settings.background_nice),
         "warehouse": warehouse,
         "feedback_store": feedback_store_backend(warehouse, settings),
+        "storage": storage_backend(home, settings),
         "mlflow": MlflowTracking(tracking_uri=tracking_uri, artifact_root=artifact_root),
         "endpoint": serving_backend(home, settings, port, tracking_uri),
         "judge": JudgeResource(
@@ -107,6 +110,18 @@ def serving_backend(home: Path, settings: GenopsSettings, port: int | None = Non
                          tasks_dir=str(settings.tasks_dir), canary_share=settings.canary_share,
                          api_keys=_secret("GENOPS_API_KEYS", settings.api_keys, ""),
                          client_api_key=_secret("GENOPS_CLIENT_API_KEY", settings.client_api_key, ""))
+
+
+def storage_backend(home: Path, settings: GenopsSettings) -> Storage:
+    """Published datasets, adapters and reports: under ``<home>/objects``, or in
+    ``gs://GENOPS_GCS_BUCKET/GENOPS_GCS_PREFIX/`` in the gcp profile (credentials from workload
+    identity or application default credentials, read by google-auth, never by genops)."""
+    if settings.profile == "gcp":
+        from dagster_gcp import GCSResource  # only in the cloud profile: it imports google-cloud-storage
+
+        return GcsStorage(gcs=GCSResource(project=settings.gcp_project), bucket=settings.gcs_bucket,
+                          prefix=settings.gcs_prefix)
+    return LocalStorage(root=str(home / "objects"))
 
 
 def feedback_store_backend(warehouse: DuckDBWarehouse, settings: GenopsSettings) -> FeedbackStore:

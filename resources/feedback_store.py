@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import uuid
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,74 @@ BIGQUERY_TYPES = {"varchar": "STRING", "timestamp": "TIMESTAMP", "integer": "INT
 STAGING_EXPIRY = timedelta(hours=24)
 _PROJECT_ID = re.compile(r"^[a-z][a-z0-9.:-]{4,61}[a-z0-9]$")
 _DATASET_ID = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
+
+
+@dataclass(frozen=True)
+class RequestQuery:
+    """A read of the requests table, written once for every store's SQL dialect. Column names
+    are checked against the table's columns; every value travels as a query parameter.
+
+    ``task``: the task's rows and those that name no task; ``start``/``end``: ``ts`` in
+    [start, end); ``requests_only``: request events (not other events the endpoint logs);
+    ``not_null`` / ``non_blank``: columns that must hold a value / a non-blank text;
+    ``request_ids``: only these requests; ``order_by``: columns, each optionally ``" desc"``."""
+
+    columns: tuple[str, ...]
+    task: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    requests_only: bool = False
+    status: int | None = None
+    not_null: tuple[str, ...] = ()
+    non_blank: tuple[str, ...] = ()
+    request_ids: tuple[str, ...] | None = None
+    order_by: tuple[str, ...] = ("ts", "request_id")
+    limit: int | None = None
+
+    def sql(self, table: str, mark: Callable[[object], str]) -> str:
+        """The SELECT on ``table``; ``mark(value)`` records a parameter and returns its placeholder
+        (a tuple of request ids: the placeholder of a list, usable after ``in``)."""
+        from genops_assets.lib.feedback import COLUMNS
+
+        known = {name for name, _ in COLUMNS}
+        order = [o.removesuffix(" desc") for o in self.order_by]
+        unknown = sorted({*self.columns, *self.not_null, *self.non_blank, *order} - known)
+        if unknown or not self.columns:
+            raise ValueError(f"request query: unknown columns {unknown} (the requests table has {sorted(known)})")
+        where = []
+        if self.requests_only:
+            where.append("coalesce(event, 'request') = 'request'")
+        if self.status is not None:
+            where.append(f"status = {mark(int(self.status))}")
+        if self.start is not None:
+            where.append(f"ts >= {mark(self.start)}")
+        if self.end is not None:
+            where.append(f"ts < {mark(self.end)}")
+        if self.task is not None:
+            where.append(f"(task = {mark(self.task)} or task is null)")
+        if self.request_ids is not None:
+            where.append(f"request_id in {mark(tuple(str(r) for r in self.request_ids))}")
+        where += [f"{c} is not null" for c in self.not_null]
+        where += [f"trim({c}) <> ''" for c in self.non_blank]
+        sql = f"select {', '.join(self.columns)} from {table}"
+        if where:
+            sql += " where " + " and ".join(where)
+        if self.order_by:
+            sql += " order by " + ", ".join(self.order_by)
+        if self.limit is not None:
+            sql += f" limit {int(self.limit)}"
+        return sql
+
+
+def _frame(rows: Sequence[Sequence[Any]], columns: Sequence[str]):
+    """Rows as a DataFrame; timestamps as naive UTC, the way the local warehouse stores ``ts``."""
+    import pandas as pd
+
+    df = pd.DataFrame.from_records([tuple(r) for r in rows], columns=list(columns))
+    for name in df.columns:
+        if isinstance(df[name].dtype, pd.DatetimeTZDtype):
+            df[name] = df[name].dt.tz_convert(UTC).dt.tz_localize(None)
+    return df
 
 
 class FeedbackStore(dg.ConfigurableResource):
@@ -54,6 +123,15 @@ class FeedbackStore(dg.ConfigurableResource):
     def count(self) -> int:
         """Rows in the requests table (0 before the first load)."""
 
+    @abstractmethod
+    def has_requests(self) -> bool:
+        """Whether the requests table exists (false before the first load of a local store)."""
+
+    @abstractmethod
+    def requests(self, query: RequestQuery):
+        """The rows ``query`` selects as a pandas DataFrame (``ts`` naive UTC); an empty frame
+        with the query's columns before the first load."""
+
     @property
     @abstractmethod
     def table_ref(self) -> str:
@@ -72,9 +150,27 @@ class DuckDBFeedbackStore(FeedbackStore):
         return self.warehouse.append_feedback(source, chunk, columns)
 
     def count(self) -> int:
-        if not Path(self.warehouse.path).exists() or not self.warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
+        if not self.has_requests():
             return 0
         return int(self.warehouse.query_df(f"select count(*) from {FEEDBACK_SCHEMA}.requests").iloc[0, 0])
+
+    def has_requests(self) -> bool:
+        return Path(self.warehouse.path).exists() and self.warehouse.table_exists(FEEDBACK_SCHEMA, "requests")
+
+    def requests(self, query: RequestQuery):
+        if not self.has_requests():
+            return _frame([], query.columns)
+        params: list[Any] = []
+
+        def mark(value: object) -> str:
+            if isinstance(value, tuple):
+                params.extend(value)
+                return "(" + ", ".join("?" for _ in value) + ")" if value else "(select null where false)"
+            params.append(value.astimezone(UTC).replace(tzinfo=None)
+                          if isinstance(value, datetime) and value.tzinfo else value)
+            return "?"
+
+        return self.warehouse.query_df(query.sql(f"{FEEDBACK_SCHEMA}.requests", mark), params)
 
     @property
     def table_ref(self) -> str:
@@ -196,9 +292,22 @@ class BigQueryFeedbackStore(FeedbackStore):
     def _params(**values) -> Any:
         from google.cloud import bigquery
 
-        kinds = {str: "STRING", int: "INT64", bool: "BOOL"}
-        return bigquery.QueryJobConfig(query_parameters=[
-            bigquery.ScalarQueryParameter(name, kinds[type(value)], value) for name, value in values.items()])
+        return bigquery.QueryJobConfig(query_parameters=[_parameter(name, value) for name, value in values.items()])
+
+    def has_requests(self) -> bool:
+        return True  # created on first use
+
+    def requests(self, query: RequestQuery):
+        values: dict[str, object] = {}
+
+        def mark(value: object) -> str:
+            name = f"p{len(values)}"
+            values[name] = value
+            return f"UNNEST(@{name})" if isinstance(value, tuple) else f"@{name}"
+
+        sql = query.sql(f"`{self.table_ref}`", mark)
+        with self._client() as client:
+            return _frame(list(client.query(sql, job_config=self._params(**values)).result()), query.columns)
 
     def offset(self, source: str) -> int:
         state = self._table("ingest_state")
@@ -277,6 +386,22 @@ def append_script(requests: str, state: str, staging: str | None, names: Sequenc
             "VALUES (incoming.source, incoming.byte_offset, CURRENT_TIMESTAMP());\n"
             "COMMIT TRANSACTION;\n"
             "SELECT loaded;")
+
+
+BIGQUERY_PARAMETER_TYPES = {str: "STRING", int: "INT64", bool: "BOOL", float: "FLOAT64"}
+
+
+def _parameter(name: str, value: object):
+    """A query parameter of the value's BigQuery type (a tuple: an array of strings); naive
+    datetimes are UTC."""
+    from google.cloud import bigquery
+
+    if isinstance(value, tuple):
+        return bigquery.ArrayQueryParameter(name, "STRING", [str(v) for v in value])
+    if isinstance(value, datetime):
+        value = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return bigquery.ScalarQueryParameter(name, "TIMESTAMP", value)
+    return bigquery.ScalarQueryParameter(name, BIGQUERY_PARAMETER_TYPES[type(value)], value)
 
 
 def _json_row(names: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:

@@ -13,9 +13,9 @@ presence here: resources bind them with ``dg.EnvVar``, so their values never ent
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,60 @@ class GenopsSettings(BaseSettings):
     background_nice: int = Field(DEFAULT_BACKGROUND_NICE, ge=0, le=19,
                                  description="CPU nice of background work beside the endpoint (0: unchanged)")
 
+    # profile
+    # local: every piece of state under home. gcp: datasets, adapters and reports in a GCS bucket,
+    # request records in BigQuery, MLflow on a tracking server (Postgres, artifacts in GCS),
+    # the endpoint on vLLM (GKE) and training as Kubernetes jobs. In gcp the defaults of
+    # feedback_store, serving_backend and trainer change; a variable set explicitly still wins.
+    # Credentials: workload identity / application default credentials, or GENOPS_GCP_CREDENTIALS
+    # bound as dg.EnvVar; no key is ever a setting's value.
+    profile: Literal["local", "gcp"] = Field("local", description="local | gcp: which engines genops runs on")
+    gcs_bucket: str | None = Field(None, description="Bucket of datasets, adapters and reports (required in gcp)")
+    gcs_prefix: str = Field("genops", description="Key prefix of everything genops writes to the bucket")
+    # What GENOPS_PROFILE=gcp changes unless set explicitly, and what it cannot do without.
+    GCP_DEFAULTS: ClassVar[dict[str, str]] = {"feedback_store": "bigquery", "serving_backend": "vllm",
+                                              "trainer": "k8s"}
+    GCP_REQUIRED: ClassVar[dict[str, str]] = {
+        "gcs_bucket": "the bucket of datasets, adapters and reports",
+        "gcp_project": "the Google Cloud project of the bucket and the BigQuery dataset",
+        "mlflow_tracking_uri": "the MLflow tracking server's URL"}
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _profile_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, data: object) -> object:
+        if not isinstance(data, dict) or str(data.get("profile", "")).strip().lower() != "gcp":
+            return data
+        return {**cls.GCP_DEFAULTS, **data}
+
+    @model_validator(mode="after")
+    def _profile_requirements(self) -> GenopsSettings:
+        if self.profile != "gcp":
+            return self
+        missing = [f"{ENV_PREFIX}{name.upper()} ({why})" for name, why in self.GCP_REQUIRED.items()
+                   if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"{ENV_PREFIX}PROFILE=gcp needs " + ", ".join(missing))
+        if not self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            raise ValueError(f"{ENV_PREFIX}PROFILE=gcp needs {ENV_PREFIX}MLFLOW_TRACKING_URI to be the tracking "
+                             f"server's http(s):// URL, got {self.mlflow_tracking_uri!r}")
+        if self.mlflow_artifact_root and not self.mlflow_artifact_root.startswith("gs://"):
+            raise ValueError(f"{ENV_PREFIX}PROFILE=gcp keeps MLflow artifacts in GCS: {ENV_PREFIX}MLFLOW_ARTIFACT_ROOT "
+                             f"must be a gs:// URI (unset: gs://<bucket>/<prefix>/mlflow), "
+                             f"got {self.mlflow_artifact_root!r}")
+        if "/" in self.gcs_bucket or self.gcs_bucket.startswith("gs:"):
+            raise ValueError(f"{ENV_PREFIX}GCS_BUCKET must be a bucket name (no gs://, no path; the path is "
+                             f"{ENV_PREFIX}GCS_PREFIX), got {self.gcs_bucket!r}")
+        return self
+
+    def gcs_artifact_root(self) -> str:
+        """Where MLflow keeps artifacts in the gcp profile: the setting, else under the bucket."""
+        return self.mlflow_artifact_root or f"gs://{self.gcs_bucket}/{self.gcs_prefix.strip('/')}/mlflow"
+
     @field_validator("drift_action", "serving_backend", "feedback_store", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -97,6 +151,9 @@ def describe(exc: ValidationError) -> str:
     """``GENOPS_X must be ..., got '...'`` for each bad variable."""
     lines = []
     for err in exc.errors(include_url=False):
+        if not err["loc"]:  # a rule across variables: its message names them
+            lines.append(err["msg"].removeprefix("Value error, "))
+            continue
         name = ENV_PREFIX + "_".join(str(part) for part in err["loc"]).upper()
         rule = err["msg"].removeprefix("Input should be ")
         lines.append(f"{name} must be {rule}, got {err['input']!r}")

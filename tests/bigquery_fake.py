@@ -107,7 +107,7 @@ class FakeBigQuery:
     # queries
 
     def query(self, sql: str, job_config: bigquery.QueryJobConfig | None = None):
-        params = {p.name: (p.type_, p.value) for p in (job_config.query_parameters if job_config else [])}
+        params = {p.name: _typed(p) for p in (job_config.query_parameters if job_config else [])}
         self.queries.append((sql, params))
         used = set(re.findall(r"(?<!@)@(\w+)", sql))
         assert used <= set(params), f"unbound parameters {used - set(params)} in {sql}"
@@ -199,8 +199,47 @@ class _Script:
                 r["updated_at"] = _now()
             if not rows:
                 self._rows(m[1]).append({"source": p["source"], "byte_offset": p["end_offset"], "updated_at": _now()})
+        elif m := re.fullmatch(r"select ([\w, ]+) from `([^`]+)`(?: where (.+?))?(?: order by ([\w, ]+?))?"
+                               r"(?: limit (\d+))?", s):
+            self.result = self._select(m[1].split(", "), m[2], m[3], m[4], m[5])
         else:
             raise AssertionError(f"FakeBigQuery does not know this statement:\n{s}")
+
+    # The WHERE conditions a RequestQuery writes, each with BigQuery's meaning; any other fails.
+    _CONDITIONS = (
+        (r"coalesce\(event, 'request'\) = 'request'", lambda r, p, m: (r.get("event") or "request") == "request"),
+        (r"status = @(\w+)", lambda r, p, m: r["status"] == p[m[1]]),
+        (r"ts >= @(\w+)", lambda r, p, m: r["ts"] is not None and r["ts"] >= p[m[1]]),
+        (r"ts < @(\w+)", lambda r, p, m: r["ts"] is not None and r["ts"] < p[m[1]]),
+        (r"\(task = @(\w+) or task is null\)", lambda r, p, m: r["task"] is None or r["task"] == p[m[1]]),
+        (r"request_id in UNNEST\(@(\w+)\)", lambda r, p, m: r["request_id"] in p[m[1]]),
+        (r"(\w+) is not null", lambda r, p, m: r[m[1]] is not None),
+        (r"trim\((\w+)\) <> ''", lambda r, p, m: r[m[1]] is not None and r[m[1]].strip() != ""),
+    )
+
+    def _select(self, columns, table, where, order, limit) -> list[tuple]:
+        rows = list(self._rows(table))
+        for condition in (where.split(" and ") if where else []):
+            for pattern, keep in self._CONDITIONS:
+                if m := re.fullmatch(pattern, condition):
+                    rows = [r for r in rows if keep(r, self.params, m)]
+                    break
+            else:
+                raise AssertionError(f"FakeBigQuery does not know this condition: {condition}")
+        for term in reversed(order.split(", ") if order else []):  # stable sorts, last key first
+            name, _, direction = term.partition(" ")
+            # BigQuery orders NULLs first ascending, last descending.
+            rows.sort(key=lambda r, n=name: (r[n] is not None, r[n] if r[n] is not None else 0),
+                      reverse=direction == "desc")
+        if limit is not None:
+            rows = rows[:int(limit)]
+        return [tuple(r[c] for c in columns) for r in rows]
+
+
+def _typed(p) -> tuple[str, object]:
+    if isinstance(p, bigquery.ArrayQueryParameter):
+        return f"ARRAY<{p.array_type}>", list(p.values)
+    return p.type_, p.value
 
 
 def _now() -> datetime:

@@ -30,6 +30,7 @@ from genops_assets.lib.hashing import sha256_dir
 from genops_assets.lib.integrity import files_digest, folder_files, verify_folder
 from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
 from genops_assets.lib.tasks import TaskRef, load_task
+from resources.feedback_store import DuckDBFeedbackStore
 from resources.paths import GenopsHome
 from resources.tracking import MlflowTracking
 from resources.warehouse import DuckDBWarehouse, mart_schema
@@ -263,7 +264,8 @@ def graph(tmp_path, tiny_model_dir, tiny_adapter_dir, spec) -> Graph:
 
     (asset,) = build_distill_assets(TASK_REF)
     assert asset.group_names_by_key[asset.key] == f"{TASK}_optimization"
-    resources = {"warehouse": warehouse, "home": home, "mlflow": tracking,
+    resources = {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse), "home": home,
+                 "mlflow": tracking,
                  "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
     run_config = {"ops": {TASK_REF.step("distilled_student"): {"config": {"student_layers": 1, "student_steps": 2}}}}
     return Graph([base_model_value, tuned_value, asset], resources, run_config, tracking)

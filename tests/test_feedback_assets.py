@@ -13,6 +13,7 @@ from genops_assets.defs.feedback.ratings import build_rating_assets, live_answer
 from genops_assets.lib.rating_queue import DRIFT, JUDGE_DISAGREEMENT, ONLINE_QUALITY
 from genops_assets.lib.ratings import RatingItem, RatingStore
 from genops_assets.lib.tasks import TaskRef
+from resources.feedback_store import DuckDBFeedbackStore
 from resources.paths import GenopsHome
 from resources.warehouse import DuckDBWarehouse
 
@@ -69,7 +70,7 @@ def test_human_ratings_without_and_with_ratings(tmp_path):
 def test_queue_flags_from_stored_outputs(tmp_path):
     wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
     assert queue_flags(wh, "support_triage", None).counts() == {}  # nothing stored yet: no flags
-    assert live_answers(wh, "support_triage", 10) == []
+    assert live_answers(DuckDBFeedbackStore(warehouse=wh), "support_triage", 10) == []
     wh.execute("create schema monitoring_support_triage")
     wh.execute("create table monitoring_support_triage.flagged_prompts as "
                "select 'r1' as request_id, 'odd question' as input_text")

@@ -29,6 +29,7 @@ def test_labels_on_a_fresh_warehouse_without_requests(tmp_path):
     labels.mkdir(parents=True)
     (labels / "a.jsonl").write_text(json.dumps({"request_id": "req-1", "output": OUT}) + "\n")
     res = {"warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")), "home": GenopsHome(root=str(tmp_path))}
+    res["feedback_store"] = DuckDBFeedbackStore(warehouse=res["warehouse"])
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success
     mat = result.asset_materializations_for_node(TASK.step("raw_task_examples"))[0]

@@ -36,6 +36,7 @@ from genops_assets.lib.training import TrainingInputError
 from resources.feedback_store import DuckDBFeedbackStore
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
+from resources.storage import LocalStorage
 from resources.tracking import MlflowTracking
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
@@ -107,7 +108,7 @@ def res(tmp_path, tracking):
     con.executemany(f"insert into {MART_SCHEMA}.golden_eval_dataset values (?, ?, ?)", rows[12:])
     con.close()
     return {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
-            "home": GenopsHome(root=str(home)),
+            "home": GenopsHome(root=str(home)), "storage": LocalStorage(root=str(home / "objects")),
             "mlflow": tracking, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
             # Replaced by a stand-in where a test reaches the judge.
             "judge": JudgeResource(base_url=f"http://127.0.0.1:{free_port()}/v1", model="judge", max_retries=0)}

@@ -28,6 +28,7 @@ from genops_assets.lib.output_schema import OutputSchema
 from genops_assets.lib.stats import percentile
 from genops_assets.lib.tasks import TaskRef
 from genops_assets.serving.sampler import ResourceSampler, interval_from_env, sampler_lifespan
+from resources.feedback_store import DuckDBFeedbackStore
 from resources.paths import GenopsHome
 from resources.tracking import MlflowTracking
 from resources.warehouse import DuckDBWarehouse, monitoring_schema
@@ -206,8 +207,10 @@ resource_usage = build_resource_usage(DAILY)
 
 
 def _resources(tmp_path: Path) -> dict:
+    warehouse = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
     return {
-        "warehouse": DuckDBWarehouse(path=str(tmp_path / "w.duckdb")),
+        "warehouse": warehouse,
+        "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                  artifact_root=(tmp_path / "artifacts").as_uri()),
         "home": GenopsHome(root=str(tmp_path / "home")),

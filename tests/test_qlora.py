@@ -247,6 +247,7 @@ def tuning_res(tmp_path):
     from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
     from genops_assets.lib.tasks import load_task, read_raw_file
     from resources.paths import GenopsHome
+    from resources.storage import LocalStorage
     from resources.tracking import MlflowTracking
     from resources.warehouse import DuckDBWarehouse, mart_schema
 
@@ -266,6 +267,7 @@ def tuning_res(tmp_path):
         con.register("sft", sft)
         con.execute(f"create table {mart_schema(TASK)}.sft_dataset as select * from sft")
     return {"warehouse": warehouse, "mlflow": tracking, "home": GenopsHome(root=str(tmp_path / "home")),
+            "storage": LocalStorage(root=str(tmp_path / "home" / "objects")),
             "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
 
 

@@ -271,6 +271,7 @@ def test_raw_table_holds_the_passages_and_labels_without_them_are_left_out(tmp_p
 
     from genops_assets.defs.datasets.assets import build_raw_examples
     from genops_assets.lib.tasks import TaskRef
+    from resources.feedback_store import DuckDBFeedbackStore
     from resources.paths import GenopsHome
     from resources.warehouse import DuckDBWarehouse
 
@@ -282,7 +283,8 @@ def test_raw_table_holds_the_passages_and_labels_without_them_are_left_out(tmp_p
     (labels / "a.jsonl").write_text(json.dumps({"input": "Can I wash the HEPA filter at all?",
                                                 "output": {"answerable": "no", "answer": "Not covered here."}}) + "\n")
     warehouse = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
-    res = {"warehouse": warehouse, "home": GenopsHome(root=str(tmp_path))}
+    res = {"warehouse": warehouse, "feedback_store": DuckDBFeedbackStore(warehouse=warehouse),
+           "home": GenopsHome(root=str(tmp_path))}
     result = dg.materialize([raw_task_examples], resources=res)
     assert result.success
     mat = result.asset_materializations_for_node(task.step("raw_task_examples"))[0]

@@ -14,6 +14,7 @@ from genops_assets.lib.hashing import sha256_file, sha256_json
 from genops_assets.lib.labels import scan_labels
 from genops_assets.lib.tasks import GOLDEN_ADDITIONS, TaskRef, read_raw_file
 from resources import DBT_PROJECT_DIR
+from resources.feedback_store import FeedbackStore, RequestQuery
 from resources.paths import GenopsHome
 from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse
 
@@ -24,7 +25,7 @@ FEEDBACK_MARTS = ("preference_pairs", "human_corrections", "human_judgements", "
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
 
-def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehouse) -> tuple[list[tuple], dict]:
+def labelled_feedback(context, spec, home: GenopsHome, feedback_store: FeedbackStore) -> tuple[list[tuple], dict]:
     """Reviewed live answers from ``<home>/feedback/labels/<task>/`` as raw rows. A label that names
     only a request id takes the question from the feedback store. Lines that do not fit the
     task are reported with file:line and left out (the feedback sensor reports them too)."""
@@ -42,10 +43,9 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
         return [], {}
     asked: dict[str, str] = {}
     wanted = sorted({r.request_id for r in scan.rows if r.input_text is None and r.request_id})
-    if wanted and Path(warehouse.path).exists() and warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
-        marks = ", ".join("?" for _ in wanted)
-        df = warehouse.query_df(f"select request_id, input_text from {FEEDBACK_SCHEMA}.requests "
-                                f"where request_id in ({marks}) and input_text is not null", wanted)
+    if wanted:
+        df = feedback_store.requests(RequestQuery(("request_id", "input_text"), request_ids=tuple(wanted),
+                                                  not_null=("input_text",)))
         asked = dict(zip(df["request_id"], df["input_text"], strict=True))
     rows, missing = [], []
     for r in scan.rows:
@@ -56,12 +56,13 @@ def labelled_feedback(context, spec, home: GenopsHome, warehouse: DuckDBWarehous
         rows.append((f"feedback/labels/{spec.name}/{r.source_file}", r.line, text,
                      json.dumps(r.output, ensure_ascii=False)))
     if missing:
-        context.log.warning(f"labels whose request id is not in {FEEDBACK_SCHEMA}.requests, left out: {missing}")
+        context.log.warning(f"labels whose request id is not in {feedback_store.table_ref}, left out: {missing}")
     return rows, {"rows": len(rows), "digest": scan.digest, "issues": len(scan.issues), "missing": len(missing)}
 
 
 def raw_task_examples(
-    context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, home: GenopsHome
+    context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, feedback_store: FeedbackStore,
+    home: GenopsHome,
 ) -> dg.MaterializeResult:
     """Every example of the task (its data files plus ``incoming/``) and every reviewed
     live answer (``<home>/feedback/labels/<task>/``), one row each, loaded into ``raw.task_examples``.
@@ -84,7 +85,7 @@ def raw_task_examples(
         files[rel] = {"rows": len(rows) - before, "sha256": sha256_file(path)}
     if not rows:
         raise ValueError(f"task '{spec.name}': no examples in {[str(p) for p in spec.raw_files()]}")
-    label_rows, labels = labelled_feedback(context, spec, home, warehouse)
+    label_rows, labels = labelled_feedback(context, spec, home, feedback_store)
     if label_rows:
         rows += label_rows
         files["feedback/labels"] = labels

@@ -32,6 +32,7 @@ from genops_assets.lib.report import png_markdown, rag_section, write_eval_repor
 from genops_assets.lib.tasks import TaskRef
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
+from resources.storage import Storage
 from resources.tracking import CHAMPION, PREVIOUS_CHAMPION_TAG, MlflowTracking, prompt_tags
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
@@ -64,6 +65,7 @@ def eval_report(
     mlflow: MlflowTracking,
     home: GenopsHome,
     judge: JudgeResource,
+    storage: Storage,
 ) -> dg.Output[dict]:
     """Predictions on the held-out golden set for the base model (0-shot and k-shot), the tuned
     adapter and the current champion, all with the `production` prompt, scored (valid JSON,
@@ -105,7 +107,11 @@ def eval_report(
         from genops_assets.serving.adapters import load_model
 
         context.log.info(f"loading {base_model['path']} with adapters {sorted(adapters)}")
-        return load_model(base_model["path"], adapters, quantization=config.quantization)
+        # The candidate's folder, or its published copy when this step runs on another node.
+        here = {**adapters, "candidate": str(storage.local_copy(
+            tuned_adapter["adapter_dir"], tuned_adapter.get("adapter_uri"), tuned_adapter["adapter_digest"],
+            home.registry_cache))}
+        return load_model(base_model["path"], here, quantization=config.quantization)
 
     setup = GoldenSetup(spec, examples, production.template,
                         quantized_identity(base_model["folder_digest"], config.quantization), version,
@@ -159,6 +165,7 @@ def eval_report(
                                     **(rag_mlflow_metrics(rag) if rag else {})},
                            model_id=tuned_adapter.get("model_id"), model_prefix="candidate.")
         mlflow.log_artifacts(run_id, out_dir, "report")
+        report_uri = storage.upload_dir(out_dir, f"reports/{spec.name}/eval/{run_id}")
         mlflow.set_version_tags(model_name, version, {
             "genops.eval.golden_digest": golden_digest,
             "genops.eval.run_id": run_id,
@@ -187,6 +194,7 @@ def eval_report(
                           **({"contexts": list(examples[0].contexts)} if examples[0].contexts else {})},
         "parity_examples": parity_examples(cand),
         "report_html": str(paths["html"]),
+        "report_uri": report_uri,
         "predictions_file": str(predictions_file),
         "sampling": sampling,
         "mlflow_run_id": run_id,
@@ -199,6 +207,7 @@ def eval_report(
     return dg.Output(value, metadata={
         "report": dg.MetadataValue.md(report_md),
         "report_html": dg.MetadataValue.path(str(paths["html"])),
+        "report_uri": report_uri,
         "mlflow_run_id": run_id,
         "golden_examples": len(examples),
         "model_calls": value["model_calls"],

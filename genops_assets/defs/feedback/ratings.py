@@ -14,10 +14,10 @@ import dagster as dg
 from pydantic import Field
 
 from genops_assets.components.binding import bind_task, task_group, task_ins, task_key
-from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.hashing import sha256_json
 from genops_assets.lib.jsonl import iter_jsonl
 from genops_assets.lib.tasks import TaskRef
+from resources.feedback_store import FeedbackStore, RequestQuery
 from resources.paths import GenopsHome
 from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, mart_schema, monitoring_schema
 
@@ -85,17 +85,13 @@ def queue_flags(warehouse: DuckDBWarehouse, task: str, sxs_rows_file: Path | Non
     return flags
 
 
-def live_answers(warehouse: DuckDBWarehouse, task: str, limit: int):
+def live_answers(feedback_store: FeedbackStore, task: str, limit: int):
     from genops_assets.lib.rating_queue import LiveAnswer
 
-    if not _table(warehouse, FEEDBACK_SCHEMA, "requests"):
-        return []
-    df = warehouse.query_df(
-        f"""select request_id, ts, adapter_version, prompt_version, input_text, response_text
-            from {FEEDBACK_SCHEMA}.requests
-            where coalesce(event, 'request') = 'request' and status = 200 and {TASK_ROWS}
-              and request_id is not null and input_text is not null and response_text is not null
-            order by ts desc, request_id limit ?""", [task, limit])
+    df = feedback_store.requests(RequestQuery(
+        ("request_id", "ts", "adapter_version", "prompt_version", "input_text", "response_text"), task=task,
+        requests_only=True, status=200, not_null=("request_id", "input_text", "response_text"),
+        order_by=("ts desc", "request_id"), limit=limit))
     return [LiveAnswer(str(r.request_id), r.ts, None if r.adapter_version is None else str(r.adapter_version),
                        r.prompt_version, r.input_text, r.response_text) for r in df.itertuples()]
 
@@ -107,6 +103,7 @@ def rating_queue(
     sxs_evaluation: dict,
     task: TaskRef,
     warehouse: DuckDBWarehouse,
+    feedback_store: FeedbackStore,
     home: GenopsHome,
 ) -> dg.Output[dict]:
     """The task's rating queue in the rating store (``<GENOPS_HOME>/feedback/ratings.sqlite``):
@@ -124,7 +121,7 @@ def rating_queue(
     predictions = [row for _, row in iter_jsonl(eval_report["predictions_file"])]
     prompt_version = (eval_report.get("prompt") or {}).get("version")
     golden, skipped = golden_items(spec, predictions, None if prompt_version is None else str(prompt_version), flags)
-    live, live_counts = live_items(spec, live_answers(warehouse, spec.name, config.max_live_requests), flags,
+    live, live_counts = live_items(spec, live_answers(feedback_store, spec.name, config.max_live_requests), flags,
                                    config.max_live_items)
     schema = mart_schema(spec.name)
     examples = warehouse.query_df(f"select example_id, input_text, output_json from {schema}.golden_eval_dataset "

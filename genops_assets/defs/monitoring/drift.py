@@ -25,13 +25,13 @@ from genops_assets.defs.monitoring.common import (
     run_in_background,
     utc_day,
 )
-from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 from genops_assets.lib.report import png_markdown
 from genops_assets.lib.tasks import TaskRef
+from resources.feedback_store import FeedbackStore, RequestQuery
 from resources.paths import GenopsHome
 from resources.tracking import MlflowTracking
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, mart_schema, monitoring_schema
+from resources.warehouse import DuckDBWarehouse, mart_schema, monitoring_schema
 
 FLAGGED_TABLE = "flagged_prompts"
 CLUSTERS_TABLE = "prompt_clusters"
@@ -85,20 +85,12 @@ def _mart_texts(warehouse: DuckDBWarehouse, schema: str):
     return train, validation, [str(t) for t in golden["input_text"]]
 
 
-def _live_requests(warehouse: DuckDBWarehouse, start: datetime, end: datetime, task: str):
-    import pandas as pd
-
-    cols = ["request_id", "ts", "model", "adapter_version", "prompt_version", "input_text"]
-    if not Path(warehouse.path).exists() or not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
-        return pd.DataFrame(columns=cols)
+def _live_requests(feedback_store: FeedbackStore, start: datetime, end: datetime, task: str):
     # Every request of the window that carried a user input, whatever its status: a refused
     # request still shows what people ask for.
-    return warehouse.query_df(
-        f"select {', '.join(cols)} from {FEEDBACK_SCHEMA}.requests "
-        f"where coalesce(event, 'request') = 'request' and ts >= ? and ts < ? and {TASK_ROWS} "
-        "and input_text is not null and trim(input_text) <> '' order by ts, request_id",
-        [start, end, task],
-    )
+    return feedback_store.requests(RequestQuery(
+        ("request_id", "ts", "model", "adapter_version", "prompt_version", "input_text"), task=task,
+        start=start, end=end, requests_only=True, not_null=("input_text",), non_blank=("input_text",)))
 
 
 def _flagged_rows(partition: str, live_df, live_texts: list[str], day, threshold: float,
@@ -180,6 +172,7 @@ def prompt_drift(
     drift_calibration: dict,
     task: TaskRef,
     warehouse: DuckDBWarehouse,
+    feedback_store: FeedbackStore,
     mlflow: MlflowTracking,
     home: GenopsHome,
 ) -> dg.MaterializeResult:
@@ -205,7 +198,7 @@ def prompt_drift(
     start, end = (naive_utc(t) for t in utc_day(context))
     reference = DriftReference.load(drift_calibration["path"])
     calibration = reference.calibration
-    live_df = _live_requests(warehouse, start, end, spec.name)
+    live_df = _live_requests(feedback_store, start, end, spec.name)
     live_texts = [str(t) for t in live_df["input_text"]]
     live_embeddings = Embedder(cache_path=home.cache_dir / "embeddings.sqlite").embed(live_texts)
     day = score_window(reference, live_texts, live_embeddings, drift_share=config.drift_share,

@@ -16,14 +16,14 @@ from genops_assets.defs.monitoring.common import (
     utc_day,
 )
 from genops_assets.lib.cache import CallCache
-from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.online_quality import ROW_COLUMNS, SUMMARY_COLUMNS, LiveAnswer, QualityPlan
 from genops_assets.lib.report import png_markdown
 from genops_assets.lib.tasks import TaskRef
+from resources.feedback_store import FeedbackStore, RequestQuery
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.tracking import MlflowTracking
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, monitoring_schema
+from resources.warehouse import DuckDBWarehouse, monitoring_schema
 
 ROWS_TABLE = "online_quality"
 SUMMARY_TABLE = "online_quality_summary"
@@ -43,16 +43,12 @@ class OnlineQualityConfig(dg.Config):
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
 
 
-def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime, task: str) -> list[LiveAnswer]:
+def _live_answers(feedback_store: FeedbackStore, start: datetime, end: datetime, task: str) -> list[LiveAnswer]:
     """The day's successful answers of ``task`` with what was asked and what was answered."""
-    if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
-        return []
-    df = warehouse.query_df(
-        f"""select request_id, ts, adapter_version, prompt_version, input_text, response_text, record_json
-            from {FEEDBACK_SCHEMA}.requests
-            where coalesce(event, 'request') = 'request' and status = 200 and ts >= ? and ts < ? and {TASK_ROWS}
-              and request_id is not null and input_text is not null and response_text is not null
-            order by ts, request_id""", [start, end, task])
+    df = feedback_store.requests(RequestQuery(
+        ("request_id", "ts", "adapter_version", "prompt_version", "input_text", "response_text", "record_json"),
+        task=task, start=start, end=end, requests_only=True, status=200,
+        not_null=("request_id", "input_text", "response_text")))
     seen, answers = set(), []
     for request in df.itertuples(index=False):
         if request.request_id in seen:
@@ -61,7 +57,7 @@ def _live_answers(warehouse: DuckDBWarehouse, start: datetime, end: datetime, ta
         try:
             served_by = json.loads(request.record_json).get("served_by") if request.record_json else None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{FEEDBACK_SCHEMA}.requests, request_id {request.request_id}: record_json is not "
+            raise ValueError(f"{feedback_store.table_ref}, request_id {request.request_id}: record_json is not "
                              f"JSON: {exc}") from exc
         answers.append(LiveAnswer(
             str(request.request_id), request.ts.to_pydatetime() if request.ts is not None else None,
@@ -94,6 +90,7 @@ def online_quality(
     judge_certificate: dict,
     task: TaskRef,
     warehouse: DuckDBWarehouse,
+    feedback_store: FeedbackStore,
     judge: JudgeResource,
     mlflow: MlflowTracking,
     home: GenopsHome,
@@ -129,7 +126,7 @@ def online_quality(
     partition = context.partition_key
     start, end = (naive_utc(t) for t in utc_day(context))
 
-    live = _live_answers(warehouse, start, end, spec.name)
+    live = _live_answers(feedback_store, start, end, spec.name)
     offline = load_offline_predictions(eval_report["predictions_file"], _offline_labels(eval_report))
     live_versions = sorted({a.version for a in live if a.version is not None})
     versions = [v for v in live_versions if v in offline]

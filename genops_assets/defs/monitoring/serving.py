@@ -15,12 +15,12 @@ from genops_assets.defs.monitoring.common import (
     run_in_background,
     utc_day,
 )
-from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.report import png_markdown
 from genops_assets.lib.tasks import TaskRef
+from resources.feedback_store import FeedbackStore, RequestQuery
 from resources.paths import GenopsHome
 from resources.tracking import MlflowTracking
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, monitoring_schema
+from resources.warehouse import DuckDBWarehouse, monitoring_schema
 
 SERVING_TABLE = "serving_metrics"
 RESOURCE_TABLE = "resource_usage"
@@ -36,10 +36,9 @@ KEY_NUMBERS = ("request_count", "error_count", "error_rate", "requests_per_s", "
 # Per version in MLflow (the full set per version is in the table and summary.json).
 GROUP_NUMBERS = ("request_count", "error_rate", "latency_p95_s", "valid_json_rate")
 
-REQUEST_QUERY = f"""select request_id, ts, event, model, adapter_version, prompt_version, status, error, latency_s,
-    queue_s, prompt_tokens, completion_tokens, finish_reason, response_text, record_json
-    from {FEEDBACK_SCHEMA}.requests where ts >= ? and ts < ? and {TASK_ROWS}
-    order by ts, source_file, source_offset"""
+REQUEST_COLUMNS = ("request_id", "ts", "event", "model", "adapter_version", "prompt_version", "status", "error",
+                   "latency_s", "queue_s", "prompt_tokens", "completion_tokens", "finish_reason", "response_text",
+                   "record_json")
 
 
 def _metric_key(text: str) -> str:
@@ -49,6 +48,7 @@ def _metric_key(text: str) -> str:
 def serving_metrics(
     context: dg.AssetExecutionContext,
     warehouse: DuckDBWarehouse,
+    feedback_store: FeedbackStore,
     mlflow: MlflowTracking,
     task: TaskRef,
     home: GenopsHome,
@@ -75,9 +75,10 @@ def serving_metrics(
     spec = task.load()
     partition = context.partition_key
     start, end = utc_day(context)
-    if not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
-        raise RuntimeError(f"{warehouse.path} has no table {FEEDBACK_SCHEMA}.requests: materialize request_log first")
-    df = warehouse.query_df(REQUEST_QUERY, [start.replace(tzinfo=None), end.replace(tzinfo=None), spec.name])
+    if not feedback_store.has_requests():
+        raise RuntimeError(f"no table {feedback_store.table_ref} in the feedback store: materialize request_log first")
+    df = feedback_store.requests(RequestQuery(REQUEST_COLUMNS, task=spec.name, start=start, end=end,
+                                              order_by=("ts", "source_file", "source_offset")))
     report = serving_report(df, start, end, spec.output_schema, now=datetime.now(UTC))
     schema = monitoring_schema(spec.name)
     warehouse.replace_partition(schema, SERVING_TABLE, SERVING_COLUMNS, "partition_key", partition,

@@ -31,16 +31,16 @@ from genops_assets.lib.distill import (
     unique_prompts,
 )
 from genops_assets.lib.evaluation import examples_from_frame
-from genops_assets.lib.feedback import TASK_ROWS
 from genops_assets.lib.formatting import build_messages
 from genops_assets.lib.hashing import sha256_dir, sha256_json
 from genops_assets.lib.integrity import MANIFEST, verify_folder
 from genops_assets.lib.locks import exclusive
 from genops_assets.lib.tasks import TaskRef, read_raw_file
 from genops_assets.lib.tuning import ProgressLine, tracked_metrics
+from resources.feedback_store import FeedbackStore, RequestQuery
 from resources.paths import GenopsHome
 from resources.tracking import VERSION_KEY_TAG, MlflowTracking, registered_model_name
-from resources.warehouse import FEEDBACK_SCHEMA, DuckDBWarehouse, mart_schema
+from resources.warehouse import DuckDBWarehouse, mart_schema
 
 CODE_VERSION = f"genops-{__version__}/{DISTILL_CODE_VERSION}"
 VARIANT = "distilled"
@@ -73,18 +73,15 @@ def _setting(spec, name: str, override: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _request_prompts(warehouse: DuckDBWarehouse, task: str) -> list[UnlabelledPrompt]:
+def _request_prompts(feedback_store: FeedbackStore, task: str) -> list[UnlabelledPrompt]:
     """Inputs of the endpoint's logged requests for ``task`` (its own and those naming no task)."""
-    if not Path(warehouse.path).exists() or not warehouse.table_exists(FEEDBACK_SCHEMA, "requests"):
-        return []
-    df = warehouse.query_df(
-        f"select request_id, input_text from {FEEDBACK_SCHEMA}.requests "
-        f"where coalesce(event, 'request') = 'request' and {TASK_ROWS} "
-        "and input_text is not null and trim(input_text) <> '' order by ts, request_id", [task])
+    df = feedback_store.requests(RequestQuery(("request_id", "input_text"), task=task, requests_only=True,
+                                              not_null=("input_text",), non_blank=("input_text",)))
     return [UnlabelledPrompt(f"request:{r.request_id}", str(r.input_text)) for r in df.itertuples()]
 
 
-def collect_prompts(spec, warehouse: DuckDBWarehouse, golden_inputs: set[str]) -> tuple[list[UnlabelledPrompt], dict]:
+def collect_prompts(spec, warehouse: DuckDBWarehouse, feedback_store: FeedbackStore,
+                    golden_inputs: set[str]) -> tuple[list[UnlabelledPrompt], dict]:
     """The unlabelled prompts: the SFT mart's inputs (labels not used), the inputs of the task's
     ``incoming/`` files and of logged requests; repeats and golden-set inputs left out (the golden
     set measures the student). Returns the prompts and a count per source."""
@@ -98,7 +95,7 @@ def collect_prompts(spec, warehouse: DuckDBWarehouse, golden_inputs: set[str]) -
                                           ex.contexts or ()) for ex in read_raw_file(path, spec)]
     sources["incoming"] = incoming
     # A logged request holds the question only, not the passages a retrieval task needs.
-    sources["requests"] = [] if spec.contexts is not None else _request_prompts(warehouse, spec.name)
+    sources["requests"] = [] if spec.contexts is not None else _request_prompts(feedback_store, spec.name)
     everything = unique_prompts(p for group in sources.values() for p in group)
     kept = [p for p in everything if p.input_text.strip() not in golden_inputs]
     counts = {f"prompts_{k}": len(v) for k, v in sources.items()}
@@ -179,6 +176,7 @@ def distilled_student(
     tuned_adapter: dict,
     task: TaskRef,
     warehouse: DuckDBWarehouse,
+    feedback_store: FeedbackStore,
     mlflow: MlflowTracking,
     home: GenopsHome,
 ) -> dg.Output[dict]:
@@ -197,7 +195,7 @@ def distilled_student(
     if not golden:
         raise dg.Failure("golden_eval_dataset is empty: the student cannot be compared to the teacher",
                          allow_retries=False)
-    prompts, prompt_counts = collect_prompts(spec, warehouse, {e.input_text.strip() for e in golden})
+    prompts, prompt_counts = collect_prompts(spec, warehouse, feedback_store, {e.input_text.strip() for e in golden})
     if config.max_prompts:
         prompts = prompts[: config.max_prompts]
     if not prompts:

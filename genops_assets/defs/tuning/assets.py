@@ -25,6 +25,7 @@ from genops_assets.lib.tuning import (
 )
 from genops_assets.serving.protocol import CHALLENGER
 from resources.paths import GenopsHome
+from resources.storage import Storage
 from resources.tracking import (
     VERSION_KEY_TAG,
     MlflowTracking,
@@ -100,6 +101,7 @@ def tuned_adapter(
     warehouse: DuckDBWarehouse,
     mlflow: MlflowTracking,
     home: GenopsHome,
+    storage: Storage,
 ) -> dg.Output[dict]:
     """A LoRA adapter trained on the train split of sft_dataset (loss on answer tokens only),
     registered in MLflow with alias `challenger` as an MLflow model (a pyfunc of the adapter and
@@ -164,14 +166,19 @@ def tuned_adapter(
         curve.write_bytes(loss_curve_png(result.history))
         mlflow.log_artifact(run_id, curve, "plots")
         digests = {"genops.train_digest": plan.digests["train"], "genops.validation_digest": plan.digests["validation"]}
+        # The published copies (with their manifests) that steps on other nodes fetch and check:
+        # the adapter, and the mart rows it was trained on, keyed by their digest.
+        adapter_uri = storage.upload_dir(adapter_dir, f"adapters/{spec.name}/{plan.version_key}")
+        dataset_uri = storage.upload_frames({"train": plan.train, "validation": plan.validation},
+                                            f"datasets/{spec.name}/sft/{plan.digests['train'][:16]}-{plan.digests['validation'][:16]}")
         adapter, model, mv = register_tuned(
             mlflow, run_id, model_name, plan.version_key, adapter_dir, prompt_ref, base_model, {**tags, **digests},
             plan.digests, result.steps, (result.last("loss"), result.last("eval_loss")),
-            f"LoRA r={cfg.rank} on {base_model['name']}, {result.steps} steps")
+            f"LoRA r={cfg.rank} on {base_model['name']}, {result.steps} steps", {"adapter_uri": adapter_uri})
     context.log.info(f"registered {model_name} v{mv.version} (alias {CHALLENGER}), {result.steps} steps in "
                      f"{result.runtime_s:.0f}s")
     return dg.Output(
-        {**adapter.as_dict(), "version": mv.version},
+        {**adapter.as_dict(), "version": mv.version, "adapter_uri": adapter_uri},
         metadata={
             "model": model_name,
             "version": mv.version,
@@ -190,6 +197,8 @@ def tuned_adapter(
             "runtime_s": round(result.runtime_s, 1),
             "adapter_dir": dg.MetadataValue.path(str(adapter_dir)),
             "adapter_sha256": adapter.adapter_digest,
+            "adapter_uri": adapter_uri,
+            "dataset_uri": dataset_uri,
             "loss_curve": dg.MetadataValue.md(png_markdown("loss", curve.read_bytes())),
         },
     )
