@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 MANIFEST := dbt/target/manifest.json
 DBT_FILES := $(shell find dbt -name '*.sql' -o -name '*.yml' 2>/dev/null | grep -v -e '^dbt/target' -e '^dbt/logs')
 
-.PHONY: install demo ct-demo enhance test test-fast lint check-defs bench ui mlflow-ui stop clean dbt-manifest lineage tensorboard \
+.PHONY: install demo ct-demo enhance test test-fast lint check-defs bench ui mlflow-ui mlflow-server stop clean dbt-manifest lineage tensorboard \
 	feedback chromium audit
 
 install: $(STAMP) $(MANIFEST)
@@ -150,6 +150,17 @@ optimize: install install-llamacpp
 
 ui: install
 	$(BIN)/python -m genops_assets.cli ui
+
+# An MLflow tracking server for parallel writers (several steps, runs or pods at once), serving the
+# embedded store by default. GENOPS_MLFLOW_SERVER_BACKEND_URI=postgresql://... (read from the
+# environment, never the command line), MLFLOW_ARTIFACTS=gs://... or a folder, MLFLOW_AUTH=1 for
+# MLflow's basic-auth app (MLFLOW_AUTH_ADMIN_PASSWORD on first start). Prints the two GENOPS_MLFLOW_*
+# lines that point genops at it.
+MLFLOW_PORT ?= 5001
+MLFLOW_WORKERS ?= 2
+mlflow-server: install
+	$(BIN)/python -m genops_assets.cli.mlflow_server --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
+	  $(if $(MLFLOW_ARTIFACTS),--artifacts-destination '$(MLFLOW_ARTIFACTS)') $(if $(MLFLOW_AUTH),--auth)
 
 # The rating UI and its API (human feedback) on http://127.0.0.1:$(FEEDBACK_PORT)/; raters come
 # from `genops raters add NAME`.

@@ -94,6 +94,40 @@ class VersionModel:
         return f"models:/{self.model_id}"
 
 
+@contextmanager
+def _created_elsewhere_ok() -> Iterator[None]:
+    """Swallow only MLflow's "already exists": several steps (processes) create the same
+    experiment or registered model at once, and every one of them may lose the race."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+_SCHEMA_READY: set[str] = set()
+
+
+def _create_sqlite_schema_once(uri: str) -> None:
+    """Create (or migrate) an embedded SQLite store under a file lock, once per process: MLflow
+    creates its tables on first use without one, so parallel steps on a new store fail with
+    "table ... already exists" or "duplicate column". A server or Postgres store needs nothing."""
+    if uri in _SCHEMA_READY or not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.schema.lock"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates the tracking tables
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _SCHEMA_READY.add(uri)
+
+
 def _ref(mv) -> ModelVersionRef:
     return ModelVersionRef(mv.name, str(mv.version), mv.run_id, mv.source, dict(mv.tags or {}))
 
@@ -107,6 +141,7 @@ class MlflowTracking(dg.ConfigurableResource):
     def client(self):
         from mlflow.tracking import MlflowClient
 
+        _create_sqlite_schema_once(self.tracking_uri)
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def experiment_id(self, name: str) -> str:
@@ -119,7 +154,10 @@ class MlflowTracking(dg.ConfigurableResource):
         # stays as it is; a bare path becomes a file URI.
         if len(urlparse(location).scheme) < 2:
             location = Path(location).resolve().as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        with _created_elsewhere_ok():
+            return client.create_experiment(name, artifact_location=location)
+        # Another writer created it between the lookup and the create.
+        return client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
         run = self.client().create_run(self.experiment_id(experiment), run_name=run_name, tags=dict(tags))
@@ -236,14 +274,15 @@ class MlflowTracking(dg.ConfigurableResource):
             raise
         return _ref(found[0]) if found else None
 
-    def _registered_model(self, model_name: str) -> None:
+    def _registered_model(self, model_name: str, description: str = "LoRA adapters tuned by genops") -> None:
         from mlflow.exceptions import MlflowException
 
         client = self.client()
         try:
             client.get_registered_model(model_name)
         except MlflowException:
-            client.create_registered_model(model_name, description="LoRA adapters tuned by genops")
+            with _created_elsewhere_ok():  # by a writer running at the same time
+                client.create_registered_model(model_name, description=description)
 
     def register(self, model_name: str, source: str, run_id: str, tags: Mapping[str, str],
                  description: str = "") -> ModelVersionRef:
@@ -362,14 +401,8 @@ class MlflowTracking(dg.ConfigurableResource):
                 "genops.source_version": "" if source_version is None else str(source_version),
                 "genops.variant_digest": files.digest, "genops.size_bytes": str(files.size_bytes),
                 VERSION_KEY_TAG: version_key, **integrity_tags(files_sha)}
-        from mlflow.exceptions import MlflowException
-
-        client = self.client()
-        try:
-            client.get_registered_model(model_name)
-        except MlflowException:
-            client.create_registered_model(model_name, description=f"Merged, quantized and distilled variants of "
-                                                                   f"{registered_model_name(task)}")
+        self._registered_model(model_name, f"Merged, quantized and distilled variants of "
+                                           f"{registered_model_name(task)}")
         parent = f" from {files.parent}" if files.parent else ""
         return self.register(model_name, self.artifact_uri(run_id, artifact_path), run_id, tags,
                              description=f"{files.name} ({files.format}, {files.engine}){parent} of "
