@@ -186,3 +186,21 @@ def test_padded_batches_are_length_grouped(tiny_model_dir, tmp_path):
     grouped, random_order = padding_share(False), padding_share(False, "random")
     assert grouped < 0.1 < random_order
     assert sft_batching(True, 0)[1] == "random"  # packed rows carry no padding to group away
+
+
+def test_training_benchmark_runs_both_sides_on_the_same_batches(tiny_model_dir, tmp_path):
+    """The benchmark on the tiny model: both sides train on the same examples per step (same
+    non-padding token count), report throughput, and end at nearly the same validation loss."""
+    from genops_assets.bench.training import bench_training, summary
+    from genops_assets.lib.tasks import load_task
+
+    task = load_task(ROOT / "tasks", "support_triage")
+    result = bench_training(str(tiny_model_dir), task, train=12, validation=4, steps=2, warmup=1, repeats=2,
+                            batch_size=4, work=tmp_path, log=lambda _msg: None)
+    runs = result["runs"]
+    assert len(runs["naive"]) == len(runs["genops"]) == 2
+    assert {r["tokens"] for r in runs["naive"]} == {r["tokens"] for r in runs["genops"]}
+    for side in ("naive", "genops"):
+        assert result[side]["tokens_per_s"] > 0 and result[side]["validation_loss"] > 0
+    assert result["validation_loss_rel_diff"] < 0.01
+    assert "x" in summary(result)

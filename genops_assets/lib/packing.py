@@ -73,7 +73,7 @@ def pack_batch(rows: Sequence[dict[str, list[int]]], min_shared: int = MIN_SHARE
         ids += own_ids[prefix:]
         positions += range(prefix, len(own_ids))
         segments += [n] * (len(own_ids) - prefix)
-        targets += labels[prefix + 1:] + [IGNORE_INDEX]
+        targets += [*labels[prefix + 1:], IGNORE_INDEX]
     seg = torch.tensor(segments)
     length = len(ids)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
