@@ -1,8 +1,9 @@
 """Padding-free SFT batches: the examples of a batch packed into one row, sharing their prompt prefix.
 
 The examples of a task share a long start (chat template, system prompt, the user template's
-opening words; about 60% of the tokens of the demo task). A padded batch pays for that start
-once per example and pads every row to the longest one; on a CPU both are most of the step.
+opening words; about 60% of the tokens of the demo task). A padded batch computes that start
+once per example, pads every row to the longest one and projects every position onto the
+vocabulary, though only the answer tokens carry a loss.
 ``pack_batch`` lays a batch out as one row ``[shared prefix][rest of example 1][rest of
 example 2]...`` and gives the model what keeps each example's computation its own:
 
