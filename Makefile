@@ -139,6 +139,12 @@ install-llamacpp: $(STAMP)
 bench: install install-llamacpp
 	$(BIN)/python -m genops_assets.bench
 
+# The training part alone with reduced settings (a few minutes): genops' SFT step vs a naive
+# Trainer + PEFT loop; updates the training entry of the same results file.
+.PHONY: bench-quick
+bench-quick: install
+	$(BIN)/python -m genops_assets.bench --quick
+
 # TASK's optimized variants (merged, quantized, distilled) judged against the tuned adapter in one
 # table: size, peak serving memory, tokens/s and p50 at concurrency 1 and 16, golden-set metrics;
 # deploys the variant the task's optimization.deploy names. Run `make demo` first (its tuned

@@ -7,7 +7,13 @@
 * serving latency beside monitoring work at normal and at background priority
   (``genops_assets.bench.background``);
 * guardrail latency: p50/p95 that the input and output checks add to a 200-token exchange
-  (``genops_assets.bench.guardrails``; absolute times, target 15 ms p50).
+  (``genops_assets.bench.guardrails``; absolute times, target 15 ms p50);
+* training: non-padding tokens/s of genops' SFT step vs a naive Trainer + PEFT loop
+  (``genops_assets.bench.training``; target 1.5x at validation loss within 1%).
+
+``--quick`` runs the training part with reduced settings (``make bench-quick``). A run updates
+the parts it measured in the results file and keeps the others; each run records machine, date
+and git commit.
 
 Each comparison runs both sides in the same process, one after the other, and reports the
 ratio: absolute times on shared machines are noise, ratios are not.
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,6 +146,26 @@ def bench_prefill(base_dir: str, items, batch: int) -> dict:
             "batch_gain": round(rates[batch] / rates[1], 2)}
 
 
+def git_sha() -> str:
+    """The checked-out commit (with ``-dirty`` for uncommitted changes), or why it is unknown."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"unknown ({exc})"
+    return sha + ("-dirty" if dirty else "")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else (
+        platform.processor())
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+            "cpu_model": cpu, "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=24, help="golden examples in the evaluation benchmark")
@@ -148,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", choices=("all", "evaluation", "serving", "background", "guardrails"), default="all")
+    parser.add_argument("--only", choices=("all", "evaluation", "serving", "background", "guardrails", "training"),
+                        default="all")
+    parser.add_argument("--quick", action="store_true", help="training part only, reduced settings (minutes)")
     parser.add_argument("--serving-port", type=int, default=8028)
     parser.add_argument("--serving-max-tokens", type=int, default=48,
                         help="max_tokens per request (the task's answers need about 40)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.only = "training"
 
     from resources import QUIET_ENV, genops_home
 
@@ -169,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     task = load_task(REPO / "tasks", os.environ.get("GENOPS_TASK") or "support_triage")
     raw = [r for f in task.raw_files() for r in read_raw_file(f, task)]
     examples = [EvalExample(f"bench_{i}", r.input_text, r.output) for i, r in enumerate(raw[: args.examples])]
-    results: dict = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                                 "cpus": os.cpu_count()}, "model": base.name}
+    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "git_sha": git_sha(), "model": base.name}
     with tempfile.TemporaryDirectory(prefix="genops-bench-") as tmp:
         work = Path(tmp)
         if args.only in ("all", "evaluation"):
@@ -206,7 +237,20 @@ def main(argv: list[str] | None = None) -> int:
 
             results["guardrails"] = bench_guardrails(task, base.path, ServerSettings.from_env().injection_detector,
                                                      log=_log)
+        if args.only in ("all", "training"):
+            from genops_assets.bench.training import FULL, QUICK, bench_training
+
+            settings = QUICK if args.quick else FULL
+            _log(f"training: genops' SFT step vs a naive Trainer + PEFT loop, alternating, {settings}")
+            results["training"] = bench_training(base.path, task, work=work / "training", log=_log, **settings)
+            results["training"]["measured"] = {k: results[k] for k in ("machine", "date", "git_sha")}
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():  # keep the parts this run did not measure
+        try:
+            previous = json.loads(out.read_text())
+        except ValueError as exc:
+            raise SystemExit(f"{out}: not valid JSON ({exc}); move it away to start a new results file") from exc
+        results = {**previous, **results}
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")
     tmp_out.replace(out)
@@ -238,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         from genops_assets.bench.guardrails import summary
 
         print(summary(results["guardrails"]))
+    if "training" in results:
+        from genops_assets.bench.training import summary as training_summary
+
+        print(training_summary(results["training"]))
     sys.stdout.flush()
     return 0
 

@@ -1,7 +1,8 @@
 """LoRA supervised fine-tuning with PEFT on the Hugging Face Trainer (accelerate underneath).
 
-Loss is computed on the response tokens only: the rows carry their labels and TRL's
-collator pads them into batches. Every knob lives in ``LoraTrainConfig``;
+Loss is computed on the response tokens only: the rows carry their labels. By default a batch is
+one padding-free row whose examples share their prompt prefix (``lib/packing.py``); with
+``packing=False`` TRL's collator pads length-grouped batches. Every knob lives in ``LoraTrainConfig``;
 ``to_lora_config`` is the one place that turns it into a PEFT ``LoraConfig``. Progress and
 losses go to a callback so the caller (a Dagster asset) decides where they are logged.
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from genops_assets.lib.hashing import atomic_dir, atomic_write_json, sha256_file, sha256_json
 from genops_assets.lib.integrity import verify_model_folder, write_manifest
+from genops_assets.lib.packing import sft_batching
 from genops_assets.lib.quantization import (
     COMPUTE_DTYPES,
     check_quantization_name,
@@ -82,6 +84,7 @@ class LoraTrainConfig:
     quantization: str = "none"  # none | nf4 | int8: the frozen base loaded through bitsandbytes (QLoRA)
     compute_dtype: str = "auto"  # nf4 matmul dtype; auto: bfloat16 on a GPU that has it, else float32
     double_quant: bool = True  # nf4: quantize the quantization constants too
+    packing: bool = True  # padding-free batches sharing the prompt prefix (lib/packing.py); False: padded batches
 
     def __post_init__(self) -> None:
         check_quantization_name(self.quantization)
@@ -370,7 +373,6 @@ def train_lora(
         TrainingArguments,
         set_seed,
     )
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     has_cuda = torch.cuda.is_available()
     device = "cuda" if has_cuda else "cpu"
@@ -436,6 +438,7 @@ def train_lora(
     val_rows = [r for r in (tokenize_example(tokenizer, ex, cfg.max_length) for ex in validation) if r]
     if not train_rows:
         raise TrainingInputError(f"every training example is longer than max_length={cfg.max_length} tokens")
+    data_collator, sampling = sft_batching(cfg.packing, tokenizer.pad_token_id)
 
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
@@ -495,6 +498,7 @@ def train_lora(
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        train_sampling_strategy=sampling,
         deepspeed=cfg.deepspeed_config,
     )
     trainer = Trainer(
@@ -502,7 +506,7 @@ def train_lora(
         args=args,
         train_dataset=train_rows,
         eval_dataset=val_rows or None,
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        data_collator=data_collator,
         callbacks=[_Progress(), _MarkComplete()],
     )
     if resume_ckpt is not None and start_step >= total_steps:

@@ -46,6 +46,10 @@ class TuningConfig(dg.Config):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(_LIB.compute_dtype,
         description="nf4: dtype of the de-quantized matmuls (auto: bfloat16 on a GPU that has it, else float32).")
     double_quant: bool = Field(_LIB.double_quant, description="nf4: quantize the quantization constants too.")
+    packing: bool = Field(_LIB.packing,
+        description="Padding-free batches: a batch's examples packed into one row that computes their shared prompt "
+                    "prefix once, with attention kept inside each example (same loss as padded batches, faster); "
+                    "False: padded, length-grouped batches.")
     max_train_examples: int | None = Field(None, description="Use only the first N train examples (quick runs).")
     resume: bool = Field(
         True,
