@@ -68,7 +68,7 @@ def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskRef, h
     # The cursor holds the rows present now: rows whose files were removed leave it.
     cursor = json.dumps({"task": spec.name,
                          "consumed": sorted(r.digest[:CURSOR_DIGEST_CHARS] for r in scan.rows)})
-    request, plan = continuous_training_request(
+    request, _ = continuous_training_request(
         context, spec, home, mlflow, automation.run_config(), continuous_training_job_name(spec.name),
         run_key=f"feedback_labels:{spec.name}:{digest}",
         tags={

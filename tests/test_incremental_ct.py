@@ -125,9 +125,9 @@ def test_a_refused_gate_holds_its_downstream_until_the_checked_asset_changes():
 TASK = "support_triage"
 UPSTREAM_UNCHANGED = {"base_model", f"{TASK}/prompt_templates", f"{TASK}/human_ratings", f"{TASK}/rating_items",
                       f"{TASK}/rater_quality", f"{TASK}/item_agreement", f"{TASK}/human_corrections"}
-DEPEND_ON_DATA = {f"{TASK}/{n}" for n in ("raw_task_examples", "stg_task_examples", "sft_dataset", "golden_eval_dataset",
-                                          "few_shot_examples", "tuned_adapter", "eval_report", "safety_report",
-                                          "deployed_endpoint")}
+DEPEND_ON_DATA = {f"{TASK}/{n}" for n in ("raw_task_examples", "stg_task_examples", "sft_dataset",
+                                          "golden_eval_dataset", "few_shot_examples", "tuned_adapter", "eval_report",
+                                          "safety_report", "deployed_endpoint")}
 
 
 def materialized_in(instance, run_id: str) -> set[str]:
@@ -139,8 +139,15 @@ def steps_of(instance, run_id: str) -> set[str]:
     return {e.step_key for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)}
 
 
+@pytest.fixture()
+def instance():
+    """An instance on disk with a reference to itself, as schedules are evaluated with."""
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
 @pytest.mark.graph
-def test_retrain_runs_only_what_new_data_changes(home, tiny_model_dir, tmp_path):
+def test_retrain_runs_only_what_new_data_changes(home, tiny_model_dir, tmp_path, instance):
     from graph_support import free_port, genops_env, graph_definitions, tiny_run_config
 
     from genops_assets.lib.jsonl import read_jsonl
@@ -151,22 +158,27 @@ def test_retrain_runs_only_what_new_data_changes(home, tiny_model_dir, tmp_path)
     tasks = tmp_path / "tasks"
     shutil.copytree(REPO / "tasks" / TASK, tasks / TASK, ignore=shutil.ignore_patterns("incoming"))
     (tasks / TASK / "incoming").mkdir()
+    run_config = tiny_run_config(tiny_model_dir, steps=2)
+    # Every train example counts in the training data's digest (not the first few): new rows are new data.
+    run_config["ops"][f"{TASK}__tuned_adapter"]["config"]["max_train_examples"] = None
     config_file = tmp_path / "ct_run_config.yaml"
-    config_file.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, steps=2)))
+    config_file.write_text(yaml.safe_dump(run_config))
     with genops_env(home=str(home), tasks_dir=str(tasks)):
+        # Values kept on disk between runs, as the deployed instance keeps them (a run of a subset
+        # reads the unchanged upstream values the last run stored).
         resources = {**build_resources(home=home, port=free_port(), judge_port=free_port()),
-                     "automation": AutomationResource(run_config_file=str(config_file))}
+                     "automation": AutomationResource(run_config_file=str(config_file)),
+                     "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "storage"))}
         defs = dg.Definitions.merge(graph_definitions(), dg.Definitions(resources=resources))
     job = defs.resolve_job_def(f"{TASK}_continuous_training")
-    instance = dg.DagsterInstance.ephemeral()
     repo = defs.get_repository_def()
     sensing = {k: resources[k] for k in ("home", "automation", "mlflow")}  # what the sensors and schedule use
 
     started = time.monotonic()
-    full = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir, steps=2), instance=instance)
+    full = job.execute_in_process(run_config=run_config, instance=instance)
     full_s = time.monotonic() - started
     assert full.success
-    assert UPSTREAM_UNCHANGED | DEPEND_ON_DATA <= materialized_in(instance, full.run_id)
+    assert materialized_in(instance, full.run_id) >= UPSTREAM_UNCHANGED | DEPEND_ON_DATA
 
     # Unchanged: the nightly tick plans nothing and starts no run, in under 5% of the full run.
     nightly = defs.resolve_schedule_def(f"{TASK}_nightly_training")
@@ -187,7 +199,7 @@ def test_retrain_runs_only_what_new_data_changes(home, tiny_model_dir, tmp_path)
                                                           repository_def=repo))
     [request] = result.run_requests
     selected = names(request.asset_selection)
-    assert DEPEND_ON_DATA <= selected and not (UPSTREAM_UNCHANGED & selected), selected
+    assert selected >= DEPEND_ON_DATA and not (UPSTREAM_UNCHANGED & selected), selected
     assert "raw_task_examples: new data version" in request.tags["genops/changed"]
     retrain = job.execute_in_process(run_config=request.run_config, instance=instance,
                                      asset_selection=request.asset_selection, tags=request.tags)
@@ -207,5 +219,5 @@ def test_retrain_runs_only_what_new_data_changes(home, tiny_model_dir, tmp_path)
     # and after it, nothing is left to do
     graph = repo.asset_graph
     spec = TaskRef(TASK, str(tasks)).load()
-    roots = loop_root_versions(spec, resources["home"], resources["mlflow"], tiny_run_config(tiny_model_dir, steps=2))
+    roots = loop_root_versions(spec, resources["home"], resources["mlflow"], run_config)
     assert plan_run(instance, graph, job.asset_layer.selected_asset_keys, roots).selection == ()
