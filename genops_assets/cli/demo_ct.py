@@ -48,8 +48,11 @@ EVAL_CONFIG = {
     "judge_certificate": {"config": {"max_probe_examples": 4}},
     "safety_report": {"config": {"per_class": 3, "batch_size": 16}},
 }
-# "Yesterday's model": a short run on part of the data.
-BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}}}
+# "Yesterday's model": a short run on part of the data. It is the starting champion whatever its
+# margin over the base model (a short run on 160 examples may not clear the gate on 40 golden
+# examples); the gate the demo is about is the retrain's, against it.
+BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}},
+                    "eval_report": {"config": {**EVAL_CONFIG["eval_report"]["config"], "margin": -1.0}}}
 
 
 def log(msg: str) -> None:
