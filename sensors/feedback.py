@@ -11,9 +11,11 @@ import dagster as dg
 from genops_assets.components.binding import bind_task
 from genops_assets.defs.jobs import continuous_training_job_name
 from genops_assets.lib.labels import LabelScan, scan_labels
-from genops_assets.lib.tasks import TaskRef, task_run_config
+from genops_assets.lib.tasks import TaskRef
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
+from resources.tracking import MlflowTracking
+from sensors.incremental import continuous_training_request
 
 MAX_LOGGED_ISSUES = 50
 # Row digests kept in the cursor are shortened: 64 bits tell apart far more rows than a
@@ -43,7 +45,7 @@ def log_issues(context: dg.SensorEvaluationContext, folder: Path, scan: LabelSca
 
 
 def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskRef, home: GenopsHome,
-                           automation: AutomationResource):
+                           automation: AutomationResource, mlflow: MlflowTracking):
     spec = task.load()
     folder = home.task_labels_dir(spec.name)
     scan = scan_labels(folder, spec)
@@ -66,22 +68,19 @@ def feedback_labels_sensor(context: dg.SensorEvaluationContext, task: TaskRef, h
     # The cursor holds the rows present now: rows whose files were removed leave it.
     cursor = json.dumps({"task": spec.name,
                          "consumed": sorted(r.digest[:CURSOR_DIGEST_CHARS] for r in scan.rows)})
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=f"feedback_labels:{spec.name}:{digest}",
-                run_config=task_run_config(spec.name, automation.run_config()),
-                tags={
-                    "genops/trigger": "feedback_labels",
-                    "genops/task": spec.name,
-                    "genops/labels_digest": digest,
-                    "genops/label_rows": str(len(scan.rows)),
-                    "genops/new_label_rows": str(len(new)),
-                },
-            )
-        ],
-        cursor=cursor,
-    )
+    request, _ = continuous_training_request(
+        context, spec, home, mlflow, automation.run_config(), continuous_training_job_name(spec.name),
+        run_key=f"feedback_labels:{spec.name}:{digest}",
+        tags={
+            "genops/trigger": "feedback_labels",
+            "genops/task": spec.name,
+            "genops/labels_digest": digest,
+            "genops/label_rows": str(len(scan.rows)),
+            "genops/new_label_rows": str(len(new)),
+        })
+    if request is None:
+        return dg.SensorResult(skip_reason=f"{len(new)} new labelled row(s) change no asset of the loop", cursor=cursor)
+    return dg.SensorResult(run_requests=[request], cursor=cursor)
 
 
 def build_feedback_labels_sensor(task: TaskRef) -> dg.SensorDefinition:
@@ -92,6 +91,6 @@ def build_feedback_labels_sensor(task: TaskRef) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Requests a continuous-training run of {task.name} when at least GENOPS_FEEDBACK_MIN_LABELS "
         f"(default 10) new valid labelled rows are in <GENOPS_HOME>/feedback/labels/{task.name}/*.jsonl. run_key = "
-        "digest of all valid label rows, so the same labels never train twice; invalid lines are logged with "
-        "file:line.",
+        "digest of all valid label rows, so the same labels never train twice; the run materializes only the assets "
+        "the new labels (or new code) change. Invalid lines are logged with file:line.",
     )(bind_task(feedback_labels_sensor, task))

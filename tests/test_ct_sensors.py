@@ -43,7 +43,16 @@ def label(i: int, **over) -> dict:
 
 @pytest.fixture()
 def res(home):
-    return {"home": GenopsHome(root=str(home)), "automation": AutomationResource()}
+    return {"home": GenopsHome(root=str(home)), "automation": AutomationResource(),
+            "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                                     artifact_root=(home / "artifacts").as_uri())}
+
+
+def code_location_graph() -> dg.Definitions:
+    """The code location (the test passes its own resources): the sensor plans its runs over its graph."""
+    from genops_assets.definitions import defs
+
+    return defs
 
 
 def automation(res, **settings) -> dict:
@@ -61,7 +70,8 @@ def write_labels(res, name: str, rows: list, raw_lines: list[str] | None = None,
 
 
 def labels_tick(res, cursor=None, instance=None):
-    ctx = dg.build_sensor_context(cursor=cursor, resources=res, instance=instance)
+    ctx = dg.build_sensor_context(cursor=cursor, resources=res, instance=instance or dg.DagsterInstance.ephemeral(),
+                                  definitions=code_location_graph())
     records: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -452,22 +462,21 @@ import dagster as dg
 from genops_assets.lib.tasks import TaskRef
 from resources.automation import AutomationResource
 from resources.paths import GenopsHome
+from resources.tracking import MlflowTracking
 from sensors.feedback import build_feedback_labels_sensor
 
 
-@dg.op
+@dg.asset(key=["support_triage", "tuned_adapter"])
 def retrain():
     pass
 
 
-@dg.job(name="support_triage_continuous_training")
-def continuous_training():
-    retrain()
-
-
-defs = dg.Definitions(jobs=[continuous_training],
+defs = dg.Definitions(assets=[retrain],
+                      jobs=[dg.define_asset_job("support_triage_continuous_training", selection=[retrain])],
                       sensors=[build_feedback_labels_sensor(TaskRef("support_triage", {tasks!r}))],
-                      resources={{"home": GenopsHome(root={home!r}), "automation": AutomationResource()}})
+                      resources={{"home": GenopsHome(root={home!r}), "automation": AutomationResource(),
+                                 "mlflow": MlflowTracking(tracking_uri="sqlite:///{home}/mlflow.db",
+                                                          artifact_root="file://{home}/artifacts")}})
 '''
 
 

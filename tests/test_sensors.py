@@ -11,6 +11,8 @@ import pytest
 
 from genops_assets.lib.tasks import TaskRef
 from resources.automation import AutomationResource
+from resources.paths import GenopsHome
+from resources.tracking import MlflowTracking
 from sensors.incoming import build_incoming_automation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +28,20 @@ def task(tmp_path):
     return TaskRef("support_triage", str(tmp_path / "tasks")), dst / "incoming"
 
 
+def code_location_graph() -> dg.Definitions:
+    """The code location (the test passes its own resources): the sensor plans its runs over its graph."""
+    from genops_assets.definitions import defs
+
+    return defs
+
+
 def _tick(task_ref, cursor=None, automation=None):
-    ctx = dg.build_sensor_context(cursor=cursor, resources={"automation": automation or AutomationResource()})
+    home = Path(task_ref.tasks_dir).parent / "home"
+    resources = {"automation": automation or AutomationResource(), "home": GenopsHome(root=str(home)),
+                 "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                                          artifact_root=(home / "artifacts").as_uri())}
+    ctx = dg.build_sensor_context(cursor=cursor, resources=resources, instance=dg.DagsterInstance.ephemeral(),
+                                  definitions=code_location_graph())
     sensor, _ = build_incoming_automation(task_ref)
     return sensor(ctx), ctx
 
@@ -73,7 +87,6 @@ def test_nightly_schedule_targets_the_training_job():
 
 
 def test_request_log_sensor_ingests_each_new_size_once(tmp_path, monkeypatch):
-    from resources.paths import GenopsHome
     from sensors.requests import request_log_sensor
 
     home = GenopsHome(root=str(tmp_path))

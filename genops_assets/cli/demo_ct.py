@@ -48,8 +48,11 @@ EVAL_CONFIG = {
     "judge_certificate": {"config": {"max_probe_examples": 4}},
     "safety_report": {"config": {"per_class": 3, "batch_size": 16}},
 }
-# "Yesterday's model": a short run on part of the data.
-BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}}}
+# "Yesterday's model": a short run on part of the data. It is the starting champion whatever its
+# margin over the base model (a short run on 160 examples may not clear the gate on 40 golden
+# examples); the gate the demo is about is the retrain's, against it.
+BOOTSTRAP_TUNING = {"tuned_adapter": {"config": {"max_steps": 24, "max_train_examples": 160}},
+                    "eval_report": {"config": {**EVAL_CONFIG["eval_report"]["config"], "margin": -1.0}}}
 
 
 def log(msg: str) -> None:
@@ -309,6 +312,25 @@ def stage_breakdown(times: RunTimes, labels_at: float, confirmed_at: float) -> d
     return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def run_scope(instance, record, job_keys: set[str]) -> dict:
+    """What the continuous-training run materialized of its job's assets, what it left alone
+    (unchanged since the last run: no new data, no new code), and why, from the run's records."""
+    import dagster as dg
+
+    run_id = record.dagster_run.run_id
+    done = sorted({e.asset_materialization.asset_key.to_user_string()
+                   for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)})
+    return {"materialized": done, "skipped_unchanged": sorted(job_keys - set(done)),
+            "changed": record.dagster_run.tags.get("genops/changed", "")}
+
+
+def job_asset_keys(job_name: str) -> set[str]:
+    """The assets of one of the code location's jobs (loads the definitions: seconds)."""
+    from genops_assets.definitions import defs
+
+    return {k.to_user_string() for k in defs.resolve_job_def(job_name).asset_layer.selected_asset_keys}
+
+
 def breakdown_markdown(b: dict) -> str:
     rows = [("detection (labels written -> run requested)", "detection_s"),
             ("queue (requested -> run started)", "queue_s"),
@@ -326,6 +348,10 @@ def breakdown_markdown(b: dict) -> str:
     after = ", ".join(f"{k} {v:.1f} s" for k, v in b["after_deploy_s"].items()) or "none"
     lines.append(f"\nAfter the deploy, off the serving path: {after}. The demo's own request saw the new "
                  f"champion {b['confirmed_after_run_s']:.1f} s after the run ended.")
+    if "materialized" in b:
+        lines.append(f"\nThe run materialized {len(b['materialized'])} of the job's "
+                     f"{len(b['materialized']) + len(b['skipped_unchanged'])} assets; unchanged, not run: "
+                     f"{', '.join(b['skipped_unchanged']) or 'none'}. Changed: {b['changed'] or 'not recorded'}.")
     return "\n".join(lines) + "\n"
 
 
@@ -407,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         confirmed_at = wait_served(base_url, key, task_name, new_champion.version, input_field)
         b = breakdown(instance, record, labels_at, confirmed_at)
+        b.update(run_scope(instance, record, job_asset_keys(record.dagster_run.job_name)))
         b.update({"previous_champion": champion.version, "new_champion": new_champion.version,
                   "labels": len(rows), "corrected": corrected,
                   "demo_wall_s": round(time.monotonic() - started, 1)})

@@ -22,6 +22,10 @@ concurrency:
     default_limit: 1
     # Enforced when the step starts, in every executor (also `dagster job execute`).
     granularity: op
+run_queue:
+  # The daemon looks for queued runs every second (Dagster's default: 5): a run a sensor
+  # requests starts without waiting out the interval.
+  dequeue_interval_seconds: 1
 """
 
 

@@ -60,6 +60,20 @@ def labelled_feedback(context, spec, home: GenopsHome, feedback_store: FeedbackS
     return rows, {"rows": len(rows), "digest": scan.digest, "issues": len(scan.issues), "missing": len(missing)}
 
 
+# Bumped when raw_task_examples' logic changes: it is then stale and reloaded.
+RAW_CODE_VERSION = "raw-1"
+
+
+def raw_examples_version(spec, home: GenopsHome) -> str:
+    """Data version of raw_task_examples: the digest of what it reads, the task's data files
+    (names and contents) and the valid reviewer labels. Sensors compute it the same way to tell
+    whether a retrain has new data to load. (A label naming only a request id is loaded once the
+    request log holds that request: the label, not the log, is what versions it.)"""
+    files = {p.relative_to(spec.root).as_posix(): sha256_file(p) for p in spec.raw_files()}
+    labels = scan_labels(home.task_labels_dir(spec.name), spec).digest
+    return sha256_json({"files": files, "labels": labels})[:16]
+
+
 def raw_task_examples(
     context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, feedback_store: FeedbackStore,
     home: GenopsHome,
@@ -101,7 +115,7 @@ def raw_task_examples(
             "digest": sha256_json(files),
             "table": "raw.task_examples",
         },
-        data_version=dg.DataVersion(sha256_json(files)[:16]),
+        data_version=dg.DataVersion(raw_examples_version(spec, home)),
     )
 
 
@@ -169,7 +183,7 @@ def dbt_marts(
 
 def build_raw_examples(task: TaskRef) -> dg.AssetsDefinition:
     return dg.asset(name=RAW_ASSET, key_prefix=[task.name], group_name=task_group(task, "datasets"),
-                    kinds={"duckdb"})(bind_task(raw_task_examples, task))
+                    kinds={"duckdb"}, code_version=RAW_CODE_VERSION)(bind_task(raw_task_examples, task))
 
 
 def build_dataset_assets(task: TaskRef) -> list[dg.AssetsDefinition]:

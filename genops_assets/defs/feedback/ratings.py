@@ -169,6 +169,29 @@ def copy_ratings(warehouse: DuckDBWarehouse, task: str, items: list[dict], ratin
     return report, written
 
 
+# Bumped when human_ratings' logic changes: its tables are then stale and rebuilt.
+RATINGS_CODE_VERSION = "ratings-1"
+# Fields of an item the rating queue rewrites on every refresh: its place in the queue, not its content.
+QUEUE_ORDER_FIELDS = ("priority", "reasons")
+
+
+def ratings_version(items: list[dict], ratings: list[dict]) -> str:
+    """Data version of the human_ratings tables: the ratings and the items they rate. Items nobody
+    rated yet change no mart (each mart starts from ratings), so a refreshed queue alone (new
+    items, new priorities) is no new data and starts no rebuild downstream."""
+    rated = {r["item_id"] for r in ratings}
+    kept = [{k: v for k, v in i.items() if k not in QUEUE_ORDER_FIELDS} for i in items if i["item_id"] in rated]
+    return sha256_json([kept, ratings])[:16]
+
+
+def current_ratings_version(task: str, home: GenopsHome) -> str:
+    """``ratings_version`` of what the rating store holds now for ``task`` (read only)."""
+    from genops_assets.lib.ratings import RatingStore
+
+    store = RatingStore(home.ratings_path)
+    return ratings_version(store.items(task), store.ratings(task))
+
+
 def human_ratings(context: dg.AssetExecutionContext, task: TaskRef, warehouse: DuckDBWarehouse, home: GenopsHome):
     """The task's rating items and ratings copied from the rating store into the warehouse
     (``feedback.rating_items``, ``feedback.ratings``) with the agreement rules applied
@@ -183,6 +206,7 @@ def human_ratings(context: dg.AssetExecutionContext, task: TaskRef, warehouse: D
     spec = task.load()
     store = RatingStore(home.ratings_path)
     items, ratings = store.items(spec.name), store.ratings(spec.name)
+    version = dg.DataVersion(ratings_version(items, ratings))
     report, written = copy_ratings(warehouse, spec.name, items, ratings, spec.feedback)
     pairs = agreed_pairs(store, spec)
     train = sorted(p.pair_id for p in pairs if p.split == "train")
@@ -190,7 +214,6 @@ def human_ratings(context: dg.AssetExecutionContext, task: TaskRef, warehouse: D
     context.log.info(f"human ratings of {spec.name}: {written}; kappa {summary['kappa']} ({summary['kappa_method']}), "
                      f"{summary['excluded_raters']} rater(s) and {summary['excluded_items']} item(s) excluded; "
                      f"{len(pairs)} agreed pair(s), {len(train)} for training")
-    version = dg.DataVersion(sha256_json([items, ratings])[:16])
     metadata = {
         "ratings": {
             "agreement_report": dg.MetadataValue.md(report.markdown()),
@@ -223,7 +246,7 @@ def build_rating_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
                  ins=task_ins(task, "eval_report", "sxs_evaluation"),
                  deps=[task_key(task, "golden_eval_dataset")])(bind_task(rating_queue, task)),
         dg.multi_asset(name=task.step("human_ratings"), can_subset=True, specs=[
-            dg.AssetSpec(task_key(task, name), group_name=group, kinds={"duckdb"},
+            dg.AssetSpec(task_key(task, name), group_name=group, kinds={"duckdb"}, code_version=RATINGS_CODE_VERSION,
                          description=f"{FEEDBACK_SCHEMA}.{table}: the task's rows, copied from the rating store by "
                                      "the human_ratings step (agreement rules applied)")
             for table, name in TABLE_ASSETS.items()])(bind_task(human_ratings, task)),

@@ -10,7 +10,7 @@ from genops_assets.components.binding import bind_task, task_group, task_ins
 from genops_assets.lib.cache import CallCache
 from genops_assets.lib.eval_report import adapter_on_base
 from genops_assets.lib.evaluation import evaluate_model, examples_from_frame
-from genops_assets.lib.hashing import atomic_write_text
+from genops_assets.lib.hashing import atomic_write_text, sha256_json
 from genops_assets.lib.jsonl import iter_jsonl
 from genops_assets.lib.metrics import per_example
 from genops_assets.lib.prompts import CANDIDATE, PRODUCTION, prompt_registry_name
@@ -28,6 +28,24 @@ class PromptTemplatesConfig(dg.Config):
                                        "right away. Off: a changed file becomes `candidate` and is promoted "
                                        "after evaluation (genops prompt promote), and rollbacks stick.")
     commit_message: str = Field("", description="Commit message of a new version (default: names the files).")
+
+
+# Bumped when prompt_templates' logic changes: it is then stale and registered again.
+PROMPT_TEMPLATES_CODE_VERSION = "prompt-templates-1"
+
+
+def prompt_templates_version(template_digest: str, production, candidate) -> str:
+    """Data version of prompt_templates: the task folder's prompt and the versions the
+    `production` and `candidate` aliases point at (a promotion or rollback in the registry is
+    new data for tuning and evaluation, as an edited file is)."""
+    return sha256_json([template_digest, production and production.version, candidate and candidate.version])[:16]
+
+
+def current_prompt_templates_version(spec, mlflow: MlflowTracking) -> str:
+    """``prompt_templates_version`` of the task folder and the registry as they are now (read only)."""
+    name = prompt_registry_name(spec.name)
+    return prompt_templates_version(spec.prompt.digest, mlflow.prompt_alias(name, PRODUCTION, spec.input_field),
+                                    mlflow.prompt_alias(name, CANDIDATE, spec.input_field))
 
 
 def prompt_templates(context: dg.AssetExecutionContext, config: PromptTemplatesConfig, task: TaskRef,
@@ -69,7 +87,7 @@ def prompt_templates(context: dg.AssetExecutionContext, config: PromptTemplatesC
         "versions": len(versions),
         "production_digest": production.digest,
         "production_template": dg.MetadataValue.md(f"```\n{production.template.text()}```"),
-    })
+    }, data_version=dg.DataVersion(prompt_templates_version(template.digest, production, candidate)))
 
 
 class PromptCandidatesConfig(dg.Config):
@@ -223,7 +241,8 @@ def prompt_candidates(
 def build_prompt_assets(task: TaskRef) -> list[dg.AssetsDefinition]:
     group = task_group(task, "prompts")
     return [
-        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"})(bind_task(prompt_templates, task)),
+        dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"},
+                 code_version=PROMPT_TEMPLATES_CODE_VERSION)(bind_task(prompt_templates, task)),
         dg.asset(key_prefix=[task.name], group_name=group, kinds={"mlflow"},
                  ins=task_ins(task, "prompt_templates", "eval_report", "tuned_adapter"))(
             bind_task(prompt_candidates, task)),
