@@ -18,6 +18,7 @@ from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.settings import REPO_ROOT, GenopsSettings
 from resources.tracking import MlflowTracking, registered_model_name
+from resources.trainer import K8sTrainer, SubprocessTrainer, Trainer
 from resources.warehouse import DuckDBWarehouse
 
 DBT_PROJECT_DIR = REPO_ROOT / "dbt"
@@ -81,6 +82,7 @@ def build_resources(home: Path | None = None, port: int | None = None,
             tracking_uri=tracking_uri,
         ),
         "automation": AutomationResource.from_settings(settings),
+        "trainer": trainer_backend(home, settings),
         "dbt": DbtCliResource(
             project_dir=str(DBT_PROJECT_DIR),
             profiles_dir=str(DBT_PROJECT_DIR),
@@ -107,6 +109,25 @@ def serving_backend(home: Path, settings: GenopsSettings, port: int | None = Non
                          tasks_dir=str(settings.tasks_dir), canary_share=settings.canary_share,
                          api_keys=_secret("GENOPS_API_KEYS", settings.api_keys, ""),
                          client_api_key=_secret("GENOPS_CLIENT_API_KEY", settings.client_api_key, ""))
+
+
+def trainer_backend(home: Path, settings: GenopsSettings) -> Trainer:
+    """Where SFT training runs (``GENOPS_TRAINER``): a child process of the run, or a pod on
+    Kubernetes (``GENOPS_K8S_TRAIN_IMAGE`` required); under ``accelerate launch`` with
+    ``GENOPS_TRAIN_LAUNCHER`` and ``GENOPS_TRAIN_NUM_PROCESSES`` processes."""
+    common = {"launcher": settings.train_launcher, "num_processes": settings.train_num_processes}
+    if settings.trainer == "k8s":
+        if not settings.k8s_train_image:
+            raise ValueError("GENOPS_TRAINER=k8s needs GENOPS_K8S_TRAIN_IMAGE (the user-code image the training pod "
+                             "runs)")
+        trainer: Trainer = K8sTrainer(**common, namespace=settings.k8s_namespace, image=settings.k8s_train_image,
+                                      gpus=settings.k8s_train_gpus, memory=settings.k8s_train_memory,
+                                      home_path=str(home), home_claim=settings.k8s_home_claim,
+                                      service_account=settings.k8s_service_account)
+    else:
+        trainer = SubprocessTrainer(**common)
+    trainer.command(port=0)  # a missing launcher config, or processes without one, fail the load
+    return trainer
 
 
 def feedback_store_backend(warehouse: DuckDBWarehouse, settings: GenopsSettings) -> FeedbackStore:

@@ -334,6 +334,17 @@ def _restored_history(ckpt: Path, total_steps: int) -> list[dict[str, float]]:
     return out
 
 
+def _distributed(has_cuda: bool):
+    """The process group of a multi-process launch (``accelerate launch`` / torchrun set
+    WORLD_SIZE), set up before the work folder is touched so that rank 0 alone prepares it;
+    None in a single process. The Trainer's arguments later find the group already there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not has_cuda)
+
+
 def train_lora(
     base_dir: str | Path,
     train: Sequence[SftExample],
@@ -386,9 +397,17 @@ def train_lora(
 
     inputs = {"data_digest": data_digest, "examples_digest": examples_digest(train, validation),
               "config": cfg.as_params(), "code": TRAINING_CODE_VERSION}
-    if not resume and (Path(work_dir) / CHECKPOINTS_DIR).exists():
-        say(f"resume=False: removing the checkpoints in {Path(work_dir) / CHECKPOINTS_DIR} and starting over")
-    resume_ckpt, skipped_ckpts = prepare_work_dir(work_dir, inputs, resume=resume)
+    dist = _distributed(has_cuda)
+    is_main = dist is None or dist.is_main_process
+    if is_main:
+        if not resume and (Path(work_dir) / CHECKPOINTS_DIR).exists():
+            say(f"resume=False: removing the checkpoints in {Path(work_dir) / CHECKPOINTS_DIR} and starting over")
+        resume_ckpt, skipped_ckpts = prepare_work_dir(work_dir, inputs, resume=resume)
+    if dist is not None:
+        dist.wait_for_everyone()  # rank 0 has checked, cleaned and recorded the work folder
+        if not is_main:
+            resume_ckpt, skipped_ckpts = find_resume_checkpoint(Path(work_dir) / CHECKPOINTS_DIR,
+                                                                remove_incomplete=False)
     for line in skipped_ckpts:
         say(line)
     set_seed(cfg.seed)
@@ -457,6 +476,8 @@ def train_lora(
                     rec[key] = float(logs[key])
             if step > start_step:
                 rec["eta_s"] = elapsed / (step - start_step) * max(total_steps - step, 0)
+            if "train_tokens_per_second" in logs:  # non-padding tokens of every rank since this run began
+                rec["tokens_per_s"] = float(logs["train_tokens_per_second"])
             history.append(rec)
             if on_progress:
                 on_progress(rec)
@@ -496,6 +517,7 @@ def train_lora(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         deepspeed=cfg.deepspeed_config,
+        include_num_input_tokens_seen="non_padding",
     )
     trainer = Trainer(
         model=model,
@@ -522,9 +544,12 @@ def train_lora(
         # The Trainer already evaluates on the last step when eval_every divides max_steps. The
         # final evaluation reaches the history through the progress callback, like the others.
         trainer.evaluate()
-    with atomic_dir(adapter_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        write_manifest(tmp)
+    if is_main:
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            write_manifest(tmp)
+    if dist is not None:
+        dist.wait_for_everyone()  # no rank ends before the adapter is in place
     return TrainResult(
         adapter_dir=str(adapter_dir),
         steps=trainer.state.global_step,
