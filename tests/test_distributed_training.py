@@ -14,15 +14,14 @@ import json
 import shutil
 from pathlib import Path
 
-import dagster as dg
 import pytest
 import yaml
 from resume_worker import DATA_DIGEST, examples, train_config
-from test_pipes_training import log_lines, materialize, write_request
+from test_pipes_training import train_through_pipes, write_request
 from test_resume import losses, max_abs_diff
 
 from genops_assets.lib.training import COMPLETE_MARKER, checkpoint_problem, train_lora
-from resources.trainer import LAUNCHER_DIR, SubprocessTrainer, TrainOutcome
+from resources.trainer import LAUNCHER_DIR, SubprocessTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 # Dropout off: each rank draws its own dropout masks, so with dropout the two runs would differ
@@ -55,33 +54,65 @@ def test_deepspeed_configs_pass_accelerate_and_deepspeed(name, stage):
     ds_file = REPO / launcher["deepspeed_config"]["deepspeed_config_file"]  # relative to the launch folder
     plugin = DeepSpeedPlugin(hf_ds_config=str(ds_file), zero3_init_flag=launcher["deepspeed_config"]["zero3_init_flag"])
     assert plugin.zero_stage == stage
-    # What the HF Trainer writes into the "auto" fields for batch 4, 1 accumulation step, 2 ranks.
+    # What the HF Trainer writes into the "auto" fields for batch 4, 1 accumulation step; outside
+    # a process group DeepSpeed's parser counts one rank.
     filled = json.loads(ds_file.read_text())
-    filled.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=8,
+    filled.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=4,
                   gradient_clipping=1.0, bf16={"enabled": True})
     filled["zero_optimization"] = {k: (5_000_000 if v == "auto" else v) for k, v in filled["zero_optimization"].items()}
-    parsed = DeepSpeedConfig(filled, world_size=2)  # raises on an inconsistent or unknown setting
-    assert parsed.zero_optimization_stage == stage and parsed.train_batch_size == 8 and parsed.bf16_enabled
-    bad = {**filled, "train_batch_size": 7}
+    parsed = DeepSpeedConfig(filled)  # raises on an inconsistent or unknown setting
+    assert parsed.zero_optimization_stage == stage and parsed.train_batch_size == 4 and parsed.bfloat16_config.enabled
     with pytest.raises(AssertionError, match="Check batch related parameters"):
-        DeepSpeedConfig(bad, world_size=2)
+        DeepSpeedConfig({**filled, "train_batch_size": 7})
+
+
+def launch_env(name: str, prepare) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file <name> --num_processes 2`` gives each
+    process (accelerate's own argument checks and config merge; nothing is started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(LAUNCHER_DIR / name), "--num_processes", "2",
+                                               "--main_process_port", "0", "-m", "genops_assets.lib.train_entry"])
+    args, defaults, _ = _validate_launch_command(args)
+    # as accelerate's launch_command does before it starts DeepSpeed
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    env = prepare(args)
+    return env[1] if isinstance(env, tuple) else env
 
 
 def test_fsdp_config_builds_accelerates_plugin(monkeypatch):
-    """accelerate turns the FSDP launcher config into the environment its plugin reads; the
-    plugin accepts it: sharded checkpoints, decoder layers as the wrapping unit."""
-    from accelerate.commands.config.config_args import load_config_from_file
+    """The FSDP launcher config, through accelerate's launcher, gives an FSDP plugin with sharded
+    checkpoints and decoder layers as the wrapping unit."""
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
 
-    fsdp = load_config_from_file(str(LAUNCHER_DIR / "fsdp.yaml")).fsdp_config
-    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    for key, value in fsdp.items():
-        monkeypatch.setenv(key.upper(), str(value).lower() if isinstance(value, bool) else str(value))
+    env = launch_env("fsdp.yaml", prepare_multi_gpu_env)
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    assert env["ACCELERATE_USE_FSDP"] == "true"
+    import torch
+
+    if not torch.cuda.is_available():
+        # Loading the base on rank 0 and broadcasting it (sync_module_states) needs a device:
+        # the shipped config is for GPUs, and here the plugin says so; the rest is checked below.
+        with pytest.raises(RuntimeError, match="no available devices"):
+            FullyShardedDataParallelPlugin()
+        monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+        monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
     assert plugin.sharding_strategy.name == "FULL_SHARD"
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+
+
+@pytest.mark.parametrize("name,stage", [("zero2.yaml", "2"), ("zero3.yaml", "3")])
+def test_deepspeed_launch_environment(name, stage):
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    env = launch_env(name, prepare_deepspeed_cmd_env)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == f"deploy/accelerate/deepspeed_zero{stage}.json"
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +131,7 @@ def two_processes(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("two-processes")
     request = write_request(tiny_model_dir, root, batch_size=2, **DP)
     trainer = SubprocessTrainer(launcher="ddp_cpu.yaml", num_processes=2)
-    with dg.DagsterInstance.ephemeral() as instance:
-        result = materialize(request, trainer, instance)
-        assert result.success
-    return root, request, trainer, TrainOutcome(**result.output_for_node("trained")["outcome"])
+    return root, request, trainer, train_through_pipes(request, trainer)[0]
 
 
 @pytest.mark.server
@@ -134,11 +162,7 @@ def test_data_parallel_checkpoints_keep_every_rank_and_resume(two_processes):
     shutil.copytree(root / "adapter", reference)
     shutil.rmtree(ckpts / "checkpoint-4")
     shutil.rmtree(root / "adapter")
-    with dg.DagsterInstance.ephemeral() as instance:
-        result = materialize(request, trainer, instance)
-        assert result.success
-        lines = log_lines(instance, result.run_id)
-    resumed = TrainOutcome(**result.output_for_node("trained")["outcome"])
+    resumed, lines = train_through_pipes(request, trainer)
     assert resumed.resumed_from_step == 2 and resumed.steps == 4
     assert "resuming from checkpoint-2 (step 2/4)" in lines
     assert losses(resumed.history) == pytest.approx(losses(two.history), abs=1e-6)

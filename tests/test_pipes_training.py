@@ -68,6 +68,15 @@ def log_lines(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     return [e.user_message for e in instance.all_logs(run_id) if e.user_message]
 
 
+def train_through_pipes(request: dict, trainer: Trainer) -> tuple[TrainOutcome, list[str]]:
+    """A successful training through ``trainer``: what it reported and the run's log lines."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize(request, trainer, instance)
+        assert result.success
+        lines = log_lines(instance, result.run_id)
+    return TrainOutcome(**result.output_for_node("trained")["outcome"]), lines
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
     """train_lora in this process: what the Pipes path must reproduce."""
@@ -187,10 +196,7 @@ def test_killed_training_process_resumes_through_pipes(tmp_path, tiny_model_dir,
         assert (tmp_path / "work" / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER).is_file()
         assert not (tmp_path / "adapter").exists()
 
-        again = materialize(request, SubprocessTrainer(), instance)
-        assert again.success
-        lines = log_lines(instance, again.run_id)
-    resumed = TrainOutcome(**again.output_for_node("trained")["outcome"])
+    resumed, lines = train_through_pipes(request, SubprocessTrainer())
     assert resumed.resumed_from_step == 4 and resumed.steps == 8
     assert "resuming from checkpoint-4 (step 4/8)" in lines
     assert losses(resumed.history) == pytest.approx(losses(ref.history), abs=1e-5)
