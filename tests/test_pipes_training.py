@@ -211,3 +211,66 @@ def test_bad_training_data_is_reported_as_an_input_error(tmp_path, tiny_model_di
         result = materialize(write_request(tiny_model_dir, tmp_path, train=[]), SubprocessTrainer(), instance)
     assert result.success  # the asset above turns the input error into its value
     assert "no training examples" in result.output_for_node("trained")["input_error"]
+
+
+# -- on Kubernetes (no cluster here: the pod the client would submit is captured and validated) --------
+
+
+class Submitted(RuntimeError):
+    """Raised by the stand-in Kubernetes API once the training pod has been submitted."""
+
+
+def test_k8s_trainer_submits_a_valid_gpu_training_pod(tmp_path, monkeypatch):
+    import kubernetes
+    import kubernetes_validate
+    from dagster_k8s import PipesK8sClient, pipes
+
+    from resources import build_resources
+    from resources.settings import GenopsSettings
+    from resources.trainer import K8S_MASTER_PORT, K8sTrainer
+
+    monkeypatch.setenv("GENOPS_TRAINER", "k8s")
+    with pytest.raises(ValueError, match="GENOPS_TRAINER=k8s needs GENOPS_K8S_TRAIN_IMAGE"):
+        build_resources(home=tmp_path, settings=GenopsSettings.from_env())
+    monkeypatch.setenv("GENOPS_K8S_TRAIN_IMAGE", "registry.example/genops-user-code:1")
+    monkeypatch.setenv("GENOPS_TRAIN_LAUNCHER", "zero2.yaml")
+    monkeypatch.setenv("GENOPS_TRAIN_NUM_PROCESSES", "2")
+    monkeypatch.setenv("GENOPS_K8S_TRAIN_GPUS", "2")
+    monkeypatch.setenv("GENOPS_K8S_TRAIN_MEMORY", "64Gi")
+    trainer = build_resources(home=tmp_path, settings=GenopsSettings.from_env())["trainer"]
+    assert isinstance(trainer, K8sTrainer) and not trainer.trains_here
+
+    submitted: list[tuple[str, object]] = []
+
+    class CoreApi:
+        def create_namespaced_pod(self, namespace, body):
+            submitted.append((namespace, body))
+            raise Submitted
+
+    monkeypatch.setattr(PipesK8sClient, "_load_k8s_config", lambda self: None)
+    monkeypatch.setattr(pipes.DagsterKubernetesClient, "production_client",
+                        staticmethod(lambda *a, **k: type("Client", (), {"core_api": CoreApi()})()))
+    request = TrainRequest("b", "t", "v", config_dict(train_config()), "a", "w").to_dict()
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize(request, trainer, instance)
+    assert not result.success and len(submitted) == 1
+    namespace, pod = submitted[0]
+    assert namespace == "genops"
+    manifest = {"apiVersion": "v1", "kind": "Pod",
+                **kubernetes.client.ApiClient().sanitize_for_serialization(pod)}
+    kubernetes_validate.validate(manifest, "1.33.0", strict=True)
+
+    spec = manifest["spec"]
+    (container,) = spec["containers"]
+    assert container["image"] == "registry.example/genops-user-code:1" and spec["restartPolicy"] == "Never"
+    assert container["command"] == launch_command("python", "genops_assets.lib.train_entry",
+                                                  "/app/deploy/accelerate/zero2.yaml", 2, K8S_MASTER_PORT)
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "64Gi"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["GENOPS_HOME"] == str(tmp_path) and "DAGSTER_PIPES_CONTEXT" in env and "DAGSTER_PIPES_MESSAGES" in env
+    # The data directory is the same claim at the same path, so the request's paths hold in the pod.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+    assert mounts["genops-home"] == str(tmp_path) and claims["genops-home"] == "genops-home"
+    assert manifest["metadata"]["labels"]["app.kubernetes.io/name"] == "genops-training"
