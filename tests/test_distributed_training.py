@@ -167,3 +167,44 @@ def test_data_parallel_checkpoints_keep_every_rank_and_resume(two_processes):
     assert "resuming from checkpoint-2 (step 2/4)" in lines
     assert losses(resumed.history) == pytest.approx(losses(two.history), abs=1e-6)
     assert max_abs_diff(root / "adapter", reference) <= 1e-6
+
+
+def fsdp_sharded_checkpoint(root: Path, step: int, ranks: int = 2) -> Path:
+    """A checkpoint folder laid out as the Trainer saves one under FSDP with SHARDED_STATE_DICT:
+    weights and optimizer as one shard per rank with their index, one RNG state per rank."""
+    ckpt = root / f"checkpoint-{step}"
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (ckpt / folder).mkdir(parents=True)
+        (ckpt / folder / ".metadata").write_bytes(b"index of the shards")
+        for rank in range(ranks):
+            (ckpt / folder / f"__{rank}_0.distcp").write_bytes(f"{folder} shard {rank}".encode())
+    for rank in range(ranks):
+        (ckpt / f"rng_state_{rank}.pth").write_bytes(b"rng")
+    (ckpt / "scheduler.pt").write_bytes(b"scheduler")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return ckpt
+
+
+def test_fsdp_sharded_checkpoints_are_recognised_and_verified(tmp_path):
+    """FSDP runs on GPUs only (accelerate applies it to multi-GPU process groups), so its sharded
+    layout is built here by hand: complete with its shard indexes recorded, incomplete without."""
+    from genops_assets.lib.training import find_resume_checkpoint, write_checkpoint_marker
+
+    ckpt = fsdp_sharded_checkpoint(tmp_path, 4)
+    write_checkpoint_marker(ckpt, 4)
+    recorded = json.loads((ckpt / COMPLETE_MARKER).read_text())["files"]
+    assert {"pytorch_model_fsdp_0/.metadata", "optimizer_0/.metadata", "optimizer_0/__1_0.distcp"} <= set(recorded)
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / "optimizer_0" / "__1_0.distcp").write_bytes(b"cut")
+    assert "optimizer_0/__1_0.distcp does not match its recorded sha256" in checkpoint_problem(ckpt)
+
+    # Killed before the optimizer's shards were indexed: not resumable, skipped for the one before.
+    older = fsdp_sharded_checkpoint(tmp_path, 2)
+    write_checkpoint_marker(older, 2)
+    newer = fsdp_sharded_checkpoint(tmp_path, 6)
+    (newer / "optimizer_0" / ".metadata").unlink()
+    write_checkpoint_marker(newer, 6)
+    assert checkpoint_problem(newer) == "missing optimizer.pt"
+    shutil.rmtree(ckpt)
+    chosen, skipped = find_resume_checkpoint(tmp_path)
+    assert chosen == older and skipped == ["skipped checkpoint-6: missing optimizer.pt; removed"]
