@@ -146,6 +146,12 @@ class Trainer(dg.ConfigurableResource):
         """Whether the program runs on this machine (its device limits are this machine's)."""
         return True
 
+    def key_params(self) -> dict[str, int]:
+        """What of the launch changes the trained adapter, for the version key: the number of
+        processes (the batch size is per process). One process adds nothing, so a run keeps the
+        key (and the checkpoints) it had before training could be launched on several."""
+        return {"num_processes": self.num_processes} if self.num_processes > 1 else {}
+
     def command(self, port: int) -> list[str]:
         return launch_command(self.python_executable(), self.entry_module, self.launcher_path(),
                               self.num_processes, port)

@@ -130,11 +130,13 @@ def test_build_resources_selects_the_subprocess_trainer_and_checks_the_launcher(
 
     trainer = build_resources(home=tmp_path, settings=GenopsSettings())["trainer"]
     assert isinstance(trainer, SubprocessTrainer) and trainer.launcher is None and trainer.num_processes == 1
+    assert trainer.key_params() == {}  # one process: the version keys of earlier runs hold
     monkeypatch.setenv("GENOPS_TRAIN_LAUNCHER", "ddp_cpu.yaml")
     monkeypatch.setenv("GENOPS_TRAIN_NUM_PROCESSES", "2")
     trainer = build_resources(home=tmp_path, settings=GenopsSettings.from_env())["trainer"]
     assert trainer.command(port=5) == launch_command(trainer.python_executable(), "genops_assets.lib.train_entry",
                                                      str(resolve_launcher("ddp_cpu.yaml")), 2, 5)
+    assert trainer.key_params() == {"num_processes": 2}  # per-process batches: another global batch
     monkeypatch.setenv("GENOPS_TRAIN_LAUNCHER", "missing.yaml")
     with pytest.raises(ValueError, match=r"missing\.yaml"):
         build_resources(home=tmp_path, settings=GenopsSettings.from_env())

@@ -138,8 +138,9 @@ def tuned_adapter(
     spec = task.load()
     prompt_ref = mlflow.resolve_prompt(spec)
     sft_table = f"{mart_schema(spec.name)}.sft_dataset"
+    params = {**cfg.as_params(), **trainer.key_params()}
     plan = plan_tuning(warehouse.query_df(f"select * from {sft_table} order by example_id"),
-                       base_model["folder_digest"], prompt_ref.digest, cfg.as_params(), CODE_VERSION,
+                       base_model["folder_digest"], prompt_ref.digest, params, CODE_VERSION,
                        config.max_train_examples)
     model_name = registered_model_name(spec.name)
 
@@ -152,7 +153,7 @@ def tuned_adapter(
     with mlflow.run(f"genops/{spec.name}", f"sft-{plan.version_key[:8]}",
                     {**tags, "genops.task": spec.name, VERSION_KEY_TAG: plan.version_key}) as run_id:
         mlflow.link_prompt(run_id, prompt_ref)
-        mlflow.log_params(run_id, {**cfg.as_params(), "quantization": cfg.quantization,
+        mlflow.log_params(run_id, {**params, "quantization": cfg.quantization, "trainer": type(trainer).__name__,
                                    "base_model": base_model["name"],
                                    "train_examples": len(plan.train), "validation_examples": len(plan.validation),
                                    "task": spec.name, "prompt_version": prompt_ref.version})
@@ -205,6 +206,8 @@ def tuned_adapter(
             "final_train_loss": NOT_COMPUTED if adapter.final_train_loss is None else adapter.final_train_loss,
             "final_eval_loss": NOT_COMPUTED if adapter.final_eval_loss is None else adapter.final_eval_loss,
             "runtime_s": round(result.runtime_s, 1),
+            "trainer": type(trainer).__name__,
+            "train_processes": trainer.num_processes,
             "adapter_dir": dg.MetadataValue.path(str(adapter_dir)),
             "adapter_sha256": adapter.adapter_digest,
             "loss_curve": dg.MetadataValue.md(png_markdown("loss", curve.read_bytes())),
