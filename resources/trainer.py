@@ -27,7 +27,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from genops_assets.lib.train_entry import INPUT_ERROR, RECORD, RESULT
+from genops_assets.lib.train_entry import INPUT_ERROR, RECORD, REQUEST_KEY, RESULT
 from genops_assets.lib.training import TrainingInputError, TrainResult
 from resources.settings import REPO_ROOT
 
@@ -122,12 +122,17 @@ def forwarding_reader(reader_cls: type, on_record: RecordFn | None, forwarder: d
     return Reader(**kwargs)
 
 
-def outcome_from_messages(messages: Sequence[Any]) -> TrainOutcome:
-    """The training's result from its custom messages; an input error it reported is raised as
-    :class:`TrainingInputError` (retrying cannot help)."""
+def raise_input_error(messages: Sequence[Any]) -> None:
+    """An input error the program reported, raised as :class:`TrainingInputError` (retrying
+    cannot help)."""
     for message in messages:
         if isinstance(message, Mapping) and message.get("kind") == INPUT_ERROR:
             raise TrainingInputError(message["message"])
+
+
+def outcome_from_messages(messages: Sequence[Any]) -> TrainOutcome:
+    """The training's result from its custom messages (see :func:`raise_input_error`)."""
+    raise_input_error(messages)
     results = [m["result"] for m in messages if isinstance(m, Mapping) and m.get("kind") == RESULT]
     if len(results) != 1:
         raise TrainingProcessError(f"the training program reported {len(results)} results, expected one")
@@ -165,17 +170,16 @@ class Trainer(dg.ConfigurableResource):
     def run(self, context: dg.AssetExecutionContext, spec: dict, on_record: RecordFn | None = None) -> TrainOutcome:
         """Train what ``spec`` (a ``TrainRequest`` as a dict) asks for; ``on_record`` receives
         each training log record as it arrives."""
-        from dagster._core.errors import DagsterPipesExecutionError
-
         forwarder: dict[str, _Forwarding] = {}
         try:
-            messages = self._launch(context, {"train": spec}, on_record, forwarder).get_custom_messages()
-        except DagsterPipesExecutionError as exc:
+            messages = self._launch(context, {REQUEST_KEY: spec}, on_record, forwarder).get_custom_messages()
+        except Exception as exc:  # a non-zero exit, a failed pod
             # What the program said before it failed tells an input error from a crash.
             handler = forwarder.get("it")
-            for message in handler.get_custom_messages() if handler is not None else ():
-                if isinstance(message, Mapping) and message.get("kind") == INPUT_ERROR:
-                    raise TrainingInputError(message["message"]) from exc
+            try:
+                raise_input_error(handler.get_custom_messages() if handler is not None else ())
+            except TrainingInputError as input_error:
+                raise input_error from exc
             raise TrainingProcessError(f"the training program failed: {exc}") from exc
         handler = forwarder.get("it")
         if handler is not None and handler.errors:
