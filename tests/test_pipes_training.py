@@ -124,6 +124,38 @@ def test_launch_command_plain_and_under_accelerate(tmp_path):
         resolve_launcher("nope.yaml")
 
 
+def test_records_are_forwarded_as_they_arrive_and_a_failing_logger_loses_no_message():
+    from resources.trainer import _Forwarding
+
+    class Handler:
+        def __init__(self):
+            self.seen = []
+
+        def handle_message(self, message):
+            self.seen.append(message)
+
+    def custom(payload):
+        return {"method": "report_custom_message", "params": {"payload": payload}}
+
+    logged = []
+
+    def log(record):
+        logged.append(record)
+        if record["step"] == 2:
+            raise OSError("tracking store down")
+
+    handler = Handler()
+    forwarding = _Forwarding(handler, log)
+    messages = [custom({"kind": "record", "record": {"step": float(i)}}) for i in (1, 2, 3)]
+    messages += [{"method": "log", "params": {"message": "x", "level": "info"}}, custom({"kind": "result"})]
+    for message in messages:
+        forwarding.handle_message(message)
+    assert handler.seen == messages  # the Pipes handler got everything
+    assert [r["step"] for r in logged] == [1.0, 2.0]  # no more records logged after the failure
+    assert [str(e) for e in forwarding.errors] == ["tracking store down"]  # raised by Trainer.run
+    assert forwarding.seen is handler.seen  # everything else is the handler's
+
+
 def test_build_resources_selects_the_subprocess_trainer_and_checks_the_launcher(tmp_path, monkeypatch):
     from resources import build_resources
     from resources.settings import GenopsSettings
