@@ -20,7 +20,10 @@ STALL_FILE = "STALL_FILE"
 
 def stall(record: dict[str, float]) -> None:
     if "loss" in record and record["step"] > int(os.environ[STALL_AFTER]):
-        Path(os.environ[STALL_FILE]).write_text(str(os.getpid()))
+        target = Path(os.environ[STALL_FILE])  # every rank stalls; the file names one of them
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, target)
         time.sleep(3600)
 
 

@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 from resume_worker import DATA_DIGEST, examples, train_config
@@ -208,3 +209,37 @@ def test_fsdp_sharded_checkpoints_are_recognised_and_verified(tmp_path):
     shutil.rmtree(ckpt)
     chosen, skipped = find_resume_checkpoint(tmp_path)
     assert chosen == older and skipped == ["skipped checkpoint-6: missing optimizer.pt; removed"]
+
+
+@pytest.mark.server
+def test_killing_the_launcher_ends_every_rank(tmp_path, tiny_model_dir):
+    """kill -9 of the accelerate launcher (the process Pipes started) takes its ranks with it, so
+    none goes on writing checkpoints beside the retry."""
+    import os
+    import threading
+    import time
+
+    import psutil
+    from test_pipes_training import TESTS, materialize
+
+    stall_file = tmp_path / "stalled.pid"
+    stalling = SubprocessTrainer(launcher="ddp_cpu.yaml", num_processes=2, entry_module="pipes_stall_entry", env={
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "STALL_AFTER": "1", "STALL_FILE": str(stall_file)})
+    request = write_request(tiny_model_dir, tmp_path, batch_size=2, **DP)
+    outcome: dict = {}
+    with dg.DagsterInstance.ephemeral() as instance:
+        run = threading.Thread(target=lambda: outcome.update(result=materialize(request, stalling, instance)))
+        run.start()
+        deadline = time.monotonic() + 300
+        while not stall_file.exists():
+            assert run.is_alive() and time.monotonic() < deadline, "the ranks never reached step 2"
+            time.sleep(0.05)
+        launcher = psutil.Process(int(stall_file.read_text())).parent()
+        ranks = launcher.children()
+        assert len(ranks) == 2 and "accelerate.commands.launch" in launcher.cmdline()
+        launcher.kill()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks left running after the launcher was killed: {alive}"
+        run.join(timeout=120)
+    assert not outcome["result"].success

@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,6 +109,20 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def die_with_launcher() -> None:
+    """Under a launcher (``accelerate launch`` starts the ranks as its children), end this rank
+    when the launcher ends, even by SIGKILL: a rank left running would go on writing checkpoints
+    beside the retry that resumes from them. Linux only (prctl)."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher was gone before the request took effect
+        os._exit(1)
+
+
 def run_request(request: TrainRequest, report: Callable[[str, dict[str, Any]], None] | None = None,
                 log: Callable[[str], None] | None = None,
                 after_record: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
@@ -144,6 +160,7 @@ def _request_from_context() -> TrainRequest:
 
 def main(after_record: Callable[[dict[str, float]], None] | None = None) -> None:
     """Rank 0 opens Dagster Pipes and reports; the other ranks only read the request and train."""
+    die_with_launcher()
     if rank() != 0:
         run_request(_request_from_context(), after_record=after_record)
         return
