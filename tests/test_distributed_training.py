@@ -215,31 +215,16 @@ def test_fsdp_sharded_checkpoints_are_recognised_and_verified(tmp_path):
 def test_killing_the_launcher_ends_every_rank(tmp_path, tiny_model_dir):
     """kill -9 of the accelerate launcher (the process Pipes started) takes its ranks with it, so
     none goes on writing checkpoints beside the retry."""
-    import os
-    import threading
-    import time
-
     import psutil
-    from test_pipes_training import TESTS, materialize
+    from test_pipes_training import until_stalled
 
-    stall_file = tmp_path / "stalled.pid"
-    stalling = SubprocessTrainer(launcher="ddp_cpu.yaml", num_processes=2, entry_module="pipes_stall_entry", env={
-        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "STALL_AFTER": "1", "STALL_FILE": str(stall_file)})
     request = write_request(tiny_model_dir, tmp_path, batch_size=2, **DP)
-    outcome: dict = {}
-    with dg.DagsterInstance.ephemeral() as instance:
-        run = threading.Thread(target=lambda: outcome.update(result=materialize(request, stalling, instance)))
-        run.start()
-        deadline = time.monotonic() + 300
-        while not stall_file.exists():
-            assert run.is_alive() and time.monotonic() < deadline, "the ranks never reached step 2"
-            time.sleep(0.05)
-        launcher = psutil.Process(int(stall_file.read_text())).parent()
+    with (dg.DagsterInstance.ephemeral() as instance,
+          until_stalled(request, tmp_path, 1, instance, launcher="ddp_cpu.yaml", num_processes=2) as (pid, outcome)):
+        launcher = psutil.Process(pid).parent()
         ranks = launcher.children()
         assert len(ranks) == 2 and "accelerate.commands.launch" in launcher.cmdline()
         launcher.kill()
         _, alive = psutil.wait_procs(ranks, timeout=30)
         assert not alive, f"ranks left running after the launcher was killed: {alive}"
-        run.join(timeout=120)
     assert not outcome["result"].success

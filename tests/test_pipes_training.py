@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -203,32 +204,42 @@ def test_pipes_training_matches_in_process_and_streams_progress(tmp_path, tiny_m
     assert any(line.startswith("tuning: step 8/8, loss") and "tokens/s" in line for line in progress), progress
 
 
+@contextmanager
+def until_stalled(request: dict, root: Path, after: int, instance: dg.DagsterInstance, **trainer):
+    """Start the training through Pipes (its program stalls after step ``after``: see
+    pipes_stall_entry) in a thread; yields (the pid of a stalled training process, a dict that
+    holds the run's result under "result" once the block has ended the process)."""
+    stall_file = root / "stalled.pid"
+    stalling = SubprocessTrainer(entry_module="pipes_stall_entry", **trainer, env={
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "STALL_AFTER": str(after), "STALL_FILE": str(stall_file)})
+    outcome: dict = {}
+    run = threading.Thread(target=lambda: outcome.update(result=materialize(request, stalling, instance)))
+    run.start()
+    deadline = time.monotonic() + 300
+    while not stall_file.exists():
+        assert run.is_alive(), "the Pipes run ended before the training process stalled"
+        assert time.monotonic() < deadline, f"the training process never got past step {after}"
+        time.sleep(0.05)
+    try:
+        yield int(stall_file.read_text()), outcome
+    finally:
+        run.join(timeout=120)
+    assert not run.is_alive()
+
+
 @pytest.mark.server
 def test_killed_training_process_resumes_through_pipes(tmp_path, tiny_model_dir, reference):
     ref_root, ref = reference
     request = write_request(tiny_model_dir, tmp_path)
-    stall_file = tmp_path / "stalled.pid"
-    stalling = SubprocessTrainer(entry_module="pipes_stall_entry", env={
-        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "STALL_AFTER": "4", "STALL_FILE": str(stall_file)})
-    outcome: dict = {}
-    with dg.DagsterInstance.ephemeral() as instance:
-        run = threading.Thread(target=lambda: outcome.update(first=materialize(request, stalling, instance)))
-        run.start()
-        deadline = time.monotonic() + 300
-        while not stall_file.exists():
-            assert run.is_alive(), "the Pipes run ended before the training process stalled"
-            assert time.monotonic() < deadline, "the training process never reached step 5"
-            time.sleep(0.05)
-        os.kill(int(stall_file.read_text()), signal.SIGKILL)
-        run.join(timeout=120)
-        assert not run.is_alive()
-        first = outcome["first"]
-        assert not first.success
-        errors = [e.event_specific_data.error.to_string() for e in first.get_step_failure_events()]
-        assert any("TrainingProcessError" in e and "code -9" in e for e in errors), errors
-        assert (tmp_path / "work" / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER).is_file()
-        assert not (tmp_path / "adapter").exists()
+    with dg.DagsterInstance.ephemeral() as instance, until_stalled(request, tmp_path, 4, instance) as (pid, outcome):
+        os.kill(pid, signal.SIGKILL)
+    first = outcome["result"]
+    assert not first.success
+    errors = [e.event_specific_data.error.to_string() for e in first.get_step_failure_events()]
+    assert any("TrainingProcessError" in e and "code -9" in e for e in errors), errors
+    assert (tmp_path / "work" / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    assert not (tmp_path / "adapter").exists()
 
     resumed, lines = train_through_pipes(request, SubprocessTrainer())
     assert resumed.resumed_from_step == 4 and resumed.steps == 8
