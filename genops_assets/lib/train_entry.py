@@ -35,7 +35,7 @@ from typing import Any
 from genops_assets.lib.hashing import atomic_write_text
 from genops_assets.lib.jsonl import read_jsonl
 from genops_assets.lib.quantization import QuantizationUnavailable
-from genops_assets.lib.training import LoraTrainConfig, SftExample, TrainingInputError, TrainResult
+from genops_assets.lib.training import LoraTrainConfig, SftExample, TrainingInputError, TrainResult, process_state
 
 REQUEST_KEY = "train"  # the Pipes extras key of the request
 RECORD, RESULT, INPUT_ERROR = "record", "result", "input_error"  # custom message kinds
@@ -104,16 +104,11 @@ def read_examples(path: str | Path) -> list[SftExample]:
     return out
 
 
-def rank() -> int:
-    """This process's rank in a multi-process launch (0 when launched alone)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def die_with_launcher() -> None:
     """Under a launcher (``accelerate launch`` starts the ranks as its children), end this rank
     when the launcher ends, even by SIGKILL: a rank left running would go on writing checkpoints
     beside the retry that resumes from them. Linux only (prctl)."""
-    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return
     import ctypes
 
@@ -160,8 +155,12 @@ def _request_from_context() -> TrainRequest:
 
 def main(after_record: Callable[[dict[str, float]], None] | None = None) -> None:
     """Rank 0 opens Dagster Pipes and reports; the other ranks only read the request and train."""
-    die_with_launcher()
-    if rank() != 0:
+    import torch
+
+    state = process_state(torch.cuda.is_available())
+    if state.num_processes > 1:
+        die_with_launcher()
+    if not state.is_main_process:
         run_request(_request_from_context(), after_record=after_record)
         return
     from dagster_pipes import open_dagster_pipes

@@ -351,12 +351,11 @@ def _gathered_adapter_state(trainer):
     return None
 
 
-def _distributed(has_cuda: bool):
-    """The process group of a multi-process launch (``accelerate launch`` / torchrun set
-    WORLD_SIZE), set up before the work folder is touched so that rank 0 alone prepares it;
-    None in a single process. The Trainer's arguments later find the group already there."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+def process_state(has_cuda: bool):
+    """This process's place in a launch (accelerate's reading of the rank and world size that
+    ``accelerate launch`` / torchrun set), with the process group set up when there are several,
+    before the work folder is touched, so that rank 0 alone prepares it. The Trainer's arguments
+    later find the group already there."""
     from accelerate import PartialState
 
     return PartialState(cpu=not has_cuda)
@@ -414,7 +413,8 @@ def train_lora(
 
     inputs = {"data_digest": data_digest, "examples_digest": examples_digest(train, validation),
               "config": cfg.as_params(), "code": TRAINING_CODE_VERSION}
-    dist = _distributed(has_cuda)
+    state = process_state(has_cuda)
+    dist = state if state.num_processes > 1 else None
     is_main = dist is None or dist.is_main_process
     if is_main:
         if not resume and (Path(work_dir) / CHECKPOINTS_DIR).exists():
