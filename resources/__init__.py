@@ -19,6 +19,7 @@ from resources.paths import GenopsHome
 from resources.settings import REPO_ROOT, GenopsSettings
 from resources.storage import GcsStorage, LocalStorage, Storage
 from resources.tracking import MlflowTracking, registered_model_name
+from resources.trainer import K8sTrainer, SubprocessTrainer, Trainer
 from resources.warehouse import DuckDBWarehouse
 
 DBT_PROJECT_DIR = REPO_ROOT / "dbt"
@@ -84,6 +85,7 @@ def build_resources(home: Path | None = None, port: int | None = None,
             tracking_uri=tracking_uri,
         ),
         "automation": AutomationResource.from_settings(settings),
+        "trainer": trainer_backend(home, settings),
         "dbt": DbtCliResource(
             project_dir=str(DBT_PROJECT_DIR),
             profiles_dir=str(DBT_PROJECT_DIR),
@@ -122,6 +124,25 @@ def storage_backend(home: Path, settings: GenopsSettings) -> Storage:
         return GcsStorage(gcs=GCSResource(project=settings.gcp_project), bucket=settings.gcs_bucket,
                           prefix=settings.gcs_prefix)
     return LocalStorage(root=str(home / "objects"))
+
+
+def trainer_backend(home: Path, settings: GenopsSettings) -> Trainer:
+    """Where SFT training runs (``GENOPS_TRAINER``): a child process of the run, or a pod on
+    Kubernetes (``GENOPS_K8S_TRAIN_IMAGE`` required); under ``accelerate launch`` with
+    ``GENOPS_TRAIN_LAUNCHER`` and ``GENOPS_TRAIN_NUM_PROCESSES`` processes."""
+    common = {"launcher": settings.train_launcher, "num_processes": settings.train_num_processes}
+    if settings.trainer == "k8s":
+        if not settings.k8s_train_image:
+            raise ValueError("GENOPS_TRAINER=k8s needs GENOPS_K8S_TRAIN_IMAGE (the user-code image the training pod "
+                             "runs)")
+        trainer: Trainer = K8sTrainer(**common, namespace=settings.k8s_namespace, image=settings.k8s_train_image,
+                                      gpus=settings.k8s_train_gpus, memory=settings.k8s_train_memory,
+                                      home_path=str(home), home_claim=settings.k8s_home_claim,
+                                      service_account=settings.k8s_service_account)
+    else:
+        trainer = SubprocessTrainer(**common)
+    trainer.command(port=0)  # a missing launcher config, or processes without one, fail the load
+    return trainer
 
 
 def feedback_store_backend(warehouse: DuckDBWarehouse, settings: GenopsSettings) -> FeedbackStore:

@@ -79,6 +79,20 @@ class GenopsSettings(BaseSettings):
     background_nice: int = Field(DEFAULT_BACKGROUND_NICE, ge=0, le=19,
                                  description="CPU nice of background work beside the endpoint (0: unchanged)")
 
+    # training (out of process)
+    trainer: Literal["subprocess", "k8s"] = Field("subprocess", description="Where SFT training runs: a child "
+                                                  "process of the run, or a Kubernetes pod (both via Dagster Pipes)")
+    train_launcher: str | None = Field(None, description="accelerate config file (a name under deploy/accelerate/, "
+                                       "relative to the repository, or absolute); unset: one plain process")
+    train_num_processes: int = Field(1, ge=1, description="Training processes under the launcher (one per GPU)")
+    k8s_namespace: str = Field("genops", description="Namespace of the training pods")
+    k8s_train_image: str | None = Field(None, description="Image of the training pods (the user-code image)")
+    k8s_train_gpus: int = Field(1, ge=0, description="GPUs each training pod asks for (0: a CPU pod)")
+    k8s_train_memory: str | None = Field(None, description="Memory request and limit of a training pod, e.g. 64Gi")
+    k8s_home_claim: str = Field("genops-home", description="PersistentVolumeClaim holding the data directory, "
+                                "mounted in the training pod where the code location sees it")
+    k8s_service_account: str | None = Field(None, description="Service account of the training pods")
+
     # profile
     # local: every piece of state under home. gcp: datasets, adapters and reports in a GCS bucket,
     # request records in BigQuery, MLflow on a tracking server (Postgres, artifacts in GCS),
@@ -133,7 +147,7 @@ class GenopsSettings(BaseSettings):
         """Where MLflow keeps artifacts in the gcp profile: the setting, else under the bucket."""
         return self.mlflow_artifact_root or f"gs://{self.gcs_bucket}/{self.gcs_prefix.strip('/')}/mlflow"
 
-    @field_validator("drift_action", "serving_backend", "feedback_store", mode="before")
+    @field_validator("drift_action", "serving_backend", "feedback_store", "trainer", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

@@ -38,6 +38,7 @@ from resources.judge import JudgeResource
 from resources.paths import GenopsHome
 from resources.storage import LocalStorage
 from resources.tracking import MlflowTracking
+from resources.trainer import SubprocessTrainer
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,9 +184,16 @@ def load_requests(res: dict, count: int) -> None:
 # -- tuning -------------------------------------------------------------------------------------
 
 
-def test_tuning_failure_ends_the_run_failed(res, monkeypatch):
+class BadDataTrainer(SubprocessTrainer):
+    """A trainer whose training program reports bad input data."""
+
+    def run(self, context, spec, on_record=None):
+        bad_training_data()
+
+
+def test_tuning_failure_ends_the_run_failed(res):
     # Bad data is not retried (the retry policy would train again), which keeps this test short.
-    monkeypatch.setattr("genops_assets.defs.tuning.assets.train_lora", bad_training_data)
+    res = {**res, "trainer": BadDataTrainer()}
     materialize_failing(tuned_adapter, [base_model_value()], res,
                         run_config={"ops": {REF.step("tuned_adapter"): {"config": {"max_train_examples": 8}}}})
     assert_run_failed(res["mlflow"], "sft-")

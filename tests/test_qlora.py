@@ -249,6 +249,7 @@ def tuning_res(tmp_path):
     from resources.paths import GenopsHome
     from resources.storage import LocalStorage
     from resources.tracking import MlflowTracking
+    from resources.trainer import SubprocessTrainer
     from resources.warehouse import DuckDBWarehouse, mart_schema
 
     spec = load_task(REPO / "tasks", TASK)
@@ -268,7 +269,7 @@ def tuning_res(tmp_path):
         con.execute(f"create table {mart_schema(TASK)}.sft_dataset as select * from sft")
     return {"warehouse": warehouse, "mlflow": tracking, "home": GenopsHome(root=str(tmp_path / "home")),
             "storage": LocalStorage(root=str(tmp_path / "home" / "objects")),
-            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")), "trainer": SubprocessTrainer()}
 
 
 def _materialize_tuning(res: dict, base_dir, config: dict):

@@ -49,6 +49,7 @@ COMPLETE_MARKER = "genops-complete.json"
 # previous complete checkpoint must survive that rotation.
 KEEP_CHECKPOINTS = 2
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+SHARD_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded save
 QUANTIZATION_FIELDS = ("quantization", "compute_dtype", "double_quant")
 
 
@@ -184,11 +185,12 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 
 def _checkpoint_files(ckpt: Path) -> dict[str, str]:
-    # Dot files are temp files of an interrupted atomic write, not part of the checkpoint.
+    # Dot files are temp files of an interrupted atomic write, not part of the checkpoint; except
+    # the index torch.distributed.checkpoint writes beside the shards of a sharded (FSDP) save.
     return {
         p.relative_to(ckpt).as_posix(): sha256_file(p)
         for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".")
+        if p.is_file() and p.name != COMPLETE_MARKER and (not p.name.startswith(".") or p.name == SHARD_INDEX)
     }
 
 
@@ -220,13 +222,17 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
     if marker_step != step:
         return f"{COMPLETE_MARKER} is for step {marker_step}, the folder is step {step}"
     names = set(recorded)
+    # FSDP with sharded state dicts writes the weights and the optimizer as one shard per rank in
+    # pytorch_model_fsdp_0/ and optimizer_0/, each with its index.
+    sharded = {prefix: f"{prefix}0/{SHARD_INDEX}" in names for prefix in ("pytorch_model_fsdp_", "optimizer_")}
     needed = {
         "adapter weights": any(n.endswith("adapter_model.safetensors") or n.endswith("adapter_model.bin")
-                               for n in names),
+                               for n in names) or sharded["pytorch_model_fsdp_"],
         "trainer_state.json": "trainer_state.json" in names,
         "RNG state": any(re.fullmatch(r"rng_state(_\d+)?\.pth", n) for n in names),
         # DeepSpeed keeps optimizer and scheduler in its own global_step* folder.
-        "optimizer.pt": "optimizer.pt" in names or any(n.startswith("global_step") for n in names),
+        "optimizer.pt": "optimizer.pt" in names or any(n.startswith("global_step") for n in names)
+                        or sharded["optimizer_"],
         "scheduler.pt": "scheduler.pt" in names or any(n.startswith("global_step") for n in names),
     }
     missing = [what for what, ok in needed.items() if not ok]
@@ -337,6 +343,27 @@ def _restored_history(ckpt: Path, total_steps: int) -> list[dict[str, float]]:
     return out
 
 
+def _gathered_adapter_state(trainer):
+    """The trained weights where ranks hold shards of them (FSDP, DeepSpeed ZeRO-3), gathered
+    onto rank 0 with every rank taking part, as the Trainer gathers them for its own saves; None
+    where each process holds the whole model."""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_deepspeed_enabled and trainer.accelerator.deepspeed_config["zero_optimization"].get("stage") == 3:
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    return None
+
+
+def process_state(has_cuda: bool):
+    """This process's place in a launch (accelerate's reading of the rank and world size that
+    ``accelerate launch`` / torchrun set), with the process group set up when there are several,
+    before the work folder is touched, so that rank 0 alone prepares it. The Trainer's arguments
+    later find the group already there."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not has_cuda)
+
+
 def train_lora(
     base_dir: str | Path,
     train: Sequence[SftExample],
@@ -388,9 +415,18 @@ def train_lora(
 
     inputs = {"data_digest": data_digest, "examples_digest": examples_digest(train, validation),
               "config": cfg.as_params(), "code": TRAINING_CODE_VERSION}
-    if not resume and (Path(work_dir) / CHECKPOINTS_DIR).exists():
-        say(f"resume=False: removing the checkpoints in {Path(work_dir) / CHECKPOINTS_DIR} and starting over")
-    resume_ckpt, skipped_ckpts = prepare_work_dir(work_dir, inputs, resume=resume)
+    state = process_state(has_cuda)
+    dist = state if state.num_processes > 1 else None
+    is_main = dist is None or dist.is_main_process
+    if is_main:
+        if not resume and (Path(work_dir) / CHECKPOINTS_DIR).exists():
+            say(f"resume=False: removing the checkpoints in {Path(work_dir) / CHECKPOINTS_DIR} and starting over")
+        resume_ckpt, skipped_ckpts = prepare_work_dir(work_dir, inputs, resume=resume)
+    if dist is not None:
+        dist.wait_for_everyone()  # rank 0 has checked, cleaned and recorded the work folder
+        if not is_main:
+            resume_ckpt, skipped_ckpts = find_resume_checkpoint(Path(work_dir) / CHECKPOINTS_DIR,
+                                                                remove_incomplete=False)
     for line in skipped_ckpts:
         say(line)
     set_seed(cfg.seed)
@@ -460,6 +496,8 @@ def train_lora(
                     rec[key] = float(logs[key])
             if step > start_step:
                 rec["eta_s"] = elapsed / (step - start_step) * max(total_steps - step, 0)
+            if "train_tokens_per_second" in logs:  # non-padding tokens of every rank since this run began
+                rec["tokens_per_s"] = float(logs["train_tokens_per_second"])
             history.append(rec)
             if on_progress:
                 on_progress(rec)
@@ -500,6 +538,7 @@ def train_lora(
         remove_unused_columns=False,
         train_sampling_strategy=sampling,
         deepspeed=cfg.deepspeed_config,
+        include_num_input_tokens_seen="non_padding",
     )
     trainer = Trainer(
         model=model,
@@ -526,9 +565,13 @@ def train_lora(
         # The Trainer already evaluates on the last step when eval_every divides max_steps. The
         # final evaluation reaches the history through the progress callback, like the others.
         trainer.evaluate()
-    with atomic_dir(adapter_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        write_manifest(tmp)
+    gathered = _gathered_adapter_state(trainer)
+    if is_main:
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered)
+            write_manifest(tmp)
+    if dist is not None:
+        dist.wait_for_everyone()  # no rank ends before the adapter is in place
     return TrainResult(
         adapter_dir=str(adapter_dir),
         steps=trainer.state.global_step,

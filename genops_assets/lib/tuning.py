@@ -15,6 +15,7 @@ from genops_assets.lib.training import SftExample
 
 # Training log keys recorded per step; the trainer's "loss" is the training loss.
 LOGGED_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
+THROUGHPUT_KEY = "tokens_per_s"  # non-padding tokens per second since the (resumed) run began
 
 
 def frame_digest(df) -> str:
@@ -62,7 +63,7 @@ def plan_tuning(sft_df, base_model_digest: str, prompt_digest: str, params: Mapp
 
 def tracked_metrics(record: Mapping[str, float]) -> dict[str, float]:
     """The MLflow metrics of one training log record (``loss`` recorded as ``train_loss``)."""
-    return {("train_loss" if k == "loss" else k): record[k] for k in LOGGED_KEYS if k in record}
+    return {("train_loss" if k == "loss" else k): record[k] for k in (*LOGGED_KEYS, THROUGHPUT_KEY) if k in record}
 
 
 class ProgressLine:
@@ -85,6 +86,8 @@ class ProgressLine:
         self.last_at = now
         parts = [f"step {step}/{total}"]
         parts += [f"{k} {record[k]:.4f}" for k in self.keys if k in record and k != "learning_rate"]
+        if THROUGHPUT_KEY in record:
+            parts.append(f"{record[THROUGHPUT_KEY]:.0f} tokens/s")
         eta = record.get("eta_s")
         if eta is not None:
             parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")

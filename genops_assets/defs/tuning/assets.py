@@ -14,10 +14,12 @@ from genops_assets.lib.locks import exclusive
 from genops_assets.lib.quantization import QuantizationUnavailable, require_quantization
 from genops_assets.lib.report import loss_curve_png, png_markdown
 from genops_assets.lib.tasks import TaskRef
-from genops_assets.lib.training import TRAINING_CODE_VERSION, TrainingInputError, train_lora
+from genops_assets.lib.train_entry import TrainRequest, config_dict, write_examples
+from genops_assets.lib.training import TRAINING_CODE_VERSION, TrainingInputError
 from genops_assets.lib.tuning import (
     ProgressLine,
     TunedAdapter,
+    TuningPlan,
     history_until,
     plan_tuning,
     to_sft_examples,
@@ -33,6 +35,7 @@ from resources.tracking import (
     prompt_tags,
     registered_model_name,
 )
+from resources.trainer import Trainer
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
 CODE_VERSION = f"genops-{__version__}/{TRAINING_CODE_VERSION}"
@@ -71,6 +74,18 @@ def progress_logger(context: dg.AssetExecutionContext, mlflow: MlflowTracking, r
     return on_progress
 
 
+def training_request(spec, plan: TuningPlan, template, cfg, base_dir: str, adapter_dir: Path, work_dir: Path,
+                     resume: bool) -> dict:
+    """The request the training program gets: the splits written as JSON Lines into the work
+    folder (where the program, in a process or a pod of its own, reads them) and the rest by value."""
+    files = {split: write_examples(work_dir / "examples" / f"{split}.jsonl", to_sft_examples(spec, rows, template))
+             for split, rows in (("train", plan.train), ("validation", plan.validation))}
+    return TrainRequest(base_dir=str(base_dir), train_file=str(files["train"]),
+                        validation_file=str(files["validation"]), config=config_dict(cfg),
+                        adapter_dir=str(adapter_dir), work_dir=str(work_dir), data_digest=sha256_json(plan.digests),
+                        resume=resume).to_dict()
+
+
 def register_tuned(mlflow: MlflowTracking, run_id: str, model_name: str, version_key: str, adapter_dir: Path,
                    prompt_ref, base_model: dict, tags: dict[str, str], dataset_digests: dict[str, str], steps: int,
                    losses: tuple[float | None, float | None], description: str, extra: dict | None = None):
@@ -102,26 +117,32 @@ def tuned_adapter(
     mlflow: MlflowTracking,
     home: GenopsHome,
     storage: Storage,
+    trainer: Trainer,
 ) -> dg.Output[dict]:
     """A LoRA adapter trained on the train split of sft_dataset (loss on answer tokens only),
     registered in MLflow with alias `challenger` as an MLflow model (a pyfunc of the adapter and
     prompt on the base model: `mlflow.pyfunc.load_model("models:/genops-<task>@champion")`
     answers as the endpoint does). Same base model, data, prompts and config ->
     same version key -> the registered version is reused, nothing is trained twice.
-    Cost: minutes on CPU (about 5 s/step for the embedded model on 2 cores). An interrupted run
-    (retried by the retry policy, or re-launched) resumes from the last complete checkpoint in
+    Cost: minutes on CPU (about 5 s/step for the embedded model on 2 cores). Training runs out of
+    the run process, through the `trainer` resource (a child process or a Kubernetes pod, under
+    `accelerate launch` when a launcher is configured); its progress lines arrive in this step's
+    log and its log records in the MLflow run as it trains. An interrupted run (retried by the
+    retry policy, or re-launched) resumes from the last complete checkpoint in
     runs/<version_key>/checkpoints."""
 
     cfg = config.to_train_config()
     try:
-        require_quantization(cfg.quantization, "tuning config quantization")
+        if trainer.trains_here:  # a pod checks its own device
+            require_quantization(cfg.quantization, "tuning config quantization")
     except QuantizationUnavailable as exc:  # this machine cannot; a retry cannot either
         raise dg.Failure(str(exc), allow_retries=False) from exc
     spec = task.load()
     prompt_ref = mlflow.resolve_prompt(spec)
     sft_table = f"{mart_schema(spec.name)}.sft_dataset"
+    params = {**cfg.as_params(), **trainer.key_params()}
     plan = plan_tuning(warehouse.query_df(f"select * from {sft_table} order by example_id"),
-                       base_model["folder_digest"], prompt_ref.digest, cfg.as_params(), CODE_VERSION,
+                       base_model["folder_digest"], prompt_ref.digest, params, CODE_VERSION,
                        config.max_train_examples)
     model_name = registered_model_name(spec.name)
 
@@ -134,7 +155,7 @@ def tuned_adapter(
     with mlflow.run(f"genops/{spec.name}", f"sft-{plan.version_key[:8]}",
                     {**tags, "genops.task": spec.name, VERSION_KEY_TAG: plan.version_key}) as run_id:
         mlflow.link_prompt(run_id, prompt_ref)
-        mlflow.log_params(run_id, {**cfg.as_params(), "quantization": cfg.quantization,
+        mlflow.log_params(run_id, {**params, "quantization": cfg.quantization, "trainer": type(trainer).__name__,
                                    "base_model": base_model["name"],
                                    "train_examples": len(plan.train), "validation_examples": len(plan.validation),
                                    "task": spec.name, "prompt_version": prompt_ref.version})
@@ -143,18 +164,15 @@ def tuned_adapter(
                                name=f"{spec.name}-sft-{split}", source=f"{warehouse.path}#{sft_table}",
                                digest=plan.digests[split], context="training" if split == "train" else "validation")
 
-        on_progress = progress_logger(context, mlflow, run_id, tracked_metrics, ProgressLine())
         adapter_dir = home.models_dir / "adapters" / plan.version_key
+        request = training_request(spec, plan, prompt_ref.template, cfg, base_model["path"], adapter_dir,
+                                   home.runs_dir / plan.version_key, config.resume)
         try:
             # The pool of one keeps trainings apart, except where Dagster's SQLite storage lets
             # two steps claim its one slot within the same milliseconds; one machine, one lock.
             with exclusive(home.runs_dir / TRAINING_LOCK, on_wait=context.log.warning):
-                result = train_lora(
-                    base_model["path"], to_sft_examples(spec, plan.train, prompt_ref.template),
-                    to_sft_examples(spec, plan.validation, prompt_ref.template), cfg, adapter_dir=adapter_dir,
-                    work_dir=home.runs_dir / plan.version_key, on_progress=on_progress,
-                    data_digest=sha256_json(plan.digests), resume=config.resume, on_message=context.log.info,
-                )
+                result = trainer.run(context, request, on_record=lambda record: mlflow.log_metrics(
+                    run_id, tracked_metrics(record), step=int(record["step"])))
         except TrainingInputError as exc:
             # Bad data or foreign checkpoints: the same inputs would fail the same way again.
             raise dg.Failure(str(exc), allow_retries=False) from exc
@@ -195,6 +213,8 @@ def tuned_adapter(
             "final_train_loss": NOT_COMPUTED if adapter.final_train_loss is None else adapter.final_train_loss,
             "final_eval_loss": NOT_COMPUTED if adapter.final_eval_loss is None else adapter.final_eval_loss,
             "runtime_s": round(result.runtime_s, 1),
+            "trainer": type(trainer).__name__,
+            "train_processes": trainer.num_processes,
             "adapter_dir": dg.MetadataValue.path(str(adapter_dir)),
             "adapter_sha256": adapter.adapter_digest,
             "adapter_uri": adapter_uri,
