@@ -129,6 +129,9 @@ class GenopsSettings(BaseSettings):
             return self
         missing = [f"{ENV_PREFIX}{name.upper()} ({why})" for name, why in self.GCP_REQUIRED.items()
                    if not getattr(self, name)]
+        if self.trainer == "k8s" and not self.k8s_train_image:
+            missing.append(f"{ENV_PREFIX}K8S_TRAIN_IMAGE (the image of the training pods; or {ENV_PREFIX}TRAINER="
+                           "subprocess)")
         if missing:
             raise ValueError(f"{ENV_PREFIX}PROFILE=gcp needs " + ", ".join(missing))
         if not self.mlflow_tracking_uri.startswith(("http://", "https://")):

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 PORTS = range(19700, 19750)
 BUCKET = "genops-test-bucket"
 GCP_ENV = {"GENOPS_PROFILE": "gcp", "GENOPS_GCS_BUCKET": BUCKET, "GENOPS_GCP_PROJECT": "genops-test",
-           "GENOPS_MLFLOW_TRACKING_URI": "http://127.0.0.1:19749", "GENOPS_VLLM_BASE_URL": "http://127.0.0.1:19748/v1"}
+           "GENOPS_MLFLOW_TRACKING_URI": "http://127.0.0.1:19749", "GENOPS_VLLM_BASE_URL": "http://127.0.0.1:19748/v1",
+           "GENOPS_K8S_TRAIN_IMAGE": "registry.example/genops-dagster:test"}
 SECRETS = {"GENOPS_GCP_CREDENTIALS": "c2VjcmV0LWtleS1ieXRlcw==", "GENOPS_VLLM_API_KEY": "vllm-secret-value"}
 
 
@@ -74,7 +75,7 @@ def test_gcp_without_its_variables_names_each_of_them(monkeypatch):
         GenopsSettings.from_env()
     message = str(err.value)
     assert message.startswith("GENOPS_PROFILE=gcp needs ")
-    for name in ("GENOPS_GCS_BUCKET", "GENOPS_GCP_PROJECT", "GENOPS_MLFLOW_TRACKING_URI"):
+    for name in ("GENOPS_GCS_BUCKET", "GENOPS_GCP_PROJECT", "GENOPS_MLFLOW_TRACKING_URI", "GENOPS_K8S_TRAIN_IMAGE"):
         assert name in message
     monkeypatch.setenv("GENOPS_PROFILE", "cloud")
     with pytest.raises(SettingsError, match="GENOPS_PROFILE must be 'local' or 'gcp', got 'cloud'"):
@@ -99,8 +100,7 @@ def test_gcp_changes_defaults_and_explicit_variables_still_win(monkeypatch):
     s = GenopsSettings.from_env()
     assert (s.profile, s.feedback_store, s.serving_backend) == ("gcp", "bigquery", "vllm")
     assert s.gcs_artifact_root() == f"gs://{BUCKET}/genops/mlflow"
-    if "trainer" in GenopsSettings.model_fields:  # the out-of-process trainer's setting
-        assert s.trainer == "k8s"
+    assert s.trainer == "k8s"
     monkeypatch.setenv("GENOPS_FEEDBACK_STORE", "duckdb")
     monkeypatch.setenv("GENOPS_MLFLOW_ARTIFACT_ROOT", "gs://other/artifacts")
     s = GenopsSettings.from_env()
@@ -157,8 +157,7 @@ def test_definitions_load_under_each_profile_with_its_resources(tmp_path):
     assert local["_mlflow"][0].startswith("sqlite:///") and local["_storage_root"].startswith("file://")
     assert gcp["_mlflow"] == [GCP_ENV["GENOPS_MLFLOW_TRACKING_URI"], f"gs://{BUCKET}/genops/mlflow"]
     assert gcp["_storage_root"] == f"gs://{BUCKET}/genops/x"
-    if "trainer" in local:  # the out-of-process trainer, when the code location has one
-        assert (local["trainer"], gcp["trainer"]) == ("SubprocessTrainer", "K8sTrainer")
+    assert (local["trainer"], gcp["trainer"]) == ("SubprocessTrainer", "K8sTrainer")
     # Credentials are bound as environment variables: no value reaches the resources' config.
     for secret in SECRETS.values():
         assert secret not in gcp["_config"]
