@@ -93,6 +93,25 @@ def request_for(case: dict, spec, prompt_ref, renders_prompts: bool) -> dict:
             "max_tokens": prompt_ref.template.max_new_tokens}
 
 
+def require_parity(context: dg.AssetExecutionContext, client, served: str, cases: list[dict], spec, prompt_ref,
+                   endpoint: ServingBackend, what: str) -> dict:
+    """Serving parity of ``served`` on ``cases`` (answers equal to the offline evaluation of
+    ``what``), logged; a mismatch fails the deploy before the champion moves."""
+    if not cases:
+        return {"checked": 0, "matched": 0, "mismatches": [], "seconds": 0.0}
+    parity = parity_check(client, served, cases, spec, prompt_ref, endpoint.renders_prompts)
+    context.log.info(f"serving parity: {parity['matched']}/{parity['checked']} answers of {what} equal its offline "
+                     f"evaluation ({parity['seconds']}s)")
+    if parity["mismatches"]:
+        first = parity["mismatches"][0]
+        raise dg.Failure(
+            f"serving parity failed: {len(parity['mismatches'])}/{parity['checked']} answers differ from the "
+            f"offline evaluation of {what} (e.g. {first['example_id']}: offline {first['offline'][:80]!r}, "
+            f"served {first['served'][:80]!r}); champion not moved",
+            metadata={"mismatches": dg.MetadataValue.json(parity["mismatches"])})
+    return parity
+
+
 def deployed_endpoint(
     context: dg.AssetExecutionContext,
     config: DeployConfig,
@@ -137,19 +156,8 @@ def deployed_endpoint(
     context.log.info(f"endpoint {staged.action}: {staged.url} serving v{version} as {challenger}")
     client = OpenAI(base_url=staged.url, api_key=endpoint.client_key(), timeout=300, max_retries=0)
 
-    parity = {"checked": 0, "matched": 0, "mismatches": [], "seconds": 0.0}
     cases = eval_report.get("parity_examples", [])[: config.parity_examples]
-    if cases:
-        parity = parity_check(client, challenger, cases, spec, prompt_ref, endpoint.renders_prompts)
-        context.log.info(f"serving parity: {parity['matched']}/{parity['checked']} answers equal the offline "
-                         f"evaluation ({parity['seconds']}s)")
-        if parity["mismatches"]:
-            first = parity["mismatches"][0]
-            raise dg.Failure(
-                f"serving parity failed: {len(parity['mismatches'])}/{parity['checked']} answers differ from the "
-                f"offline evaluation of v{version} (e.g. {first['example_id']}: offline {first['offline'][:80]!r}, "
-                f"served {first['served'][:80]!r}); champion not moved",
-                metadata={"mismatches": dg.MetadataValue.json(parity["mismatches"])})
+    parity = require_parity(context, client, challenger, cases, spec, prompt_ref, endpoint, f"v{version}")
 
     previous = mlflow.promote(model_name, version, {"genops.promoted_by_run": context.run.run_id,
                                                     "genops.serving_prompt_version": prompt_ref.version})

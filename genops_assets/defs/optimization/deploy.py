@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from genops_assets.defs.deployment.assets import DeployConfig, endpoint_prompt, parity_check, request_for
+from genops_assets.defs.deployment.assets import DeployConfig, endpoint_prompt, request_for, require_parity
 from genops_assets.lib.audit import AuditLog, markdown_table
 from genops_assets.lib.optimization_report import PASSED, fastest_passing
 from genops_assets.lib.tasks import DEPLOY_FASTEST, DEPLOY_NONE, TaskRef
@@ -84,18 +84,9 @@ def deployed_variant(
     context.log.info(f"endpoint {staged.action}: {staged.url} serving {name} v{version} as {challenger}")
     client = OpenAI(base_url=staged.url, api_key=endpoint.client_key(), timeout=300, max_retries=0)
 
-    cases = optimization_report["parity_examples"][name][: config.parity_examples]
-    parity = {"checked": 0, "matched": 0, "mismatches": [], "seconds": 0.0}
-    if cases:
-        parity = parity_check(client, challenger, cases, spec, prompt_ref, endpoint.renders_prompts)
-        context.log.info(f"serving parity: {parity['matched']}/{parity['checked']} answers of {name} equal its "
-                         f"offline evaluation ({parity['seconds']}s)")
-        if parity["mismatches"]:
-            first = parity["mismatches"][0]
-            raise dg.Failure(f"serving parity failed for {name}: {len(parity['mismatches'])}/{parity['checked']} "
-                             f"answers differ (e.g. {first['example_id']}: offline {first['offline'][:80]!r}, "
-                             f"served {first['served'][:80]!r}); champion not moved",
-                             metadata={"mismatches": dg.MetadataValue.json(parity["mismatches"])})
+    parity = require_parity(context, client, challenger,
+                            optimization_report["parity_examples"][name][: config.parity_examples], spec, prompt_ref,
+                            endpoint, f"{name} v{version}")
 
     previous = mlflow.promote(registry, version, {"genops.promoted_by_run": context.run.run_id,
                                                   "genops.variant": name})
