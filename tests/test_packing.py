@@ -204,3 +204,16 @@ def test_training_benchmark_runs_both_sides_on_the_same_batches(tiny_model_dir, 
         assert result[side]["tokens_per_s"] > 0 and result[side]["validation_loss"] > 0
     assert result["validation_loss_rel_diff"] < 0.01
     assert "x" in summary(result)
+
+
+def test_throughput_counts_the_examples_tokens_not_the_packed_mask(rows, tokenizer):
+    """The progress line's tokens/s: the examples' own tokens, whichever way they are batched
+    (summing a packed batch's 2-D attention mask counts about length^2 / 2 per row)."""
+    own = sum(len(r["input_ids"]) for r in rows)
+    for packing in (True, False):
+        collator, _ = sft_batching(packing, tokenizer.pad_token_id)
+        batch = collator(rows)
+        collator(rows[:1])
+        assert collator.tokens == own + len(rows[0]["input_ids"])
+        if packing:
+            assert int(batch["attention_mask"].sum()) > 2 * own

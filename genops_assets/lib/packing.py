@@ -102,6 +102,20 @@ class PackedCollator:
         return pack_batch(rows, self.min_shared)
 
 
+class CountingCollator:
+    """A data collator that also counts the examples' own tokens it has batched (the
+    non-padding tokens, each example's shared prompt start included once per example): the
+    throughput a progress line reports, the same whether batches are packed or padded. The
+    Trainer's own count sums the attention mask, which a packed batch carries as a 2-D mask."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.tokens = inner, 0
+
+    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
+        self.tokens += sum(len(row["input_ids"]) for row in rows)
+        return self.inner(rows)
+
+
 def sft_batching(packing: bool, pad_token_id: int) -> tuple[Any, str]:
     """How train_lora turns tokenized rows into batches: the data collator and the Trainer's
     ``train_sampling_strategy``. Packed: one packed row per batch, examples drawn at random
@@ -109,7 +123,7 @@ def sft_batching(packing: bool, pad_token_id: int) -> tuple[Any, str]:
     to its longest row, and the Trainer's length-grouped sampler keeps rows of similar length
     together so the padding stays small."""
     if packing:
-        return PackedCollator(), "random"
+        return CountingCollator(PackedCollator()), "random"
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id), "group_by_length"
+    return CountingCollator(DataCollatorForLanguageModeling(pad_token_id=pad_token_id)), "group_by_length"

@@ -416,7 +416,8 @@ def train_lora(
     inputs = {"data_digest": data_digest, "examples_digest": examples_digest(train, validation),
               "config": cfg.as_params(), "code": TRAINING_CODE_VERSION}
     state = process_state(has_cuda)
-    dist = state if state.num_processes > 1 else None
+    world_size = state.num_processes
+    dist = state if world_size > 1 else None
     is_main = dist is None or dist.is_main_process
     if is_main:
         if not resume and (Path(work_dir) / CHECKPOINTS_DIR).exists():
@@ -485,6 +486,11 @@ def train_lora(
         say(f"resuming from {resume_ckpt.name} (step {start_step}/{total_steps})")
 
     class _Progress(TrainerCallback):
+        began: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began = time.monotonic()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
                 return
@@ -496,8 +502,10 @@ def train_lora(
                     rec[key] = float(logs[key])
             if step > start_step:
                 rec["eta_s"] = elapsed / (step - start_step) * max(total_steps - step, 0)
-            if "train_tokens_per_second" in logs:  # non-padding tokens of every rank since this run began
-                rec["tokens_per_s"] = float(logs["train_tokens_per_second"])
+            if self.began is not None and data_collator.tokens:
+                # The examples' own tokens this process batched since training (re)started, for
+                # every rank (each takes an equal share of every step).
+                rec["tokens_per_s"] = data_collator.tokens * world_size / (time.monotonic() - self.began)
             history.append(rec)
             if on_progress:
                 on_progress(rec)
@@ -538,7 +546,6 @@ def train_lora(
         remove_unused_columns=False,
         train_sampling_strategy=sampling,
         deepspeed=cfg.deepspeed_config,
-        include_num_input_tokens_seen="non_padding",
     )
     trainer = Trainer(
         model=model,
