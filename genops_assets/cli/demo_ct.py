@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         res, model_name, champion = _champion(env)
     endpoint = res["endpoint"]
     value = json.loads(champion.tags["genops.asset_value"])
-    task_name = res["task"].name
+    task_name = demo_task(CT_TASK).name
     outcome = endpoint.deploy(value["base_model_path"], task_name, "champion", value["adapter_dir"],
                               str(champion.version))
     base_url = outcome.url
