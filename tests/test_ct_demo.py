@@ -23,6 +23,8 @@ from genops_assets.cli.demo_ct import (
 from genops_assets.lib.labels import validate_label
 from genops_assets.lib.tasks import load_task
 
+TASK = "support_triage"
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -90,17 +92,17 @@ def test_breakdown_without_the_training_runtime_counts_the_whole_step_and_needs_
         stage_breakdown(RunTimes("r", 9.0, 9.5, 16.0, failed, None, 0.0), labels_at=8.0, confirmed_at=16.0)
 
 
-@dg.asset
+@dg.asset(key_prefix=[TASK])
 def raw_task_examples():
     pass
 
 
-@dg.asset(deps=[raw_task_examples])
+@dg.asset(key_prefix=[TASK], deps=[raw_task_examples])
 def tuned_adapter():
     return dg.MaterializeResult(metadata={"runtime_s": 0.2})
 
 
-@dg.asset(deps=[tuned_adapter])
+@dg.asset(key_prefix=[TASK], deps=[tuned_adapter])
 def deployed_endpoint():
     return dg.MaterializeResult(metadata={"parity_s": 0.15})
 
@@ -109,7 +111,7 @@ def test_run_times_come_from_the_event_log():
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([raw_task_examples, tuned_adapter, deployed_endpoint], instance=instance)
     record = instance.get_run_record_by_id(result.run_id)
-    times = run_times(instance, record)
+    times = run_times(instance, record, TASK)  # the task's steps, as the demo's job names them
     assert times.run_id == result.run_id
     assert (times.training_runtime_s, times.parity_s) == (0.2, 0.15)  # the assets' own metadata
     assert list(times.steps) == ["raw_task_examples", "tuned_adapter", "deployed_endpoint"]
@@ -117,4 +119,4 @@ def test_run_times_come_from_the_event_log():
     assert times.created <= times.started <= spans[0][0]
     assert all(start <= end for start, end in spans) and spans[-1][1] <= times.ended
     assert all(end <= next_start for (_, end), (next_start, _) in pairwise(spans))
-    assert breakdown(instance, record, 0.0, 0.0) == stage_breakdown(times, 0.0, 0.0)
+    assert breakdown(instance, record, TASK, 0.0, 0.0) == stage_breakdown(times, 0.0, 0.0)

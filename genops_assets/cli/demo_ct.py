@@ -241,8 +241,9 @@ class RunTimes:
     parity_s: float  # deployed_endpoint's serving-parity check, counted as evaluation
 
 
-def run_times(instance, record) -> RunTimes:
-    """The timestamps of a run's steps and its assets' timing metadata, from the event log."""
+def run_times(instance, record, task: str) -> RunTimes:
+    """The timestamps of a run's steps and its assets' timing metadata, from the event log; the
+    task's steps (``<task>__<asset>``) and assets (``<task>/<asset>``) by their asset's name."""
     import dagster as dg
 
     run_id = record.dagster_run.run_id
@@ -250,12 +251,12 @@ def run_times(instance, record) -> RunTimes:
     for entry in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS,
                                                     dg.DagsterEventType.STEP_FAILURE}):
         kind = "start" if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START else "end"
-        steps.setdefault(entry.step_key, {})[kind] = entry.timestamp
+        steps.setdefault(entry.step_key.removeprefix(f"{task}__"), {})[kind] = entry.timestamp
 
     def meta(asset: str, key: str) -> float | None:
         for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
             mat = entry.asset_materialization
-            if mat.asset_key == dg.AssetKey(asset) and key in mat.metadata:
+            if mat.asset_key == dg.AssetKey([task, asset]) and key in mat.metadata:
                 return float(mat.metadata[key].value)
         return None
 
@@ -264,9 +265,9 @@ def run_times(instance, record) -> RunTimes:
                     meta("tuned_adapter", "runtime_s"), 0.0 if parity is None else parity)
 
 
-def breakdown(instance, record, labels_at: float, confirmed_at: float) -> dict:
+def breakdown(instance, record, task: str, labels_at: float, confirmed_at: float) -> dict:
     """Seconds per stage of the continuous-training run ``record`` (see ``stage_breakdown``)."""
-    return stage_breakdown(run_times(instance, record), labels_at, confirmed_at)
+    return stage_breakdown(run_times(instance, record, task), labels_at, confirmed_at)
 
 
 def stage_breakdown(times: RunTimes, labels_at: float, confirmed_at: float) -> dict:
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"the retrained model did not beat champion v{champion.version}: nothing promoted")
             return 1
         confirmed_at = wait_served(base_url, key, task_name, new_champion.version, input_field)
-        b = breakdown(instance, record, labels_at, confirmed_at)
+        b = breakdown(instance, record, task_name, labels_at, confirmed_at)
         b.update(run_scope(instance, record, job_asset_keys(record.dagster_run.job_name)))
         b.update({"previous_champion": champion.version, "new_champion": new_champion.version,
                   "labels": len(rows), "corrected": corrected,
