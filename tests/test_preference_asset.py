@@ -17,6 +17,7 @@ from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
 from genops_assets.lib.tasks import TaskRef, load_task
 from resources.judge import JudgeResource
 from resources.paths import GenopsHome
+from resources.storage import LocalStorage
 from resources.tracking import CHALLENGER, CHAMPION, MlflowTracking, registered_model_name
 from resources.warehouse import DuckDBWarehouse, mart_schema
 
@@ -62,6 +63,7 @@ def res(tmp_path, tiny_model_dir, tiny_adapter_dir):
     ref, _ = tracking.register_prompt(prompt_registry_name(TASK), spec.prompt, "the task folder's prompt")
     tracking.set_prompt_alias(ref.name, PRODUCTION, ref.version)
     return {"warehouse": warehouse, "home": GenopsHome(root=str(home)), "mlflow": tracking,
+            "storage": LocalStorage(root=str(home / "objects")),
             "judge": JudgeResource(base_url="http://127.0.0.1:9/v1", model="judge", max_retries=0),
             "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")), "df": df}
 
