@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import math
 import os
+import signal
 import socket
-from collections.abc import Iterator
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dagster as dg
@@ -63,6 +69,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_status(url: str, user: str | None = None, password: str | None = None, host: str | None = None) -> int:
+    """The HTTP status of a GET (basic auth and a Host header when given); 0 while nothing listens."""
+    headers = {}
+    if user is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    if host is not None:
+        headers["Host"] = host
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0
+
+
+@contextlib.contextmanager
+def http_server(cmd: Sequence[str], ready_url: str, log_path: Path, timeout_s: float,
+                env: dict[str, str] | None = None, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A server process in its own session, its output in ``log_path``; yields it once
+    ``ready_url`` answers 200, and stops the whole session (the server and its workers) on exit.
+    A server that exits or is not ready in ``timeout_s`` fails with the tail of its log."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while http_status(ready_url) != 200:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    why = f"exited with {proc.returncode}" if proc.returncode is not None else \
+                        f"did not answer within {timeout_s:.0f} s"
+                    raise AssertionError(f"{cmd[0]} {' '.join(cmd[1:3])} {why} ({ready_url}):\n"
+                                         + log_path.read_text(errors="replace")[-3000:])
+                time.sleep(0.5)
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def load_graph(home: Path, tasks_dir: Path | None = None, resources: dict | None = None,

@@ -5,19 +5,13 @@ credentials through MLflow's own environment variables, logs a run that ends FIN
 
 from __future__ import annotations
 
-import base64
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from graph_support import free_port
+from graph_support import free_port, http_server, http_status
 
 from resources.tracking import MlflowTracking
 
@@ -38,21 +32,6 @@ def auth_config(folder: Path) -> Path:
     return path
 
 
-def status(url: str, user: str | None = None, password: str | None = None, host: str | None = None) -> int:
-    headers = {}
-    if user is not None:
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-    if host is not None:
-        headers["Host"] = host
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except urllib.error.URLError:
-        return 0  # not listening (yet)
-
-
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     """``mlflow server --app-name basic-auth`` on a free port with a SQLite store in a temporary
@@ -62,43 +41,29 @@ def auth_server(tmp_path_factory):
     port, password = free_port(), f"pw-{uuid.uuid4().hex}"
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth_config(tmp_path)),
            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
-    log = open(tmp_path / "mlflow-server.log", "wb")  # noqa: SIM115 - open while the server runs
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_cli), "server", "--app-name", "basic-auth",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    cmd = [str(mlflow_cli), "server", "--app-name", "basic-auth",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while status(f"{url}/health") != 200:
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                raise AssertionError("the MLflow auth server did not start:\n"
-                                     + (tmp_path / "mlflow-server.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
+    with http_server(cmd, f"{url}/health", tmp_path / "mlflow-server.log", 120, env=env):
         yield url, password, tmp_path
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_unauthenticated_and_wrong_password_requests_get_401(auth_server):
     url, password, _ = auth_server
-    assert status(url + SEARCH) == 401
-    assert status(url + SEARCH, ADMIN, "not-the-password") == 401
-    assert status(url + SEARCH, ADMIN, password) == 200
+    assert http_status(url + SEARCH) == 401
+    assert http_status(url + SEARCH, ADMIN, "not-the-password") == 401
+    assert http_status(url + SEARCH, ADMIN, password) == 200
 
 
 def test_a_host_the_server_does_not_serve_is_refused(auth_server):
     url, password, _ = auth_server
     port = url.rsplit(":", 1)[1]
-    assert status(url + SEARCH, ADMIN, password, host=f"attacker.example:{port}") == 403
-    assert status(url + SEARCH, ADMIN, password, host=f"localhost:{port}") == 200
+    assert http_status(url + SEARCH, ADMIN, password, host=f"attacker.example:{port}") == 403
+    assert http_status(url + SEARCH, ADMIN, password, host=f"localhost:{port}") == 200
 
 
 def test_genops_tracking_logs_a_run_with_credentials_from_the_environment(auth_server, tmp_path, monkeypatch):

@@ -5,15 +5,12 @@ missing or changed base model is a clear error naming the folder."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -21,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from graph_support import free_port, register_version
+from graph_support import free_port, http_server, register_version
 
 from genops_assets.lib.hashing import file_digests
 from genops_assets.lib.prompts import prompt_registry_name
@@ -138,21 +135,6 @@ def test_the_champion_loaded_with_pyfunc_answers_as_the_endpoint(registry, tiny_
     assert base.choices[0].message.content != served[0]
 
 
-def wait_for_ping(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1.0)
-    raise AssertionError(f"mlflow models serve did not answer {url}/ping within {timeout_s:.0f} s")
-
-
 @pytest.mark.server
 def test_mlflow_models_serve_answers_over_http(registry, tmp_path, monkeypatch):
     import mlflow
@@ -162,20 +144,13 @@ def test_mlflow_models_serve_answers_over_http(registry, tmp_path, monkeypatch):
     expected = mlflow.pyfunc.load_model(CHAMPION_URI).predict([{"message": text}])
 
     port = free_port()
-    log = tmp_path / "serve.log"
     # No network: the local environment serves it (nothing is installed); MLflow starts the
     # environment's uvicorn from PATH.
     env = {**registry.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION_URI,
-                                 "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION_URI,
+           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_for_ping(url, proc, 300)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
+    with http_server(cmd, f"{url}/ping", tmp_path / "serve.log", 300, env=env):
         body = json.dumps({"dataframe_records": [{"message": text}]}).encode()
         request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as r:
@@ -187,10 +162,6 @@ def test_mlflow_models_serve_answers_over_http(registry, tmp_path, monkeypatch):
             urllib.request.urlopen(urllib.request.Request(f"{url}/invocations", data=bad,
                                                           headers={"Content-Type": "application/json"}), timeout=60)
         assert refused.value.code == 400 and "message" in refused.value.read().decode()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the uvicorn it started
-        proc.wait(timeout=30)
 
 
 @pytest.mark.graph

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from graph_support import free_port
-from test_mlflow_auth import status as get_status
+from graph_support import free_port, http_server, http_status
 
 from genops_assets.cli.mlflow_server import ARTIFACT_ROOT, ServerConfigError, main, plan
 from resources.tracking import MlflowTracking
@@ -41,25 +38,11 @@ def server(tmp_path_factory):
            "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD}
     env.pop("MLFLOW_AUTH_CONFIG_PATH", None)
     log_path = home / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - open while the server runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "genops_assets.cli.mlflow_server", "--port", str(port), "--workers", "2", "--auth",
-         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    cmd = [sys.executable, "-m", "genops_assets.cli.mlflow_server", "--port", str(port), "--workers", "2", "--auth",
+           "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while get_status(f"{url}/health") != 200:
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise AssertionError(f"the MLflow server did not start:\n{tail}")
-            time.sleep(0.5)
+    with http_server(cmd, f"{url}/health", log_path, 180, env=env, cwd=REPO):
         yield url, home
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
     assert "database is locked" not in log_path.read_text(errors="replace")
 
 
@@ -114,8 +97,8 @@ def assert_nothing_lost(tracking: MlflowTracking, made: list[dict]) -> None:
 def test_the_server_requires_a_login_and_serves_the_data_directory_store(server):
     url, home = server
     search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert get_status(search) == 401
-    assert get_status(search, "admin", PASSWORD) == 200
+    assert http_status(search) == 401
+    assert http_status(search, "admin", PASSWORD) == 200
     assert (home / "mlflow" / "mlflow.db").is_file()  # the embedded store's file, now the server's
 
 
