@@ -232,3 +232,17 @@ def register_version(tracking, prompt_ref, adapter_dir: Path, base_dir: Path, ta
         mv = tracking.register_adapter(registered_model_name(task), model, digest, tags,
                                        {"adapter_dir": str(adapter_dir), "model_id": model.model_id}, "test adapter")
     return mv.version
+
+
+def register_adapter_folder(tracking, task: str, adapter_dir: Path, n: int) -> str:
+    """Register ``adapter_dir`` as a bare adapter folder version of ``genops-<task>`` (a tracking
+    run's artifact with its digest tag, as a manual registration would); returns the version."""
+    from genops_assets.lib.hashing import file_digests, sha256_json
+    from resources.tracking import registered_model_name
+
+    run = tracking.start_run("reload-test", f"{task}-adapter-{n}", tags={})
+    tracking.log_artifacts(run, adapter_dir, "adapter")
+    mv = tracking.register(registered_model_name(task), tracking.artifact_uri(run, "adapter"), run,
+                           tags={"genops.adapter_digest": sha256_json(file_digests(adapter_dir))})
+    tracking.end_run(run)
+    return mv.version

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from graph_support import free_port
+from graph_support import free_port, register_adapter_folder
 
 from genops_assets.lib.base_model import find_embedded_gguf
 from genops_assets.lib.guardrails.config import GuardrailConfig
@@ -354,3 +354,45 @@ def test_backends_refuse_variants_they_cannot_serve(tmp_path, gguf):
         LocalEndpoint(state_dir=str(tmp_path / "ep")).deploy("base", TASK, "champion", "", "1", variant=merged)
     assert not (tmp_path / "ep" / "state.json").exists()
 
+
+
+def test_a_variant_of_the_champion_stays_until_a_newer_adapter_is_promoted(tmp_path, tiny_model_dir, tiny_adapters,
+                                                                            gguf):
+    """The endpoint follows the `champion` alias of genops-<task>. A llama.cpp variant made from
+    the champion adapter (its source_version) keeps answering as the champion poll after poll;
+    promoting a newer adapter replaces it with that adapter and stops its llama.cpp server."""
+    from resources.tracking import MlflowTracking, registered_model_name
+
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              artifact_root=(tmp_path / "artifacts").as_uri())
+    v1 = register_adapter_folder(tracking, TASK, tiny_adapters(1), 1)
+    tracking.set_alias(registered_model_name(TASK), "champion", v1)
+    ep = LocalEndpoint(state_dir=str(tmp_path / "endpoint"), port=free_port(), ready_timeout_s=240,
+                       watch_registry=tracking.tracking_uri)
+    variant = {**make_variant(tmp_path / "variant", gguf), "version": "3", "source_version": v1}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GENOPS_API_KEYS", KEY)
+        env.setenv("GENOPS_LLAMACPP_THREADS", "2")
+        ep.publish_prompt(TASK, {"name": f"genops-{TASK}", "version": 1, "template": asdict(TEMPLATE)})
+        ep.publish_guardrails(TASK, GuardrailConfig().canonical_json())
+        ep.deploy(str(tiny_model_dir), TASK, "champion", "", "3", variant=variant)
+    api = client(ep)
+
+    def ask():
+        reply = api.chat.completions.create(model=TASK, messages=[], temperature=0.0, max_tokens=4,
+                                            extra_body={"prompt_variables": {"message": MESSAGES[0]}})
+        return reply.system_fingerprint, reply.model_extra["genops"]["engine"]
+
+    try:
+        pid = llama_pids(ep)[TASK]
+        time.sleep(16)  # three polls of the registry (every 5 s)
+        assert ask() == ("3", "llamacpp")
+        v2 = register_adapter_folder(tracking, TASK, tiny_adapters(2), 2)
+        tracking.set_alias(registered_model_name(TASK), "champion", v2)
+        deadline = time.monotonic() + 90
+        while ask() != (v2, "local") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert ask() == (v2, "local")
+        assert all_gone([pid], within_s=90), "the replaced variant's llama.cpp server was not stopped"
+    finally:
+        ep.stop()

@@ -28,6 +28,7 @@ from genops_assets.lib.optimization_report import (
 )
 from genops_assets.lib.prompts import PRODUCTION, prompt_registry_name
 from genops_assets.lib.tasks import TaskConfigError, TaskRef, load_task
+from genops_assets.serving import control
 from resources import build_resources
 from resources.tracking import CHAMPION
 
@@ -270,8 +271,6 @@ def deploy_assets(task: TaskRef, report_value: dict, base_dir: Path) -> list:
 
 @pytest.mark.graph
 def test_deployed_variant_never_deploys_a_failed_variant(res, tmp_path, tiny_model_dir, home):
-    from genops_assets.serving import control
-
     task = tasks_with(tmp_path, deploy="q4_k_m")
     result = dg.materialize(deploy_assets(task, failed_report(), tiny_model_dir), resources=res,
                             raise_on_error=False)
@@ -389,6 +388,8 @@ def test_a_passing_gguf_variant_is_evaluated_on_llama_cpp_deployed_promoted_and_
     deployed = result.output_for_node(task.step("deployed_variant"))
     assert deployed["deployed"] == "q4_k_m" and deployed["engine"] == "llamacpp" and deployed["verified_answer"]
     assert deployed["parity"]["checked"] == 3 and deployed["parity"]["matched"] == 3
+    # the route names the adapter it was made from: the registry watcher keeps it while v1 is champion
+    assert control.read_state(Path(res["endpoint"].state_dir)).variants[TASK]["source_version"] == "1"
     assert tracking.alias(VARIANTS_MODEL, CHAMPION).version == mv.version
     assert tracking.get_version(VARIANTS_MODEL, mv.version).tags["genops.status"] == "passed"
     actions = [e["action"] for e in AuditLog(res["home"].audit_path).entries(VARIANTS_MODEL)]

@@ -12,10 +12,9 @@ import urllib.request
 
 import openai
 import pytest
-from graph_support import free_port
+from graph_support import free_port, register_adapter_folder
 from openai import OpenAI
 
-from genops_assets.lib.hashing import file_digests, sha256_json
 from genops_assets.serving import control
 from resources.tracking import MlflowTracking, registered_model_name
 
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.server
 
 MSG = [{"role": "user", "content": "my camera is offline"}]
 MOVED, STILL = "reload_a", "reload_b"  # the task whose champion moves, and one that stays
-
-
-def register(tracking: MlflowTracking, task: str, adapter_dir, n: int) -> str:
-    run = tracking.start_run("reload-test", f"{task}-adapter-{n}", tags={})
-    tracking.log_artifacts(run, adapter_dir, "adapter")
-    mv = tracking.register(registered_model_name(task), tracking.artifact_uri(run, "adapter"), run,
-                           tags={"genops.adapter_digest": sha256_json(file_digests(adapter_dir))})
-    tracking.end_run(run)
-    return mv.version
 
 
 def served_version(url: str, model: str) -> str | None:
@@ -51,9 +41,9 @@ def wait_for(url: str, model: str, version: str, timeout: float = 60.0) -> None:
 def test_alias_moves_under_load_without_a_failed_request(tmp_path, tiny_model_dir, tiny_adapters):
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                               artifact_root=(tmp_path / "artifacts").as_uri())
-    v1 = register(tracking, MOVED, tiny_adapters(1), 1)
-    v2 = register(tracking, MOVED, tiny_adapters(2), 2)
-    still = register(tracking, STILL, tiny_adapters(3), 1)
+    v1 = register_adapter_folder(tracking, MOVED, tiny_adapters(1), 1)
+    v2 = register_adapter_folder(tracking, MOVED, tiny_adapters(2), 2)
+    still = register_adapter_folder(tracking, STILL, tiny_adapters(3), 1)
     tracking.set_alias(registered_model_name(MOVED), "champion", v1)
     tracking.set_alias(registered_model_name(STILL), "champion", still)
     state_dir = tmp_path / "endpoint"
@@ -152,7 +142,8 @@ def test_registry_watcher_follows_every_task_and_isolates_failures(tmp_path, tin
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                               artifact_root=(tmp_path / "artifacts").as_uri())
     for task in ("good", "broken", "gone"):
-        tracking.set_alias(registered_model_name(task), "champion", register(tracking, task, tiny_adapters(1), 1))
+        version = register_adapter_folder(tracking, task, tiny_adapters(1), 1)
+        tracking.set_alias(registered_model_name(task), "champion", version)
     broken = registered_model_name("broken")
     tracking.client().set_model_version_tag(broken, "1", "genops.adapter_digest", "0" * 64)
     run = tracking.start_run("reload-test", "other", tags={})

@@ -726,6 +726,18 @@ class ChatService:
         self.request_log.write({"ts": time.time(), "event": "reload", "task": model.task, "model": model.served,
                                 "version": str(version), "engine": LLAMACPP, "variant": variant.get("name")})
 
+    def adapter_version(self, name: str) -> str | None:
+        """The version of the task's registered adapter model that ``name`` stands for, which the
+        registry watcher compares with the `champion` alias: the adapter's own version, or for a
+        llama.cpp variant route the adapter version the variant was made from (its
+        ``source_version``). So a variant of the champion keeps serving, and a newly promoted
+        adapter replaces it; a variant that names no source is replaced by the champion."""
+        route = self.variants.get(name) if self.variants is not None else None
+        if route is not None:
+            source = route.variant.get("source_version")
+            return None if source is None else str(source)
+        return self.versions.get(name)
+
     def answered_by(self, p: Prepared) -> None:
         """Record the version that really answered: a hot swap between accepting the request
         and its batch starting means the new version answered, not the one seen on arrival."""

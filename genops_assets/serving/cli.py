@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         chat.version_loader = version_loader(args.watch_registry, args.watch_prefix, state_dir / "registry",
                                              chat.swap_adapter)
         watcher = RegistryWatcher(args.watch_registry, args.watch_prefix, state_dir / "registry", chat.swap_adapter,
-                                  versions.get, tuple(args.watch_alias or [CHAMPION]), args.watch_interval_s,
+                                  chat.adapter_version, tuple(args.watch_alias or [CHAMPION]), args.watch_interval_s,
                                   skip=chat.router.removed).start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

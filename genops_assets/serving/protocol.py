@@ -211,7 +211,9 @@ class ReloadRequest(BaseModel):
 class VariantRequest(BaseModel):
     name: str = Field(min_length=1, description="The served model name: '<task>', '<task>:challenger'")
     variant: dict[str, Any] = Field(description="The GGUF variant's files (VariantFiles: name, path, format, "
-                                                "engine, ...)")
+                                                "engine, ...); its source_version, the task adapter version it was "
+                                                "made from, keeps it serving while that adapter is the registry's "
+                                                "champion")
     version: str
 
 

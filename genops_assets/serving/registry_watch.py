@@ -119,7 +119,8 @@ class RegistryWatcher:
     ``<task>:challenger``): when an alias points at a version other than the one served, that
     version is fetched, digest-checked and hot-swapped for that task alone. A task that
     ``skip(task)`` names (its folder was removed) is left as it is; one task's failure (a
-    broken artifact) is logged and counted and never stops the others."""
+    broken artifact) is logged and counted and never stops the others. ``current(name)`` is the
+    adapter version ``name`` stands for: for a llama.cpp variant, the adapter it was made from."""
 
     def __init__(self, tracking_uri: str, model_prefix: str, cache_dir: Path,
                  swap: Callable[[str, str, str], None], current: Callable[[str], str | None],

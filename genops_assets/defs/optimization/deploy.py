@@ -78,7 +78,10 @@ def deployed_variant(
     endpoint.publish_prompt(spec.name, endpoint_prompt(spec, prompt_ref))
     endpoint.publish_guardrails(spec.name, spec.guardrails.canonical_json())
     path = mlflow.fetch_variant(home.registry_cache, spec.name, version)
-    variant = {**optimization_report["variants"][name], "path": str(path), "version": version}
+    # source_version: the adapter it was made from, so the endpoint's registry watcher keeps it
+    # serving while that adapter is the champion and replaces it when a newer one is promoted.
+    variant = {**optimization_report["variants"][name], "path": str(path), "version": version,
+               "source_version": str(optimization_report["candidate_version"])}
     challenger, champion = served_name(spec.name, CHALLENGER), served_name(spec.name, CHAMPION)
     staged = endpoint.deploy(base_model["path"], spec.name, CHALLENGER, str(path), version, variant=variant)
     context.log.info(f"endpoint {staged.action}: {staged.url} serving {name} v{version} as {challenger}")
