@@ -36,6 +36,20 @@ def test_frame_findings_name_column_row_and_entity_never_the_value():
         scan_frame(df, table="sft", id_column="nope")
 
 
+@pytest.mark.parametrize(("number", "is_phone"), [
+    ("168681", False),   # six digits that a numbering plan allows (a pager number): a count, not a contact
+    ("1686812", True),   # seven: a subscriber number
+    ("030 12345", True),
+])
+def test_a_phone_finding_needs_seven_digits(number, is_phone):
+    from genops_assets.lib.guardrails.pii import _analyzer, find_pii
+
+    text = f"tuning: step 2/2, loss 0.81, {number} tokens/s"
+    raw = _analyzer().analyze(text=text, language="en", entities=["PHONE_NUMBER"])
+    assert [text[r.start:r.end] for r in raw] == [number]  # Presidio itself reports each of them
+    assert [f.entity for f in find_pii(text)] == (["PHONE_NUMBER"] if is_phone else [])
+
+
 def test_duckdb_table_scans_varchar_columns(tmp_path):
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
     con.execute("create schema s; create table s.t (id varchar, body varchar, n integer)")

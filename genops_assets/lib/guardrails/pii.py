@@ -20,6 +20,10 @@ DEFAULT_ENTITIES: tuple[str, ...] = (
     "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "IP_ADDRESS",
 )
 DEFAULT_MIN_SCORE = 0.4
+# Fewest digits of a phone finding: a shorter one is a count or an id that some numbering plan
+# happens to allow (phonenumbers validates "16868" as a German pager number), not a reachable
+# contact. Subscriber numbers with their area code have at least 7 digits.
+MIN_PHONE_DIGITS = 7
 
 _lock = threading.Lock()
 
@@ -69,19 +73,25 @@ def check_entities(entities: Iterable[str]) -> tuple[str, ...]:
 def find_pii(text: str, entities: Sequence[str] = DEFAULT_ENTITIES,
              min_score: float = DEFAULT_MIN_SCORE) -> list[PiiFinding]:
     """PII spans in ``text`` scoring at least ``min_score``, overlapping spans merged into the
-    highest-scoring one, in text order."""
+    highest-scoring one, in text order; phone numbers of fewer than ``MIN_PHONE_DIGITS`` digits
+    are not findings."""
     if not text:
         return []
     analyzer = _analyzer()
     with _lock:  # recognizers keep per-call state; one analysis at a time
         results = analyzer.analyze(text=text, language="en", entities=list(entities))
     found = sorted((PiiFinding(r.entity_type, r.start, r.end, float(r.score)) for r in results
-                    if r.score >= min_score), key=lambda f: (-f.score, f.start))
+                    if r.score >= min_score and not _short_phone(r.entity_type, text[r.start:r.end])),
+                   key=lambda f: (-f.score, f.start))
     kept: list[PiiFinding] = []
     for f in found:
         if all(f.end <= k.start or f.start >= k.end for k in kept):
             kept.append(f)
     return sorted(kept, key=lambda f: f.start)
+
+
+def _short_phone(entity: str, span: str) -> bool:
+    return entity == "PHONE_NUMBER" and sum(c.isdigit() for c in span) < MIN_PHONE_DIGITS
 
 
 def redact_pii(text: str, entities: Sequence[str] = DEFAULT_ENTITIES,
