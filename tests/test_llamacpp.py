@@ -355,7 +355,6 @@ def test_backends_refuse_variants_they_cannot_serve(tmp_path, gguf):
     assert not (tmp_path / "ep" / "state.json").exists()
 
 
-
 def test_a_variant_of_the_champion_stays_until_a_newer_adapter_is_promoted(tmp_path, tiny_model_dir, tiny_adapters,
                                                                             gguf):
     """The endpoint follows the `champion` alias of genops-<task>. A llama.cpp variant made from
